@@ -1,0 +1,16 @@
+"""7b: ~6.7B parameters (Llama-2-7B shape with GQA), seq_len 8192, for a TPU pod slice (FSDP x tensor)."""
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.steps = 200_000
+  c.batch_size = 512
+  c.seq_len = 8192
+  c.eval_every = 2000
+  c.checkpoint_every = 500
+  c.model.update(vocab_size=32_768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                 mlp_dim=11008, remat="full")
+  c.optimizer.update(lr=3e-4, warmup_steps=2000)
+  c.data.tokenizer = ""
+  return c

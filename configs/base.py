@@ -1,0 +1,72 @@
+"""Base config: every field a run reads, with its default. Presets override a few of them.
+
+Config is code (ml_collections). Override anything on the command line:
+  python train.py --config configs/tiny.py --workdir /tmp/run --config.steps=500 --config.model.n_layers=2
+"""
+import os
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMBEDDED_TOKENIZER = os.path.join(REPO, "data", "assets", "stdlib_4k.model")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.steps = 1000
+  c.batch_size = 8          # global, in sequences
+  c.seq_len = 1024
+  c.log_every = 10
+  c.eval_every = 100        # 0 disables evaluation
+  c.eval_batches = 4
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 3
+  c.init_from = ""          # a checkpoint directory (or a run's workdir) to take parameters from
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 4096
+  c.model.d_model = 256
+  c.model.n_layers = 4
+  c.model.n_heads = 8
+  c.model.n_kv_heads = 4
+  c.model.head_dim = 32
+  c.model.mlp_dim = 768
+  c.model.tie_embeddings = False
+  c.model.rope_theta = 10_000.0
+  c.model.norm_eps = 1e-6
+  c.model.dtype = "bfloat16"        # activations / matmul inputs; parameters stay float32
+  c.model.param_dtype = "float32"
+  c.model.scan_layers = True
+  c.model.remat = "none"            # none | full | save_dots
+
+  c.attention = ml_collections.ConfigDict()
+  c.attention.kind = "dense"        # dense | nsa | dsa
+  c.attention.impl = "auto"         # xla | pallas | auto (pallas on TPU, xla elsewhere)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 3e-3
+  c.optimizer.min_lr_ratio = 0.1    # cosine decays to lr * min_lr_ratio
+  c.optimizer.warmup_steps = 100
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.grad_clip = 1.0       # global norm; 0 disables
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1                  # -1: all devices left over
+  c.mesh.tensor = 1
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "embedded"        # embedded: this Python's standard library source files
+  c.data.tokenizer = EMBEDDED_TOKENIZER
+  c.data.num_threads = 2            # grain read threads
+  c.data.prefetch = 4               # batches prefetched
+
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.mode = "offline"          # offline | online | disabled
+  c.wandb.project = "sparse-attention-pretraining"
+  c.wandb.name = ""
+  return c

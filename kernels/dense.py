@@ -1,0 +1,61 @@
+"""Dense causal attention with GQA: the baseline (and the DSA warm-up stage's attention).
+
+`impl="xla"`: `jax.nn.dot_product_attention` (materialises [B, H, T, T] logits: fine for a
+baseline, never used by the sparse paths). `impl="pallas"`: jax's splash-attention TPU kernels
+(forward and backward) with a causal block mask, one MQA kernel per KV group so the G query heads
+of a group share each K/V tile.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from kernels import resolve_impl
+
+
+def attention(q_BTHD, k_BTKD, v_BTKD, *, scale=None, impl="auto"):
+  """Causal softmax attention. q [B,T,HQ,D], k/v [B,T,HKV,D] -> [B,T,HQ,D] in q's dtype."""
+  scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
+  if resolve_impl(impl) == "xla":
+    return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, scale=scale, is_causal=True,
+                                        implementation="xla")
+  return _splash_attention(q_BTHD, k_BTKD, v_BTKD, scale=scale)
+
+
+def _block(t: int, preferred: int = 512) -> int:
+  for b in (preferred, 256, 128):
+    if t % b == 0:
+      return b
+  raise ValueError(f"dense attention with impl='pallas' needs seq_len divisible by 128, got {t}")
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(seq_len: int, group: int, interpret: bool):
+  # Grid of the forward kernel: (group heads, T/bq, T/bkv); causal blocks above the diagonal are
+  # skipped via the block mask's data_next prefetch, so ~T^2/2 of the K/V tiles are read.
+  bq = bkv = _block(seq_len)
+  sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                            block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+  mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len))] * group)
+  return splash.make_splash_mqa_single_device(
+      mask, block_sizes=sizes, interpret=pltpu.InterpretParams() if interpret else False)
+
+
+def _splash_attention(q_BTHD, k_BTKD, v_BTKD, *, scale):
+  b, t, hq, d = q_BTHD.shape
+  hkv = k_BTKD.shape[2]
+  group = hq // hkv
+  interpret = jax.default_backend() != "tpu"
+  kernel = _splash_kernel(t, group, interpret)
+  q = (q_BTHD * scale).astype(q_BTHD.dtype).reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4)
+  k = k_BTKD.transpose(0, 2, 1, 3)                     # [B, HKV, T, D]
+  v = v_BTKD.transpose(0, 2, 1, 3)
+  flat = lambda x: x.reshape(b * hkv, *x.shape[2:])
+  if interpret:   # TPU interpret mode does not batch a pallas_call under vmap: loop instead
+    out = jax.lax.map(lambda qkv: kernel(*qkv), (flat(q), flat(k), flat(v)))
+  else:
+    out = jax.vmap(kernel)(flat(q), flat(k), flat(v))  # [B*HKV, G, T, D]
+  return out.reshape(b, hkv, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q_BTHD.dtype)

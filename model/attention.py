@@ -1,0 +1,44 @@
+"""Attention layers behind one interface, chosen by `config.attention.kind`.
+
+Interface every kind implements (NSA and DSA layers register here too):
+  layer = ATTENTION_KINDS[kind](config, name="attn")
+  y_BTE = layer(x_BTE, positions_BT)                       # same shape and dtype as x
+  ATTENTION_KINDS[kind].flops_per_token(config)            # forward FLOPs per token per layer
+Auxiliary losses (e.g. DSA's indexer loss) are sown into the "aux_loss" collection.
+"""
+import jax.numpy as jnp
+from flax import linen as nn
+import ml_collections
+
+from kernels import dense
+from model.layers import Projection, apply_rope
+
+
+class DenseAttention(nn.Module):
+  """Causal GQA attention with RoPE: HQ query heads share HKV key/value heads."""
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, x_BTE, positions_BT):
+    m = self.config.model
+    dtype = jnp.dtype(m.dtype)
+    proj = lambda name, shape, axes, **kw: Projection(shape, axes, dtype, jnp.dtype(m.param_dtype),
+                                                      name=name, **kw)
+    q = proj("q", (m.n_heads, m.head_dim), ("embed", "heads", "head_dim"))(x_BTE)
+    k = proj("k", (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim"))(x_BTE)
+    v = proj("v", (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim"))(x_BTE)
+    q = nn.with_logical_constraint(apply_rope(q, positions_BT, m.rope_theta),
+                                   ("act_batch", "act_seq", "act_heads", None))
+    k = nn.with_logical_constraint(apply_rope(k, positions_BT, m.rope_theta),
+                                   ("act_batch", "act_seq", "act_kv_heads", None))
+    out = dense.attention(q, k, v, impl=self.config.attention.impl)          # [B, T, HQ, D]
+    return proj("o", (m.d_model,), ("heads", "head_dim", "embed"), in_axes=2)(out)
+
+  @staticmethod
+  def flops_per_token(config) -> float:
+    """Causal QK^T and PV: 2 matmuls x 2 FLOPs x HQ x D x (T+1)/2 visible keys on average."""
+    m = config.model
+    return 2 * 2 * m.n_heads * m.head_dim * (config.seq_len + 1) / 2
+
+
+ATTENTION_KINDS = {"dense": DenseAttention}

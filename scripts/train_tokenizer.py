@@ -1,0 +1,67 @@
+"""Train a sentencepiece tokenizer (BPE, byte fallback) on text files.
+
+  python scripts/train_tokenizer.py --output data/assets/stdlib_4k --vocab-size 4096
+      (no --input: the embedded corpus, this Python's standard library; this is how the
+       shipped data/assets/stdlib_4k.model was made)
+  python scripts/train_tokenizer.py --input 'corpus/*.txt' --output tok/my32k --vocab-size 32000
+
+Writes PREFIX.model and PREFIX.vocab; prints the vocab size and characters per token.
+"""
+import argparse
+import glob
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sentencepiece as spm  # noqa: E402
+
+from data import corpus  # noqa: E402
+
+
+def iter_texts(patterns: list[str]):
+  if not patterns:
+    yield from (text for _, text in corpus.embedded_documents("train"))
+    return
+  for pattern in patterns:
+    paths = sorted(glob.glob(pattern, recursive=True))
+    if not paths:
+      sys.exit(f"error: --input {pattern!r} matches no file")
+    for path in paths:
+      yield corpus.read_text(path)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--input", action="append", default=[], help="glob of text files (repeatable)")
+  parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab")
+  parser.add_argument("--vocab-size", type=int, default=4096)
+  parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+  parser.add_argument("--max-sentences", type=int, default=2_000_000,
+                      help="sentencepiece's input_sentence_size: lines sampled for training")
+  args = parser.parse_args()
+  if args.vocab_size < 300:
+    sys.exit(f"error: --vocab-size {args.vocab_size} is too small: byte fallback needs >= 300")
+
+  texts = list(iter_texts(args.input))
+  lines = [line for text in texts for line in text.splitlines() if line.strip()]
+  start = time.time()
+  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_prefix=args.output, vocab_size=args.vocab_size,
+      model_type=args.model_type, byte_fallback=True, character_coverage=0.9995,
+      input_sentence_size=args.max_sentences, shuffle_input_sentence=True,
+      # Code and prose both need whitespace kept as is (indentation carries meaning).
+      remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+      user_defined_symbols=["\n", "\t"], pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+      num_threads=os.cpu_count() or 1, minloglevel=2)
+  sp = spm.SentencePieceProcessor(model_file=args.output + ".model")
+  sample = "\n".join(texts[: max(1, len(texts) // 10)])
+  chars_per_token = len(sample) / max(1, len(sp.encode(sample)))
+  print(f"wrote {args.output}.model: vocab {sp.vocab_size()}, {chars_per_token:.2f} characters/token "
+        f"on {len(sample) / 1e6:.1f} MB of the input, trained in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,59 @@
+"""Shared helpers: a test-sized model config and a way to run train.py as users do."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model small enough to train a step in well under a second on one CPU core.
+SMALL_OVERRIDES = {
+    "seq_len": 128, "batch_size": 8, "log_every": 1, "eval_every": 0, "checkpoint_every": 5,
+    "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2,
+    "model.head_dim": 16, "model.mlp_dim": 128, "optimizer.warmup_steps": 2,
+    "wandb.mode": "disabled",
+}
+
+
+def small_config(**overrides):
+  from configs import tiny
+  config = tiny.get_config()
+  for field, value in {**SMALL_OVERRIDES, **overrides}.items():
+    node = config
+    *parents, leaf = field.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def run_train(workdir, overrides=None, *, devices=1, env=None, timeout=600, wait=True):
+  """Runs `python train.py --config configs/tiny.py` with SMALL_OVERRIDES + overrides."""
+  args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny.py"),
+          "--workdir", str(workdir)]
+  args += [f"--config.{k}={v}" for k, v in {**SMALL_OVERRIDES, **(overrides or {})}.items()]
+  full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+              "JAX_PLATFORMS": "cpu", **(env or {})}
+  if not wait:
+    return subprocess.Popen(args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+  return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(workdir) -> dict[int, dict]:
+  """{step: record} from WORKDIR/metrics.jsonl."""
+  with open(Path(workdir) / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return {r["step"]: r for r in records}
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+  """20 uninterrupted steps of the small model, checkpoints every 5: the baseline for resume tests."""
+  workdir = tmp_path_factory.mktemp("reference")
+  result = run_train(workdir, {"steps": 20})
+  assert result.returncode == 0, result.stderr
+  return workdir

@@ -1,0 +1,138 @@
+"""Pretrain a decoder-only LM with dense, NSA or DSA attention.
+
+  python train.py --config configs/tiny.py --workdir runs/tiny [--config.FIELD=VALUE ...]
+
+Re-running the same command with the same --workdir resumes from its latest checkpoint.
+"""
+import logging
+import os
+import signal
+import sys
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+from configs import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl and logs go")
+# Fault injection for tests: SIGKILL this process right after the given step (like a lost host).
+_KILL_AT_STEP = int(os.environ.get("TRAIN_KILL_AT_STEP", "0"))
+
+
+def main(config, workdir: str) -> int:
+  import jax
+  import numpy as np
+
+  from data import pipeline
+  from model import transformer
+  from trainer import checkpoint, optim, sharding, steps, validate
+  from trainer.metrics import MetricsWriter
+
+  validate.validate(config, num_devices=jax.device_count())
+  validate.validate_workdir(workdir)
+  is_main = jax.process_index() == 0
+
+  # Data first: a tokenizer that does not fit the model fails before any compile.
+  train_tokens = pipeline.load_tokens(config, "train")
+  data_iter = pipeline.train_iterator(config, train_tokens, jax.process_index(), jax.process_count())
+  eval_data = pipeline.eval_batches(config, pipeline.load_tokens(config, "validation"),
+                                    jax.process_index(), jax.process_count()) if config.eval_every else []
+
+  mesh = sharding.make_mesh(config.mesh)
+  model = transformer.build(config)
+  tx, schedule = optim.make_optimizer(config), optim.learning_rate(config)
+  abstract_state, state_shardings = steps.state_shardings(config, model, tx, mesh)
+
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  state, start_step = ckpt.restore_latest(abstract_state, data_iter)
+  if state is None:
+    state = steps.init_state(config, model, tx, mesh, state_shardings)
+    if config.init_from:
+      params, from_step = checkpoint.load_params(config.init_from, abstract_state.params)
+      state = state.replace(params=params)
+      logging.info("parameters from %s (step %d)", config.init_from, from_step)
+
+  num_params = transformer.count_params(state.params)
+  flops_per_token = transformer.flops_per_token(config, num_params)
+  train_step = steps.make_train_step(model, tx, schedule, mesh, state_shardings)
+  eval_step = steps.make_eval_step(model, mesh, state_shardings)
+  to_global = lambda b: {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), v)
+                         for k, v in b.items()}
+
+  writer = MetricsWriter(workdir, config, start_step=start_step, is_main=is_main)
+  writer.print(f"{num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, attention "
+               f"{config.attention.kind}/{config.attention.impl}, "
+               + (f"resumed from step {start_step}" if start_step else "starting from scratch"))
+
+  stop_signal = []
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, _: stop_signal.append(signum))
+
+  tokens_per_step = config.batch_size * config.seq_len
+  timer_step, timer_start = start_step, time.perf_counter()
+  for step in range(start_step + 1, config.steps + 1):
+    state, metrics = train_step(state, to_global(next(data_iter)))
+    if step == start_step + 1:   # the first step compiles: time from its end
+      jax.block_until_ready(metrics)
+      timer_step, timer_start = step, time.perf_counter()
+    writer.step_done()
+    if step % config.log_every == 0 or step == config.steps:
+      metrics = jax.device_get(metrics)
+      elapsed, done = time.perf_counter() - timer_start, step - timer_step
+      if done:
+        tokens_per_sec = done * tokens_per_step / elapsed
+        metrics.update(tokens_per_sec=tokens_per_sec, step_time=elapsed / done,
+                       tflops_per_device=tokens_per_sec * flops_per_token / jax.device_count() / 1e12)
+      if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+        metrics["eval_loss"] = float(np.mean([eval_step(state.params, to_global(b)) for b in eval_data]))
+      writer.write(step, metrics)
+      timer_step, timer_start = step, time.perf_counter()
+    preempted = _agree(bool(stop_signal))
+    ckpt.save(step, state, data_iter, force=preempted or step == config.steps)
+    if _KILL_AT_STEP == step:
+      ckpt.wait()
+      os.kill(os.getpid(), signal.SIGKILL)
+    if preempted:
+      ckpt.close()
+      writer.print(f"stopped by signal at step {step}; checkpoint saved, re-run the command to resume")
+      writer.close()
+      return 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
+
+  ckpt.close()
+  writer.close()
+  return 0
+
+
+def _agree(flag: bool) -> bool:
+  """All hosts stop together: one host's signal stops every host (at the same step)."""
+  import jax
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.process_allgather(flag).any())
+
+
+def run(argv) -> int:
+  try:
+    flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if _CONFIG.value is None or not _WORKDIR.value:
+    print("error: --config and --workdir are required, e.g. "
+          "python train.py --config configs/tiny.py --workdir runs/tiny", file=sys.stderr)
+    return 2
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  for noisy in ("absl", "jax._src", "orbax", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    return main(_CONFIG.value, _WORKDIR.value)
+  except ConfigError as e:
+    print(str(e), file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(run(sys.argv))

@@ -1,0 +1,130 @@
+"""Checkpoints with orbax: train state (params, optimizer, step, rng), the grain iterator's state
+and the config, saved asynchronously every `checkpoint_every` steps under WORKDIR/checkpoints/STEP.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
+leaves no step that looks finished. Restoring walks the finished steps newest first and falls back
+to an older one (with a warning) when a step cannot be read.
+"""
+import json
+import logging
+import os
+import time
+
+import grain
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+
+from configs import ConfigError
+
+# Fields that change the parameters' shapes or meaning: a checkpoint made with other values
+# cannot be resumed.
+ARCHITECTURE_FIELDS = ("model", "attention.kind", "nsa", "dsa")
+
+
+def checkpoint_dir(path: str) -> str:
+  """A run's workdir or its checkpoints/ directory -> the checkpoints/ directory."""
+  nested = os.path.join(path, "checkpoints")
+  return nested if os.path.isdir(nested) else path
+
+
+def _architecture(config_dict: dict) -> dict:
+  flat = {}
+  def walk(prefix, node):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(f"{prefix}.{k}" if prefix else k, v)
+    else:
+      flat[prefix] = node
+  walk("", config_dict)
+  keep = lambda k: any(k == f or k.startswith(f + ".") for f in ARCHITECTURE_FIELDS)
+  return {k: v for k, v in flat.items() if keep(k) and k not in ("model.scan_layers", "model.remat")}
+
+
+def check_compatible(saved: dict, config_dict: dict, where: str) -> None:
+  """Raise ConfigError naming the first architecture field that differs from the checkpoint's."""
+  old, new = _architecture(saved), _architecture(config_dict)
+  for field in sorted(set(old) | set(new)):
+    if old.get(field) != new.get(field):
+      raise ConfigError(field, new.get(field),
+                        f"the checkpoint in {where} was made with {field}={old.get(field)!r}; "
+                        "resume with the same value, or start a new --workdir (--config.init_from "
+                        "takes parameters only when shapes match)")
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, config):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.config_dict = json.loads(config.to_json())
+    self.every = config.checkpoint_every
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
+
+  def save(self, step: int, state, data_iter, force: bool = False) -> bool:
+    """Starts an async save if `step` is a multiple of checkpoint_every (or `force`)."""
+    if not force and step % self.every:
+      return False
+    return self.manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self.config_dict),
+        data=grain.checkpoint.CheckpointSave(data_iter)))
+
+  def restore_latest(self, abstract_state, data_iter):
+    """(state, step) from the newest readable checkpoint, or (None, 0) when there is none.
+    `data_iter` is restored in place. A checkpoint of another architecture raises ConfigError."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      where = os.path.join(self.directory, str(step))
+      try:
+        saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+      except Exception as e:  # noqa: BLE001 - any unreadable step falls back to an older one
+        logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one", where, type(e).__name__, e)
+        continue
+      check_compatible(saved_config, self.config_dict, where)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
+      except Exception as e:  # noqa: BLE001
+        logging.warning("checkpoint %s is incomplete or corrupt (%s: %s); moved to %s, trying an older one",
+                        where, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+                        self._quarantine(step))
+        continue
+      return restored["state"], step
+    return None, 0
+
+  def _quarantine(self, step: int) -> str:
+    """Moves an unreadable step out of the way (kept for inspection, never deleted): later saves
+    of the same step number would otherwise collide with it."""
+    target = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt", f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+    self.manager.reload()
+    return target
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_params(path: str, abstract_params):
+  """Parameters of the newest checkpoint under `path` (a workdir or checkpoints/ dir), for init_from."""
+  directory = checkpoint_dir(os.path.abspath(path))
+  with ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                        "config": ocp.JsonCheckpointHandler()}) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise ConfigError("init_from", path, "holds no finished checkpoint")
+    target = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+            partial_restore=True)))
+  return restored["state"]["params"], step

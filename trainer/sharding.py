@@ -1,0 +1,70 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Model code names logical axes only; this file alone knows the mesh. Axes:
+  data   - pure data parallelism (replicated parameters; across slices/DCN on pods)
+  fsdp   - data parallelism with parameters and optimizer state sharded (ZeRO-3)
+  tensor - tensor parallelism over heads / MLP hidden / vocab (Megatron-style)
+"""
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_AXIS_RULES = (
+    # parameters
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+# Which config field must divide by which mesh axis, for the parameters/batches sharded over it.
+SHARDED_DIMS = {
+    "fsdp": ("model.d_model",),
+    "tensor": ("model.n_heads", "model.n_kv_heads", "model.mlp_dim", "model.vocab_size"),
+}
+
+
+def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """Axis sizes with the (at most one) -1 filled from the devices left over."""
+  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+  known = int(np.prod([s for s in sizes.values() if s != -1]))
+  for a, s in sizes.items():
+    if s == -1:
+      sizes[a] = num_devices // known if known and num_devices % known == 0 else -1
+  return sizes
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_shape(mesh_config, len(devices))
+  # Auto axes: XLA's partitioner propagates shardings from the constraints the model states.
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_sharding(logical_specs, mesh: Mesh):
+  """A pytree of logical PartitionSpecs -> the same pytree of NamedShardings."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches are [batch, seq]: batch split over every data-parallel axis."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,116 @@
+"""Check a config once at start-up; a bad value stops the run with one line that names the field,
+the value and what is allowed (train.py turns ConfigError into exit code 2, no traceback)."""
+import os
+import tempfile
+
+import jax.numpy as jnp
+
+from configs import ConfigError
+from kernels import IMPLS
+from model.attention import ATTENTION_KINDS
+from model.transformer import REMAT_POLICIES
+from trainer.sharding import MESH_AXES, SHARDED_DIMS, mesh_shape
+
+
+def _get(config, field: str):
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def _positive(config, *fields):
+  for f in fields:
+    v = _get(config, f)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+      raise ConfigError(f, v, "must be a positive number")
+
+
+def _choice(config, field, allowed):
+  v = _get(config, field)
+  if v not in allowed:
+    raise ConfigError(field, v, f"allowed values are {', '.join(map(str, allowed))}")
+
+
+def _dtype(config, field, allowed=("float32", "bfloat16", "float16")):
+  _choice(config, field, allowed)
+  return jnp.dtype(_get(config, field))
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """Raises ConfigError on the first bad value. `num_devices` enables the mesh checks."""
+  _positive(config, "steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
+            "keep_checkpoints", "eval_batches")
+  if config.eval_every < 0:
+    raise ConfigError("eval_every", config.eval_every, "must be >= 0 (0 disables evaluation)")
+
+  m = config.model
+  _positive(config, "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+            "model.n_kv_heads", "model.head_dim", "model.mlp_dim", "model.rope_theta", "model.norm_eps")
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError("model.n_heads", m.n_heads,
+                      f"must be a multiple of model.n_kv_heads={m.n_kv_heads} (GQA groups)")
+  if m.head_dim % 2:
+    raise ConfigError("model.head_dim", m.head_dim, "must be even (RoPE rotates pairs)")
+  _dtype(config, "model.dtype")
+  _dtype(config, "model.param_dtype", ("float32", "bfloat16"))
+  _choice(config, "model.remat", ("none", *REMAT_POLICIES))
+
+  _choice(config, "attention.kind", tuple(ATTENTION_KINDS))
+  _choice(config, "attention.impl", IMPLS)
+  if config.attention.kind == "dense" and config.attention.impl == "pallas" and config.seq_len % 128:
+    raise ConfigError("seq_len", config.seq_len,
+                      "dense attention with attention.impl=pallas needs a multiple of 128")
+
+  o = config.optimizer
+  _positive(config, "optimizer.lr")
+  for field, value, ok, allowed in (
+      ("optimizer.warmup_steps", o.warmup_steps, 0 <= o.warmup_steps <= config.steps,
+       f"must be between 0 and steps={config.steps}"),
+      ("optimizer.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "must be in [0, 1]"),
+      ("optimizer.b1", o.b1, 0 <= o.b1 < 1, "must be in [0, 1)"),
+      ("optimizer.b2", o.b2, 0 <= o.b2 < 1, "must be in [0, 1)"),
+      ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be >= 0"),
+      ("optimizer.grad_clip", o.grad_clip, o.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
+  ):
+    if not ok:
+      raise ConfigError(field, value, allowed)
+
+  if config.data.source != "embedded" and not os.path.exists(config.data.source):
+    raise ConfigError("data.source", config.data.source, "must be 'embedded' or an existing directory")
+  _positive(config, "data.num_threads", "data.prefetch")
+  _choice(config, "wandb.mode", ("offline", "online", "disabled"))
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ConfigError("init_from", config.init_from, "must be a checkpoint directory or a run's workdir")
+
+  if num_devices is not None:
+    _validate_mesh(config, num_devices)
+
+
+def _validate_mesh(config, num_devices: int) -> None:
+  raw = {a: config.mesh[a] for a in MESH_AXES}
+  for a, s in raw.items():
+    if not isinstance(s, int) or (s < 1 and s != -1):
+      raise ConfigError(f"mesh.{a}", s, "must be a positive integer or -1 (fill with the devices left)")
+  if sum(s == -1 for s in raw.values()) > 1:
+    raise ConfigError("mesh", dict(raw), "at most one axis may be -1")
+  sizes = mesh_shape(config.mesh, num_devices)
+  if any(s == -1 for s in sizes.values()) or sizes["data"] * sizes["fsdp"] * sizes["tensor"] != num_devices:
+    raise ConfigError("mesh", dict(raw), f"the axis sizes must multiply to the {num_devices} devices")
+  for axis, fields in SHARDED_DIMS.items():
+    for f in fields:
+      if _get(config, f) % sizes[axis]:
+        raise ConfigError(f, _get(config, f), f"must be divisible by mesh.{axis}={sizes[axis]}")
+  data_parallel = sizes["data"] * sizes["fsdp"]
+  if config.batch_size % data_parallel:
+    raise ConfigError("batch_size", config.batch_size,
+                      f"must be divisible by mesh.data x mesh.fsdp = {data_parallel}")
+
+
+def validate_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ConfigError("workdir", workdir, f"must be a writable directory ({e.strerror})") from None
