@@ -72,14 +72,18 @@ def main(config, workdir: str) -> int:
 
   tokens_per_step = config.batch_size * config.seq_len
   timer_step, timer_start = start_step, time.perf_counter()
+  interval = []   # device-side metrics since the last log: fetched together, no per-step sync
   for step in range(start_step + 1, config.steps + 1):
     state, metrics = train_step(state, to_global(next(data_iter)))
+    interval.append(metrics)
     if step == start_step + 1:   # the first step compiles: time from its end
       jax.block_until_ready(metrics)
       timer_step, timer_start = step, time.perf_counter()
     writer.step_done()
     if step % config.log_every == 0 or step == config.steps:
-      metrics = jax.device_get(metrics)
+      metrics = jax.device_get(metrics)               # grad_norm and lr of this step,
+      metrics["loss"] = float(np.mean(jax.device_get([m["loss"] for m in interval])))  # loss: mean
+      interval = []
       elapsed, done = time.perf_counter() - timer_start, step - timer_step
       if done:
         tokens_per_sec = done * tokens_per_step / elapsed
@@ -117,8 +121,16 @@ def _agree(flag: bool) -> bool:
 def run(argv) -> int:
   try:
     flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.to_dict()   # config_flags defers a bad --config path until first use
+  except (AttributeError, KeyError) as e:
+    print(f"error: unknown config field {str(e).strip(chr(34))} on the command line", file=sys.stderr)
+    return 2
+  except OSError as e:   # the config file itself: say why it could not be loaded
+    print(f"error: --config cannot be loaded: {str(e).strip().splitlines()[-1].strip()}", file=sys.stderr)
+    return 2
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   if _CONFIG.value is None or not _WORKDIR.value:
     print("error: --config and --workdir are required, e.g. "

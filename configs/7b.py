@@ -1,4 +1,4 @@
-"""7b: ~6.7B parameters (Llama-2-7B shape with GQA), seq_len 8192, for a TPU pod slice (FSDP x tensor)."""
+"""7b: ~7.2B parameters (Mistral-7B shape: GQA 32 query / 8 KV heads), seq_len 8192, for a TPU pod slice (FSDP x tensor)."""
 from configs import base
 
 
@@ -10,7 +10,7 @@ def get_config():
   c.eval_every = 2000
   c.checkpoint_every = 500
   c.model.update(vocab_size=32_768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-                 mlp_dim=11008, remat="full")
+                 mlp_dim=14336, remat="full")
   c.optimizer.update(lr=3e-4, warmup_steps=2000)
   c.data.tokenizer = ""
   return c

@@ -10,7 +10,7 @@ def get_config():
   c.eval_every = 1000
   c.checkpoint_every = 1000
   c.model.update(vocab_size=32_768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64,
-                 mlp_dim=2048, tie_embeddings=True, remat="save_dots")
+                 mlp_dim=2048, remat="save_dots")
   c.optimizer.update(lr=6e-4, warmup_steps=2000)
   c.data.tokenizer = ""  # set to the .model of scripts/train_tokenizer.py (vocab 32768)
   return c

@@ -5,8 +5,6 @@ baseline, never used by the sparse paths). `impl="pallas"`: jax's splash-attenti
 (forward and backward) with a causal block mask, one MQA kernel per KV group so the G query heads
 of a group share each K/V tile.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
@@ -32,7 +30,6 @@ def _block(t: int, preferred: int = 512) -> int:
   raise ValueError(f"dense attention with impl='pallas' needs seq_len divisible by 128, got {t}")
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(seq_len: int, group: int, interpret: bool):
   # Grid of the forward kernel: (group heads, T/bq, T/bkv); causal blocks above the diagonal are
   # skipped via the block mask's data_next prefetch, so ~T^2/2 of the K/V tiles are read.
@@ -40,6 +37,8 @@ def _splash_kernel(seq_len: int, group: int, interpret: bool):
   sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
   mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len))] * group)
+  # Built per trace, not cached: the kernel holds its block-mask arrays, which must not outlive
+  # the trace that made them.
   return splash.make_splash_mqa_single_device(
       mask, block_sizes=sizes, interpret=pltpu.InterpretParams() if interpret else False)
 

@@ -1,0 +1,102 @@
+"""Config validation: bad values stop the run with one line naming field, value and what is allowed;
+the presets build and validate."""
+import importlib.util
+
+import jax
+import pytest
+from flax import linen as nn
+
+from configs import ConfigError
+from conftest import REPO, run_train, small_config
+from model import transformer
+from trainer import validate
+
+BAD_CONFIGS = [
+    ({"steps": 0}, "steps"),
+    ({"batch_size": -4}, "batch_size"),
+    ({"seq_len": 0}, "seq_len"),
+    ({"model.n_heads": 6, "model.n_kv_heads": 4}, "model.n_heads"),
+    ({"model.d_model": 0}, "model.d_model"),
+    ({"model.head_dim": 15}, "model.head_dim"),
+    ({"model.dtype": "int8"}, "model.dtype"),
+    ({"model.remat": "sometimes"}, "model.remat"),
+    ({"attention.kind": "linear"}, "attention.kind"),
+    ({"attention.impl": "cuda"}, "attention.impl"),
+    ({"attention.impl": "pallas", "seq_len": 200}, "seq_len"),
+    ({"optimizer.lr": 0.0}, "optimizer.lr"),
+    ({"optimizer.warmup_steps": 10_000}, "optimizer.warmup_steps"),
+    ({"optimizer.b2": 1.0}, "optimizer.b2"),
+    ({"eval_every": -1}, "eval_every"),
+    ({"keep_checkpoints": 0}, "keep_checkpoints"),
+    ({"wandb.mode": "cloud"}, "wandb.mode"),
+    ({"data.source": "/no/such/dir"}, "data.source"),
+    ({"init_from": "/no/such/run"}, "init_from"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD_CONFIGS, ids=[f for _, f in BAD_CONFIGS])
+def test_bad_value_names_its_field(overrides, field):
+  with pytest.raises(ConfigError) as e:
+    validate.validate(small_config(**overrides), num_devices=1)
+  assert e.value.field == field
+  assert str(e.value).startswith(f"config error: {field}=")
+
+
+MESH_CASES = [
+    ({"mesh.fsdp": 3}, 8, "mesh"),                                   # 1 x 3 x 1 != 8 devices
+    ({"mesh.fsdp": -1, "mesh.tensor": -1}, 8, "mesh"),
+    ({"mesh.fsdp": 2, "mesh.tensor": 4}, 8, "model.n_kv_heads"),     # 2 kv heads over tensor=4
+    ({"mesh.fsdp": 8, "batch_size": 4}, 8, "batch_size"),
+    ({"mesh.fsdp": 8, "model.d_model": 60, "model.n_heads": 4}, 8, "model.d_model"),
+]
+
+
+@pytest.mark.parametrize("overrides,devices,field", MESH_CASES)
+def test_mesh_that_cannot_shard_the_model_is_rejected(overrides, devices, field):
+  with pytest.raises(ConfigError) as e:
+    validate.validate(small_config(**overrides), num_devices=devices)
+  assert e.value.field == field
+
+
+def test_good_config_on_eight_devices_passes():
+  validate.validate(small_config(**{"mesh.fsdp": 4, "mesh.tensor": 2}), num_devices=8)
+
+
+def test_unwritable_workdir_is_rejected(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ConfigError) as e:
+    validate.validate_workdir(str(blocker / "run"))
+  assert e.value.field == "workdir"
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"model.n_kv_heads": 3}, "config error: model.n_heads=4: must be a multiple of model.n_kv_heads=3"),
+    ({"steps": "many"}, "error: flag --config.steps=many"),
+    ({"no_such_field": 1}, "error: unknown config field 'no_such_field'"),
+    ({"model.vocab_size": 5000}, "config error: model.vocab_size=5000: must equal the vocab size 4096"),
+])
+def test_train_py_exits_2_with_one_line(tmp_path, overrides, expected):
+  result = run_train(tmp_path, overrides)
+  assert result.returncode == 2
+  assert result.stderr.startswith(expected), result.stderr
+  assert "Traceback" not in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _load_preset(name):
+  spec = importlib.util.spec_from_file_location(f"preset_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("name,low,high", [
+    ("tiny", 3e6, 8e6), ("small", 110e6, 140e6), ("1b", 1.0e9, 1.4e9), ("7b", 6.8e9, 7.5e9)])
+def test_presets_validate_and_have_their_size(name, low, high):
+  config = _load_preset(name)
+  validate.validate(config, num_devices=1)
+  model = transformer.build(config)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 128), "int32"))
+  n = transformer.count_params(nn.unbox(abstract))
+  assert low <= n <= high, n

@@ -1,0 +1,120 @@
+"""The dense model: attention against a naive loop, splash (Pallas, TPU interpret mode) against XLA,
+RoPE, causality, and layer stacking options that must not change the numbers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from conftest import small_config
+from kernels import dense
+from model import transformer
+from model.layers import apply_rope
+
+
+def naive_causal_attention(q, k, v, scale):
+  """One query at a time, one head at a time: the definition, in float64 numpy."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, t, hq, _ = q.shape
+  group = hq // k.shape[2]
+  out = np.zeros(q.shape[:3] + (v.shape[-1],))
+  for bi in range(b):
+    for h in range(hq):
+      for ti in range(t):
+        logits = scale * k[bi, :ti + 1, h // group] @ q[bi, ti, h]
+        p = np.exp(logits - logits.max())
+        out[bi, ti, h] = (p / p.sum()) @ v[bi, :ti + 1, h // group]
+  return out
+
+
+def _qkv(b, t, hq, hkv, d, dtype, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(ks[0], (b, t, hq, d)).astype(dtype),
+          jax.random.normal(ks[1], (b, t, hkv, d)).astype(dtype),
+          jax.random.normal(ks[2], (b, t, hkv, d)).astype(dtype))
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (4, 1)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_dense_attention_matches_naive_loop(hq, hkv, dtype, tol):
+  q, k, v = _qkv(2, 19, hq, hkv, 8, dtype)
+  out = dense.attention(q, k, v, impl="xla")
+  assert out.dtype == dtype
+  np.testing.assert_allclose(np.asarray(out, np.float64), naive_causal_attention(q, k, v, 8 ** -0.5),
+                             atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("t,hq,hkv", [(256, 4, 2), (384, 2, 2)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 5e-2)])
+def test_splash_pallas_matches_xla_forward_and_gradients(t, hq, hkv, dtype, tol):
+  q, k, v = _qkv(1, t, hq, hkv, 128, dtype, seed=t)
+  loss = lambda impl: lambda q, k, v: jnp.sum(dense.attention(q, k, v, impl=impl).astype(jnp.float32) ** 2)
+  out_x, out_p = dense.attention(q, k, v, impl="xla"), dense.attention(q, k, v, impl="pallas")
+  np.testing.assert_allclose(np.asarray(out_p, np.float32), np.asarray(out_x, np.float32), atol=tol, rtol=tol)
+  grads_x = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  grads_p = jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v)
+  for gx, gp in zip(grads_x, grads_p):
+    scale = float(jnp.abs(gx.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(gp, np.float32) / scale, np.asarray(gx, np.float32) / scale,
+                               atol=tol * 2)
+
+
+def test_rope_makes_scores_depend_on_relative_position_only():
+  q, k, _ = _qkv(1, 1, 1, 1, 16, jnp.float32)
+  def score(tq, tk):
+    rq = apply_rope(q, jnp.array([[tq]]), 10_000.0)
+    rk = apply_rope(k, jnp.array([[tk]]), 10_000.0)
+    return float(jnp.sum(rq * rk))
+  assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4)
+  assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)
+
+
+def _init(config, tokens):
+  model = transformer.build(config)
+  return model, nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens))["params"]
+
+
+def test_model_is_causal():
+  config = small_config()
+  tokens = jax.random.randint(jax.random.key(1), (2, config.seq_len), 0, 4096)
+  model, params = _init(config, tokens)
+  apply = jax.jit(model.apply)
+  logits = apply({"params": params}, tokens)
+  assert logits.shape == (2, config.seq_len, 4096) and logits.dtype == jnp.float32
+  changed = apply({"params": params}, tokens.at[:, 70].set(7))
+  np.testing.assert_array_equal(logits[:, :70], changed[:, :70])
+  assert not np.allclose(logits[:, 70:], changed[:, 70:])
+
+
+def test_remat_and_unrolled_layers_give_the_same_loss_and_gradients():
+  tokens = jax.random.randint(jax.random.key(1), (2, 128), 0, 4096)
+  def loss_and_grads(**overrides):
+    model, params = _init(small_config(**overrides), tokens)
+    f = lambda p: jnp.mean(model.apply({"params": p}, tokens)[..., 0])
+    return params, jax.jit(jax.value_and_grad(f))(params)
+  _, (loss, grads) = loss_and_grads()
+  _, (loss_remat, grads_remat) = loss_and_grads(**{"model.remat": "full"})
+  np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_remat, grads)
+  unrolled_params, (loss_unrolled, _) = loss_and_grads(**{"model.scan_layers": False})
+  assert "layer_0" in unrolled_params and "layers" not in unrolled_params
+  assert np.isfinite(loss_unrolled)
+
+
+def test_model_with_pallas_attention_matches_xla():
+  config = small_config(**{"model.head_dim": 128, "model.dtype": "float32"})
+  tokens = jax.random.randint(jax.random.key(1), (1, 128), 0, 4096)
+  model, params = _init(config, tokens)
+  pallas_model = transformer.build(small_config(**{"model.head_dim": 128, "model.dtype": "float32",
+                                                   "attention.impl": "pallas"}))
+  np.testing.assert_allclose(pallas_model.apply({"params": params}, tokens),
+                             model.apply({"params": params}, tokens), atol=2e-4, rtol=2e-4)
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+  config = small_config()
+  _, params = _init(config, jnp.zeros((1, 128), jnp.int32))
+  n = transformer.count_params(params)
+  m = config.model
+  attention = 3 * m.n_layers * 2 * 2 * m.n_heads * m.head_dim * (config.seq_len + 1) / 2
+  assert transformer.flops_per_token(config, n) == 6 * (n - m.vocab_size * m.d_model) + attention
