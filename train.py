@@ -28,7 +28,7 @@ def main(config, workdir: str) -> int:
   from data import pipeline
   from model import transformer
   from trainer import checkpoint, optim, sharding, steps, validate
-  from trainer.metrics import MetricsWriter
+  from trainer.metrics import MetricsWriter, Throughput
 
   validate.validate(config, num_devices=jax.device_count())
   validate.validate_workdir(workdir)
@@ -70,29 +70,24 @@ def main(config, workdir: str) -> int:
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda signum, _: stop_signal.append(signum))
 
-  tokens_per_step = config.batch_size * config.seq_len
-  timer_step, timer_start = start_step, time.perf_counter()
+  timer = Throughput(config.batch_size * config.seq_len, flops_per_token, jax.device_count())
   interval = []   # device-side metrics since the last log: fetched together, no per-step sync
   for step in range(start_step + 1, config.steps + 1):
     state, metrics = train_step(state, to_global(next(data_iter)))
     interval.append(metrics)
     if step == start_step + 1:   # the first step compiles: time from its end
       jax.block_until_ready(metrics)
-      timer_step, timer_start = step, time.perf_counter()
+      timer.restart(step)
     writer.step_done()
-    if step % config.log_every == 0 or step == config.steps:
-      metrics = jax.device_get(metrics)               # grad_norm and lr of this step,
-      metrics["loss"] = float(np.mean(jax.device_get([m["loss"] for m in interval])))  # loss: mean
-      interval = []
-      elapsed, done = time.perf_counter() - timer_start, step - timer_step
-      if done:
-        tokens_per_sec = done * tokens_per_step / elapsed
-        metrics.update(tokens_per_sec=tokens_per_sec, step_time=elapsed / done,
-                       tflops_per_device=tokens_per_sec * flops_per_token / jax.device_count() / 1e12)
-      if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+    evaluate = config.eval_every and (step % config.eval_every == 0 or step == config.steps)
+    if evaluate or step % config.log_every == 0 or step == config.steps:
+      metrics = {**jax.device_get(metrics), **timer.rates(step),   # grad_norm, lr of this step
+                 "loss": float(np.mean(jax.device_get([m["loss"] for m in interval])))}
+      if evaluate:
         metrics["eval_loss"] = float(np.mean([eval_step(state.params, to_global(b)) for b in eval_data]))
       writer.write(step, metrics)
-      timer_step, timer_start = step, time.perf_counter()
+      interval = []
+      timer.restart(step)
     preempted = _agree(bool(stop_signal))
     ckpt.save(step, state, data_iter, force=preempted or step == config.steps)
     if _KILL_AT_STEP == step:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_loss_falls_and_run_outputs_are_written(tmp_path):
-  result = run_train(tmp_path, {"steps": 40, "eval_every": 20, "optimizer.lr": 1e-2})
+  result = run_train(tmp_path, {"steps": 40, "eval_every": 20, "optimizer.lr": 1e-2, "wandb.mode": "offline"})
   assert result.returncode == 0, result.stderr
   metrics = read_metrics(tmp_path)
   assert sorted(metrics) == list(range(1, 41))
@@ -25,6 +25,7 @@ def test_loss_falls_and_run_outputs_are_written(tmp_path):
   for key in ("grad_norm", "lr", "tokens_per_sec", "step_time", "tflops_per_device"):
     assert metrics[40][key] > 0
   assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "40"
+  assert any(name.startswith("offline-run-") for name in os.listdir(tmp_path / "wandb"))
 
 
 def _losses(workdir, steps):
@@ -88,3 +89,12 @@ def test_eight_sharded_devices_match_one(tmp_path):
   assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in eight.stderr
   np.testing.assert_allclose(_losses(tmp_path / "eight", steps), _losses(tmp_path / "one", steps),
                              rtol=2e-3)
+
+
+def test_init_from_takes_parameters_and_starts_a_fresh_optimizer(tmp_path, reference_run):
+  result = run_train(tmp_path, {"steps": 3, "init_from": str(reference_run), "seed": 7})
+  assert result.returncode == 0, result.stderr
+  assert "starting from scratch" in result.stderr and "parameters from" in result.stderr
+  reference, started = read_metrics(reference_run), read_metrics(tmp_path)
+  assert started[1]["loss"] < reference[1]["loss"] - 1.0          # trained weights, not random
+  assert started[1]["lr"] == reference[1]["lr"] == 0.0            # step 1 of a new schedule

@@ -117,7 +117,7 @@ class Checkpointer:
 def load_params(path: str, abstract_params):
   """Parameters of the newest checkpoint under `path` (a workdir or checkpoints/ dir), for init_from."""
   directory = checkpoint_dir(os.path.abspath(path))
-  with ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
+  with ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                                         "config": ocp.JsonCheckpointHandler()}) as manager:
     step = manager.latest_step()
     if step is None:

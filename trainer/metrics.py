@@ -51,6 +51,25 @@ class MetricsWriter:
       self._wandb.finish()
 
 
+class Throughput:
+  """Tokens/s, step time and model TFLOP/s per device since the last restart."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float, num_devices: int):
+    self.tokens_per_step, self.flops_per_token, self.num_devices = tokens_per_step, flops_per_token, num_devices
+    self.restart(0)
+
+  def restart(self, step: int):
+    self.step, self.start = step, time.perf_counter()
+
+  def rates(self, step: int) -> dict:
+    done, elapsed = step - self.step, time.perf_counter() - self.start
+    if done <= 0:
+      return {}
+    tokens_per_sec = done * self.tokens_per_step / elapsed
+    return {"tokens_per_sec": tokens_per_sec, "step_time": elapsed / done,
+            "tflops_per_device": tokens_per_sec * self.flops_per_token / self.num_devices / 1e12}
+
+
 def _plain(v):
   return v.item() if hasattr(v, "item") else v   # full precision: resume tests compare bitwise
 
