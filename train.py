@@ -25,7 +25,7 @@ def main(config, workdir: str) -> int:
   import jax
   import numpy as np
 
-  from data import pipeline
+  from data import pipeline, sources
   from model import transformer
   from trainer import checkpoint, optim, sharding, steps, validate
   from trainer.metrics import MetricsWriter, Throughput
@@ -34,11 +34,11 @@ def main(config, workdir: str) -> int:
   validate.validate_workdir(workdir)
   is_main = jax.process_index() == 0
 
-  # Data first: a tokenizer that does not fit the model fails before any compile.
-  train_tokens = pipeline.load_tokens(config, "train")
-  data_iter = pipeline.train_iterator(config, train_tokens, jax.process_index(), jax.process_count())
-  eval_data = pipeline.eval_batches(config, pipeline.load_tokens(config, "validation"),
-                                    jax.process_index(), jax.process_count()) if config.eval_every else []
+  # Data first: a tokenizer or dataset that does not fit the model fails before any compile.
+  host = (jax.process_index(), jax.process_count())
+  data_sources = sources.open_sources(config)
+  data_iter = pipeline.train_iterator(config, data_sources, *host)
+  eval_data = pipeline.eval_batches(config, data_sources, *host) if config.eval_every else []
 
   mesh = sharding.make_mesh(config.mesh)
   model = transformer.build(config)
@@ -62,6 +62,7 @@ def main(config, workdir: str) -> int:
                          for k, v in b.items()}
 
   writer = MetricsWriter(workdir, config, start_step=start_step, is_main=is_main)
+  writer.print(f"data: {sources.describe(data_sources)}, packing {config.data.packing}")
   writer.print(f"{num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, attention "
                f"{config.attention.kind}/{config.attention.impl}, "
                + (f"resumed from step {start_step}" if start_step else "starting from scratch"))
@@ -83,6 +84,8 @@ def main(config, workdir: str) -> int:
     if evaluate or step % config.log_every == 0 or step == config.steps:
       metrics = {**jax.device_get(metrics), **timer.rates(step),   # grad_norm, lr of this step
                  "loss": float(np.mean(jax.device_get([m["loss"] for m in interval])))}
+      if (epoch := pipeline.epoch(data_iter, data_sources, host[1])) is not None:
+        metrics["epoch"] = epoch
       if evaluate:
         metrics["eval_loss"] = float(np.mean([eval_step(state.params, to_global(b)) for b in eval_data]))
       writer.write(step, metrics)

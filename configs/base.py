@@ -60,8 +60,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded"        # embedded: this Python's standard library source files
+  c.data.source = "embedded"        # embedded (stdlib source) | DIR from prepare_data.py | tfds:NAME
+  c.data.mixture = ""               # "SRC=WEIGHT,SRC=WEIGHT": overrides data.source
+  c.data.data_dir = ""              # TFDS data_dir for tfds:NAME sources
+  c.data.text_field = "text"        # tfds:NAME without a `tokens` feature: tokenize this one
   c.data.tokenizer = EMBEDDED_TOKENIZER
+  c.data.packing = "concat"         # concat (join + split) | pack (whole documents, segment ids)
+  c.data.pack_bins = 8              # rows first-fit packed at once in pack mode
   c.data.num_threads = 2            # grain read threads
   c.data.prefetch = 4               # batches prefetched
 

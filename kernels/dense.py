@@ -14,13 +14,17 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from kernels import resolve_impl
 
 
-def attention(q_BTHD, k_BTKD, v_BTKD, *, scale=None, impl="auto"):
-  """Causal softmax attention. q [B,T,HQ,D], k/v [B,T,HKV,D] -> [B,T,HQ,D] in q's dtype."""
+def attention(q_BTHD, k_BTKD, v_BTKD, *, segment_ids=None, scale=None, impl="auto"):
+  """Causal softmax attention. q [B,T,HQ,D], k/v [B,T,HKV,D] -> [B,T,HQ,D] in q's dtype.
+  segment_ids int32 [B,T] (optional): a query sees only keys of its own segment."""
   scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
   if resolve_impl(impl) == "xla":
-    return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, scale=scale, is_causal=True,
+    mask = None
+    if segment_ids is not None:
+      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]     # [B, 1, T, T]
+    return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, mask=mask, scale=scale, is_causal=True,
                                         implementation="xla")
-  return _splash_attention(q_BTHD, k_BTKD, v_BTKD, scale=scale)
+  return _splash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids, scale=scale)
 
 
 def _block(t: int, preferred: int = 512) -> int:
@@ -43,7 +47,7 @@ def _splash_kernel(seq_len: int, group: int, interpret: bool):
       mask, block_sizes=sizes, interpret=pltpu.InterpretParams() if interpret else False)
 
 
-def _splash_attention(q_BTHD, k_BTKD, v_BTKD, *, scale):
+def _splash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids, *, scale):
   b, t, hq, d = q_BTHD.shape
   hkv = k_BTKD.shape[2]
   group = hq // hkv
@@ -53,8 +57,12 @@ def _splash_attention(q_BTHD, k_BTKD, v_BTKD, *, scale):
   k = k_BTKD.transpose(0, 2, 1, 3)                     # [B, HKV, T, D]
   v = v_BTKD.transpose(0, 2, 1, 3)
   flat = lambda x: x.reshape(b * hkv, *x.shape[2:])
+  if segment_ids is None:
+    segment_ids = jnp.zeros((b, t), jnp.int32)
+  seg = flat(jnp.broadcast_to(segment_ids[:, None], (b, hkv, t)).astype(jnp.int32))
+  call = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
   if interpret:   # TPU interpret mode does not batch a pallas_call under vmap: loop instead
-    out = jax.lax.map(lambda qkv: kernel(*qkv), (flat(q), flat(k), flat(v)))
+    out = jax.lax.map(lambda args: call(*args), (flat(q), flat(k), flat(v), seg))
   else:
-    out = jax.vmap(kernel)(flat(q), flat(k), flat(v))  # [B*HKV, G, T, D]
+    out = jax.vmap(call)(flat(q), flat(k), flat(v), seg)   # [B*HKV, G, T, D]
   return out.reshape(b, hkv, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q_BTHD.dtype)

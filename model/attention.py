@@ -2,7 +2,8 @@
 
 Interface every kind implements (NSA and DSA layers register here too):
   layer = ATTENTION_KINDS[kind](config, name="attn")
-  y_BTE = layer(x_BTE, positions_BT)                       # same shape and dtype as x
+  y_BTE = layer(x_BTE, positions_BT, segment_ids_BT)       # same shape and dtype as x;
+                                                           # segment_ids None: one document per row
   ATTENTION_KINDS[kind].flops_per_token(config)            # forward FLOPs per token per layer
 Auxiliary losses (e.g. DSA's indexer loss) are sown into the "aux_loss" collection.
 """
@@ -19,7 +20,7 @@ class DenseAttention(nn.Module):
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, x_BTE, positions_BT):
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT=None):
     m = self.config.model
     dtype = jnp.dtype(m.dtype)
     proj = lambda name, shape, axes, **kw: Projection(shape, axes, dtype, jnp.dtype(m.param_dtype),
@@ -31,7 +32,7 @@ class DenseAttention(nn.Module):
                                    ("act_batch", "act_seq", "act_heads", None))
     k = nn.with_logical_constraint(apply_rope(k, positions_BT, m.rope_theta),
                                    ("act_batch", "act_seq", "act_kv_heads", None))
-    out = dense.attention(q, k, v, impl=self.config.attention.impl)          # [B, T, HQ, D]
+    out = dense.attention(q, k, v, segment_ids=segment_ids_BT, impl=self.config.attention.impl)
     return proj("o", (m.d_model,), ("heads", "head_dim", "embed"), in_axes=2)(out)
 
   @staticmethod

@@ -21,12 +21,12 @@ class Block(nn.Module):
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, x_BTE, positions_BT):
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
     m = self.config.model
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     attn = ATTENTION_KINDS[self.config.attention.kind](self.config, name="attn")
     h = RMSNorm(m.norm_eps, dtype, param_dtype, name="attn_norm")(x_BTE)
-    x_BTE = x_BTE + attn(h, positions_BT)
+    x_BTE = x_BTE + attn(h, positions_BT, segment_ids_BT)
     h = RMSNorm(m.norm_eps, dtype, param_dtype, name="mlp_norm")(x_BTE)
     x_BTE = x_BTE + SwiGLU(m.d_model, m.mlp_dim, dtype, param_dtype, name="mlp")(h)
     x_BTE = nn.with_logical_constraint(x_BTE, ("act_batch", "act_seq", "act_embed"))
@@ -37,8 +37,9 @@ class Transformer(nn.Module):
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT=None):
-    """tokens int32 [B, T] -> logits float32 [B, T, vocab]."""
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    """tokens int32 [B, T] -> logits float32 [B, T, vocab]. With packed documents, positions
+    restart in each document and segment_ids keep attention inside it (0 = padding)."""
     m = self.config.model
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     if positions_BT is None:
@@ -53,12 +54,12 @@ class Transformer(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[m.remat], prevent_cse=not m.scan_layers)
     if m.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0, "aux_loss": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,), length=m.n_layers,
+                      in_axes=(nn.broadcast, nn.broadcast), length=m.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(self.config, name="layers")(x, positions_BT)
+      x, _ = stack(self.config, name="layers")(x, positions_BT, segment_ids_BT)
     else:
       for i in range(m.n_layers):
-        x, _ = block(self.config, name=f"layer_{i}")(x, positions_BT)
+        x, _ = block(self.config, name=f"layer_{i}")(x, positions_BT, segment_ids_BT)
 
     x = RMSNorm(m.norm_eps, dtype, param_dtype, name="final_norm")(x)
     if m.tie_embeddings:

@@ -43,21 +43,25 @@ def init_state(config, model, tx, mesh, shardings) -> TrainState:
     return jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(jax.random.key(config.seed))
 
 
-def cross_entropy(logits_BTV, targets_BT):
-  """Mean next-token cross-entropy, computed in float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT).mean()
+def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
+  """Mean next-token cross-entropy in float32 (over the targets with weight 1, if weights given)."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+  if weights_BT is None:
+    return losses.mean()
+  return (losses * weights_BT).sum() / jnp.maximum(weights_BT.sum(), 1.0)
+
+
+def batch_loss(model, params, batch):
+  logits = model.apply({"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+  return cross_entropy(logits, batch["targets"], batch.get("weights"))
 
 
 def make_train_step(model, tx, schedule, mesh, shardings):
   """jit(state, batch) -> (state, metrics); the old state's buffers are donated."""
 
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"])
-    return cross_entropy(logits, batch["targets"])
-
   def train_step(state: TrainState, batch):
     with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+      loss, grads = jax.value_and_grad(batch_loss, argnums=1)(model, state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
@@ -71,7 +75,7 @@ def make_train_step(model, tx, schedule, mesh, shardings):
 def make_eval_step(model, mesh, shardings):
   def eval_step(params, batch):
     with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+      return batch_loss(model, params, batch)
 
   step = jax.jit(eval_step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))

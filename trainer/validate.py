@@ -6,6 +6,7 @@ import tempfile
 import jax.numpy as jnp
 
 from configs import ConfigError
+from data import sources
 from kernels import IMPLS
 from model.attention import ATTENTION_KINDS
 from model.transformer import REMAT_POLICIES
@@ -76,9 +77,12 @@ def validate(config, num_devices: int | None = None) -> None:
     if not ok:
       raise ConfigError(field, value, allowed)
 
-  if config.data.source != "embedded" and not os.path.exists(config.data.source):
-    raise ConfigError("data.source", config.data.source, "must be 'embedded' or an existing directory")
-  _positive(config, "data.num_threads", "data.prefetch")
+  for spec, _ in sources.source_specs(config):     # also checks data.mixture's syntax
+    if not sources.exists(spec):
+      raise ConfigError("data.mixture" if config.data.mixture else "data.source", spec,
+                        "must be 'embedded', 'tfds:NAME' or a directory written by scripts/prepare_data.py")
+  _choice(config, "data.packing", ("concat", "pack"))
+  _positive(config, "data.num_threads", "data.prefetch", "data.pack_bins")
   _choice(config, "wandb.mode", ("offline", "online", "disabled"))
   if config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError("init_from", config.init_from, "must be a checkpoint directory or a run's workdir")

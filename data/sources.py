@@ -1,0 +1,127 @@
+"""Document sources: random-access sequences of EOS-terminated int32 token arrays, per split.
+
+  embedded     this Python's standard library, tokenized in memory at start-up (~3.6M tokens)
+  DIR          a dataset written by scripts/prepare_data.py (TFDS ArrayRecord, read without TF)
+  tfds:NAME    a TFDS dataset prepared in ArrayRecord format under data.data_dir, with a `tokens`
+               feature, or a text feature (data.text_field) tokenized on the fly
+A mixture (`data.mixture = "SRC=WEIGHT,SRC=WEIGHT"`) draws documents from several by weight.
+"""
+import dataclasses
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from configs import ConfigError
+from data import corpus, prepare
+from data.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Source:
+  name: str
+  splits: dict[str, Sequence]                      # split -> random-access records
+  to_tokens: Callable[[object], np.ndarray]        # record -> EOS-terminated int32 tokens
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+  """'a=0.7,b=0.3' -> [('a', 0.7), ('b', 0.3)]."""
+  parts = []
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    name, sep, weight = item.rpartition("=")
+    try:
+      value = float(weight)
+    except ValueError:
+      value = -1.0
+    if not sep or not name or value <= 0:
+      raise ConfigError("data.mixture", spec, "must look like 'SOURCE=WEIGHT,SOURCE=WEIGHT' with "
+                        "positive weights")
+    parts.append((name, value))
+  return parts
+
+
+def source_specs(config) -> list[tuple[str, float]]:
+  return parse_mixture(config.data.mixture) if config.data.mixture else [(config.data.source, 1.0)]
+
+
+def open_sources(config) -> list[tuple[Source, float]]:
+  tokenizer = Tokenizer(config.data.tokenizer) if config.data.tokenizer else None
+  if tokenizer is not None and tokenizer.vocab_size != config.model.vocab_size:
+    raise ConfigError("model.vocab_size", config.model.vocab_size,
+                      f"must equal the vocab size {tokenizer.vocab_size} of data.tokenizer={tokenizer.path}")
+  return [(open_source(spec, config, tokenizer), weight) for spec, weight in source_specs(config)]
+
+
+def open_source(spec: str, config, tokenizer) -> Source:
+  if spec == corpus.EMBEDDED:
+    return _embedded(tokenizer, config.data.tokenizer)
+  if spec.startswith("tfds:"):
+    return _tfds(spec, config, tokenizer)
+  return _prepared(spec, config)
+
+
+def _field_for(spec, config):
+  return "data.mixture" if config.data.mixture else "data.source"
+
+
+def _embedded(tokenizer, path) -> Source:
+  if tokenizer is None:
+    raise ConfigError("data.tokenizer", path, "the embedded corpus needs a tokenizer model")
+  eos = np.int32(tokenizer.eos_id)
+  splits = {split: [np.append(ids, eos) for ids in tokenizer.encode([t for _, t in corpus.embedded_documents(split)])]
+            for split in prepare.SPLITS}
+  return Source(corpus.EMBEDDED, splits, lambda r: r)
+
+
+def _prepared(path: str, config) -> Source:
+  import tensorflow_datasets as tfds
+  if not prepare.is_prepared(path):
+    raise ConfigError(_field_for(path, config), path,
+                      "must be 'embedded', 'tfds:NAME' or a directory written by scripts/prepare_data.py")
+  builder = tfds.builder_from_directory(prepare.dataset_dir(path))
+  meta = builder.info.metadata
+  if meta.get("vocab_size") != config.model.vocab_size:
+    raise ConfigError("model.vocab_size", config.model.vocab_size,
+                      f"the dataset {path} was tokenized with vocab size {meta.get('vocab_size')}")
+  if config.data.tokenizer and meta.get("tokenizer_sha256") != prepare.file_sha256(config.data.tokenizer):
+    raise ConfigError("data.tokenizer", config.data.tokenizer,
+                      f"must be the tokenizer {path} was prepared with (its sha256 differs)")
+  sources = builder.as_data_source()
+  return Source(path, {s: sources[s] for s in prepare.SPLITS}, lambda r: r["tokens"])
+
+
+def _tfds(spec: str, config, tokenizer) -> Source:
+  import tensorflow_datasets as tfds
+  name = spec[len("tfds:"):]
+  try:
+    builder = tfds.builder(name, data_dir=config.data.data_dir or None)
+    sources = builder.as_data_source()
+  except Exception as e:  # noqa: BLE001 - TFDS raises many kinds; all mean "not usable here"
+    raise ConfigError(_field_for(spec, config), spec,
+                      f"no prepared TFDS dataset {name!r} under data.data_dir={config.data.data_dir!r} "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+  splits = {s: sources[s] for s in prepare.SPLITS if s in sources}
+  if "train" not in splits:
+    raise ConfigError(_field_for(spec, config), spec, f"has no 'train' split (has {sorted(sources)})")
+  splits.setdefault("validation", splits["train"])
+  features = builder.info.features
+  if "tokens" in features:
+    return Source(spec, splits, lambda r: np.asarray(r["tokens"], np.int32))
+  field = config.data.text_field
+  if field not in features or tokenizer is None:
+    raise ConfigError("data.text_field", field, f"{spec} has neither a 'tokens' feature nor this text "
+                      f"feature (features: {sorted(features)}), or data.tokenizer is not set")
+  eos = np.int32(tokenizer.eos_id)
+  def to_tokens(record):
+    text = record[field]
+    text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+    return np.append(tokenizer.encode([text], num_threads=1)[0], eos)
+  return Source(spec, splits, to_tokens)
+
+
+def describe(sources) -> str:
+  return ", ".join(f"{s.name} ({len(s.splits['train']):,} train records, weight {w:g})" for s, w in sources)
+
+
+def exists(spec: str) -> bool:
+  return spec == corpus.EMBEDDED or spec.startswith("tfds:") or os.path.isdir(spec)
