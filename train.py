@@ -97,11 +97,13 @@ def main(config, workdir: str) -> int:
       ckpt.wait()
       os.kill(os.getpid(), signal.SIGKILL)
     if preempted:
+      data_iter.close()
       ckpt.close()
       writer.print(f"stopped by signal at step {step}; checkpoint saved, re-run the command to resume")
       writer.close()
       return 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
 
+  data_iter.close()
   ckpt.close()
   writer.close()
   return 0

@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import glob
 import hashlib
+import itertools
 import multiprocessing
 import os
 import zlib
@@ -66,8 +67,10 @@ def is_prepared(output: str) -> bool:
   return os.path.exists(os.path.join(dataset_dir(output), "dataset_info.json"))
 
 
-# ---- worker side: one file -> token arrays of one split ----
+# ---- tokenization: text pieces of at most CHUNK_CHARS, tokenized in worker processes ----
 
+CHUNK_CHARS = 1 << 20        # long documents are tokenized in ~1 MB pieces cut after a newline,
+                             # so a 100 MB document neither stalls one worker nor needs GBs of RAM
 _WORKER_TOKENIZER = None
 
 
@@ -76,17 +79,30 @@ def _init_worker(tokenizer_path: str):
   _WORKER_TOKENIZER = Tokenizer(tokenizer_path)
 
 
-def _tokenize_file(task):
-  path, split, text_field, val_fraction = task
-  texts, problems = [], collections.Counter()
-  for i, text, problem in corpus.read_documents(path, text_field):
-    if problem:
-      problems[problem] += 1
-    if text is not None and split_of(path, i, val_fraction) == split:
-      texts.append(text)
-  eos = _WORKER_TOKENIZER.eos_id
-  docs = [np.append(ids, np.int32(eos)) for ids in _WORKER_TOKENIZER.encode(texts, num_threads=1)]
-  return path, docs, problems, os.path.getsize(path)
+def _encode(text: str) -> np.ndarray:
+  return _WORKER_TOKENIZER.encode([text], num_threads=1)[0]
+
+
+def text_chunks(text: str, size: int = CHUNK_CHARS):
+  start = 0
+  while start < len(text):
+    end = len(text) if len(text) - start <= size else text.rfind("\n", start, start + size) + 1
+    end = end if end > start else start + size              # no newline: cut anywhere
+    yield text[start:end]
+    start = end
+
+
+def _chunks_of_split(options: "PrepareOptions", split: str, stats, bar):
+  """Yields (is_last_chunk_of_its_document, text) for the split's documents, in file order."""
+  for path in options.inputs:
+    for i, text, problem in corpus.read_documents(path, options.text_field):
+      if problem and split == "train":       # every file is read once per split: count once
+        stats[f"skipped_{problem}" if problem != "invalid_utf8" else problem] += 1
+      if text is not None and split_of(path, i, options.val_fraction) == split:
+        pieces = list(text_chunks(text))
+        for j, piece in enumerate(pieces):
+          yield j == len(pieces) - 1, piece
+    bar.update(os.path.getsize(path))
 
 
 class TokenizedText(tfds.core.GeneratorBasedBuilder):
@@ -94,8 +110,8 @@ class TokenizedText(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version(VERSION)
 
-  def __init__(self, options: PrepareOptions, **kwargs):
-    self._options = options
+  def __init__(self, options: PrepareOptions | None = None, **kwargs):
+    self._options = options            # None: reading an existing dataset (e.g. tfds.builder(NAME))
     self._stats = {split: collections.Counter() for split in SPLITS}
     super().__init__(**kwargs)
 
@@ -107,29 +123,36 @@ class TokenizedText(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {split: self._generate_examples(split) for split in SPLITS}
+    splits = SPLITS if self._options.val_fraction > 0 else ("train",)
+    return {split: self._generate_examples(split) for split in splits}
 
   def _generate_examples(self, split):
     o, stats = self._options, self._stats[split]
-    tasks = [(path, split, o.text_field, o.val_fraction) for path in o.inputs]
+    eos = np.int32(Tokenizer(o.tokenizer).eos_id)
     total_bytes = sum(os.path.getsize(p) for p in o.inputs)
-    workers = min(o.workers or os.cpu_count() or 1, len(tasks))
+    workers = o.workers or os.cpu_count() or 1
     with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (o.tokenizer,)) as pool, \
         tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {split}") as bar:
-      for file_index, (path, docs, problems, size) in enumerate(pool.imap(_tokenize_file, tasks)):
-        if split == "train":            # every file is read once per split: count problems once
-          stats.update({f"skipped_{k}" if k != "invalid_utf8" else k: v for k, v in problems.items()})
-        for doc_index, doc in enumerate(docs):
-          stats["documents"] += 1
-          stats["tokens"] += len(doc)
-          for piece_index, start in enumerate(range(0, len(doc), o.record_tokens)):
-            stats["records"] += 1
-            yield f"{file_index}:{doc_index}:{piece_index}", {"tokens": doc[start:start + o.record_tokens]}
-        bar.update(size)
-        bar.set_postfix(documents=stats["documents"], tokens=stats["tokens"], refresh=False)
+      chunks, parts = _chunks_of_split(o, split, stats, bar), []
+      # A bounded batch of chunks at a time (<= 1 MB each): memory stays flat on any corpus size.
+      while batch := list(itertools.islice(chunks, 64 * workers)):
+        for (last, _), ids in zip(batch, pool.imap(_encode, [text for _, text in batch], chunksize=8)):
+          parts.append(ids)
+          if last:
+            yield from self._records(np.concatenate([*parts, [eos]]).astype(np.int32), stats)
+            parts = []
+            bar.set_postfix(documents=stats["documents"], tokens=stats["tokens"], refresh=False)
     self.info.metadata[split] = dict(stats)
     self.info.metadata.update(fingerprint=o.fingerprint(), tokenizer_sha256=file_sha256(o.tokenizer),
                               vocab_size=Tokenizer(o.tokenizer).vocab_size, record_tokens=o.record_tokens)
+
+  def _records(self, doc, stats):
+    """A document as records of at most record_tokens, keyed in order."""
+    for start in range(0, len(doc), self._options.record_tokens):
+      yield f"{stats['documents']}:{start}", {"tokens": doc[start:start + self._options.record_tokens]}
+      stats["records"] += 1
+    stats["documents"] += 1
+    stats["tokens"] += len(doc)
 
 
 class DifferentDatasetError(ValueError):
@@ -150,8 +173,16 @@ def prepare(options: PrepareOptions, output: str) -> tuple[dict, bool]:
     raise DifferentDatasetError(f"--output {output!r} is not empty and holds no dataset of ours "
                                 f"(found {os.path.basename(stray[0])!r}); choose an empty directory")
   builder = TokenizedText(options, data_dir=output, file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  except AssertionError as e:   # TFDS: a split with no examples
+    if "No examples were yielded" not in str(e):
+      raise
+    split = "validation" if '"validation"' in str(e) else "train"
+    raise ValueError(f"no document went to the {split} split: " + (
+        "raise --val-fraction or add documents" if split == "validation" else
+        "every document was empty or skipped")) from None
   return read_metadata(output), True
 
 

@@ -86,8 +86,9 @@ def _prepared(path: str, config) -> Source:
   if config.data.tokenizer and meta.get("tokenizer_sha256") != prepare.file_sha256(config.data.tokenizer):
     raise ConfigError("data.tokenizer", config.data.tokenizer,
                       f"must be the tokenizer {path} was prepared with (its sha256 differs)")
-  sources = builder.as_data_source()
-  return Source(path, {s: sources[s] for s in prepare.SPLITS}, lambda r: r["tokens"])
+  splits = dict(builder.as_data_source())
+  splits.setdefault("validation", splits["train"])      # prepared with --val-fraction 0
+  return Source(path, splits, lambda r: r["tokens"])
 
 
 def _tfds(spec: str, config, tokenizer) -> Source:
