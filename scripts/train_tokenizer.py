@@ -52,8 +52,11 @@ def main():
       sentence_iterator=iter(lines), model_prefix=args.output, vocab_size=args.vocab_size,
       model_type=args.model_type, byte_fallback=True, character_coverage=0.9995,
       input_sentence_size=args.max_sentences, shuffle_input_sentence=True,
-      # Code and prose both need whitespace kept as is (indentation carries meaning).
-      remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+      # Text comes back byte for byte: no normalisation, whitespace kept (indentation carries
+      # meaning). No dummy prefix: a text cut after a newline tokenizes exactly as its pieces do,
+      # which prepare_data.py relies on to tokenize long documents in parallel pieces.
+      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+      split_digits=True, allow_whitespace_only_pieces=True,
       user_defined_symbols=["\n", "\t"], pad_id=0, unk_id=1, bos_id=2, eos_id=3,
       num_threads=os.cpu_count() or 1, minloglevel=2)
   sp = spm.SentencePieceProcessor(model_file=args.output + ".model")
