@@ -60,7 +60,8 @@ def open_source(spec: str, config, tokenizer) -> Source:
   return _prepared(spec, config)
 
 
-def _field_for(spec, config):
+def source_field(config) -> str:
+  """The config field a bad source came from, for error messages."""
   return "data.mixture" if config.data.mixture else "data.source"
 
 
@@ -76,7 +77,7 @@ def _embedded(tokenizer, path) -> Source:
 def _prepared(path: str, config) -> Source:
   import tensorflow_datasets as tfds
   if not prepare.is_prepared(path):
-    raise ConfigError(_field_for(path, config), path,
+    raise ConfigError(source_field(config), path,
                       "must be 'embedded', 'tfds:NAME' or a directory written by scripts/prepare_data.py")
   builder = tfds.builder_from_directory(prepare.dataset_dir(path))
   meta = builder.info.metadata
@@ -98,12 +99,12 @@ def _tfds(spec: str, config, tokenizer) -> Source:
     builder = tfds.builder(name, data_dir=config.data.data_dir or None)
     sources = builder.as_data_source()
   except Exception as e:  # noqa: BLE001 - TFDS raises many kinds; all mean "not usable here"
-    raise ConfigError(_field_for(spec, config), spec,
+    raise ConfigError(source_field(config), spec,
                       f"no prepared TFDS dataset {name!r} under data.data_dir={config.data.data_dir!r} "
                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
   splits = {s: sources[s] for s in prepare.SPLITS if s in sources}
   if "train" not in splits:
-    raise ConfigError(_field_for(spec, config), spec, f"has no 'train' split (has {sorted(sources)})")
+    raise ConfigError(source_field(config), spec, f"has no 'train' split (has {sorted(sources)})")
   splits.setdefault("validation", splits["train"])
   features = builder.info.features
   if "tokens" in features:

@@ -30,6 +30,8 @@ BAD_CONFIGS = [
     ({"keep_checkpoints": 0}, "keep_checkpoints"),
     ({"wandb.mode": "cloud"}, "wandb.mode"),
     ({"data.source": "/no/such/dir"}, "data.source"),
+    ({"data.mixture": "embedded=lots"}, "data.mixture"),
+    ({"data.packing": "zip"}, "data.packing"),
     ({"init_from": "/no/such/run"}, "init_from"),
 ]
 

@@ -79,7 +79,7 @@ def validate(config, num_devices: int | None = None) -> None:
 
   for spec, _ in sources.source_specs(config):     # also checks data.mixture's syntax
     if not sources.exists(spec):
-      raise ConfigError("data.mixture" if config.data.mixture else "data.source", spec,
+      raise ConfigError(sources.source_field(config), spec,
                         "must be 'embedded', 'tfds:NAME' or a directory written by scripts/prepare_data.py")
   _choice(config, "data.packing", ("concat", "pack"))
   _positive(config, "data.num_threads", "data.prefetch", "data.pack_bins")
