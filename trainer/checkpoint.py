@@ -17,9 +17,10 @@ import orbax.checkpoint as ocp
 
 from configs import ConfigError
 
-# Fields that change the parameters' shapes or meaning: a checkpoint made with other values
-# cannot be resumed.
+# Fields that change the parameters' shapes, structure or meaning: a checkpoint made with other
+# values cannot be resumed. (Compute dtype and remat may change between runs.)
 ARCHITECTURE_FIELDS = ("model", "attention.kind", "nsa", "dsa")
+RESUMABLE_CHANGES = ("model.dtype", "model.remat")
 
 
 def checkpoint_dir(path: str) -> str:
@@ -38,7 +39,7 @@ def _architecture(config_dict: dict) -> dict:
       flat[prefix] = node
   walk("", config_dict)
   keep = lambda k: any(k == f or k.startswith(f + ".") for f in ARCHITECTURE_FIELDS)
-  return {k: v for k, v in flat.items() if keep(k) and k not in ("model.scan_layers", "model.remat")}
+  return {k: v for k, v in flat.items() if keep(k) and k not in RESUMABLE_CHANGES}
 
 
 def check_compatible(saved: dict, config_dict: dict, where: str) -> None:
