@@ -1,0 +1,225 @@
+"""Native Sparse Attention (DESIGN.md §4, §6): the four functions of the kernel contract.
+
+`impl="xla"` is the pure-JAX reference: the oracle for the Pallas kernels and the path on CPU/GPU.
+Memory stays about linear in T: every function walks the queries in chunks of QUERY_CHUNK with
+`lax.map` under `jax.checkpoint`, so a chunk's scores ([chunk, heads, keys it may see]) exist only
+while that chunk runs, in the forward and again in the backward. Nothing holds [T, T], nor
+[T, C] per head for the whole sequence. Shapes: q [B,T,HQ,Dk], k [B,T,HKV,Dk], v [B,T,HKV,Dv],
+k_cmp [B,C,HKV,Dk], v_cmp [B,C,HKV,Dv]; query head h uses KV head h // (HQ // HKV).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import resolve_impl
+
+QUERY_CHUNK = 256
+
+
+def _check_impl(impl: str) -> None:
+  # `auto` is XLA everywhere until the Pallas kernels land; an explicit "pallas" is an error.
+  if impl != "auto" and resolve_impl(impl) == "pallas":
+    raise NotImplementedError("kernels.nsa: impl='pallas' is not available yet; use 'xla' or 'auto'")
+
+
+def num_compressed(seq_len: int, block_len: int, stride: int) -> int:
+  """C = (T - l) // d + 1 compressed tokens, 0 when T < l."""
+  return 0 if seq_len < block_len else (seq_len - block_len) // stride + 1
+
+
+# ---- chunking over queries ----
+
+def _map_query_chunks(fn, q_BTHD, *per_query, chunk: int = QUERY_CHUNK):
+  """out[:, t] = fn(q chunk, chunk start, per_query chunks...)[:, t - start], chunk by chunk.
+
+  Each chunk runs under jax.checkpoint: the backward pass saves only the chunk's inputs and
+  recomputes its scores, so peak memory is one chunk's, not the sequence's.
+  """
+  b, t = q_BTHD.shape[:2]
+  chunk = min(chunk, t)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)       # [n, B, chunk, ...]
+
+  starts = jnp.arange(n, dtype=jnp.int32) * chunk
+  body = jax.checkpoint(lambda args: fn(args[0], args[1], *args[2:]))
+  outs = jax.lax.map(body, (split(q_BTHD), starts, *map(split, per_query)))
+
+  def join(y):
+    return y.swapaxes(0, 1).reshape(b, n * chunk, *y.shape[3:])[:, :t]
+  return jax.tree.map(join, outs)
+
+
+def _grouped(q_BTHD, hkv: int):
+  b, t, hq, d = q_BTHD.shape
+  return q_BTHD.reshape(b, t, hkv, hq // hkv, d)                     # [B, T, HKV, G, D]
+
+
+def _masked_softmax(logits, mask):
+  """Softmax over the last axis restricted to `mask`; rows with nothing visible give p = 0 and
+  lse = -inf, with zero (not NaN) gradients. Returns (p float32, lse float32)."""
+  logits = jnp.where(mask, logits, -jnp.inf)
+  any_visible = jnp.any(mask, axis=-1)
+  m = jax.lax.stop_gradient(jnp.where(any_visible, jnp.max(logits, axis=-1), 0.0))
+  e = jnp.exp(logits - m[..., None])                                 # exactly 0 where masked
+  denom = jnp.where(any_visible, jnp.sum(e, axis=-1), 1.0)
+  lse = jnp.where(any_visible, m + jnp.log(denom), -jnp.inf)
+  return e / denom[..., None], lse
+
+
+# ---- compressed attention ----
+
+def _compressed_probs(q_chunk, t0, k_cmp, *, block_len, stride, scale):
+  """p_cmp [B, Qc, HKV, G, C] (float32) and lse [B, Qc, HKV, G] for one query chunk."""
+  hkv, c = k_cmp.shape[2], k_cmp.shape[1]
+  qg = _grouped(q_chunk, hkv)
+  logits = jnp.einsum("bqhgd,bchd->bqhgc", qg, k_cmp, preferred_element_type=jnp.float32) * scale
+  t = t0 + jnp.arange(q_chunk.shape[1])
+  visible = (jnp.arange(c) * stride + block_len - 1)[None, :] <= t[:, None]        # [Qc, C]
+  return _masked_softmax(logits, visible[None, :, None, None, :])
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, impl="auto"):
+  """Query t attends to compressed token i iff i*stride + block_len - 1 <= t.
+  Returns (out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] float32; -inf where nothing is visible)."""
+  _check_impl(impl)
+  b, t, hq, dk = q.shape
+  scale = dk ** -0.5 if scale is None else scale
+  if k_cmp.shape[1] == 0:
+    return jnp.zeros((b, t, hq, v_cmp.shape[-1]), q.dtype), jnp.full((b, t, hq), -jnp.inf, jnp.float32)
+
+  def chunk_fn(q_chunk, t0):
+    p, lse = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
+    out = jnp.einsum("bqhgc,bchd->bqhgd", p.astype(v_cmp.dtype), v_cmp, preferred_element_type=jnp.float32)
+    return out.reshape(*out.shape[:2], hq, -1).astype(q.dtype), lse.reshape(*lse.shape[:2], hq)
+  return _map_query_chunks(chunk_fn, q)
+
+
+# ---- block selection ----
+
+@functools.lru_cache(maxsize=None)
+def overlap_weights(block_len: int, stride: int, select_block: int) -> np.ndarray:
+  """w[k] = |[i*d, i*d+l) ∩ [0, l')| / d for the compressed tokens i = k - (l/d - 1) that overlap
+  selection block 0; the same weights hold for every block j (shift i by j*l'/d). 1,2,2,2,1 for
+  the paper's l=32, d=16, l'=64."""
+  first = -(block_len // stride - 1)
+  last = select_block // stride - 1
+  w = [max(0, min(i * stride + block_len, select_block) - max(i * stride, 0)) / stride
+       for i in range(first, last + 1)]
+  return np.asarray(w, np.float32)
+
+
+def block_scores(p_cmp_BQHC, num_blocks: int, *, block_len, stride, select_block):
+  """s[..., j] = sum_i w(i, j) p_cmp[..., i] over the compressed tokens overlapping block j."""
+  w = overlap_weights(block_len, stride, select_block)
+  r, left = select_block // stride, block_len // stride - 1
+  c = p_cmp_BQHC.shape[-1]
+  need = (num_blocks - 1) * r + len(w)
+  p = jnp.pad(p_cmp_BQHC, [(0, 0)] * (p_cmp_BQHC.ndim - 1) + [(left, max(0, need - left - c))])
+  return sum(float(w[k]) * p[..., k:k + (num_blocks - 1) * r + 1:r] for k in range(len(w)))
+
+
+def select_blocks(q, k_cmp, *, block_len, stride, select_block, num_selected, num_initial=1,
+                  num_local=2, scale=None, impl="auto"):
+  """int32 [B, T, HKV, n]: per query and KV group, the forced blocks (the first `num_initial`,
+  the `num_local` ending at t // l') and the highest group-summed importance scores among the
+  eligible blocks j <= t // l'. Free slots are -1. No gradient flows through the choice."""
+  _check_impl(impl)
+  q, k_cmp = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_cmp)
+  t_len, dk = q.shape[1], q.shape[-1]
+  scale = dk ** -0.5 if scale is None else scale
+  num_blocks = -(-t_len // select_block)
+
+  def chunk_fn(q_chunk, t0):
+    qc = q_chunk.shape[1]
+    if k_cmp.shape[1]:
+      p, _ = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
+      scores = block_scores(p.sum(axis=3), num_blocks, block_len=block_len, stride=stride,
+                            select_block=select_block)                              # [B,Qc,HKV,NB]
+    else:
+      scores = jnp.zeros((q.shape[0], qc, k_cmp.shape[2], num_blocks), jnp.float32)
+    current = (t0 + jnp.arange(qc)) // select_block
+    j = jnp.arange(num_blocks)
+    back = current[:, None] - j[None, :]
+    forced = (j[None, :] < num_initial) | ((back >= 0) & (back < num_local))
+    eligible = back >= 0
+    scores = jnp.where(forced[None, :, None, :], jnp.inf, scores)
+    scores = jnp.where(eligible[None, :, None, :], scores, -jnp.inf)
+    if num_blocks < num_selected:
+      scores = jnp.pad(scores, [(0, 0)] * 3 + [(0, num_selected - num_blocks)], constant_values=-jnp.inf)
+    values, index = jax.lax.top_k(scores, num_selected)          # ties: the lower block index
+    return jnp.where(values == -jnp.inf, -1, index).astype(jnp.int32)
+  return _map_query_chunks(chunk_fn, q)
+
+
+# ---- selected-block attention ----
+
+def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl="auto"):
+  """Query t attends to keys s with s // block_size among its KV group's `block_indices` and
+  s <= t. Indices that are -1, repeated, in the future or out of range are ignored."""
+  _check_impl(impl)
+  b, t, hq, dk = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  scale = dk ** -0.5 if scale is None else scale
+  num_blocks = -(-t // block_size)
+  pad = num_blocks * block_size - t
+  # [B, HKV, NB, block, D]: whole blocks, gathered per query chunk below.
+  to_blocks = lambda x: jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(
+      b, num_blocks, block_size, hkv, x.shape[-1]).transpose(0, 3, 1, 2, 4)
+  k_blocks, v_blocks = to_blocks(k), to_blocks(v)
+  n = block_indices.shape[-1]
+
+  def chunk_fn(q_chunk, t0, idx):                                    # idx [B, Qc, HKV, n]
+    qc = q_chunk.shape[1]
+    t_q = t0 + jnp.arange(qc)
+    earlier = jnp.tril(jnp.ones((n, n), bool), -1)                   # slot r repeats slot s < r
+    repeated = jnp.any((idx[..., :, None] == idx[..., None, :]) & earlier, axis=-1)
+    valid = (idx >= 0) & (idx < num_blocks) & (idx <= (t_q // block_size)[None, :, None, None]) & ~repeated
+    safe = jnp.clip(idx, 0, num_blocks - 1).transpose(0, 2, 1, 3).reshape(b, hkv, qc * n)
+    gather = lambda blocks: jnp.take_along_axis(blocks, safe[..., None, None], axis=2).reshape(
+        b, hkv, qc, n * block_size, blocks.shape[-1])                # [B, HKV, Qc, n*block, D]
+    k_sel, v_sel = gather(k_blocks), gather(v_blocks)
+    logits = jnp.einsum("bqhgd,bhqkd->bqhgk", _grouped(q_chunk, hkv), k_sel,
+                        preferred_element_type=jnp.float32) * scale
+    pos = (jnp.clip(idx, 0)[..., None] * block_size + jnp.arange(block_size)).reshape(b, qc, hkv, -1)
+    visible = jnp.repeat(valid, block_size, axis=-1) & (pos <= t_q[None, :, None, None])
+    p, _ = _masked_softmax(logits, visible[:, :, :, None, :])
+    out = jnp.einsum("bqhgk,bhqkd->bqhgd", p.astype(v.dtype), v_sel, preferred_element_type=jnp.float32)
+    return out.reshape(b, qc, hq, dv).astype(q.dtype)
+  return _map_query_chunks(chunk_fn, q, block_indices, chunk=min(QUERY_CHUNK, 128))
+
+
+# ---- sliding window ----
+
+def window_attention(q, k, v, *, window, scale=None, impl="auto"):
+  """Query t attends to keys s with t - window < s <= t (`window` keys including itself)."""
+  _check_impl(impl)
+  b, t, hq, dk = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  scale = dk ** -0.5 if scale is None else scale
+  w = min(window, t)
+  # Keys padded in front by w - 1 so chunk [t0, t0 + Qc) reads the slice [t0, t0 + Qc + w - 1).
+  chunk = min(QUERY_CHUNK, t)
+  tail = -(-t // chunk) * chunk - t
+  k_pad = jnp.pad(k, [(0, 0), (w - 1, tail), (0, 0), (0, 0)])
+  v_pad = jnp.pad(v, [(0, 0), (w - 1, tail), (0, 0), (0, 0)])
+
+  def chunk_fn(q_chunk, t0):
+    qc = q_chunk.shape[1]
+    span = qc + w - 1
+    k_win = jax.lax.dynamic_slice_in_dim(k_pad, t0, span, axis=1)
+    v_win = jax.lax.dynamic_slice_in_dim(v_pad, t0, span, axis=1)
+    logits = jnp.einsum("bqhgd,bshd->bqhgs", _grouped(q_chunk, hkv), k_win,
+                        preferred_element_type=jnp.float32) * scale
+    t_q = t0 + jnp.arange(qc)
+    s = t0 - (w - 1) + jnp.arange(span)
+    visible = (s[None, :] >= 0) & (s[None, :] <= t_q[:, None]) & (s[None, :] > t_q[:, None] - w)
+    p, _ = _masked_softmax(logits, visible[None, :, None, None, :])
+    out = jnp.einsum("bqhgs,bshd->bqhgd", p.astype(v.dtype), v_win, preferred_element_type=jnp.float32)
+    return out.reshape(b, qc, hq, dv).astype(q.dtype)
+  return _map_query_chunks(chunk_fn, q, chunk=chunk)
