@@ -55,7 +55,7 @@ def main(config, workdir: str) -> int:
       logging.info("parameters from %s (step %d)", config.init_from, from_step)
 
   num_params = transformer.count_params(state.params)
-  flops_per_token = transformer.flops_per_token(config, num_params)
+  flops_per_token = transformer.flops_per_token(config, state.params)
   train_step = steps.make_train_step(model, tx, schedule, mesh, state_shardings)
   eval_step = steps.make_eval_step(model, mesh, state_shardings)
   to_global = lambda b: {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), v)

@@ -44,6 +44,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.attention.kind = "dense"        # dense | nsa | dsa
   c.attention.impl = "auto"         # xla | pallas | auto (pallas on TPU, xla elsewhere)
 
+  # NSA (attention.kind = "nsa"); paper defaults. DESIGN.md §4.
+  c.nsa = ml_collections.ConfigDict()
+  c.nsa.cmp_block = 32              # l: tokens summarised by one compressed token
+  c.nsa.cmp_stride = 16             # d: distance between compressed tokens (d | l, d | l')
+  c.nsa.slc_block = 64              # l': selection block (l <= l')
+  c.nsa.num_selected = 16           # n: selected blocks per query, forced ones included
+  c.nsa.num_initial = 1             # forced initial blocks
+  c.nsa.num_local = 2               # forced local blocks (the query's own and the one before)
+  c.nsa.window = 512                # w: sliding-window keys, the query included
+  c.nsa.separate_kv = False         # independent K/V per branch (the paper's choice)
+
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 3e-3
   c.optimizer.min_lr_ratio = 0.1    # cosine decays to lr * min_lr_ratio

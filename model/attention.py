@@ -4,7 +4,7 @@ Interface every kind implements (NSA and DSA layers register here too):
   layer = ATTENTION_KINDS[kind](config, name="attn")
   y_BTE = layer(x_BTE, positions_BT, segment_ids_BT)       # same shape and dtype as x;
                                                            # segment_ids None: one document per row
-  ATTENTION_KINDS[kind].flops_per_token(config)            # forward FLOPs per token per layer
+  ATTENTION_KINDS[kind].flops_per_token(config)            # forward FLOPs per token of the layer
 Auxiliary losses (e.g. DSA's indexer loss) are sown into the "aux_loss" collection.
 """
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ import ml_collections
 
 from kernels import dense
 from model.layers import Projection, apply_rope
+from model.nsa import NSAAttention
 
 
 class DenseAttention(nn.Module):
@@ -37,9 +38,11 @@ class DenseAttention(nn.Module):
 
   @staticmethod
   def flops_per_token(config) -> float:
-    """Causal QK^T and PV: 2 matmuls x 2 FLOPs x HQ x D x (T+1)/2 visible keys on average."""
+    """Forward FLOPs per token of the layer: q/k/v/o projections, then causal QK^T and PV
+    (2 matmuls x 2 FLOPs x HQ x D x (T+1)/2 visible keys on average)."""
     m = config.model
-    return 2 * 2 * m.n_heads * m.head_dim * (config.seq_len + 1) / 2
+    projections = 2 * m.d_model * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
+    return projections + 2 * 2 * m.n_heads * m.head_dim * (config.seq_len + 1) / 2
 
 
-ATTENTION_KINDS = {"dense": DenseAttention}
+ATTENTION_KINDS = {"dense": DenseAttention, "nsa": NSAAttention}

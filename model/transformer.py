@@ -79,13 +79,13 @@ def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-def flops_per_token(config, num_params: int) -> float:
-  """Training FLOPs per token: 6 x matmul parameters + 3 x the attention's forward FLOPs per layer.
-
-  An untied input embedding is a gather, not a matmul, so it does not count; a tied one is the
-  unembedding matmul and does.
-  """
+def flops_per_token(config, params) -> float:
+  """Training FLOPs per token: 3 x the forward FLOPs. Forward: 2 per weight of every matmul
+  outside attention (an untied input embedding is a gather, not a matmul), plus what the
+  attention layer reports for itself (projections and attention math)."""
   m = config.model
-  matmul_params = num_params - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
+  attention_params = count_params(params["layers"]["attn"]) if m.scan_layers else sum(
+      count_params(params[f"layer_{i}"]["attn"]) for i in range(m.n_layers))
+  other = count_params(params) - attention_params - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
   attention = ATTENTION_KINDS[config.attention.kind].flops_per_token(config)
-  return 6 * matmul_params + 3 * m.n_layers * attention
+  return 3 * (2 * other + m.n_layers * attention)

@@ -114,7 +114,35 @@ def test_model_with_pallas_attention_matches_xla():
 def test_flops_per_token_counts_matmuls_and_attention():
   config = small_config()
   _, params = _init(config, jnp.zeros((1, 128), jnp.int32))
-  n = transformer.count_params(params)
   m = config.model
-  attention = 3 * m.n_layers * 2 * 2 * m.n_heads * m.head_dim * (config.seq_len + 1) / 2
-  assert transformer.flops_per_token(config, n) == 6 * (n - m.vocab_size * m.d_model) + attention
+  per_layer_attention = 2 * m.d_model * m.head_dim * 2 * (m.n_heads + m.n_kv_heads) \
+      + 2 * 2 * m.n_heads * m.head_dim * (config.seq_len + 1) / 2
+  mlp = 3 * m.d_model * m.mlp_dim
+  unembed = m.d_model * m.vocab_size
+  norms = (2 * m.n_layers + 1) * m.d_model
+  expected = 3 * (2 * (m.n_layers * mlp + unembed + norms) + m.n_layers * per_layer_attention)
+  assert transformer.flops_per_token(config, params) == pytest.approx(expected)
+
+
+NSA_SMALL = {"attention.kind": "nsa", "nsa.cmp_block": 16, "nsa.cmp_stride": 8, "nsa.slc_block": 32,
+             "nsa.num_selected": 3, "nsa.window": 32}
+
+
+@pytest.mark.parametrize("separate_kv", [False, True])
+def test_nsa_model_is_causal_and_differentiable(separate_kv):
+  config = small_config(**NSA_SMALL, **{"nsa.separate_kv": separate_kv})
+  tokens = jax.random.randint(jax.random.key(1), (2, config.seq_len), 0, 4096)
+  model, params = _init(config, tokens)
+  attn = params["layers"]["attn"]
+  assert {"compress_k", "compress_v", "gate", "q", "o"} <= set(attn)
+  assert ({"k_cmp", "k_slc", "k_win", "v_cmp"} <= set(attn)) == separate_kv
+  assert attn["compress_k"]["pos_emb"].shape == (config.model.n_layers, 16, config.model.head_dim)
+  apply = jax.jit(model.apply)
+  logits = apply({"params": params}, tokens)
+  changed = apply({"params": params}, tokens.at[:, 90].set(7))
+  np.testing.assert_array_equal(logits[:, :90], changed[:, :90])
+  assert not np.allclose(logits[:, 90:], changed[:, 90:])
+  loss = lambda p: jnp.mean(model.apply({"params": p}, tokens)[..., 0] ** 2)
+  grads = jax.jit(jax.grad(loss))(params)
+  norms = jax.tree.map(lambda g: float(jnp.linalg.norm(g)), grads["layers"]["attn"])
+  assert all(np.isfinite(n) and n > 0 for n in jax.tree.leaves(norms)), norms

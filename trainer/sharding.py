@@ -21,6 +21,8 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("cmp_block", None),        # NSA compression MLP input positions / hidden units
+    ("cmp_hidden", None),
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_seq", None),

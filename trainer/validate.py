@@ -63,6 +63,9 @@ def validate(config, num_devices: int | None = None) -> None:
     raise ConfigError("seq_len", config.seq_len,
                       "dense attention with attention.impl=pallas needs a multiple of 128")
 
+  if config.attention.kind == "nsa":
+    _validate_nsa(config)
+
   o = config.optimizer
   _positive(config, "optimizer.lr")
   for field, value, ok, allowed in (
@@ -89,6 +92,32 @@ def validate(config, num_devices: int | None = None) -> None:
 
   if num_devices is not None:
     _validate_mesh(config, num_devices)
+
+
+def _validate_nsa(config) -> None:
+  c = config.nsa
+  _positive(config, "nsa.cmp_block", "nsa.cmp_stride", "nsa.slc_block", "nsa.num_selected",
+            "nsa.window")
+  for field, value, ok, allowed in (
+      ("nsa.num_initial", c.num_initial, c.num_initial >= 0, "must be >= 0"),
+      ("nsa.num_local", c.num_local, c.num_local >= 0, "must be >= 0"),
+      ("nsa.cmp_block", c.cmp_block, c.cmp_block % c.cmp_stride == 0,
+       f"must be a multiple of nsa.cmp_stride={c.cmp_stride} (d | l)"),
+      ("nsa.slc_block", c.slc_block, c.slc_block % c.cmp_stride == 0,
+       f"must be a multiple of nsa.cmp_stride={c.cmp_stride} (d | l')"),
+      ("nsa.cmp_block", c.cmp_block, c.cmp_block <= c.slc_block,
+       f"must be <= nsa.slc_block={c.slc_block} (l <= l')"),
+      ("nsa.num_selected", c.num_selected, c.num_selected >= c.num_initial + c.num_local,
+       f"must be >= nsa.num_initial + nsa.num_local = {c.num_initial + c.num_local} (forced blocks count)"),
+      ("seq_len", config.seq_len, config.seq_len >= c.cmp_block,
+       f"must be >= nsa.cmp_block={c.cmp_block}, or the compressed branch sees nothing"),
+      ("attention.impl", config.attention.impl, config.attention.impl != "pallas",
+       "NSA runs with xla or auto until its Pallas kernels land"),
+      ("data.packing", config.data.packing, config.data.packing == "concat",
+       "NSA does not mask packed documents yet: use concat"),
+  ):
+    if not ok:
+      raise ConfigError(field, value, allowed)
 
 
 def _validate_mesh(config, num_devices: int) -> None:

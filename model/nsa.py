@@ -1,0 +1,94 @@
+"""The NSA attention layer (DESIGN.md §4): compressed, selected and sliding-window branches, gated.
+
+RoPE: queries are rotated at their positions. The compression MLPs read *un-rotated* keys (so a
+block's summary does not depend on where the block sits), and each compressed key k_cmp[i] is
+then rotated at position i*d + l - 1, the last token it covers. Selected and window branches use
+keys rotated at their own positions. Values are never rotated.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from kernels import nsa as nsa_kernels
+from model.layers import Projection, apply_rope, param_with_axes
+
+
+class Compress(nn.Module):
+  """phi(x[i*d : i*d + l] + pe): an MLP from l * D to D per compressed token, shared by heads."""
+  block_len: int
+  stride: int
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BTHD):
+    b, t, h, dim = x_BTHD.shape
+    c = nsa_kernels.num_compressed(t, self.block_len, self.stride)
+    pe = param_with_axes(self, "pos_emb", nn.initializers.normal(0.02), (self.block_len, dim),
+                         ("cmp_block", "head_dim"), self.param_dtype)
+    windows = jnp.arange(c)[:, None] * self.stride + jnp.arange(self.block_len)      # [C, l]
+    blocks = jnp.take(x_BTHD, windows, axis=1) + pe[:, None, :].astype(x_BTHD.dtype)  # [B,C,l,H,D]
+    blocks = blocks.transpose(0, 1, 3, 2, 4)                                          # [B,C,H,l,D]
+    hidden = Projection((dim,), ("cmp_block", "head_dim", "cmp_hidden"), self.dtype, self.param_dtype,
+                        in_axes=2, name="fc1")(blocks)
+    return Projection((dim,), ("cmp_hidden", "head_dim"), self.dtype, self.param_dtype, name="fc2")(
+        nn.silu(hidden))                                                              # [B,C,H,D]
+
+
+class NSAAttention(nn.Module):
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT=None):
+    del segment_ids_BT   # packed documents are rejected for NSA at start-up (trainer/validate.py)
+    m, c = self.config.model, self.config.nsa
+    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+    impl = self.config.attention.impl
+    proj = lambda name, shape, axes, **kw: Projection(shape, axes, dtype, param_dtype, name=name, **kw)
+    rope = lambda x, pos: apply_rope(x, pos, m.rope_theta)
+
+    q = rope(proj("q", (m.n_heads, m.head_dim), ("embed", "heads", "head_dim"))(x_BTE), positions_BT)
+    q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
+
+    def keys_values(branch):
+      suffix = f"_{branch}" if c.separate_kv else ""
+      shape, axes = (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim")
+      return proj("k" + suffix, shape, axes)(x_BTE), proj("v" + suffix, shape, axes)(x_BTE)
+
+    kv = {branch: keys_values(branch) for branch in (("cmp", "slc", "win") if c.separate_kv else ("all",))}
+    k_raw, v_raw = kv.get("cmp", kv.get("all"))
+    compress = lambda name: Compress(c.cmp_block, c.cmp_stride, dtype, param_dtype, name=name)
+    k_cmp, v_cmp = compress("compress_k")(k_raw), compress("compress_v")(v_raw)
+    cmp_positions = jnp.broadcast_to(jnp.arange(k_cmp.shape[1]) * c.cmp_stride + c.cmp_block - 1,
+                                     k_cmp.shape[:2])
+    k_cmp = rope(k_cmp, cmp_positions)
+
+    o_cmp, _ = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len=c.cmp_block,
+                                                stride=c.cmp_stride, impl=impl)
+    block_indices = nsa_kernels.select_blocks(
+        q, k_cmp, block_len=c.cmp_block, stride=c.cmp_stride, select_block=c.slc_block,
+        num_selected=c.num_selected, num_initial=c.num_initial, num_local=c.num_local, impl=impl)
+    k_slc, v_slc = kv.get("slc", kv.get("all"))
+    o_slc = nsa_kernels.selection_attention(q, rope(k_slc, positions_BT), v_slc, block_indices,
+                                            block_size=c.slc_block, impl=impl)
+    k_win, v_win = kv.get("win", kv.get("all"))
+    o_win = nsa_kernels.window_attention(q, rope(k_win, positions_BT), v_win, window=c.window, impl=impl)
+
+    gates = jax.nn.sigmoid(proj("gate", (m.n_heads, 3), ("embed", "heads", None))(x_BTE).astype(jnp.float32))
+    out = (gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win).astype(dtype)
+    return proj("o", (m.d_model,), ("heads", "head_dim", "embed"), in_axes=2)(out)
+
+  @staticmethod
+  def flops_per_token(config) -> float:
+    """Forward FLOPs per token of the layer: projections, compression MLPs (run once per stride
+    d, not per token) and the three branches over the keys each query sees on average."""
+    m, c, t = config.model, config.nsa, config.seq_len
+    hq, hkv, d = m.n_heads, m.n_kv_heads, m.head_dim
+    kv_sets = 3 if c.separate_kv else 1
+    projections = 2 * m.d_model * (hq * d * 2 + kv_sets * 2 * hkv * d + hq * 3)
+    compression = 2 * 2 * hkv * (c.cmp_block * d * d + d * d) / c.cmp_stride
+    seen_cmp = max(0, (t - c.cmp_block) / c.cmp_stride + 1) / 2
+    seen_slc = min(c.num_selected * c.slc_block, (t + 1) / 2)
+    seen_win = min(c.window, (t + 1) / 2)
+    return projections + compression + 2 * 2 * hq * d * (seen_cmp + seen_slc + seen_win)
