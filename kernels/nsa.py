@@ -15,7 +15,9 @@ import numpy as np
 
 from kernels import resolve_impl
 
-QUERY_CHUNK = 256
+QUERY_CHUNK = 256     # queries per chunk (selection: half, its gathered keys are n*l' per query)
+WINDOW_CHUNK = 256    # the window branch's chunk: its cost per query is (chunk + w) keys
+UNROLL_CHUNKS = False  # True: unroll the chunk loop (so XLA's cost analysis counts every chunk)
 
 
 def _check_impl(impl: str) -> None:
@@ -31,14 +33,14 @@ def num_compressed(seq_len: int, block_len: int, stride: int) -> int:
 
 # ---- chunking over queries ----
 
-def _map_query_chunks(fn, q_BTHD, *per_query, chunk: int = QUERY_CHUNK):
+def _map_query_chunks(fn, q_BTHD, *per_query, chunk: int | None = None):
   """out[:, t] = fn(q chunk, chunk start, per_query chunks...)[:, t - start], chunk by chunk.
 
   Each chunk runs under jax.checkpoint: the backward pass saves only the chunk's inputs and
   recomputes its scores, so peak memory is one chunk's, not the sequence's.
   """
   b, t = q_BTHD.shape[:2]
-  chunk = min(chunk, t)
+  chunk = min(chunk or QUERY_CHUNK, t)
   n = -(-t // chunk)
   pad = n * chunk - t
 
@@ -48,7 +50,8 @@ def _map_query_chunks(fn, q_BTHD, *per_query, chunk: int = QUERY_CHUNK):
 
   starts = jnp.arange(n, dtype=jnp.int32) * chunk
   body = jax.checkpoint(lambda args: fn(args[0], args[1], *args[2:]))
-  outs = jax.lax.map(body, (split(q_BTHD), starts, *map(split, per_query)))
+  _, outs = jax.lax.scan(lambda carry, args: (carry, body(args)), None,
+                         (split(q_BTHD), starts, *map(split, per_query)), unroll=UNROLL_CHUNKS)
 
   def join(y):
     return y.swapaxes(0, 1).reshape(b, n * chunk, *y.shape[3:])[:, :t]
@@ -196,7 +199,7 @@ def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl=
                      preferred_element_type=jnp.float32)              # [B, HKV, Qc, G, Dv]
     out = out.transpose(0, 2, 1, 3, 4)
     return out.reshape(b, qc, hq, dv).astype(q.dtype)
-  return _map_query_chunks(chunk_fn, q, block_indices, chunk=min(QUERY_CHUNK, 128))
+  return _map_query_chunks(chunk_fn, q, block_indices, chunk=max(1, QUERY_CHUNK // 2))
 
 
 # ---- sliding window ----
@@ -209,7 +212,7 @@ def window_attention(q, k, v, *, window, scale=None, impl="auto"):
   scale = dk ** -0.5 if scale is None else scale
   w = min(window, t)
   # Keys padded in front by w - 1 so chunk [t0, t0 + Qc) reads the slice [t0, t0 + Qc + w - 1).
-  chunk = min(QUERY_CHUNK, t)
+  chunk = min(WINDOW_CHUNK, t)
   tail = -(-t // chunk) * chunk - t
   k_pad = jnp.pad(k, [(0, 0), (w - 1, tail), (0, 0), (0, 0)])
   v_pad = jnp.pad(v, [(0, 0), (w - 1, tail), (0, 0), (0, 0)])

@@ -44,6 +44,25 @@ def test_bad_value_names_its_field(overrides, field):
   assert str(e.value).startswith(f"config error: {field}=")
 
 
+NSA_BAD = [
+    ({"nsa.cmp_block": 24}, "nsa.cmp_block"),                       # d=16 does not divide l
+    ({"nsa.slc_block": 40}, "nsa.slc_block"),                       # d does not divide l'
+    ({"nsa.cmp_block": 128}, "nsa.cmp_block"),                      # l > l'
+    ({"nsa.num_selected": 2}, "nsa.num_selected"),                  # < 1 initial + 2 local
+    ({"nsa.window": 0}, "nsa.window"),
+    ({"seq_len": 16}, "seq_len"),                                   # shorter than one compression block
+    ({"data.packing": "pack"}, "data.packing"),
+    ({"attention.impl": "pallas"}, "attention.impl"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", NSA_BAD, ids=[f for _, f in NSA_BAD])
+def test_bad_nsa_value_names_its_field(overrides, field):
+  with pytest.raises(ConfigError) as e:
+    validate.validate(small_config(**{"attention.kind": "nsa", **overrides}), num_devices=1)
+  assert e.value.field == field
+
+
 MESH_CASES = [
     ({"mesh.fsdp": 3}, 8, "mesh"),                                   # 1 x 3 x 1 != 8 devices
     ({"mesh.fsdp": -1, "mesh.tensor": -1}, 8, "mesh"),

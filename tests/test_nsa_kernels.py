@@ -127,6 +127,7 @@ def _grads_close(f_test, f_ref, args, tol):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_compressed_attention(shape, dtype, monkeypatch):
   monkeypatch.setattr(nsa, "QUERY_CHUNK", 16)           # several chunks, the last one partial
+  monkeypatch.setattr(nsa, "WINDOW_CHUNK", 16)
   t, hq, hkv, dk, dv = shape
   l, d = 8, 4
   c = nsa.num_compressed(t, l, d)
@@ -181,7 +182,7 @@ def test_selection_attention_with_nothing_selected_is_zero_with_zero_gradients()
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("window", [1, 7, 100])
 def test_window_attention(shape, dtype, window, monkeypatch):
-  monkeypatch.setattr(nsa, "QUERY_CHUNK", 16)
+  monkeypatch.setattr(nsa, "WINDOW_CHUNK", 16)
   t, hq, hkv, dk, dv = shape
   q, k, v, _, _ = _inputs(t + 2, 2, t, hq, hkv, dk, dv, 0, dtype)
   scale = dk ** -0.5

@@ -98,3 +98,13 @@ def test_init_from_takes_parameters_and_starts_a_fresh_optimizer(tmp_path, refer
   reference, started = read_metrics(reference_run), read_metrics(tmp_path)
   assert started[1]["loss"] < reference[1]["loss"] - 1.0          # trained weights, not random
   assert started[1]["lr"] == reference[1]["lr"] == 0.0            # step 1 of a new schedule
+
+
+def test_nsa_model_trains_and_its_loss_falls(tmp_path):
+  from test_model import NSA_SMALL
+  result = run_train(tmp_path, {"steps": 30, "optimizer.lr": 1e-2, **NSA_SMALL})
+  assert result.returncode == 0, result.stderr
+  assert "attention nsa/auto" in result.stderr
+  metrics = read_metrics(tmp_path)
+  first, last = metrics[1]["loss"], np.mean([metrics[s]["loss"] for s in range(26, 31)])
+  assert last < first - 1.5, (first, last)

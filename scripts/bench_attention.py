@@ -1,0 +1,137 @@
+"""One attention layer, forward + backward, dense vs NSA, for several sequence lengths.
+
+  python scripts/bench_attention.py [--seq-lens 4096 8192 16384 32768] [--plot out.png]
+
+Per (kind, T): wall time (median of --repeats runs after a warm-up), compiled FLOPs
+(`cost_analysis`) and memory (`memory_analysis`: arguments + outputs + temporaries). XLA counts a
+while loop's body once, so FLOPs are read from the same layer compiled with one query chunk (the
+same math, compiled only, never run; the window branch's chunk loop unrolled). A configuration whose compiled memory exceeds --max-gb is
+compiled but not run. Prints a table; --plot draws time and memory against T.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from configs import base  # noqa: E402
+from kernels import nsa as nsa_kernels  # noqa: E402
+from model.attention import ATTENTION_KINDS  # noqa: E402
+
+
+def layer_config(kind: str, seq_len: int, args) -> ml_collections.FrozenConfigDict:
+  c = base.get_config()
+  c.seq_len = seq_len
+  c.attention.kind = kind
+  c.attention.impl = "xla"
+  c.model.update(n_heads=args.heads, n_kv_heads=args.kv_heads, head_dim=args.head_dim,
+                 d_model=args.heads * args.head_dim, dtype=args.dtype)
+  return ml_collections.FrozenConfigDict(c)
+
+
+def compile_step(config, batch: int):
+  """jit(grad of the layer) lowered and compiled for [batch, T, d_model] bf16 input."""
+  layer = ATTENTION_KINDS[config.attention.kind](config)
+  x = jax.ShapeDtypeStruct((batch, config.seq_len, config.model.d_model), jnp.dtype(config.model.dtype))
+  pos = jax.ShapeDtypeStruct((batch, config.seq_len), jnp.int32)
+  params = jax.eval_shape(lambda: nn.unbox(layer.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype),
+                                                       jnp.zeros(pos.shape, pos.dtype))))
+
+  def loss(params, x, pos):
+    return jnp.sum(layer.apply(params, x, pos).astype(jnp.float32) ** 2)
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  return step, step.lower(params, x, pos).compile(), (params, x, pos)
+
+
+def measure(kind, seq_len, args):
+  config = layer_config(kind, seq_len, args)
+  # XLA counts a loop body once: for FLOPs, compile (never run) with one query chunk where the
+  # chunk size does not change the math, and the window's chunk loop unrolled.
+  chunk = nsa_kernels.QUERY_CHUNK
+  nsa_kernels.QUERY_CHUNK, nsa_kernels.UNROLL_CHUNKS = 1 << 30, True
+  try:
+    flops = compile_step(config, args.batch)[1].cost_analysis().get("flops", float("nan"))
+  finally:
+    nsa_kernels.QUERY_CHUNK, nsa_kernels.UNROLL_CHUNKS = chunk, False
+  step, compiled, shapes = compile_step(config, args.batch)
+  mem = compiled.memory_analysis()
+  gb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**30
+  row = {"kind": kind, "T": seq_len, "gflops": flops / 1e9, "mem_gb": gb, "ms": float("nan")}
+  if gb <= args.max_gb:
+    params, x, pos = (jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype) * 0.02, a) for a in shapes)
+    pos = jnp.broadcast_to(jnp.arange(seq_len), pos.shape)
+    jax.block_until_ready(compiled(params, x, pos))
+    times = []
+    for _ in range(args.repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(params, x, pos))
+      times.append(time.perf_counter() - start)
+    row["ms"] = 1e3 * statistics.median(times)
+  return row
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+  parser.add_argument("--kinds", nargs="+", default=["dense", "nsa"], choices=sorted(ATTENTION_KINDS))
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--heads", type=int, default=16)
+  parser.add_argument("--kv-heads", type=int, default=1)
+  parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--max-gb", type=float, default=16.0, help="run only configs compiled to fit this")
+  parser.add_argument("--plot", default="", help="write a PNG of time and memory against T")
+  args = parser.parse_args()
+
+  print(f"one layer fwd+bwd, B={args.batch} HQ={args.heads} HKV={args.kv_heads} D={args.head_dim} "
+        f"{args.dtype}, NSA paper defaults; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs")
+  print(f"{'kind':>6} {'T':>7} {'time ms':>10} {'GFLOP':>10} {'memory GB':>10}")
+  rows = []
+  for seq_len in args.seq_lens:
+    for kind in args.kinds:
+      r = measure(kind, seq_len, args)
+      rows.append(r)
+      ms = f"{r['ms']:10.0f}" if r["ms"] == r["ms"] else f"{'not run':>10}"
+      print(f"{kind:>6} {seq_len:>7} {ms} {r['gflops']:10.1f} {r['mem_gb']:10.2f}", flush=True)
+  for kind in args.kinds:
+    by_t = {r["T"]: r for r in rows if r["kind"] == kind}
+    if 8192 in by_t and 32768 in by_t:
+      import math
+      exponent = math.log(by_t[32768]["gflops"] / by_t[8192]["gflops"]) / math.log(4)
+      print(f"{kind}: FLOPs grow as T^{exponent:.2f} between 8k and 32k")
+  import resource
+  print(f"peak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+  if args.plot:
+    plot(rows, args.kinds, args.plot)
+
+
+def plot(rows, kinds, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+  for kind in kinds:
+    rs = [r for r in rows if r["kind"] == kind]
+    ax_t.plot([r["T"] for r in rs], [r["ms"] for r in rs], "o-", label=kind)
+    ax_m.plot([r["T"] for r in rs], [r["mem_gb"] for r in rs], "o-", label=kind)
+  for ax, label in ((ax_t, "fwd+bwd time (ms)"), (ax_m, "compiled memory (GB)")):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel(label)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
