@@ -1,9 +1,9 @@
 """Native Sparse Attention (DESIGN.md §4, §6): the four functions of the kernel contract.
 
 `impl="xla"` is the pure-JAX reference: the oracle for the Pallas kernels and the path on CPU/GPU.
-Memory stays about linear in T: every function walks the queries in chunks of QUERY_CHUNK with
-a `lax.scan` of `jax.checkpoint`ed chunks, so a chunk's scores ([chunk, heads, keys it may see]) exist only
-while that chunk runs, in the forward and again in the backward. Nothing holds [T, T], nor
+Memory stays about linear in T: every function walks the queries in chunks of QUERY_CHUNK, a
+`lax.scan` over `jax.checkpoint`ed chunks, so a chunk's scores ([chunk, heads, keys it may see])
+exist only while that chunk runs, in the forward and again in the backward. Nothing holds [T, T], nor
 [T, C] per head for the whole sequence. Shapes: q [B,T,HQ,Dk], k [B,T,HKV,Dk], v [B,T,HKV,Dv],
 k_cmp [B,C,HKV,Dk], v_cmp [B,C,HKV,Dv]; query head h uses KV head h // (HQ // HKV).
 """
