@@ -1,4 +1,5 @@
-"""7b: ~7.2B parameters (Mistral-7B shape: GQA 32 query / 8 KV heads), seq_len 8192, for a TPU pod slice (FSDP x tensor)."""
+"""7b: ~7.2B parameters (Mistral-7B shape: 32 query / 8 KV heads), seq_len 8192, for a TPU pod
+slice (FSDP x tensor)."""
 from configs import base
 
 

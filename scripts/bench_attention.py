@@ -5,8 +5,9 @@
 Per (kind, T): wall time (median of --repeats runs after a warm-up), compiled FLOPs
 (`cost_analysis`) and memory (`memory_analysis`: arguments + outputs + temporaries). XLA counts a
 while loop's body once, so FLOPs are read from the same layer compiled with one query chunk (the
-same math, compiled only, never run; the window branch's chunk loop unrolled). A configuration whose compiled memory exceeds --max-gb is
-compiled but not run. Prints a table; --plot draws time and memory against T.
+same math; compiled only, never run; the window branch's chunk loop unrolled). A configuration
+whose compiled memory exceeds --max-gb is compiled but not run. Prints a table; --plot draws time
+and memory against T.
 """
 import argparse
 import os
