@@ -3,7 +3,7 @@
 `impl="xla"` is the pure-JAX reference: the oracle for the Pallas kernels and the path on CPU/GPU.
 Memory stays about linear in T: every function walks the queries in chunks of QUERY_CHUNK, a
 `lax.scan` over `jax.checkpoint`ed chunks, so a chunk's scores ([chunk, heads, keys it may see])
-exist only while that chunk runs, in the forward and again in the backward. Nothing holds [T, T], nor
+exist only while that chunk runs, in the forward and again in the backward. Nothing holds a T x T tensor, nor
 [T, C] per head for the whole sequence. Shapes: q [B,T,HQ,Dk], k [B,T,HKV,Dk], v [B,T,HKV,Dv],
 k_cmp [B,C,HKV,Dk], v_cmp [B,C,HKV,Dv]; query head h uses KV head h // (HQ // HKV).
 """
