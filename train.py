@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 from absl import flags
 from ml_collections import config_flags
