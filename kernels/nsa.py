@@ -1,10 +1,10 @@
 """Native Sparse Attention (DESIGN.md §4, §6): the four functions of the kernel contract.
 
 `impl="xla"` is the pure-JAX reference: the oracle for the Pallas kernels and the path on CPU/GPU.
-Memory stays about linear in T: every function walks the queries in chunks of QUERY_CHUNK, a
-`lax.scan` over `jax.checkpoint`ed chunks, so a chunk's scores ([chunk, heads, keys it may see])
-exist only while that chunk runs, in the forward and again in the backward. Nothing holds a T x T tensor, nor
-[T, C] per head for the whole sequence. Shapes: q [B,T,HQ,Dk], k [B,T,HKV,Dk], v [B,T,HKV,Dv],
+Memory stays about linear in T: every function walks the queries in chunks of QUERY_CHUNK
+(kernels/chunking.py), so a chunk's scores ([chunk, heads, keys it may see]) exist only while that
+chunk runs, in the forward and again in the backward. Nothing holds a T x T tensor, nor [T, C] per
+head for the whole sequence. Shapes: q [B,T,HQ,Dk], k [B,T,HKV,Dk], v [B,T,HKV,Dv],
 k_cmp [B,C,HKV,Dk], v_cmp [B,C,HKV,Dv]; query head h uses KV head h // (HQ // HKV).
 """
 import functools
@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import resolve_impl
+from kernels.chunking import map_query_chunks, masked_softmax
 
 QUERY_CHUNK = 256     # queries per chunk (selection: half, its gathered keys are n*l' per query)
 WINDOW_CHUNK = 256    # the window branch's chunk: its cost per query is (chunk + w) keys
-UNROLL_CHUNKS = False  # True: unroll the chunk loop (so XLA's cost analysis counts every chunk)
 
 
 def _check_impl(impl: str) -> None:
@@ -31,48 +31,9 @@ def num_compressed(seq_len: int, block_len: int, stride: int) -> int:
   return 0 if seq_len < block_len else (seq_len - block_len) // stride + 1
 
 
-# ---- chunking over queries ----
-
-def _map_query_chunks(fn, q_BTHD, *per_query, chunk: int | None = None):
-  """out[:, t] = fn(q chunk, chunk start, per_query chunks...)[:, t - start], chunk by chunk.
-
-  Each chunk runs under jax.checkpoint: the backward pass saves only the chunk's inputs and
-  recomputes its scores, so peak memory is one chunk's, not the sequence's.
-  """
-  b, t = q_BTHD.shape[:2]
-  chunk = min(chunk or QUERY_CHUNK, t)
-  n = -(-t // chunk)
-  pad = n * chunk - t
-
-  def split(x):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)       # [n, B, chunk, ...]
-
-  starts = jnp.arange(n, dtype=jnp.int32) * chunk
-  body = jax.checkpoint(lambda args: fn(args[0], args[1], *args[2:]))
-  _, outs = jax.lax.scan(lambda carry, args: (carry, body(args)), None,
-                         (split(q_BTHD), starts, *map(split, per_query)), unroll=UNROLL_CHUNKS)
-
-  def join(y):
-    return y.swapaxes(0, 1).reshape(b, n * chunk, *y.shape[3:])[:, :t]
-  return jax.tree.map(join, outs)
-
-
 def _grouped(q_BTHD, hkv: int):
   b, t, hq, d = q_BTHD.shape
   return q_BTHD.reshape(b, t, hkv, hq // hkv, d)                     # [B, T, HKV, G, D]
-
-
-def _masked_softmax(logits, mask):
-  """Softmax over the last axis restricted to `mask`; rows with nothing visible give p = 0 and
-  lse = -inf, with zero (not NaN) gradients. Returns (p float32, lse float32)."""
-  logits = jnp.where(mask, logits, -jnp.inf)
-  any_visible = jnp.any(mask, axis=-1)
-  m = jax.lax.stop_gradient(jnp.where(any_visible, jnp.max(logits, axis=-1), 0.0))
-  e = jnp.exp(logits - m[..., None])                                 # exactly 0 where masked
-  denom = jnp.where(any_visible, jnp.sum(e, axis=-1), 1.0)
-  lse = jnp.where(any_visible, m + jnp.log(denom), -jnp.inf)
-  return e / denom[..., None], lse
 
 
 # ---- compressed attention ----
@@ -84,7 +45,7 @@ def _compressed_probs(q_chunk, t0, k_cmp, *, block_len, stride, scale):
   logits = jnp.einsum("bqhgd,bchd->bqhgc", qg, k_cmp, preferred_element_type=jnp.float32) * scale
   t = t0 + jnp.arange(q_chunk.shape[1])
   visible = (jnp.arange(c) * stride + block_len - 1)[None, :] <= t[:, None]        # [Qc, C]
-  return _masked_softmax(logits, visible[None, :, None, None, :])
+  return masked_softmax(logits, visible[None, :, None, None, :])
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, impl="auto"):
@@ -100,7 +61,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, impl
     p, lse = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
     out = jnp.einsum("bqhgc,bchd->bqhgd", p.astype(v_cmp.dtype), v_cmp, preferred_element_type=jnp.float32)
     return out.reshape(*out.shape[:2], hq, -1).astype(q.dtype), lse.reshape(*lse.shape[:2], hq)
-  return _map_query_chunks(chunk_fn, q)
+  return map_query_chunks(chunk_fn, q, chunk=QUERY_CHUNK)
 
 
 # ---- block selection ----
@@ -157,7 +118,7 @@ def select_blocks(q, k_cmp, *, block_len, stride, select_block, num_selected, nu
       scores = jnp.pad(scores, [(0, 0)] * 3 + [(0, num_selected - num_blocks)], constant_values=-jnp.inf)
     values, index = jax.lax.top_k(scores, num_selected)          # ties: the lower block index
     return jnp.where(values == -jnp.inf, -1, index).astype(jnp.int32)
-  return _map_query_chunks(chunk_fn, q)
+  return map_query_chunks(chunk_fn, q, chunk=QUERY_CHUNK)
 
 
 # ---- selected-block attention ----
@@ -194,12 +155,12 @@ def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl=
     logits = jnp.einsum("bhqkd,bhqgd->bhqkg", k_sel, qg, preferred_element_type=jnp.float32) * scale
     pos = (jnp.clip(idx, 0)[..., None] * block_size + jnp.arange(block_size)).reshape(b, qc, hkv, -1)
     visible = jnp.repeat(valid, block_size, axis=-1) & (pos <= t_q[None, :, None, None])
-    p, _ = _masked_softmax(logits.swapaxes(-1, -2), visible.transpose(0, 2, 1, 3)[:, :, :, None, :])
+    p, _ = masked_softmax(logits.swapaxes(-1, -2), visible.transpose(0, 2, 1, 3)[:, :, :, None, :])
     out = jnp.einsum("bhqkg,bhqkd->bhqgd", p.swapaxes(-1, -2).astype(v.dtype), v_sel,
                      preferred_element_type=jnp.float32)              # [B, HKV, Qc, G, Dv]
     out = out.transpose(0, 2, 1, 3, 4)
     return out.reshape(b, qc, hq, dv).astype(q.dtype)
-  return _map_query_chunks(chunk_fn, q, block_indices, chunk=max(1, QUERY_CHUNK // 2))
+  return map_query_chunks(chunk_fn, q, block_indices, chunk=max(1, QUERY_CHUNK // 2))
 
 
 # ---- sliding window ----
@@ -227,7 +188,7 @@ def window_attention(q, k, v, *, window, scale=None, impl="auto"):
     t_q = t0 + jnp.arange(qc)
     s = t0 - (w - 1) + jnp.arange(span)
     visible = (s[None, :] >= 0) & (s[None, :] <= t_q[:, None]) & (s[None, :] > t_q[:, None] - w)
-    p, _ = _masked_softmax(logits, visible[None, :, None, None, :])
+    p, _ = masked_softmax(logits, visible[None, :, None, None, :])
     out = jnp.einsum("bqhgs,bshd->bqhgd", p.astype(v.dtype), v_win, preferred_element_type=jnp.float32)
     return out.reshape(b, qc, hq, dv).astype(q.dtype)
-  return _map_query_chunks(chunk_fn, q, chunk=chunk)
+  return map_query_chunks(chunk_fn, q, chunk=chunk)

@@ -23,7 +23,7 @@ import ml_collections  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from configs import base  # noqa: E402
-from kernels import nsa as nsa_kernels  # noqa: E402
+from kernels import chunking, nsa as nsa_kernels  # noqa: E402
 from model.attention import ATTENTION_KINDS  # noqa: E402
 
 
@@ -56,11 +56,11 @@ def measure(kind, seq_len, args):
   # XLA counts a loop body once: for FLOPs, compile (never run) with one query chunk where the
   # chunk size does not change the math, and the window's chunk loop unrolled.
   chunk = nsa_kernels.QUERY_CHUNK
-  nsa_kernels.QUERY_CHUNK, nsa_kernels.UNROLL_CHUNKS = 1 << 30, True
+  nsa_kernels.QUERY_CHUNK, chunking.UNROLL = 1 << 30, True
   try:
     flops = compile_step(config, args.batch)[1].cost_analysis().get("flops", float("nan"))
   finally:
-    nsa_kernels.QUERY_CHUNK, nsa_kernels.UNROLL_CHUNKS = chunk, False
+    nsa_kernels.QUERY_CHUNK, chunking.UNROLL = chunk, False
   step, compiled, shapes = compile_step(config, args.batch)
   mem = compiled.memory_analysis()
   gb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**30
