@@ -55,8 +55,10 @@ def main(config, workdir: str) -> int:
 
   num_params = transformer.count_params(state.params)
   flops_per_token = transformer.flops_per_token(config, state.params)
-  train_step = steps.make_train_step(model, tx, schedule, mesh, state_shardings)
+  train_step = steps.make_train_step(model, tx, schedule, mesh, state_shardings,
+                                     trainable=optim.trainable(config, state.params))
   eval_step = steps.make_eval_step(model, mesh, state_shardings)
+  diagnostics_step = steps.make_diagnostics_step(model, mesh, state_shardings)   # None for most kinds
   to_global = lambda b: {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), v)
                          for k, v in b.items()}
 
@@ -73,16 +75,22 @@ def main(config, workdir: str) -> int:
   timer = Throughput(config.batch_size * config.seq_len, flops_per_token, jax.device_count())
   interval = []   # device-side metrics since the last log: fetched together, no per-step sync
   for step in range(start_step + 1, config.steps + 1):
-    state, metrics = train_step(state, to_global(next(data_iter)))
+    batch = to_global(next(data_iter))
+    evaluate = config.eval_every and (step % config.eval_every == 0 or step == config.steps)
+    log = evaluate or step % config.log_every == 0 or step == config.steps
+    # Costly diagnostics (DSA's indexer recall) on the logged batch, with the parameters it meets.
+    diagnostics = diagnostics_step(state.params, batch) if log and diagnostics_step else {}
+    state, metrics = train_step(state, batch)
     interval.append(metrics)
     if step == start_step + 1:   # the first step compiles: time from its end
       jax.block_until_ready(metrics)
       timer.restart(step)
     writer.step_done()
-    evaluate = config.eval_every and (step % config.eval_every == 0 or step == config.steps)
-    if evaluate or step % config.log_every == 0 or step == config.steps:
-      metrics = {**jax.device_get(metrics), **timer.rates(step),   # grad_norm, lr of this step
-                 "loss": float(np.mean(jax.device_get([m["loss"] for m in interval])))}
+    if log:
+      interval = jax.device_get(interval)   # grad_norm, lr of this step; the rest averaged
+      metrics = {**interval[-1], **{k: float(np.mean([m[k] for m in interval])) for k in interval[-1]
+                                    if k not in ("grad_norm", "lr")},
+                 **jax.device_get(diagnostics), **timer.rates(step)}
       if (epoch := pipeline.epoch(data_iter, data_sources, host[1])) is not None:
         metrics["epoch"] = epoch
       if evaluate:

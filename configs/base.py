@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"            # none | full | save_dots
 
   c.attention = ml_collections.ConfigDict()
-  c.attention.kind = "dense"        # dense | nsa | dsa
+  c.attention.kind = "dense"        # dense | nsa | mla | dsa
   c.attention.impl = "auto"         # xla | pallas | auto (pallas on TPU, xla elsewhere)
 
   # NSA (attention.kind = "nsa"); paper defaults. DESIGN.md §4.
@@ -54,6 +54,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.nsa.num_local = 2               # forced local blocks (the query's own and the one before)
   c.nsa.window = 512                # w: sliding-window keys, the query included
   c.nsa.separate_kv = False         # independent K/V per branch (the paper's choice)
+
+  # MLA (attention.kind = "mla" or "dsa"): DeepSeek-V2/V3 latent attention. DESIGN.md §5.
+  # model.n_heads heads; model.head_dim and model.n_kv_heads are not used by MLA.
+  c.mla = ml_collections.ConfigDict()
+  c.mla.q_lora_rank = 128
+  c.mla.kv_lora_rank = 64           # the shared key/value row is kv_lora_rank + qk_rope_dim wide
+  c.mla.qk_nope_dim = 32
+  c.mla.qk_rope_dim = 16
+  c.mla.v_head_dim = 32
+
+  # DSA (attention.kind = "dsa"): lightning indexer + top-k sparse MLA. DESIGN.md §5.
+  c.dsa = ml_collections.ConfigDict()
+  c.dsa.stage = "sparse"            # dense_warmup (only the indexer trains) | sparse (all train)
+  c.dsa.index_heads = 4
+  c.dsa.index_head_dim = 32         # >= mla.qk_rope_dim (RoPE on the first qk_rope_dim dims)
+  c.dsa.index_topk = 2048           # keys attended per query
+  c.dsa.indexer_loss_coef = 1.0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 3e-3

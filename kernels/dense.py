@@ -15,9 +15,14 @@ from kernels import resolve_impl
 
 
 def attention(q_BTHD, k_BTKD, v_BTKD, *, segment_ids=None, scale=None, impl="auto"):
-  """Causal softmax attention. q [B,T,HQ,D], k/v [B,T,HKV,D] -> [B,T,HQ,D] in q's dtype.
+  """Causal softmax attention. q/k [B,T,HQ|HKV,Dk], v [B,T,HKV,Dv] -> [B,T,HQ,Dv] in q's dtype.
   segment_ids int32 [B,T] (optional): a query sees only keys of its own segment."""
   scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
+  dk, dv = q_BTHD.shape[-1], v_BTKD.shape[-1]
+  if dk != dv:   # both kernels want one head dim: zero columns change neither logits nor outputs
+    widen = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, max(dk, dv) - x.shape[-1])])
+    out = attention(widen(q_BTHD), widen(k_BTKD), widen(v_BTKD), segment_ids=segment_ids, scale=scale, impl=impl)
+    return out[..., :dv]
   if resolve_impl(impl) == "xla":
     mask = None
     if segment_ids is not None:

@@ -5,7 +5,9 @@ Interface every kind implements (NSA and DSA layers register here too):
   y_BTE = layer(x_BTE, positions_BT, segment_ids_BT)       # same shape and dtype as x;
                                                            # segment_ids None: one document per row
   ATTENTION_KINDS[kind].flops_per_token(config)            # forward FLOPs per token of the layer
-Auxiliary losses (e.g. DSA's indexer loss) are sown into the "aux_loss" collection.
+Collections a layer may sow into (DSA does): "aux_loss" (terms added to the training objective),
+"metrics" (reported, averaged over layers) and "diagnostics" (costly metrics, computed only when
+the caller makes the collection mutable).
 """
 import jax.numpy as jnp
 from flax import linen as nn
@@ -13,6 +15,8 @@ import ml_collections
 
 from kernels import dense
 from model.layers import Projection, apply_rope
+from model.dsa import DSAAttention
+from model.mla import MLAAttention
 from model.nsa import NSAAttention
 
 
@@ -45,4 +49,4 @@ class DenseAttention(nn.Module):
     return projections + 2 * 2 * m.n_heads * m.head_dim * (config.seq_len + 1) / 2
 
 
-ATTENTION_KINDS = {"dense": DenseAttention, "nsa": NSAAttention}
+ATTENTION_KINDS = {"dense": DenseAttention, "nsa": NSAAttention, "mla": MLAAttention, "dsa": DSAAttention}

@@ -29,6 +29,24 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(self.dtype)
 
 
+class LayerNorm(nn.Module):
+  """LayerNorm with a scale and a bias, statistics in float32."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.bfloat16
+  param_dtype: Dtype = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    dim = (x.shape[-1],)
+    scale = param_with_axes(self, "scale", nn.initializers.ones, dim, (self.axis_name,), self.param_dtype)
+    bias = param_with_axes(self, "bias", nn.initializers.zeros, dim, (self.axis_name,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+    return (y * scale + bias).astype(self.dtype)
+
+
 def rope_angles(positions, dim: int, theta: float):
   """cos, sin of shape positions.shape + [dim // 2], in float32."""
   inv_freq = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
@@ -36,8 +54,12 @@ def rope_angles(positions, dim: int, theta: float):
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_BTHD, positions_BT, theta: float):
-  """Rotary embedding in half-split (non-interleaved) form over the last dim of x."""
+def apply_rope(x_BTHD, positions_BT, theta: float, dims: int | None = None):
+  """Rotary embedding in half-split (non-interleaved) form over the first `dims` (default: all)
+  of the last dim of x; the rest passes through."""
+  if dims is not None and dims < x_BTHD.shape[-1]:
+    rotated = apply_rope(x_BTHD[..., :dims], positions_BT, theta)
+    return jnp.concatenate([rotated, x_BTHD[..., dims:]], axis=-1)
   cos, sin = rope_angles(positions_BT, x_BTHD.shape[-1], theta)
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]          # broadcast over heads
   x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)

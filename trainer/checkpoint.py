@@ -19,8 +19,8 @@ from configs import ConfigError
 
 # Fields that change the parameters' shapes, structure or meaning: a checkpoint made with other
 # values cannot be resumed. (Compute dtype and remat may change between runs.)
-ARCHITECTURE_FIELDS = ("model", "attention.kind", "nsa", "dsa")
-RESUMABLE_CHANGES = ("model.dtype", "model.remat")
+ARCHITECTURE_FIELDS = ("model", "attention.kind", "nsa", "mla", "dsa")
+RESUMABLE_CHANGES = ("model.dtype", "model.remat", "dsa.indexer_loss_coef")
 
 
 def checkpoint_dir(path: str) -> str:

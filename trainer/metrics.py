@@ -33,7 +33,7 @@ class MetricsWriter:
     record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}, "time": time.time()}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
-    shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_sec") if k in record}
+    shown = {k: record[k] for k in ("loss", "eval_loss", "indexer_loss", "tokens_per_sec") if k in record}
     self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
     if self._wandb is not None:
       self._wandb.log(record, step=step)

@@ -23,6 +23,10 @@ LOGICAL_AXIS_RULES = (
     ("layers", None),
     ("cmp_block", None),        # NSA compression MLP input positions / hidden units
     ("cmp_hidden", None),
+    ("q_lora", None),           # MLA low-rank query / key-value latents
+    ("kv_lora", None),
+    ("index_heads", None),      # DSA lightning indexer (small: replicated)
+    ("index_head_dim", None),
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_seq", None),

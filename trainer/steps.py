@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from model.attention import ATTENTION_KINDS
 from trainer import sharding
 
 
@@ -51,20 +52,39 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
   return (losses * weights_BT).sum() / jnp.maximum(weights_BT.sum(), 1.0)
 
 
-def batch_loss(model, params, batch):
-  logits = model.apply({"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-  return cross_entropy(logits, batch["targets"], batch.get("weights"))
+def _by_name(collection) -> dict:
+  """{leaf name: mean over layers} of a sown collection ({} when nothing was sown)."""
+  values = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(collection)[0]:
+    name = next(p.key for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
+    values.setdefault(name, []).append(jnp.ravel(leaf))
+  return {name: jnp.concatenate(v).mean() for name, v in values.items()}
 
 
-def make_train_step(model, tx, schedule, mesh, shardings):
-  """jit(state, batch) -> (state, metrics); the old state's buffers are donated."""
+def batch_loss(model, params, batch, collections=()):
+  """(objective, metrics): next-token cross-entropy ("loss") plus every term the layers sowed into
+  "aux_loss"; metrics also hold the layers' "metrics" and any other `collections` asked for."""
+  logits, sown = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                             batch.get("segment_ids"), mutable=["aux_loss", "metrics", *collections])
+  loss = cross_entropy(logits, batch["targets"], batch.get("weights"))
+  aux = sum((jnp.sum(x) for x in jax.tree.leaves(sown.get("aux_loss", {}))), jnp.float32(0))
+  metrics = {"loss": loss}
+  for name in ("metrics", *collections):
+    metrics.update(_by_name(sown.get(name, {})))
+  return loss + aux, metrics
+
+
+def make_train_step(model, tx, schedule, mesh, shardings, trainable=None):
+  """jit(state, batch) -> (state, metrics); the old state's buffers are donated. `trainable`
+  (a params-shaped pytree of bools) limits grad_norm to the parameters the optimizer updates."""
 
   def train_step(state: TrainState, batch):
     with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      loss, grads = jax.value_and_grad(batch_loss, argnums=1)(model, state.params, batch)
+      grads, metrics = jax.grad(batch_loss, argnums=1, has_aux=True)(model, state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    counted = grads if trainable is None else jax.tree.map(lambda g, t: g if t else None, grads, trainable)
+    metrics.update(grad_norm=optax.global_norm(counted), lr=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   step = jax.jit(train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
@@ -72,10 +92,26 @@ def make_train_step(model, tx, schedule, mesh, shardings):
   return _with_mesh(step, mesh)
 
 
+def make_diagnostics_step(model, mesh, shardings):
+  """jit(params, batch) -> the layers' "diagnostics" (e.g. DSA's indexer recall), averaged over
+  layers; None when the attention kind computes none."""
+  if not getattr(ATTENTION_KINDS[model.config.attention.kind], "DIAGNOSTICS", ()):
+    return None
+
+  def diagnostics_step(params, batch):
+    with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      _, metrics = batch_loss(model, params, batch, collections=("diagnostics",))
+    return {k: v for k, v in metrics.items() if k in ATTENTION_KINDS[model.config.attention.kind].DIAGNOSTICS}
+
+  step = jax.jit(diagnostics_step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+  return _with_mesh(step, mesh)
+
+
 def make_eval_step(model, mesh, shardings):
   def eval_step(params, batch):
     with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      return batch_loss(model, params, batch)
+      return batch_loss(model, params, batch)[1]["loss"]
 
   step = jax.jit(eval_step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))

@@ -59,12 +59,16 @@ def validate(config, num_devices: int | None = None) -> None:
 
   _choice(config, "attention.kind", tuple(ATTENTION_KINDS))
   _choice(config, "attention.impl", IMPLS)
-  if config.attention.kind == "dense" and config.attention.impl == "pallas" and config.seq_len % 128:
+  if config.attention.kind in ("dense", "mla") and config.attention.impl == "pallas" and config.seq_len % 128:
     raise ConfigError("seq_len", config.seq_len,
                       "dense attention with attention.impl=pallas needs a multiple of 128")
 
   if config.attention.kind == "nsa":
     _validate_nsa(config)
+  if config.attention.kind in ("mla", "dsa"):
+    _validate_mla(config)
+  if config.attention.kind == "dsa":
+    _validate_dsa(config)
 
   o = config.optimizer
   _positive(config, "optimizer.lr")
@@ -115,6 +119,31 @@ def _validate_nsa(config) -> None:
        "NSA runs with xla or auto until its Pallas kernels land"),
       ("data.packing", config.data.packing, config.data.packing == "concat",
        "NSA does not mask packed documents yet: use concat"),
+  ):
+    if not ok:
+      raise ConfigError(field, value, allowed)
+
+
+def _validate_mla(config) -> None:
+  a = config.mla
+  _positive(config, "mla.q_lora_rank", "mla.kv_lora_rank", "mla.qk_nope_dim", "mla.qk_rope_dim",
+            "mla.v_head_dim")
+  if a.qk_rope_dim % 2:
+    raise ConfigError("mla.qk_rope_dim", a.qk_rope_dim, "must be even (RoPE rotates pairs)")
+
+
+def _validate_dsa(config) -> None:
+  c = config.dsa
+  _choice(config, "dsa.stage", ("dense_warmup", "sparse"))
+  _positive(config, "dsa.index_heads", "dsa.index_head_dim", "dsa.index_topk")
+  for field, value, ok, allowed in (
+      ("dsa.index_head_dim", c.index_head_dim, c.index_head_dim >= config.mla.qk_rope_dim,
+       f"must be >= mla.qk_rope_dim={config.mla.qk_rope_dim} (RoPE on its first qk_rope_dim dims)"),
+      ("dsa.indexer_loss_coef", c.indexer_loss_coef, c.indexer_loss_coef >= 0, "must be >= 0"),
+      ("attention.impl", config.attention.impl, config.attention.impl != "pallas",
+       "DSA runs with xla or auto until its Pallas kernels land"),
+      ("data.packing", config.data.packing, config.data.packing == "concat",
+       "DSA does not mask packed documents yet: use concat"),
   ):
     if not ok:
       raise ConfigError(field, value, allowed)

@@ -1,0 +1,165 @@
+"""DeepSeek Sparse Attention (DESIGN.md §5, §6): the lightning indexer's top-k, MLA attention in
+MQA form over the selected rows, and the indexer's KL loss and recall.
+
+`impl="xla"` is the pure-JAX reference: the oracle for the Pallas kernels and the path on CPU/GPU.
+Memory is O(T*k), never [T, T]: every function walks the queries in chunks of QUERY_CHUNK
+(kernels/chunking.py). Per chunk the indexer holds [chunk, H_I, T] scores and the sparse attention
+[chunk, k, D] gathered rows; the backward recomputes them chunk by chunk and its only dense
+tensor is the [T, D] gradient of kv itself (the gather's transpose adds rows into it).
+
+Shapes: q [B,T,H,Dk] (absorbed queries), kv [B,T,Dk] (the one key row per token, its first v_dim
+columns are the value), q_idx [B,T,H_I,D_I], k_idx [B,T,D_I], weights [B,T,H_I], indices int32
+[B,T,k]. Key s is visible to query t iff s <= t (positions are sequence indices).
+"""
+import jax
+import jax.numpy as jnp
+
+from kernels import resolve_impl
+from kernels.chunking import map_query_chunks, masked_softmax
+
+QUERY_CHUNK = 128    # queries per chunk: the indexer's chunk scores are [chunk, H_I, T] float32
+
+
+def _check_impl(impl: str) -> None:
+  # `auto` is XLA everywhere until DSA's Pallas kernels land; an explicit "pallas" is an error.
+  if impl != "auto" and resolve_impl(impl) == "pallas":
+    raise NotImplementedError("kernels.dsa: impl='pallas' is not available yet; use 'xla' or 'auto'")
+
+
+def _causal(t0, num_queries: int, num_keys: int):
+  """[Qc, S] bool: key s visible to query t0 + i."""
+  return jnp.arange(num_keys)[None, :] <= (t0 + jnp.arange(num_queries))[:, None]
+
+
+def _index_scores(q_idx, weights, k_idx):
+  """I[b, q, s] = sum_j w[b, q, j] * relu(q_idx[b, q, j] . k_idx[b, s]) in float32.
+  k_idx is [B, S, D_I] (all keys) or [B, Qc, K, D_I] (each query's own rows)."""
+  if k_idx.ndim == 3:
+    dots = jnp.einsum("bqhd,bsd->bqhs", q_idx, k_idx, preferred_element_type=jnp.float32)
+    return jnp.einsum("bqhs,bqh->bqs", jax.nn.relu(dots), weights.astype(jnp.float32))
+  dots = jnp.einsum("bqkd,bqhd->bqkh", k_idx, q_idx, preferred_element_type=jnp.float32)
+  return jnp.einsum("bqkh,bqh->bqk", jax.nn.relu(dots), weights.astype(jnp.float32))
+
+
+def _valid(indices_sorted, t0, num_keys: int):
+  """Which slots of a chunk's sorted [B, Qc, K] indices are real, visible and not repeats."""
+  t_q = (t0 + jnp.arange(indices_sorted.shape[1]))[None, :, None]
+  first = jnp.concatenate([jnp.ones_like(indices_sorted[..., :1], bool),
+                           indices_sorted[..., 1:] != indices_sorted[..., :-1]], axis=-1)
+  return (indices_sorted >= 0) & (indices_sorted < num_keys) & (indices_sorted <= t_q) & first
+
+
+def _gather_rows(x_BSD, indices_BQK):
+  """x[b, indices[b, q, k]] -> [B, Qc, K, D]: whole-row gathers (out-of-range indices clipped;
+  callers mask them)."""
+  b, qc, k = indices_BQK.shape
+  safe = jnp.clip(indices_BQK, 0, x_BSD.shape[1] - 1).reshape(b, qc * k)
+  rows = jax.vmap(lambda x, i: jnp.take(x, i, axis=0))(x_BSD, safe)
+  return rows.reshape(b, qc, k, x_BSD.shape[-1])
+
+
+def indexer_topk(q_idx, k_idx, weights, *, topk: int, impl="auto"):
+  """int32 [B, T, topk]: per query t, the keys s <= t with the highest index scores I[t, s],
+  best first (ties: the lower s). Fewer than topk visible keys: all of them, then -1.
+  No gradient (the choice is discrete)."""
+  _check_impl(impl)
+  q_idx, k_idx, weights = (jax.lax.stop_gradient(x) for x in (q_idx, k_idx, weights))
+  num_keys = k_idx.shape[1]
+
+  def chunk_fn(q_chunk, t0, w_chunk):
+    scores = _index_scores(q_chunk, w_chunk, k_idx)                    # [B, Qc, T]
+    scores = jnp.where(_causal(t0, q_chunk.shape[1], num_keys)[None], scores, -jnp.inf)
+    if num_keys < topk:
+      scores = jnp.pad(scores, [(0, 0), (0, 0), (0, topk - num_keys)], constant_values=-jnp.inf)
+    values, index = jax.lax.top_k(scores, topk)
+    return jnp.where(values == -jnp.inf, -1, index).astype(jnp.int32)
+  return map_query_chunks(chunk_fn, q_idx, weights, chunk=QUERY_CHUNK)
+
+
+def sparse_attention(q, kv, indices, *, v_dim: int, scale=None, impl="auto"):
+  """MQA attention of every head of query t over the rows kv[s], s in indices[t] (a set: -1,
+  repeated, future and out-of-range entries are ignored); value = kv[..., :v_dim].
+  Returns [B, T, H, v_dim] in q's dtype; a query with no valid index gets 0."""
+  _check_impl(impl)
+  b, t, h, dk = q.shape
+  scale = dk ** -0.5 if scale is None else scale
+  # Sorted, a repeat sits next to its first copy, and the gathers walk kv in order.
+  indices = jnp.sort(indices, axis=-1)
+
+  def chunk_fn(q_chunk, t0, idx):
+    rows = _gather_rows(kv, idx)                                       # [B, Qc, K, Dk]
+    # The keys as matmul rows (K >> H): XLA's CPU dot is much faster that way round.
+    logits = jnp.einsum("bqkd,bqhd->bqhk", rows, q_chunk, preferred_element_type=jnp.float32) * scale
+    p, _ = masked_softmax(logits, _valid(idx, t0, t)[:, :, None, :])
+    out = jnp.einsum("bqhk,bqkd->bqhd", p.astype(kv.dtype), rows[..., :v_dim],
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+  return map_query_chunks(chunk_fn, q, indices, chunk=QUERY_CHUNK)
+
+
+def _kl(teacher, student_logits, support):
+  """KL(teacher || softmax(student over support)) per row; teacher sums to 1 over the support."""
+  _, lse = masked_softmax(student_logits, support)
+  log_student = jnp.where(support, student_logits - lse[..., None], 0.0)
+  return jnp.sum(jax.scipy.special.xlogy(teacher, teacher) - teacher * log_student, axis=-1)
+
+
+def _teacher(logits_BQHS, support_BQS):
+  """Each head's softmax over the support, summed over heads and L1-normalised: [B, Qc, S]."""
+  p, _ = masked_softmax(logits_BQHS, support_BQS[:, :, None, :])
+  return p.mean(axis=2)      # every head's row sums to 1, so the head mean is the L1-normalised sum
+
+
+def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl="auto"):
+  """mean over queries of KL(teacher_t || softmax(I[t, support])), DESIGN §5.
+
+  Support: every key s <= t (indices None: the dense warm-up) or the set indices[t] (the sparse
+  stage). Teacher: the main attention's probabilities (q, kv as in sparse_attention) restricted
+  to the support, per head renormalised, summed over heads and L1-normalised; it is a constant
+  (stop-gradient), so only q_idx, k_idx and weights receive gradients."""
+  _check_impl(impl)
+  q, kv = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kv)
+  t = q.shape[1]
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+  def dense_chunk(q_chunk, t0, qi_chunk, w_chunk):
+    support = jnp.broadcast_to(_causal(t0, q_chunk.shape[1], t)[None], (q.shape[0], q_chunk.shape[1], t))
+    logits = jnp.einsum("bqhd,bsd->bqhs", q_chunk, kv, preferred_element_type=jnp.float32) * scale
+    return _kl(_teacher(logits, support), _index_scores(qi_chunk, w_chunk, k_idx), support)
+
+  def sparse_chunk(q_chunk, t0, qi_chunk, w_chunk, idx):
+    support = _valid(idx, t0, t)
+    logits = jnp.einsum("bqkd,bqhd->bqhk", _gather_rows(kv, idx), q_chunk,
+                        preferred_element_type=jnp.float32) * scale
+    student = _index_scores(qi_chunk, w_chunk, _gather_rows(k_idx, idx))
+    return _kl(_teacher(logits, support), student, support)
+
+  if indices is None:
+    kl = map_query_chunks(dense_chunk, q, q_idx, weights, chunk=QUERY_CHUNK)
+  else:
+    kl = map_query_chunks(sparse_chunk, q, q_idx, weights, jnp.sort(indices, axis=-1), chunk=QUERY_CHUNK)
+  return kl.mean()
+
+
+def indexer_recall(q, kv, indices, *, topk: int, scale=None):
+  """(recall, rows): the mean over queries with more than `topk` visible keys of
+  |indices[t] ∩ true top-k of the head-summed attention at t| / topk, and how many such
+  queries there were (recall is 1 when there are none: every key is selected)."""
+  q, kv = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kv)
+  t = q.shape[1]
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if t <= topk:
+    return jnp.float32(1.0), jnp.int32(0)
+
+  def chunk_fn(q_chunk, t0, idx):
+    qc = q_chunk.shape[1]
+    causal = jnp.broadcast_to(_causal(t0, qc, t)[None], (q.shape[0], qc, t))
+    logits = jnp.einsum("bqhd,bsd->bqhs", q_chunk, kv, preferred_element_type=jnp.float32) * scale
+    teacher = jnp.where(causal, _teacher(logits, causal), -1.0)
+    kth = jax.lax.top_k(teacher, topk)[0][..., -1:]                  # the k-th largest per row
+    hits = _valid(idx, t0, t) & (jnp.take_along_axis(teacher, jnp.clip(idx, 0, t - 1), axis=-1) >= kth)
+    counted = (t0 + jnp.arange(qc) + 1 > topk)[None, :]
+    return jnp.where(counted, hits.sum(-1) / topk, 0.0), jnp.broadcast_to(counted, hits.shape[:2])
+  recall, counted = map_query_chunks(chunk_fn, q, jnp.sort(indices, axis=-1), chunk=QUERY_CHUNK)
+  rows = counted.sum()
+  return recall.sum() / jnp.maximum(rows, 1), rows
