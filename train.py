@@ -49,9 +49,11 @@ def main(config, workdir: str) -> int:
   if state is None:
     state = steps.init_state(config, model, tx, mesh, state_shardings)
     if config.init_from:
-      params, from_step = checkpoint.load_params(config.init_from, abstract_state.params)
-      state = state.replace(params=params)
-      logging.info("parameters from %s (step %d)", config.init_from, from_step)
+      params, from_step, fresh = checkpoint.load_params(config.init_from, abstract_state.params)
+      state = state.replace(params=jax.tree.map(lambda new, old: old if new is None else new,
+                                                params, state.params, is_leaf=lambda x: x is None))
+      logging.info("parameters from %s (step %d)%s", config.init_from, from_step,
+                   f"; not in that checkpoint, freshly initialised: {', '.join(fresh)}" if fresh else "")
 
   num_params = transformer.count_params(state.params)
   flops_per_token = transformer.flops_per_token(config, state.params)
@@ -66,7 +68,8 @@ def main(config, workdir: str) -> int:
   writer.print(f"data: {sources.describe(data_sources)}, packing {config.data.packing}")
   writer.print(f"{num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, attention "
                f"{config.attention.kind}/{config.attention.impl}, "
-               + (f"resumed from step {start_step}" if start_step else "starting from scratch"))
+               + (f"resumed from step {start_step}" if start_step else
+                  f"parameters from {config.init_from}" if config.init_from else "starting from scratch"))
 
   stop_signal = []
   for sig in (signal.SIGTERM, signal.SIGINT):

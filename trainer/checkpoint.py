@@ -116,16 +116,34 @@ class Checkpointer:
 
 
 def load_params(path: str, abstract_params):
-  """Parameters of the newest checkpoint under `path` (a workdir or checkpoints/ dir), for init_from."""
+  """(params, step, fresh) from the newest checkpoint under `path` (a workdir or checkpoints/
+  dir), for init_from. Parameters the checkpoint lacks (e.g. DSA's indexer when the checkpoint
+  is a dense MLA run) are None in `params` and named in `fresh`: the caller keeps their fresh
+  initialisation. A parameter present with another shape raises ConfigError."""
   directory = checkpoint_dir(os.path.abspath(path))
   with ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                                         "config": ocp.JsonCheckpointHandler()}) as manager:
     step = manager.latest_step()
     if step is None:
       raise ConfigError("init_from", path, "holds no finished checkpoint")
-    target = {"params": abstract_params}
+    saved = manager.item_metadata(step)["state"]["params"]
+    fresh = []
+
+    def keep(key_path, leaf):
+      name = "/".join(str(k.key) for k in key_path)
+      node = saved
+      for k in key_path:
+        node = node.get(k.key) if hasattr(node, "get") else None
+      if node is None:
+        fresh.append(name)
+        return None
+      if tuple(node.shape) != tuple(leaf.shape):
+        raise ConfigError("init_from", path, f"parameter {name} has shape {tuple(node.shape)} there, "
+                          f"{tuple(leaf.shape)} here")
+      return leaf
+    target = {"params": jax.tree_util.tree_map_with_path(keep, abstract_params)}
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=target, restore_args=jax.tree.map(
             lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
             partial_restore=True)))
-  return restored["state"]["params"], step
+  return restored["state"]["params"], step, fresh

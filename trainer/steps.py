@@ -24,9 +24,16 @@ def _init_fn(config, model, tx):
     param_rng, state_rng = jax.random.split(rng)
     tokens = jnp.zeros((1, config.seq_len), jnp.int32)
     params = model.init(param_rng, tokens)["params"]          # boxed with logical axis names
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=_unbox_masked(tx.init(params)),
                       rng=jax.random.key_data(state_rng))
   return init
+
+
+def _unbox_masked(opt_state):
+  """optax.masked keeps no state for a frozen parameter (a leafless MaskedNode); take it out of
+  its logical-axes box so it gets no sharding either."""
+  return jax.tree.map(lambda x: x.value if isinstance(getattr(x, "value", None), optax.MaskedNode) else x, opt_state,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def state_shardings(config, model, tx, mesh):
