@@ -18,9 +18,9 @@ SMALL_OVERRIDES = {
 }
 
 
-def small_config(**overrides):
+def small_config(preset=None, **overrides):
   from configs import tiny
-  config = tiny.get_config()
+  config = (preset or tiny.get_config)()
   for field, value in {**SMALL_OVERRIDES, **overrides}.items():
     node = config
     *parents, leaf = field.split(".")
@@ -30,9 +30,9 @@ def small_config(**overrides):
   return config
 
 
-def run_train(workdir, overrides=None, *, devices=1, env=None, timeout=600, wait=True):
-  """Runs `python train.py --config configs/tiny.py` with SMALL_OVERRIDES + overrides."""
-  args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny.py"),
+def run_train(workdir, overrides=None, *, devices=1, env=None, timeout=600, wait=True, config="configs/tiny.py"):
+  """Runs `python train.py --config CONFIG` with SMALL_OVERRIDES + overrides."""
+  args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / config),
           "--workdir", str(workdir)]
   args += [f"--config.{k}={v}" for k, v in {**SMALL_OVERRIDES, **(overrides or {})}.items()]
   full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",

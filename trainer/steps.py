@@ -91,7 +91,7 @@ def make_train_step(model, tx, schedule, mesh, shardings, trainable=None):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     counted = grads if trainable is None else jax.tree.map(lambda g, t: g if t else None, grads, trainable)
-    metrics.update(grad_norm=optax.global_norm(counted), lr=schedule(state.step))
+    metrics.update(grad_norm=optax.tree.norm(counted), lr=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   step = jax.jit(train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),

@@ -1,0 +1,156 @@
+"""MLA and DSA layers, the indexer's gradient isolation, the warm-up optimizer, and the two-stage
+recipe end to end (dense MLA -> indexer warm-up -> sparse) through train.py."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax.traverse_util import flatten_dict
+
+from conftest import read_metrics, run_train, small_config
+from configs import dsa_tiny, dsa_v32
+from model import transformer
+from model.attention import ATTENTION_KINDS
+from trainer import checkpoint, optim, sharding, steps, validate
+
+DSA_SMALL = {"attention.kind": "dsa", "mla.q_lora_rank": 32, "mla.kv_lora_rank": 16, "mla.qk_nope_dim": 8,
+             "mla.qk_rope_dim": 8, "mla.v_head_dim": 8, "dsa.index_heads": 2, "dsa.index_head_dim": 16,
+             "dsa.index_topk": 16}
+
+
+def _layer(kind, t=48, **overrides):
+  config = small_config(**{**DSA_SMALL, "attention.kind": kind, "seq_len": t, "model.dtype": "float32",
+                           **overrides})
+  config = ml_collections.FrozenConfigDict(config)
+  x = jax.random.normal(jax.random.key(0), (2, t, config.model.d_model))
+  pos = jnp.broadcast_to(jnp.arange(t), (2, t))
+  layer = ATTENTION_KINDS[kind](config)
+  return layer, nn.unbox(layer.init(jax.random.key(1), x, pos)), x, pos
+
+
+def test_mla_mha_and_absorbed_mqa_forms_agree():
+  layer, params, x, pos = _layer("mla")
+  mha = layer.apply(params, x, pos, form="mha")
+  mqa = layer.apply(params, x, pos, form="mqa")
+  assert float(jnp.abs(mha).max()) > 0.1
+  np.testing.assert_allclose(np.asarray(mqa), np.asarray(mha), atol=2e-5, rtol=2e-5)
+
+
+def test_dsa_with_every_key_selected_is_dense_mla():
+  """index_topk >= T: the sparse stage attends to every past key, i.e. dense MLA."""
+  t = 40
+  dsa_layer, params, x, pos = _layer("dsa", t=t, **{"dsa.index_topk": t})
+  mla_layer = ATTENTION_KINDS["mla"](dsa_layer.config)
+  mla_params = {"params": {k: v for k, v in params["params"].items() if k != "indexer"}}
+  np.testing.assert_allclose(np.asarray(dsa_layer.apply(params, x, pos, mutable=["aux_loss", "metrics"])[0]),
+                             np.asarray(mla_layer.apply(mla_params, x, pos)), atol=2e-5, rtol=2e-5)
+  # With fewer keys it is not (the selection matters).
+  few = ATTENTION_KINDS["dsa"](ml_collections.FrozenConfigDict(small_config(
+      **{**DSA_SMALL, "seq_len": t, "model.dtype": "float32", "dsa.index_topk": 4})))
+  assert not np.allclose(few.apply(params, x, pos, mutable=["aux_loss", "metrics"])[0],
+                         mla_layer.apply(mla_params, x, pos), atol=1e-3)
+
+
+@pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
+def test_lm_loss_never_reaches_the_indexer_and_the_indexer_loss_only_reaches_it(stage):
+  config = small_config(**DSA_SMALL, **{"dsa.stage": stage})
+  model = transformer.build(config)
+  tokens = jax.random.randint(jax.random.key(1), (2, config.seq_len), 0, 4096)
+  params = nn.unbox(model.init(jax.random.key(0), tokens))["params"]
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1)}
+
+  def lm_only(p):
+    return steps.cross_entropy(model.apply({"params": p}, tokens, mutable=["aux_loss", "metrics"])[0],
+                               batch["targets"])
+
+  def indexer_only(p):
+    total, metrics = steps.batch_loss(model, p, batch)
+    return total - metrics["loss"]
+  is_indexer = lambda path: "indexer" in path
+  for loss, reaches_indexer in ((lm_only, False), (indexer_only, True)):
+    grads = flatten_dict(jax.jit(jax.grad(loss))(params), sep="/")
+    for path, g in grads.items():
+      nonzero = bool(jnp.any(g != 0))
+      if is_indexer(path) != reaches_indexer:
+        assert not nonzero, f"{loss.__name__} reaches {path}"
+      elif path.endswith("kernel"):
+        assert nonzero, f"{loss.__name__} does not reach {path}"
+
+
+def test_warmup_step_changes_only_the_indexer():
+  config = small_config(**DSA_SMALL, **{"dsa.stage": "dense_warmup"})
+  model, tx = transformer.build(config), optim.make_optimizer(config)
+  mesh = sharding.make_mesh(config.mesh)
+  _, shardings = steps.state_shardings(config, model, tx, mesh)
+  state = steps.init_state(config, model, tx, mesh, shardings)
+  before = flatten_dict(jax.device_get(state.params), sep="/")
+  train_step = steps.make_train_step(model, tx, optim.learning_rate(config), mesh, shardings,
+                                     trainable=optim.trainable(config, state.params))
+  tokens = jax.random.randint(jax.random.key(1), (config.batch_size, config.seq_len), 0, 4096)
+  for _ in range(2):   # the first step's learning rate is 0 (warm-up from 0)
+    state, metrics = train_step(state, {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1)})
+  after = flatten_dict(jax.device_get(state.params), sep="/")
+  assert {"loss", "indexer_loss", "grad_norm"} <= set(metrics)
+  for path in before:
+    if "indexer" in path:
+      assert not np.array_equal(before[path], after[path]), path
+    else:
+      np.testing.assert_array_equal(before[path], after[path], err_msg=path)
+
+
+def test_v32_config_has_deepseek_v32_attention_shapes():
+  for stage in ("dense_warmup", "sparse"):
+    config = dsa_v32.get_config(stage)
+    validate.validate(config, num_devices=128)
+    assert config.dsa.stage == stage
+  config = ml_collections.FrozenConfigDict(config)
+  t = 4096  # shapes of one layer's parameters do not depend on T
+  x = jax.ShapeDtypeStruct((1, t, config.model.d_model), jnp.bfloat16)
+  pos = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  params = jax.eval_shape(lambda: nn.unbox(ATTENTION_KINDS["dsa"](config).init(
+      jax.random.key(0), jnp.zeros(x.shape, x.dtype), jnp.zeros(pos.shape, pos.dtype))))["params"]
+  shapes = {k: v.shape for k, v in flatten_dict(params, sep="/").items()}
+  assert shapes["q_down/kernel"] == (7168, 1536)
+  assert shapes["q_up/kernel"] == (1536, 128, 192)
+  assert shapes["kv_down/kernel"] == (7168, 512 + 64)
+  assert shapes["k_up"] == (512, 128, 128) and shapes["v_up"] == (512, 128, 128)
+  assert shapes["indexer/q/kernel"] == (1536, 64, 128)
+  assert shapes["indexer/k/kernel"] == (7168, 128) and shapes["indexer/weights/kernel"] == (7168, 64)
+  assert config.dsa.index_topk == 2048
+
+
+def _params(workdir, config):
+  abstract = steps.state_shardings(config, transformer.build(config), optim.make_optimizer(config),
+                                   sharding.make_mesh(config.mesh))[0].params
+  params, _, fresh = checkpoint.load_params(str(workdir), abstract)
+  return flatten_dict(jax.device_get(params), sep="/"), fresh
+
+
+def test_two_stage_recipe_end_to_end(tmp_path):
+  """dense MLA -> dense warm-up (indexer only; its loss falls) -> sparse (all train; LM loss
+  falls), each stage taking the previous one's parameters with --config.init_from."""
+  small = {**DSA_SMALL, "log_every": 5}
+  mla_dir, warm_dir, sparse_dir = tmp_path / "mla", tmp_path / "warmup", tmp_path / "sparse"
+  result = run_train(mla_dir, {**small, "attention.kind": "mla", "steps": 3}, config="configs/dsa_tiny.py")
+  assert result.returncode == 0, result.stderr
+  result = run_train(warm_dir, {**small, "steps": 30, "init_from": mla_dir},
+                     config="configs/dsa_tiny.py:dense_warmup")
+  assert result.returncode == 0, result.stderr
+  assert "freshly initialised: layers/attn/indexer" in result.stderr
+  warm = read_metrics(warm_dir)
+  assert warm[30]["indexer_loss"] < 0.7 * warm[5]["indexer_loss"], warm
+  assert 0 <= warm[30]["indexer_recall"] <= 1
+  # Warm-up kept every MLA parameter exactly as the dense run left it.
+  base = small_config(dsa_tiny.get_config, **small)
+  mla_params, _ = _params(mla_dir, small_config(dsa_tiny.get_config, **{**small, "attention.kind": "mla"}))
+  warm_params, fresh = _params(warm_dir, base)
+  assert not fresh
+  for path, value in mla_params.items():
+    np.testing.assert_array_equal(warm_params[path], value, err_msg=path)
+
+  result = run_train(sparse_dir, {**small, "steps": 30, "init_from": warm_dir}, config="configs/dsa_tiny.py:sparse")
+  assert result.returncode == 0, result.stderr
+  sparse = read_metrics(sparse_dir)
+  assert (sparse[25]["loss"] + sparse[30]["loss"]) / 2 < sparse[5]["loss"] - 0.5, sparse
+  assert abs(sparse[5]["indexer_loss"]) < 10 and np.isfinite(sparse[30]["indexer_loss"])
