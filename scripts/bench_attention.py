@@ -1,6 +1,10 @@
-"""One attention layer, forward + backward, dense vs NSA, for several sequence lengths.
+"""One attention layer, forward + backward, for several sequence lengths: dense (GQA) vs NSA, and
+dense MLA vs DSA (MLA + lightning indexer, sparse stage, indexer loss included).
 
-  python scripts/bench_attention.py [--seq-lens 4096 8192 16384 32768] [--plot out.png]
+  python scripts/bench_attention.py [--kinds dense nsa mla dsa] [--seq-lens 4096 8192 16384 32768] [--plot out.png]
+
+MLA/DSA use DeepSeek-V3.2's attention dims scaled down 4x (q_lora 384, kv_lora 128, nope 32,
+rope 16, v 32; indexer 16 heads x 32) with --heads heads and --topk keys per query.
 
 Per (kind, T): wall time (median of --repeats runs after a warm-up), compiled FLOPs
 (`cost_analysis`) and memory (`memory_analysis`: arguments + outputs + temporaries). XLA counts a
@@ -23,7 +27,7 @@ import ml_collections  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from configs import base  # noqa: E402
-from kernels import chunking, nsa as nsa_kernels  # noqa: E402
+from kernels import chunking, dsa as dsa_kernels, nsa as nsa_kernels  # noqa: E402
 from model.attention import ATTENTION_KINDS  # noqa: E402
 
 
@@ -34,6 +38,8 @@ def layer_config(kind: str, seq_len: int, args) -> ml_collections.FrozenConfigDi
   c.attention.impl = "xla"
   c.model.update(n_heads=args.heads, n_kv_heads=args.kv_heads, head_dim=args.head_dim,
                  d_model=args.heads * args.head_dim, dtype=args.dtype)
+  c.mla.update(q_lora_rank=384, kv_lora_rank=128, qk_nope_dim=32, qk_rope_dim=16, v_head_dim=32)
+  c.dsa.update(stage="sparse", index_heads=16, index_head_dim=32, index_topk=args.topk)
   return ml_collections.FrozenConfigDict(c)
 
 
@@ -45,8 +51,9 @@ def compile_step(config, batch: int):
   params = jax.eval_shape(lambda: nn.unbox(layer.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype),
                                                        jnp.zeros(pos.shape, pos.dtype))))
 
-  def loss(params, x, pos):
-    return jnp.sum(layer.apply(params, x, pos).astype(jnp.float32) ** 2)
+  def loss(params, x, pos):   # + the layer's auxiliary losses (DSA's indexer loss), as in training
+    y, aux = layer.apply(params, x, pos, mutable=["aux_loss"])
+    return jnp.sum(y.astype(jnp.float32) ** 2) + sum(jnp.sum(a) for a in jax.tree.leaves(aux))
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))
   return step, step.lower(params, x, pos).compile(), (params, x, pos)
 
@@ -55,12 +62,13 @@ def measure(kind, seq_len, args):
   config = layer_config(kind, seq_len, args)
   # XLA counts a loop body once: for FLOPs, compile (never run) with one query chunk where the
   # chunk size does not change the math, and the window's chunk loop unrolled.
-  chunk = nsa_kernels.QUERY_CHUNK
-  nsa_kernels.QUERY_CHUNK, chunking.UNROLL = 1 << 30, True
+  chunks = nsa_kernels.QUERY_CHUNK, dsa_kernels.QUERY_CHUNK
+  nsa_kernels.QUERY_CHUNK = dsa_kernels.QUERY_CHUNK = 1 << 30
+  chunking.UNROLL = True
   try:
     flops = compile_step(config, args.batch)[1].cost_analysis().get("flops", float("nan"))
   finally:
-    nsa_kernels.QUERY_CHUNK, chunking.UNROLL = chunk, False
+    (nsa_kernels.QUERY_CHUNK, dsa_kernels.QUERY_CHUNK), chunking.UNROLL = chunks, False
   step, compiled, shapes = compile_step(config, args.batch)
   mem = compiled.memory_analysis()
   gb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**30
@@ -87,13 +95,15 @@ def main():
   parser.add_argument("--kv-heads", type=int, default=1)
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--topk", type=int, default=512, help="DSA keys per query")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--max-gb", type=float, default=16.0, help="run only configs compiled to fit this")
   parser.add_argument("--plot", default="", help="write a PNG of time and memory against T")
   args = parser.parse_args()
 
   print(f"one layer fwd+bwd, B={args.batch} HQ={args.heads} HKV={args.kv_heads} D={args.head_dim} "
-        f"{args.dtype}, NSA paper defaults; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs")
+        f"{args.dtype}, NSA paper defaults, DSA top-{args.topk}; {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPUs")
   print(f"{'kind':>6} {'T':>7} {'time ms':>10} {'GFLOP':>10} {'memory GB':>10}")
   rows = []
   for seq_len in args.seq_lens:

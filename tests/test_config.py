@@ -63,6 +63,26 @@ def test_bad_nsa_value_names_its_field(overrides, field):
   assert e.value.field == field
 
 
+DSA_BAD = [
+    ({"mla.kv_lora_rank": 0}, "mla.kv_lora_rank"),
+    ({"mla.qk_rope_dim": 7}, "mla.qk_rope_dim"),
+    ({"dsa.stage": "warmup"}, "dsa.stage"),
+    ({"dsa.index_topk": 0}, "dsa.index_topk"),
+    ({"dsa.index_head_dim": 8}, "dsa.index_head_dim"),              # < qk_rope_dim=16
+    ({"dsa.indexer_loss_coef": -1.0}, "dsa.indexer_loss_coef"),
+    ({"data.packing": "pack"}, "data.packing"),
+    ({"attention.impl": "pallas"}, "attention.impl"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", DSA_BAD, ids=[f for _, f in DSA_BAD])
+def test_bad_dsa_value_names_its_field(overrides, field):
+  validate.validate(small_config(**{"attention.kind": "dsa"}), num_devices=1)
+  with pytest.raises(ConfigError) as e:
+    validate.validate(small_config(**{"attention.kind": "dsa", **overrides}), num_devices=1)
+  assert e.value.field == field
+
+
 MESH_CASES = [
     ({"mesh.fsdp": 3}, 8, "mesh"),                                   # 1 x 3 x 1 != 8 devices
     ({"mesh.fsdp": -1, "mesh.tensor": -1}, 8, "mesh"),
@@ -113,7 +133,8 @@ def _load_preset(name):
 
 
 @pytest.mark.parametrize("name,low,high", [
-    ("tiny", 3e6, 8e6), ("small", 110e6, 140e6), ("1b", 1.0e9, 1.4e9), ("7b", 6.8e9, 7.5e9)])
+    ("tiny", 3e6, 8e6), ("dsa_tiny", 4e6, 7e6), ("small", 110e6, 140e6), ("1b", 1.0e9, 1.4e9),
+    ("7b", 6.8e9, 7.5e9)])
 def test_presets_validate_and_have_their_size(name, low, high):
   config = _load_preset(name)
   validate.validate(config, num_devices=1)
