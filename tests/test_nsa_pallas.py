@@ -1,0 +1,86 @@
+"""NSA's Pallas TPU kernels: TPU interpret mode on CPU against the XLA reference, and
+ahead-of-time compiles for real TPU chips (libtpu, DESIGN.md §8)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kernels import nsa, nsa_pallas
+
+
+def _inputs(b, t, hq, hkv, dk, dv, block, n, dtype, seed=0, local=False):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (b, t, hq, dk)).astype(dtype)
+  k = jax.random.normal(ks[1], (b, t, hkv, dk)).astype(dtype)
+  v = jax.random.normal(ks[2], (b, t, hkv, dv)).astype(dtype)
+  # -1, future and out-of-range entries included; `local` adds NSA's forced own block.
+  idx = jax.random.randint(ks[3], (b, t, hkv, n), -1, t // block + 2).astype(jnp.int32)
+  if local:
+    idx = idx.at[..., 0].set((jnp.arange(t) // block)[None, :, None])
+  return q, k, v, idx
+
+
+@pytest.mark.parametrize("t,hq,hkv,dk,dv,block,n,dtype,tol", [
+    (128, 1, 1, 128, 128, 32, 3, jnp.float32, 1e-5),      # G=1: 128 query positions per tile
+    (256, 8, 2, 192, 128, 64, 4, jnp.float32, 1e-5),      # G=4, Dk=192
+    (256, 16, 1, 128, 128, 128, 2, jnp.bfloat16, 2e-2),   # G=16: 8 positions x 16 heads
+    (384, 16, 1, 192, 128, 32, 5, jnp.bfloat16, 2e-2),
+])
+def test_selection_forward_matches_xla(t, hq, hkv, dk, dv, block, n, dtype, tol):
+  q, k, v, idx = _inputs(1, t, hq, hkv, dk, dv, block, n, dtype, seed=t, local=True)
+  out, lse = nsa_pallas.selection_forward(q, k, v, idx, block_size=block, interpret=True)
+  ref = nsa.selection_attention(q, k, v, idx, block_size=block, impl="xla")
+  assert out.dtype == dtype and lse.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+  assert np.isfinite(np.asarray(lse)).all()       # every query chose its own block
+
+
+def test_selection_forward_rows_with_nothing_and_split_prefetch(monkeypatch):
+  """Queries whose indices are all -1 give 0 and lse -inf; tiny PREFETCH_BYTES forces one
+  pallas_call per query tile (the split used for long sequences)."""
+  monkeypatch.setattr(nsa_pallas, "PREFETCH_BYTES", 1)
+  q, k, v, idx = _inputs(2, 128, 4, 2, 32, 16, 16, 3, jnp.float32, seed=3)
+  idx = idx.at[:, 40:].set(-1)
+  out, lse = nsa_pallas.selection_forward(q, k, v, idx, block_size=16, interpret=True)
+  ref = nsa.selection_attention(q, k, v, idx, block_size=16, impl="xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+  assert not np.asarray(out[:, 40:]).any() and np.isneginf(np.asarray(lse[:, 40:])).all()
+
+
+def test_tile_unions_are_sorted_distinct_and_padded_by_repeats():
+  idx = jnp.array([[5, 1, -1], [1, 9, 0], [3, 3, 2], [-1, -1, -1]], jnp.int32)   # 4 queries, n=3
+  union, count = nsa_pallas.tile_unions(idx.reshape(1, 4, 1, 3), block_size=1, seq_len=8,
+                                        queries_per_tile=2)
+  # tile 0 (queries 0-1): {0, 1} (5 is after its last query, 9 out of range, -1 empty);
+  # tile 1 (queries 2-3): {2, 3}.
+  np.testing.assert_array_equal(np.asarray(count[0, 0]), [2, 2])
+  np.testing.assert_array_equal(np.asarray(union[0, 0]), [[0, 1, 1, 1, 1, 1], [2, 3, 3, 3, 3, 3]])
+
+
+def test_selection_shape_errors_say_what_is_needed():
+  q, k, v, idx = _inputs(1, 100, 16, 1, 32, 32, 32, 2, jnp.float32)
+  with pytest.raises(ValueError, match="T=100 must be a multiple of 8"):
+    nsa_pallas.selection_forward(q, k, v, idx, block_size=32)
+  q, k, v, idx = _inputs(1, 96, 3, 1, 32, 32, 32, 2, jnp.float32)
+  with pytest.raises(ValueError, match="HQ/HKV=3 must divide 128"):
+    nsa_pallas.selection_forward(q, k, v, idx, block_size=32)
+
+
+@pytest.mark.parametrize("chip", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_selection_forward_compiles_for_tpu(chip):
+  """The paper's shape (T=8192, HQ=64, HKV=4, Dk=192, Dv=128, l'=64, n=16), one sequence per
+  chip, the kernel inside shard_map: Mosaic lowers and checks it for the chip."""
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=chip, chip_config_name="default",
+                                      chips_per_host_bounds=(2, 2, 1), num_slices=1)
+  mesh = jax.make_mesh((len(topo.devices),), ("data",), devices=topo.devices)
+  fwd = jax.shard_map(lambda q, k, v, i: nsa_pallas.selection_forward(q, k, v, i, block_size=64, interpret=False),
+                      mesh=mesh, in_specs=(P("data"),) * 4, out_specs=(P("data"), P("data")), check_vma=False)
+  b, sharded = len(topo.devices), NamedSharding(mesh, P("data"))
+  shapes = [((b, 8192, 64, 192), jnp.bfloat16), ((b, 8192, 4, 192), jnp.bfloat16),
+            ((b, 8192, 4, 128), jnp.bfloat16), ((b, 8192, 4, 16), jnp.int32)]
+  compiled = jax.jit(fwd).lower(*[jax.ShapeDtypeStruct(s, d, sharding=sharded) for s, d in shapes]).compile()
+  mem = compiled.memory_analysis()
+  total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+  assert 0 < total < 4 * 2**30, total
