@@ -16,6 +16,7 @@ Selection forward, union query tiling:
            out 128*Dv, lse 128*128 fp32 (lane-replicated, as splash stores it).
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,18 @@ def tile_unions(block_indices, *, block_size: int, seq_len: int, queries_per_til
   return union.astype(jnp.int32), count
 
 
-def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref,
+def _masked_scores(q, k, idx, j, tile, *, scale, block_size, group):
+  """scale * q k^T [R, l'] in fp32 for KV block j, -inf where a row's query did not choose block
+  j or the key is in its future. Row r is query tile*(R/G) + r//G."""
+  rows = q.shape[0]
+  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+  chosen = jnp.max(jnp.where(idx == j, 1, 0), axis=1, keepdims=True) > 0                # [R, 1]
+  query_pos = tile * (rows // group) + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group
+  key_pos = j * block_size + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+  return jnp.where(chosen & (key_pos <= query_pos), s, -jnp.inf)
+
+
+def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, k_ref, v_ref, o_ref, lse_ref,
                           m_scratch, l_scratch, acc_scratch, *, scale, block_size, group, num_union,
                           grid_shape):
   b, h, i, u = (pl.program_id(a) for a in range(4))
@@ -65,15 +77,8 @@ def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, k_ref, v_ref, 
   @pl.when(u < count_ref[tile])
   def _step():
     j = union_ref[tile * num_union + u]
-    rows = q_ref.shape[0]
-    s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32) * scale                # [R, l']
-    chosen = jnp.max(jnp.where(idx_ref[...] == j, 1, 0), axis=1, keepdims=True) > 0  # [R, 1]
-    first_query = (group_ref[0] * nq + i) * (rows // group)
-    query_pos = first_query + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group
-    key_pos = j * block_size + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
-    visible = chosen & (key_pos <= query_pos)
-    s = jnp.where(visible, s, -jnp.inf)
+    s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, group_ref[0] * nq + i,
+                       scale=scale, block_size=block_size, group=group)
     m_prev = m_scratch[...][:, :1]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)          # rows with nothing seen yet
@@ -94,65 +99,103 @@ def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, k_ref, v_ref, 
     lse_ref[...] = lse
 
 
-def selection_forward(q, k, v, block_indices, *, block_size: int, scale=None, interpret=None):
-  """Pallas selection attention forward: (out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] float32),
-  the same numbers as kernels.nsa.selection_attention(impl="xla"). Needs G = HQ/HKV dividing 128,
-  T a multiple of 128/G and of block_size."""
+class _Shape(NamedTuple):
+  b: int
+  t: int
+  hkv: int
+  group: int
+  dk: int
+  dv: int
+  n: int
+  block_size: int
+  scale: float
+  interpret: bool
+
+  @property
+  def queries_per_tile(self):
+    return ROWS // self.group
+
+  @property
+  def num_tiles(self):
+    return self.t // self.queries_per_tile
+
+  def rows(self, x):
+    """[B, T, HKV*G, D] -> [B, HKV, T*G, D]: row t*G + g is query t, head g of its KV group."""
+    return x.reshape(self.b, self.t, self.hkv, self.group, x.shape[-1]).transpose(0, 2, 1, 3, 4).reshape(
+        self.b, self.hkv, self.t * self.group, x.shape[-1])
+
+  def unrows(self, x):
+    return x.reshape(self.b, self.hkv, self.t, self.group, x.shape[-1]).transpose(0, 2, 1, 3, 4).reshape(
+        self.b, self.t, self.hkv * self.group, x.shape[-1])
+
+
+def _shape(q, k, v, block_indices, block_size, scale, interpret) -> _Shape:
   b, t, hq, dk = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
   group = hq // hkv
   if ROWS % group:
     raise ValueError(f"selection kernel: the query group HQ/HKV={group} must divide {ROWS}")
-  bq = ROWS // group
-  if t % bq or t % block_size:
-    raise ValueError(f"selection kernel: T={t} must be a multiple of {bq} (128 rows / G={group}) "
-                     f"and of the block size {block_size}")
-  if interpret is None:
-    interpret = jax.default_backend() != "tpu"
-  scale = dk ** -0.5 if scale is None else scale
-  n, nq = block_indices.shape[-1], t // bq
-  union, count = tile_unions(block_indices, block_size=block_size, seq_len=t, queries_per_tile=bq)
-  num_union = union.shape[-1]
-
-  rows = lambda x: x.reshape(b, t, hkv, group, x.shape[-1]).transpose(0, 2, 1, 3, 4).reshape(
-      b, hkv, t * group, x.shape[-1])
-  q_rows = rows(q)                                                       # [B, HKV, T*G, Dk]
-  idx_rows = rows(jnp.repeat(block_indices, group, axis=2))              # [B, HKV, T*G, n]
-  k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)            # [B, HKV, T, D]
-
-  # SMEM holds about 1 MiB: the union lists go in groups of query tiles, one pallas_call each
-  # (a lax.map), every group's lists within PREFETCH_BYTES.
-  per_tile = b * hkv * num_union * 4
-  tiles = max(d for d in range(1, nq + 1) if nq % d == 0 and (d == 1 or d * per_tile <= PREFETCH_BYTES))
-  groups = nq // tiles
-  split = lambda x, per: jnp.moveaxis(x.reshape(b, hkv, groups, tiles * per, *x.shape[3:]), 2, 0)
-  call = _selection_fwd_call(b, hkv, tiles, num_union, n, dk, dv, block_size, group, scale, q.dtype, interpret)
-  out, lse = jax.lax.map(
-      lambda a: call(a[0], a[1].reshape(-1), a[2].reshape(-1), a[3], k_t, v_t, a[4]),
-      (jnp.arange(groups, dtype=jnp.int32)[:, None], split(union, 1), split(count[..., None], 1),
-       split(q_rows, ROWS), split(idx_rows, ROWS)))
-  join = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, hkv, t * group, x.shape[-1])
-  out, lse = join(out), join(lse)
-  out = out.reshape(b, hkv, t, group, dv).transpose(0, 2, 1, 3, 4).reshape(b, t, hq, dv)
-  lse = lse[..., 0].reshape(b, hkv, t, group).transpose(0, 2, 1, 3).reshape(b, t, hq)
-  return out, lse
+  if t % (ROWS // group) or t % block_size:
+    raise ValueError(f"selection kernel: T={t} must be a multiple of {ROWS // group} (128 rows / "
+                     f"G={group}) and of the block size {block_size}")
+  return _Shape(b, t, hkv, group, dk, dv, block_indices.shape[-1], block_size,
+                dk ** -0.5 if scale is None else scale,
+                jax.default_backend() != "tpu" if interpret is None else interpret)
 
 
-def _selection_fwd_call(b, hkv, tiles, num_union, n, dk, dv, block_size, group, scale, dtype, interpret):
+def _tile_groups(sh: _Shape, entries_per_tile: int) -> int:
+  """Query tiles per pallas_call so that its scalar-prefetch lists stay within PREFETCH_BYTES."""
+  per_tile = sh.b * sh.hkv * entries_per_tile * 4
+  nq = sh.num_tiles
+  return max(d for d in range(1, nq + 1) if nq % d == 0 and (d == 1 or d * per_tile <= PREFETCH_BYTES))
+
+
+def _map_tile_groups(sh: _Shape, call, tiles: int, per_tile_lists, per_row_inputs, shared):
+  """Runs `call(group id, lists..., row inputs..., shared...)` over groups of `tiles` query tiles
+  (a lax.map: one pallas_call per group) and joins the per-row outputs."""
+  groups = sh.num_tiles // tiles
+  split = lambda x, per: jnp.moveaxis(x.reshape(sh.b, sh.hkv, groups, tiles * per, *x.shape[3:]), 2, 0)
+  outs = jax.lax.map(
+      lambda a: call(a[0], *(x.reshape(-1) for x in a[1]), *a[2], *shared),
+      (jnp.arange(groups, dtype=jnp.int32)[:, None], [split(x, 1) for x in per_tile_lists],
+       [split(x, ROWS) for x in per_row_inputs]))
+  return [jnp.moveaxis(x, 0, 2).reshape(sh.b, sh.hkv, sh.t * sh.group, x.shape[-1]) for x in outs]
+
+
+def _forward_rows(sh: _Shape, q_rows, k_t, v_t, idx_rows, union, count):
+  tiles = _tile_groups(sh, union.shape[-1])
+  call = _selection_fwd_call(sh, tiles, union.shape[-1], q_rows.dtype)
+  return _map_tile_groups(sh, call, tiles, [union, count[..., None]], [q_rows, idx_rows], [k_t, v_t])
+
+
+def selection_forward(q, k, v, block_indices, *, block_size: int, scale=None, interpret=None):
+  """Pallas selection attention forward: (out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] float32),
+  the same numbers as kernels.nsa.selection_attention(impl="xla"). Needs G = HQ/HKV dividing 128,
+  T a multiple of 128/G and of block_size."""
+  sh = _shape(q, k, v, block_indices, block_size, scale, interpret)
+  union, count = tile_unions(block_indices, block_size=block_size, seq_len=sh.t,
+                             queries_per_tile=sh.queries_per_tile)
+  out, lse = _forward_rows(sh, sh.rows(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                           sh.rows(jnp.repeat(block_indices, sh.group, axis=2)), union, count)
+  return sh.unrows(out), sh.unrows(lse[..., :1])[..., 0]
+
+
+def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
   """The pallas_call for one group of `tiles` query tiles: (group id [1], union, count, q rows,
-  k, v, index rows) -> (out rows, lse rows)."""
+  index rows, k, v) -> (out rows, lse rows)."""
+  b, hkv, dk, dv = sh.b, sh.hkv, sh.dk, sh.dv
   grid = (b, hkv, tiles, num_union)
-  kernel = functools.partial(_selection_fwd_kernel, scale=scale, block_size=block_size, group=group,
-                             num_union=num_union, grid_shape=grid)
+  kernel = functools.partial(_selection_fwd_kernel, scale=sh.scale, block_size=sh.block_size,
+                             group=sh.group, num_union=num_union, grid_shape=grid)
   flat = lambda bi, h, i: (bi * hkv + h) * tiles + i
   kv_map = lambda bi, h, i, u, g, union, count: (bi, h, union[flat(bi, h, i) * num_union + u], 0)
   row_map = lambda bi, h, i, u, g, union, count: (bi, h, i, 0)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3, grid=grid,
       in_specs=[pl.BlockSpec((None, None, ROWS, dk), row_map),
-                pl.BlockSpec((None, None, block_size, dk), kv_map),
-                pl.BlockSpec((None, None, block_size, dv), kv_map),
-                pl.BlockSpec((None, None, ROWS, n), row_map)],
+                pl.BlockSpec((None, None, ROWS, sh.n), row_map),
+                pl.BlockSpec((None, None, sh.block_size, dk), kv_map),
+                pl.BlockSpec((None, None, sh.block_size, dv), kv_map)],
       out_specs=[pl.BlockSpec((None, None, ROWS, dv), row_map),
                  pl.BlockSpec((None, None, ROWS, LANES), row_map)],
       scratch_shapes=[pltpu.VMEM((ROWS, LANES), jnp.float32), pltpu.VMEM((ROWS, LANES), jnp.float32),
@@ -163,4 +206,204 @@ def _selection_fwd_call(b, hkv, tiles, num_union, n, dk, dv, block_size, group, 
                  jax.ShapeDtypeStruct((b, hkv, tiles * ROWS, LANES), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=pltpu.InterpretParams() if interpret else False)
+      interpret=pltpu.InterpretParams() if sh.interpret else False)
+
+
+# ---- backward ----
+# dq: the forward's grid again (query-stationary over each tile's union), recomputing
+#   p = exp(s - lse) and ds = p * (dO V^T - delta), dq += scale * ds K.
+# dk/dv: KV-stationary over the inverted selection: every (block j, tile i) pair with j in tile
+#   i's union, sorted by j, plus one work-free pair per block (so every block is written). A
+#   block's pairs are consecutive grid steps, so its dK/dV accumulate in VMEM and are written
+#   back once; no scatter-add in HBM. The pair list is cut into windows of PREFETCH_BYTES; a block
+#   whose pairs straddle two windows continues from what the first wrote (the outputs alias the
+#   inputs, which start at zero).
+
+def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref,
+                         k_ref, v_ref, dq_ref, acc_scratch, *, scale, block_size, group, num_union, grid_shape):
+  b, h, i, u = (pl.program_id(a) for a in range(4))
+  _, hkv, nq, _ = grid_shape
+  tile = (b * hkv + h) * nq + i
+
+  @pl.when(u == 0)
+  def _init():
+    acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+
+  @pl.when(u < count_ref[tile])
+  def _step():
+    j = union_ref[tile * num_union + u]
+    s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, group_ref[0] * nq + i,
+                       scale=scale, block_size=block_size, group=group)
+    lse = lse_ref[...][:, :1]
+    p = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)))
+    dp = jax.lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)                       # [R, l']
+    ds = p * (dp - delta_ref[...][:, :1])
+    acc_scratch[...] += scale * jax.lax.dot_general(ds.astype(k_ref.dtype), k_ref[...], (((1,), (0,)), ((), ())),
+                                                    preferred_element_type=jnp.float32)
+
+  @pl.when(u == num_union - 1)
+  def _finish():
+    dq_ref[...] = acc_scratch[...].astype(dq_ref.dtype)
+
+
+def _selection_dq_call(sh: _Shape, tiles, num_union, dtype):
+  b, hkv, dk, dv = sh.b, sh.hkv, sh.dk, sh.dv
+  grid = (b, hkv, tiles, num_union)
+  kernel = functools.partial(_selection_dq_kernel, scale=sh.scale, block_size=sh.block_size,
+                             group=sh.group, num_union=num_union, grid_shape=grid)
+  flat = lambda bi, h, i: (bi * hkv + h) * tiles + i
+  kv_map = lambda bi, h, i, u, g, union, count: (bi, h, union[flat(bi, h, i) * num_union + u], 0)
+  row_map = lambda bi, h, i, u, g, union, count: (bi, h, i, 0)
+  row_spec = lambda width: pl.BlockSpec((None, None, ROWS, width), row_map)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3, grid=grid,
+      in_specs=[row_spec(dk), row_spec(sh.n), row_spec(dv), row_spec(LANES), row_spec(LANES),
+                pl.BlockSpec((None, None, sh.block_size, dk), kv_map),
+                pl.BlockSpec((None, None, sh.block_size, dv), kv_map)],
+      out_specs=row_spec(dk),
+      scratch_shapes=[pltpu.VMEM((ROWS, dk), jnp.float32)])
+  call = pl.pallas_call(
+      kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, hkv, tiles * ROWS, dk), dtype),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=pltpu.InterpretParams() if sh.interpret else False)
+  return lambda *args: [call(*args)]
+
+
+def block_pairs(union, count, num_blocks: int):
+  """The inverted selection per (batch, KV head): (block [B, HKV, L], tile [B, HKV, L]) sorted by
+  block then tile, L = NQ*U + num_blocks: every (j, i) with j in tile i's union, and one pair
+  (j, -1) per block (no work: it makes sure block j is initialised and written)."""
+  b, hkv, nq, u = union.shape
+  real = jnp.arange(u)[None, None, None, :] < count[..., None]
+  tiles = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32)[:, None], (nq, u))
+  block = jnp.where(real, union, num_blocks).reshape(b, hkv, nq * u)      # unused slots sort last
+  tile = jnp.where(real, tiles[None, None], -1).reshape(b, hkv, nq * u)
+  block = jnp.concatenate([jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32), (b, hkv, num_blocks)), block], -1)
+  tile = jnp.concatenate([jnp.full((b, hkv, num_blocks), -1, jnp.int32), tile], -1)
+  order = jnp.argsort(block * (nq + 1) + tile + 1, axis=-1)
+  block, tile = jnp.take_along_axis(block, order, -1), jnp.take_along_axis(tile, order, -1)
+  # Unused slots (block == num_blocks) repeat the last real pair as work-free steps.
+  last = jnp.sum(block < num_blocks, axis=-1, keepdims=True) - 1
+  unused = block >= num_blocks
+  block = jnp.where(unused, jnp.take_along_axis(block, last, -1), block)
+  tile = jnp.where(unused, -1, tile)
+  return block.astype(jnp.int32), tile.astype(jnp.int32)
+
+
+def _selection_dkv_kernel(block_ref, tile_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
+                          dk_in_ref, dv_in_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *,
+                          scale, block_size, group, window, grid_shape):
+  b, h, p = (pl.program_id(a) for a in range(3))
+  _, hkv, _ = grid_shape
+  at = (b * hkv + h) * window + p
+  j, tile = block_ref[at], tile_ref[at]
+  starts = (p == 0) | (block_ref[jnp.maximum(at - 1, 0)] != j)
+  ends = (p == window - 1) | (block_ref[jnp.minimum(at + 1, (b * hkv + h + 1) * window - 1)] != j)
+
+  @pl.when(starts)
+  def _init():
+    dk_scratch[...] = dk_in_ref[...]
+    dv_scratch[...] = dv_in_ref[...]
+
+  @pl.when(tile >= 0)
+  def _step():
+    q = q_ref[...]
+    s = _masked_scores(q, k_ref[...], idx_ref[...], j, tile, scale=scale, block_size=block_size,
+                       group=group)                                                     # [R, l']
+    lse = lse_ref[...][:, :1]
+    pr = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)))
+    do = do_ref[...]
+    dv_scratch[...] += jax.lax.dot_general(pr.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+    dp = jax.lax.dot_general(do, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    ds = pr * (dp - delta_ref[...][:, :1])
+    dk_scratch[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                                                   preferred_element_type=jnp.float32)
+
+  @pl.when(ends)
+  def _finish():
+    dk_ref[...] = dk_scratch[...]
+    dv_ref[...] = dv_scratch[...]
+
+
+def _selection_dkv(sh: _Shape, q_rows, idx_rows, do_rows, lse_rows, delta_rows, k_t, v_t, union, count):
+  """dK, dV [B, HKV, T, D] float32 from the pair list, window by window."""
+  b, hkv, dk, dv, bs = sh.b, sh.hkv, sh.dk, sh.dv, sh.block_size
+  num_blocks = sh.t // bs
+  block, tile = block_pairs(union, count, num_blocks)
+  length = block.shape[-1]
+  window = max(1, min(length, PREFETCH_BYTES // (8 * b * hkv)))
+  windows = -(-length // window)
+  pad = windows * window - length
+  block = jnp.concatenate([block, jnp.broadcast_to(block[..., -1:], (b, hkv, pad))], -1)
+  tile = jnp.concatenate([tile, jnp.full((b, hkv, pad), -1, jnp.int32)], -1)
+  grid = (b, hkv, window)
+  kernel = functools.partial(_selection_dkv_kernel, scale=sh.scale, block_size=bs, group=sh.group,
+                             window=window, grid_shape=grid)
+  at = lambda bi, h, p: (bi * hkv + h) * window + p
+  kv_map = lambda bi, h, p, block, tile: (bi, h, block[at(bi, h, p)], 0)
+  row_map = lambda bi, h, p, block, tile: (bi, h, jnp.maximum(tile[at(bi, h, p)], 0), 0)
+  row_spec = lambda width: pl.BlockSpec((None, None, ROWS, width), row_map)
+  kv_spec = lambda width: pl.BlockSpec((None, None, bs, width), kv_map)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=grid,
+      in_specs=[row_spec(dk), row_spec(sh.n), row_spec(dv), row_spec(LANES), row_spec(LANES),
+                kv_spec(dk), kv_spec(dv), kv_spec(dk), kv_spec(dv)],
+      out_specs=[kv_spec(dk), kv_spec(dv)],
+      scratch_shapes=[pltpu.VMEM((bs, dk), jnp.float32), pltpu.VMEM((bs, dv), jnp.float32)])
+  call = pl.pallas_call(
+      kernel, grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct(k_t.shape, jnp.float32), jax.ShapeDtypeStruct(v_t.shape, jnp.float32)],
+      input_output_aliases={9: 0, 10: 1},      # operands counted with the 2 prefetch arrays
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=pltpu.InterpretParams() if sh.interpret else False)
+
+  def one_window(carry, lists):
+    dk_acc, dv_acc = carry
+    blk, til = lists
+    dk_acc, dv_acc = call(blk.reshape(-1), til.reshape(-1), q_rows, idx_rows, do_rows, lse_rows,
+                          delta_rows, k_t, v_t, dk_acc, dv_acc)
+    return (dk_acc, dv_acc), None
+  split = lambda x: jnp.moveaxis(x.reshape(b, hkv, windows, window), 2, 0)
+  (dk_t, dv_t), _ = jax.lax.scan(one_window, (jnp.zeros(k_t.shape, jnp.float32), jnp.zeros(v_t.shape, jnp.float32)),
+                                 (split(block), split(tile)))
+  return dk_t, dv_t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def selection_attention(q, k, v, block_indices, block_size: int, scale=None, interpret=None):
+  """Differentiable Pallas selection attention: out [B,T,HQ,Dv], the contract of
+  kernels.nsa.selection_attention. Forward, dq and dk/dv are Pallas kernels."""
+  return selection_forward(q, k, v, block_indices, block_size=block_size, scale=scale, interpret=interpret)[0]
+
+
+def _selection_vjp_fwd(q, k, v, block_indices, block_size, scale, interpret):
+  sh = _shape(q, k, v, block_indices, block_size, scale, interpret)
+  union, count = tile_unions(block_indices, block_size=block_size, seq_len=sh.t,
+                             queries_per_tile=sh.queries_per_tile)
+  k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  idx_rows = sh.rows(jnp.repeat(block_indices, sh.group, axis=2))
+  out_rows, lse_rows = _forward_rows(sh, sh.rows(q), k_t, v_t, idx_rows, union, count)
+  return sh.unrows(out_rows), (q, k, v, block_indices, out_rows, lse_rows, union, count)
+
+
+def _selection_vjp_bwd(block_size, scale, interpret, residuals, dout):
+  q, k, v, block_indices, out_rows, lse_rows, union, count = residuals
+  sh = _shape(q, k, v, block_indices, block_size, scale, interpret)
+  k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  q_rows, idx_rows = sh.rows(q), sh.rows(jnp.repeat(block_indices, sh.group, axis=2))
+  do_rows = sh.rows(dout.astype(q.dtype))
+  delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), -1, keepdims=True)
+  delta_rows = jnp.broadcast_to(delta, (*delta.shape[:-1], LANES))
+  tiles = _tile_groups(sh, union.shape[-1])
+  dq_rows, = _map_tile_groups(sh, _selection_dq_call(sh, tiles, union.shape[-1], q.dtype), tiles,
+                              [union, count[..., None]], [q_rows, idx_rows, do_rows, lse_rows, delta_rows],
+                              [k_t, v_t])
+  dk_t, dv_t = _selection_dkv(sh, q_rows, idx_rows, do_rows, lse_rows, delta_rows, k_t, v_t, union, count)
+  return (sh.unrows(dq_rows), dk_t.transpose(0, 2, 1, 3).astype(k.dtype),
+          dv_t.transpose(0, 2, 1, 3).astype(v.dtype), None)
+
+
+selection_attention.defvjp(_selection_vjp_fwd, _selection_vjp_bwd)
