@@ -21,9 +21,11 @@ WINDOW_CHUNK = 256    # the window branch's chunk: its cost per query is (chunk 
 
 
 def _check_impl(impl: str) -> None:
-  # `auto` is XLA everywhere until the Pallas kernels land; an explicit "pallas" is an error.
+  # `auto` is XLA everywhere until every branch has its Pallas kernels (selection has: see
+  # selection_attention); an explicit "pallas" elsewhere is an error.
   if impl != "auto" and resolve_impl(impl) == "pallas":
-    raise NotImplementedError("kernels.nsa: impl='pallas' is not available yet; use 'xla' or 'auto'")
+    raise NotImplementedError("kernels.nsa: impl='pallas' is available for selection_attention "
+                              "only so far; use 'xla' or 'auto' here")
 
 
 def num_compressed(seq_len: int, block_len: int, stride: int) -> int:
@@ -126,6 +128,9 @@ def select_blocks(q, k_cmp, *, block_len, stride, select_block, num_selected, nu
 def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl="auto"):
   """Query t attends to keys s with s // block_size among its KV group's `block_indices` and
   s <= t. Indices that are -1, repeated, in the future or out of range are ignored."""
+  if impl == "pallas":      # the Pallas kernels (forward, dq, dK/dV); TPU interpret mode off-TPU
+    from kernels import nsa_pallas
+    return nsa_pallas.selection_attention(q, k, v, block_indices, block_size, scale)
   _check_impl(impl)
   b, t, hq, dk = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
