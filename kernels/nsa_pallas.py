@@ -407,3 +407,47 @@ def _selection_vjp_bwd(block_size, scale, interpret, residuals, dout):
 
 
 selection_attention.defvjp(_selection_vjp_fwd, _selection_vjp_bwd)
+
+
+# ---- traffic model ----
+
+def selection_forward_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: int,
+                              itemsize: int = 2) -> dict:
+  """What the selection forward kernel moves HBM -> VMEM for these indices, from its own index
+  maps and prefetch lists (numpy): a block is copied when its block index differs from the
+  previous grid step's (each pallas_call of a tile group starts a fresh pipeline).
+  Returns bytes per input, the minimum (each selected K/V block once per query tile), what a
+  one-query-at-a-time kernel would read (every valid selected block per query), grid steps
+  and the MXU row fill (rows whose query chose the step's block / 128, over executed steps)."""
+  import numpy as np
+  b, t, hkv, n = block_indices.shape
+  sh = _Shape(b, t, hkv, hq // hkv, dk, dv, n, block_size, 1.0, True)
+  union, count = (np.asarray(x) for x in tile_unions(jnp.asarray(block_indices), block_size=block_size,
+                                                         seq_len=t, queries_per_tile=sh.queries_per_tile))
+  nq, num_union = sh.num_tiles, union.shape[-1]
+  tiles = _tile_groups(sh, num_union)
+  # kv_map: step (b, h, i, u) of group g reads block (b, h, union[b, h, g*tiles + i, u]).
+  steps = union.reshape(b, hkv, nq // tiles, tiles, num_union).transpose(2, 0, 1, 3, 4)
+  keys = np.stack(np.broadcast_arrays(np.arange(b)[None, :, None, None, None],
+                                      np.arange(hkv)[None, None, :, None, None], steps), -1)
+  keys = keys.reshape(nq // tiles, -1, 3)
+  changed = np.any(keys[:, 1:] != keys[:, :-1], axis=-1).sum() + keys.shape[0]
+  block_bytes = block_size * (dk + dv) * itemsize
+  idx = np.asarray(block_indices).reshape(b, nq, sh.queries_per_tile, hkv, n).transpose(0, 3, 1, 2, 4)
+  used_rows = 0
+  for bi in range(b):
+    for h in range(hkv):          # queries of the tile that chose each union entry, x G heads
+      chose = (idx[bi, h][:, None, :, :] == union[bi, h][:, :, None, None]).any(-1).sum(-1)
+      used_rows += (chose * (np.arange(num_union)[None, :] < count[bi, h][:, None])).sum() * sh.group
+  valid = (np.asarray(block_indices) >= 0) & (np.asarray(block_indices) <= (np.arange(t) // block_size)[None, :, None, None])
+  executed = int(count.sum())
+  return {
+      "kv_bytes": int(changed) * block_bytes,
+      "q_bytes": b * hkv * nq * ROWS * dk * itemsize,
+      "index_bytes": b * hkv * nq * ROWS * n * 4,
+      "min_kv_bytes": executed * block_bytes,
+      "per_query_kv_bytes": int(valid.sum()) * block_bytes,
+      "grid_steps": b * hkv * nq * num_union,
+      "executed_steps": executed,
+      "mxu_row_fill": used_rows / max(executed * ROWS, 1),
+  }

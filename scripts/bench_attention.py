@@ -6,6 +6,13 @@ dense MLA vs DSA (MLA + lightning indexer, sparse stage, indexer loss included).
 MLA/DSA use DeepSeek-V3.2's attention dims scaled down 4x (q_lora 384, kv_lora 128, nope 32,
 rope 16, v 32; indexer 16 heads x 32) with --heads heads and --topk keys per query.
 
+  python scripts/bench_attention.py --impl pallas [--seq-lens 65536] [--heads 64 --kv-heads 4 --head-dim 192]
+
+prints the traffic model of NSA's Pallas selection forward kernel instead: for a random and a
+realistic (local, clustered) block selection with the paper's defaults, the bytes it moves
+HBM -> VMEM (from its index maps and prefetch lists), the minimum (each selected K/V block once
+per query tile), what a one-query-at-a-time kernel reads, and the MXU row fill.
+
 Per (kind, T): wall time (median of --repeats runs after a warm-up), compiled FLOPs
 (`cost_analysis`) and memory (`memory_analysis`: arguments + outputs + temporaries). XLA counts a
 while loop's body once, so FLOPs are read from the same layer compiled with one query chunk (the
@@ -86,6 +93,51 @@ def measure(kind, seq_len, args):
   return row
 
 
+def synthetic_selection(seq_len, kv_heads, *, realistic, block=64, n=16, seed=0, chunk=4096):
+  """int32 [1, T, HKV, n] block indices as NSA's select_blocks makes them: block 0 and the two
+  local blocks forced, the other n - 3 the best-scoring eligible blocks. Random: uniform scores.
+  Realistic: each block has a persistent relevance (log-normal: a few hot blocks), decaying with
+  distance from the query, plus per-query noise; neighbouring queries then agree on most blocks,
+  as the NSA paper observes."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  nb = seq_len // block
+  out = np.empty((seq_len, kv_heads, n), np.int32)
+  for h in range(kv_heads):
+    relevance = rng.lognormal(0.0, 1.0, nb)
+    for t0 in range(0, seq_len, chunk):
+      current = (np.arange(t0, min(t0 + chunk, seq_len)) // block)[:, None]
+      j = np.arange(nb)[None, :]
+      if realistic:
+        scores = np.log(relevance)[None, :] - (current - j) / 64.0 + rng.normal(0, 0.3, (current.size, nb))
+      else:
+        scores = rng.random((current.size, nb))
+      scores = np.where((j == 0) | ((current - j >= 0) & (current - j < 2)), np.inf, scores)
+      scores = np.where(j <= current, scores, -np.inf)
+      top = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+      out[t0:t0 + current.size, h] = np.where(np.take_along_axis(scores, top, 1) == -np.inf, -1, top)
+  return out[None]
+
+
+def traffic(args):
+  from kernels import nsa_pallas
+  dv = args.v_dim or args.head_dim
+  print(f"NSA selection forward (Pallas), HBM->VMEM traffic model: HQ={args.heads} HKV={args.kv_heads} "
+        f"Dk={args.head_dim} Dv={dv} bf16, l'=64, n=16, {nsa_pallas.ROWS} rows per tile "
+        f"({nsa_pallas.ROWS * args.kv_heads // args.heads} queries x {args.heads // args.kv_heads} heads)")
+  print(f"{'selection':>10} {'T':>7} {'K/V GB':>8} {'min GB':>8} {'ratio':>6} {'q+idx GB':>9} "
+        f"{'per-query GB':>13} {'steps run':>10} {'MXU rows':>9}")
+  for seq_len in args.seq_lens:
+    for realistic in (False, True):
+      idx = synthetic_selection(seq_len, args.kv_heads, realistic=realistic)
+      r = nsa_pallas.selection_forward_traffic(idx, block_size=64, hq=args.heads, dk=args.head_dim, dv=dv)
+      gb = lambda x: x / 1e9
+      print(f"{'realistic' if realistic else 'random':>10} {seq_len:>7} {gb(r['kv_bytes']):8.2f} "
+            f"{gb(r['min_kv_bytes']):8.2f} {r['kv_bytes'] / r['min_kv_bytes']:6.2f} "
+            f"{gb(r['q_bytes'] + r['index_bytes']):9.3f} {gb(r['per_query_kv_bytes']):13.2f} "
+            f"{r['executed_steps'] / r['grid_steps']:9.0%} {r['mxu_row_fill']:9.1%}", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
@@ -99,7 +151,12 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--max-gb", type=float, default=16.0, help="run only configs compiled to fit this")
   parser.add_argument("--plot", default="", help="write a PNG of time and memory against T")
+  parser.add_argument("--impl", default="xla", choices=["xla", "pallas"],
+                      help="xla: time the layers; pallas: the Pallas kernels' traffic model")
+  parser.add_argument("--v-dim", type=int, default=0, help="value head dim for --impl pallas (default: --head-dim)")
   args = parser.parse_args()
+  if args.impl == "pallas":
+    return traffic(args)
 
   print(f"one layer fwd+bwd, B={args.batch} HQ={args.heads} HKV={args.kv_heads} D={args.head_dim} "
         f"{args.dtype}, NSA paper defaults, DSA top-{args.topk}; {jax.devices()[0].device_kind}, "

@@ -129,3 +129,18 @@ def test_selection_forward_and_backward_compile_for_tpu(chip):
   mem = compiled.memory_analysis()
   total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
   assert 0 < total < 8 * 2**30, total
+
+
+def test_traffic_model_counts_copies_from_the_index_maps():
+  """16 queries x 16 heads (2 tiles of 8 queries), blocks of 4, each query picks block 0 and its
+  own block. Tile 0's union is {0, 1}, tile 1's {0, 2, 3}: 5 K/V copies (padding repeats cost
+  none), 5 executed steps, rows used 128+64 and 128+64+64 of 5 x 128."""
+  t = 16
+  own = jnp.arange(t, dtype=jnp.int32) // 4
+  idx = jnp.stack([jnp.zeros(t, jnp.int32), own], -1)[None, :, None, :]
+  r = nsa_pallas.selection_forward_traffic(idx, block_size=4, hq=16, dk=8, dv=8, itemsize=2)
+  block_bytes = 4 * (8 + 8) * 2
+  assert r["kv_bytes"] == r["min_kv_bytes"] == 5 * block_bytes
+  assert r["executed_steps"] == 5 and r["grid_steps"] == 2 * 4
+  assert r["mxu_row_fill"] == pytest.approx(448 / 640)
+  assert r["per_query_kv_bytes"] == 32 * block_bytes
