@@ -11,25 +11,28 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from kernels import resolve_impl
+from kernels import interpret as interpret_mode, resolve_impl
 
 
-def attention(q_BTHD, k_BTKD, v_BTKD, *, segment_ids=None, scale=None, impl="auto"):
+def attention(q_BTHD, k_BTKD, v_BTKD, *, segment_ids=None, scale=None, window=None, impl="auto"):
   """Causal softmax attention. q/k [B,T,HQ|HKV,Dk], v [B,T,HKV,Dv] -> [B,T,HQ,Dv] in q's dtype.
-  segment_ids int32 [B,T] (optional): a query sees only keys of its own segment."""
+  segment_ids int32 [B,T] (optional): a query sees only keys of its own segment.
+  window (optional): query t sees only keys t - window < s <= t (NSA's sliding window)."""
   scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
   dk, dv = q_BTHD.shape[-1], v_BTKD.shape[-1]
   if dk != dv:   # both kernels want one head dim: zero columns change neither logits nor outputs
     widen = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, max(dk, dv) - x.shape[-1])])
-    out = attention(widen(q_BTHD), widen(k_BTKD), widen(v_BTKD), segment_ids=segment_ids, scale=scale, impl=impl)
+    out = attention(widen(q_BTHD), widen(k_BTKD), widen(v_BTKD), segment_ids=segment_ids, scale=scale,
+                    window=window, impl=impl)
     return out[..., :dv]
   if resolve_impl(impl) == "xla":
     mask = None
     if segment_ids is not None:
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]     # [B, 1, T, T]
     return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, mask=mask, scale=scale, is_causal=True,
+                                        local_window_size=None if window is None else (window - 1, 0),
                                         implementation="xla")
-  return _splash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids, scale=scale)
+  return _splash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids, scale=scale, window=window)
 
 
 def _block(t: int, preferred: int = 512) -> int:
@@ -39,25 +42,30 @@ def _block(t: int, preferred: int = 512) -> int:
   raise ValueError(f"dense attention with impl='pallas' needs seq_len divisible by 128, got {t}")
 
 
-def _splash_kernel(seq_len: int, group: int, interpret: bool):
-  # Grid of the forward kernel: (group heads, T/bq, T/bkv); causal blocks above the diagonal are
-  # skipped via the block mask's data_next prefetch, so ~T^2/2 of the K/V tiles are read.
+def _splash_kernel(seq_len: int, group: int, interpret: bool, window=None):
+  # Grid of the forward kernel: (group heads, T/bq, T/bkv); blocks the mask excludes (above the
+  # diagonal; outside the window) are skipped via the block mask's data_next prefetch, so ~T^2/2
+  # of the K/V tiles are read (causal), or ~T * (window + bkv) / bkv (local).
   bq = bkv = _block(seq_len)
   sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-  mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len))] * group)
+  if window is None:
+    head_mask = splash_mask.CausalMask((seq_len, seq_len))
+  else:
+    head_mask = splash_mask.LocalMask((seq_len, seq_len), window_size=(window - 1, 0), offset=0)
+  mask = splash_mask.MultiHeadMask([head_mask] * group)
   # Built per trace, not cached: the kernel holds its block-mask arrays, which must not outlive
   # the trace that made them.
   return splash.make_splash_mqa_single_device(
       mask, block_sizes=sizes, interpret=pltpu.InterpretParams() if interpret else False)
 
 
-def _splash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids, *, scale):
+def _splash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids, *, scale, window=None):
   b, t, hq, d = q_BTHD.shape
   hkv = k_BTKD.shape[2]
   group = hq // hkv
-  interpret = jax.default_backend() != "tpu"
-  kernel = _splash_kernel(t, group, interpret)
+  interpret = interpret_mode()
+  kernel = _splash_kernel(t, group, interpret, window)
   q = (q_BTHD * scale).astype(q_BTHD.dtype).reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4)
   k = k_BTKD.transpose(0, 2, 1, 3)                     # [B, HKV, T, D]
   v = v_BTKD.transpose(0, 2, 1, 3)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import resolve_impl
+from kernels import dense, resolve_impl
 from kernels.chunking import map_query_chunks, masked_softmax
 
 QUERY_CHUNK = 256     # queries per chunk (selection: half, its gathered keys are n*l' per query)
@@ -171,7 +171,10 @@ def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl=
 # ---- sliding window ----
 
 def window_attention(q, k, v, *, window, scale=None, impl="auto"):
-  """Query t attends to keys s with t - window < s <= t (`window` keys including itself)."""
+  """Query t attends to keys s with t - window < s <= t (`window` keys including itself).
+  impl="pallas": jax's splash-attention kernels (forward and backward) with a local mask."""
+  if impl == "pallas":
+    return dense.attention(q, k, v, scale=scale, window=window, impl="pallas")
   _check_impl(impl)
   b, t, hq, dk = q.shape
   hkv, dv = k.shape[2], v.shape[-1]

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+import kernels
+
 ROWS = 128            # matmul rows per tile: query positions x heads of one KV group
 LANES = 128
 PREFETCH_BYTES = 256 * 1024   # union lists per pallas_call (SMEM is ~1 MiB on v5e/v5p/v6e)
@@ -140,7 +142,7 @@ def _shape(q, k, v, block_indices, block_size, scale, interpret) -> _Shape:
                      f"G={group}) and of the block size {block_size}")
   return _Shape(b, t, hkv, group, dk, dv, block_indices.shape[-1], block_size,
                 dk ** -0.5 if scale is None else scale,
-                jax.default_backend() != "tpu" if interpret is None else interpret)
+                kernels.interpret() if interpret is None else interpret)
 
 
 def _tile_groups(sh: _Shape, entries_per_tile: int) -> int:

@@ -7,6 +7,7 @@ import pytest
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import kernels
 from kernels import nsa, nsa_pallas
 
 
@@ -102,6 +103,24 @@ def test_selection_gradients_with_split_prefetch_windows(monkeypatch):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("t,hq,hkv,dk,dv,window,dtype,tol", [
+    (256, 4, 2, 128, 128, 100, jnp.float32, 1e-5),
+    (384, 16, 1, 192, 128, 128, jnp.bfloat16, 3e-2),      # G=16, Dk=192 with Dv=128
+])
+def test_window_attention_pallas_matches_xla(t, hq, hkv, dk, dv, window, dtype, tol):
+  q, k, v, _ = _inputs(1, t, hq, hkv, dk, dv, 64, 1, dtype, seed=t)
+  cot = jax.random.normal(jax.random.key(2), (1, t, hq, dv))
+  attend = lambda impl: lambda q, k, v: nsa.window_attention(q, k, v, window=window, impl=impl)
+  np.testing.assert_allclose(np.asarray(attend("pallas")(q, k, v), np.float32),
+                             np.asarray(attend("xla")(q, k, v), np.float32), atol=tol, rtol=tol)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * cot)
+  got = jax.grad(loss(attend("pallas")), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(loss(attend("xla")), argnums=(0, 1, 2))(q, k, v)
+  for g, r in zip(got, ref):
+    scale = float(jnp.abs(r.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(r, np.float32) / scale, atol=tol)
+
+
 def test_block_pairs_invert_the_unions():
   union = jnp.array([[[[0, 2, 2], [1, 2, 2]]]], jnp.int32)       # tile 0: {0, 2}; tile 1: {1, 2}
   count = jnp.array([[[2, 2]]], jnp.int32)
@@ -113,19 +132,24 @@ def test_block_pairs_invert_the_unions():
 
 
 @pytest.mark.parametrize("chip", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
-def test_selection_forward_and_backward_compile_for_tpu(chip):
-  """The paper's shape (T=8192, HQ=64, HKV=4, Dk=192, Dv=128, l'=64, n=16), one sequence per
-  chip, the kernels inside shard_map: Mosaic lowers and checks them for the chip."""
+def test_selection_and_window_forward_and_backward_compile_for_tpu(chip):
+  """The paper's shape (T=8192, HQ=64, HKV=4, Dk=192, Dv=128, l'=64, n=16, w=512), one sequence
+  per chip, the kernels inside shard_map: Mosaic lowers and checks them for the chip."""
   topo = topologies.get_topology_desc(platform="tpu", topology_name=chip, chip_config_name="default",
                                       chips_per_host_bounds=(2, 2, 1), num_slices=1)
   mesh = jax.make_mesh((len(topo.devices),), ("data",), devices=topo.devices)
-  loss = lambda q, k, v, i: jnp.sum(nsa_pallas.selection_attention(q, k, v, i, 64, None, False).astype(jnp.float32) ** 2)
+  def loss(q, k, v, i):
+    selected = nsa_pallas.selection_attention(q, k, v, i, 64, None, False)
+    window = nsa.window_attention(q, k, v, window=512, impl="pallas")
+    return jnp.sum(selected.astype(jnp.float32) ** 2) + jnp.sum(window.astype(jnp.float32) ** 2)
   grads = jax.shard_map(jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh, in_specs=(P("data"),) * 4,
                         out_specs=(P("data"),) * 3, check_vma=False)
   b, sharded = len(topo.devices), NamedSharding(mesh, P("data"))
   shapes = [((b, 8192, 64, 192), jnp.bfloat16), ((b, 8192, 4, 192), jnp.bfloat16),
             ((b, 8192, 4, 128), jnp.bfloat16), ((b, 8192, 4, 16), jnp.int32)]
-  compiled = jax.jit(grads).lower(*[jax.ShapeDtypeStruct(s, d, sharding=sharded) for s, d in shapes]).compile()
+  with kernels.compile_for_tpu():
+    lowered = jax.jit(grads).lower(*[jax.ShapeDtypeStruct(s, d, sharding=sharded) for s, d in shapes])
+  compiled = lowered.compile()
   mem = compiled.memory_analysis()
   total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
   assert 0 < total < 8 * 2**30, total
