@@ -1,5 +1,6 @@
-"""Pallas TPU kernels for NSA (DESIGN.md §7). Work in progress toward `impl="pallas"` (issue 6):
-the selection branch's forward kernel. The public `kernels.nsa` functions do not call it yet.
+"""Pallas TPU kernels for NSA (DESIGN.md §7): selection attention forward, dq and dK/dV behind a
+custom_vjp (`kernels.nsa.selection_attention(impl="pallas")`). The window branch runs on splash
+attention (kernels/dense.py); compressed attention and block selection are still XLA-only.
 
 Selection forward, union query tiling:
   rows     a tile is bq = 128 // G query positions x the G query heads of one KV group: 128
