@@ -1,4 +1,5 @@
-"""dsa_tiny: the tiny model with DeepSeek Sparse Attention on MLA; trains on a 2-core CPU.
+"""dsa_tiny: the tiny model (configs/tiny.py) with DeepSeek Sparse Attention on MLA at seq_len
+512; trains on a 2-core CPU.
 
 The two-stage recipe (DESIGN.md §5), the stage named after the config file:
   python train.py --config configs/dsa_tiny.py:dense_warmup --workdir runs/dsa_warmup
@@ -9,19 +10,13 @@ the warm-up's parameters (fresh optimizer) and trains everything with top-k atte
 A dense MLA run (--config.attention.kind=mla) can seed the warm-up the same way: the indexer,
 absent from its checkpoint, starts fresh.
 """
-from configs import base
+from configs import tiny
 
 
 def get_config(stage: str = "sparse"):
-  c = base.get_config()
+  c = tiny.get_config()
   c.steps = {"dense_warmup": 60}.get(stage, 200)
-  c.batch_size = 4
   c.seq_len = 512
-  c.log_every = 10
-  c.eval_every = 50
-  c.eval_batches = 2
-  c.checkpoint_every = 50
-  c.optimizer.lr = 3e-3
   c.optimizer.warmup_steps = 10
   c.attention.kind = "dsa"
   c.mla.update(q_lora_rank=128, kv_lora_rank=64, qk_nope_dim=32, qk_rope_dim=16, v_head_dim=32)

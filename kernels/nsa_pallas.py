@@ -222,6 +222,15 @@ def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
 #   whose pairs straddle two windows continues from what the first wrote (the outputs alias the
 #   inputs, which start at zero).
 
+def _probs_and_dscores(s, lse_ref, do, v, delta_ref):
+  """Backward recompute for one (tile, block) step: p = exp(s - lse) (0 for rows that saw nothing)
+  and dS = p * (dO V^T - delta), both [R, l'] fp32."""
+  lse = lse_ref[...][:, :1]
+  p = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)))
+  dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  return p, p * (dp - delta_ref[...][:, :1])
+
+
 def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref,
                          k_ref, v_ref, dq_ref, acc_scratch, *, scale, block_size, group, num_union, grid_shape):
   b, h, i, u = (pl.program_id(a) for a in range(4))
@@ -237,11 +246,7 @@ def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref
     j = union_ref[tile * num_union + u]
     s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, group_ref[0] * nq + i,
                        scale=scale, block_size=block_size, group=group)
-    lse = lse_ref[...][:, :1]
-    p = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)))
-    dp = jax.lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)                       # [R, l']
-    ds = p * (dp - delta_ref[...][:, :1])
+    _, ds = _probs_and_dscores(s, lse_ref, do_ref[...], v_ref[...], delta_ref)
     acc_scratch[...] += scale * jax.lax.dot_general(ds.astype(k_ref.dtype), k_ref[...], (((1,), (0,)), ((), ())),
                                                     preferred_element_type=jnp.float32)
 
@@ -315,13 +320,10 @@ def _selection_dkv_kernel(block_ref, tile_ref, q_ref, idx_ref, do_ref, lse_ref, 
     q = q_ref[...]
     s = _masked_scores(q, k_ref[...], idx_ref[...], j, tile, scale=scale, block_size=block_size,
                        group=group)                                                     # [R, l']
-    lse = lse_ref[...][:, :1]
-    pr = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)))
     do = do_ref[...]
+    pr, ds = _probs_and_dscores(s, lse_ref, do, v_ref[...], delta_ref)
     dv_scratch[...] += jax.lax.dot_general(pr.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32)
-    dp = jax.lax.dot_general(do, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    ds = pr * (dp - delta_ref[...][:, :1])
     dk_scratch[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                                    preferred_element_type=jnp.float32)
 
