@@ -2,7 +2,7 @@
 MQA form over the selected rows, and the indexer's KL loss and recall.
 
 `impl="xla"` is the pure-JAX reference: the oracle for the Pallas kernels and the path on CPU/GPU.
-Memory is O(T*k), never [T, T]: every function walks the queries in chunks of QUERY_CHUNK
+Memory is O(T*k), never T x T: every function walks the queries in chunks of QUERY_CHUNK
 (kernels/chunking.py). Per chunk the indexer holds [chunk, H_I, T] scores and the sparse attention
 [chunk, k, D] gathered rows; the backward recomputes them chunk by chunk and its only dense
 tensor is the [T, D] gradient of kv itself (the gather's transpose adds rows into it).

@@ -64,12 +64,18 @@ def _masked_scores(q, k, idx, j, tile, *, scale, block_size, group):
   return jnp.where(chosen & (key_pos <= query_pos), s, -jnp.inf)
 
 
+def _union_position(group_ref, grid_shape):
+  """At grid step (b, h, i, u) of a union walk: (this call's flat tile index into the prefetch
+  lists, u, the tile's index in the whole sequence)."""
+  b, h, i, u = (pl.program_id(a) for a in range(4))
+  _, hkv, nq, _ = grid_shape
+  return (b * hkv + h) * nq + i, u, group_ref[0] * nq + i
+
+
 def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, k_ref, v_ref, o_ref, lse_ref,
                           m_scratch, l_scratch, acc_scratch, *, scale, block_size, group, num_union,
                           grid_shape):
-  b, h, i, u = (pl.program_id(a) for a in range(4))
-  _, hkv, nq, _ = grid_shape
-  tile = (b * hkv + h) * nq + i
+  tile, u, query_tile = _union_position(group_ref, grid_shape)
 
   @pl.when(u == 0)
   def _init():
@@ -80,7 +86,7 @@ def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, k_ref
   @pl.when(u < count_ref[tile])
   def _step():
     j = union_ref[tile * num_union + u]
-    s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, group_ref[0] * nq + i,
+    s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, query_tile,
                        scale=scale, block_size=block_size, group=group)
     m_prev = m_scratch[...][:, :1]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -233,9 +239,7 @@ def _probs_and_dscores(s, lse_ref, do, v, delta_ref):
 
 def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref,
                          k_ref, v_ref, dq_ref, acc_scratch, *, scale, block_size, group, num_union, grid_shape):
-  b, h, i, u = (pl.program_id(a) for a in range(4))
-  _, hkv, nq, _ = grid_shape
-  tile = (b * hkv + h) * nq + i
+  tile, u, query_tile = _union_position(group_ref, grid_shape)
 
   @pl.when(u == 0)
   def _init():
@@ -244,7 +248,7 @@ def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref
   @pl.when(u < count_ref[tile])
   def _step():
     j = union_ref[tile * num_union + u]
-    s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, group_ref[0] * nq + i,
+    s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, query_tile,
                        scale=scale, block_size=block_size, group=group)
     _, ds = _probs_and_dscores(s, lse_ref, do_ref[...], v_ref[...], delta_ref)
     acc_scratch[...] += scale * jax.lax.dot_general(ds.astype(k_ref.dtype), k_ref[...], (((1,), (0,)), ((), ())),

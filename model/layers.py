@@ -14,37 +14,34 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def _rms_normalise(x32, eps):
+  return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
   eps: float = 1e-6
   dtype: Dtype = jnp.bfloat16
   param_dtype: Dtype = jnp.float32
   axis_name: str = "embed"
 
+  def _param(self, name, init, x):
+    return param_with_axes(self, name, init, (x.shape[-1],), (self.axis_name,), self.param_dtype)
+
   @nn.compact
   def __call__(self, x):
-    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,),
-                            self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale).astype(self.dtype)
+    y = _rms_normalise(x.astype(jnp.float32), self.eps)
+    return (y * self._param("scale", nn.initializers.ones, x)).astype(self.dtype)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(RMSNorm):
   """LayerNorm with a scale and a bias, statistics in float32."""
-  eps: float = 1e-6
-  dtype: Dtype = jnp.bfloat16
-  param_dtype: Dtype = jnp.float32
-  axis_name: str = "embed"
 
   @nn.compact
   def __call__(self, x):
-    dim = (x.shape[-1],)
-    scale = param_with_axes(self, "scale", nn.initializers.ones, dim, (self.axis_name,), self.param_dtype)
-    bias = param_with_axes(self, "bias", nn.initializers.zeros, dim, (self.axis_name,), self.param_dtype)
     x32 = x.astype(jnp.float32)
-    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
-    return (y * scale + bias).astype(self.dtype)
+    y = _rms_normalise(x32 - jnp.mean(x32, axis=-1, keepdims=True), self.eps)
+    return (y * self._param("scale", nn.initializers.ones, x)
+            + self._param("bias", nn.initializers.zeros, x)).astype(self.dtype)
 
 
 def rope_angles(positions, dim: int, theta: float):

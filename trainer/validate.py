@@ -72,7 +72,7 @@ def validate(config, num_devices: int | None = None) -> None:
 
   o = config.optimizer
   _positive(config, "optimizer.lr")
-  for field, value, ok, allowed in (
+  _require(
       ("optimizer.warmup_steps", o.warmup_steps, 0 <= o.warmup_steps <= config.steps,
        f"must be between 0 and steps={config.steps}"),
       ("optimizer.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "must be in [0, 1]"),
@@ -80,9 +80,7 @@ def validate(config, num_devices: int | None = None) -> None:
       ("optimizer.b2", o.b2, 0 <= o.b2 < 1, "must be in [0, 1)"),
       ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be >= 0"),
       ("optimizer.grad_clip", o.grad_clip, o.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
-  ):
-    if not ok:
-      raise ConfigError(field, value, allowed)
+  )
 
   for spec, _ in sources.source_specs(config):     # also checks data.mixture's syntax
     if not sources.exists(spec):
@@ -98,11 +96,18 @@ def validate(config, num_devices: int | None = None) -> None:
     _validate_mesh(config, num_devices)
 
 
+def _require(*rules) -> None:
+  """rules: (field, value, ok, allowed); the first one not ok raises its ConfigError."""
+  for field, value, ok, allowed in rules:
+    if not ok:
+      raise ConfigError(field, value, allowed)
+
+
 def _validate_nsa(config) -> None:
   c = config.nsa
   _positive(config, "nsa.cmp_block", "nsa.cmp_stride", "nsa.slc_block", "nsa.num_selected",
             "nsa.window")
-  for field, value, ok, allowed in (
+  _require(
       ("nsa.num_initial", c.num_initial, c.num_initial >= 0, "must be >= 0"),
       ("nsa.num_local", c.num_local, c.num_local >= 0, "must be >= 0"),
       ("nsa.cmp_block", c.cmp_block, c.cmp_block % c.cmp_stride == 0,
@@ -119,9 +124,7 @@ def _validate_nsa(config) -> None:
        "NSA runs with xla or auto until its Pallas kernels land"),
       ("data.packing", config.data.packing, config.data.packing == "concat",
        "NSA does not mask packed documents yet: use concat"),
-  ):
-    if not ok:
-      raise ConfigError(field, value, allowed)
+  )
 
 
 def _validate_mla(config) -> None:
@@ -136,7 +139,7 @@ def _validate_dsa(config) -> None:
   c = config.dsa
   _choice(config, "dsa.stage", ("dense_warmup", "sparse"))
   _positive(config, "dsa.index_heads", "dsa.index_head_dim", "dsa.index_topk")
-  for field, value, ok, allowed in (
+  _require(
       ("dsa.index_head_dim", c.index_head_dim, c.index_head_dim >= config.mla.qk_rope_dim,
        f"must be >= mla.qk_rope_dim={config.mla.qk_rope_dim} (RoPE on its first qk_rope_dim dims)"),
       ("dsa.indexer_loss_coef", c.indexer_loss_coef, c.indexer_loss_coef >= 0, "must be >= 0"),
@@ -144,9 +147,7 @@ def _validate_dsa(config) -> None:
        "DSA runs with xla or auto until its Pallas kernels land"),
       ("data.packing", config.data.packing, config.data.packing == "concat",
        "DSA does not mask packed documents yet: use concat"),
-  ):
-    if not ok:
-      raise ConfigError(field, value, allowed)
+  )
 
 
 def _validate_mesh(config, num_devices: int) -> None:
