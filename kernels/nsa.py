@@ -18,14 +18,11 @@ from kernels.chunking import map_query_chunks, masked_softmax
 
 QUERY_CHUNK = 256     # queries per chunk (selection: half, its gathered keys are n*l' per query)
 WINDOW_CHUNK = 256    # the window branch's chunk: its cost per query is (chunk + w) keys
+SELECT_CHUNK = 1024   # impl="pallas": queries per block-score kernel call and top-n ([Qc, NB] per group)
 
 
-def _check_impl(impl: str) -> None:
-  # `auto` is XLA everywhere until every branch has its Pallas kernels (selection has: see
-  # selection_attention); an explicit "pallas" elsewhere is an error.
-  if impl != "auto" and resolve_impl(impl) == "pallas":
-    raise NotImplementedError("kernels.nsa: impl='pallas' is available for selection_attention "
-                              "only so far; use 'xla' or 'auto' here")
+def _pallas(impl: str) -> bool:
+  return resolve_impl(impl) == "pallas"
 
 
 def num_compressed(seq_len: int, block_len: int, stride: int) -> int:
@@ -52,12 +49,15 @@ def _compressed_probs(q_chunk, t0, k_cmp, *, block_len, stride, scale):
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, impl="auto"):
   """Query t attends to compressed token i iff i*stride + block_len - 1 <= t.
-  Returns (out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] float32; -inf where nothing is visible)."""
-  _check_impl(impl)
+  Returns (out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] float32; -inf where nothing is visible).
+  impl="pallas": kernels/nsa_compressed_pallas.py (forward, dq, dK/dV)."""
   b, t, hq, dk = q.shape
   scale = dk ** -0.5 if scale is None else scale
   if k_cmp.shape[1] == 0:
     return jnp.zeros((b, t, hq, v_cmp.shape[-1]), q.dtype), jnp.full((b, t, hq), -jnp.inf, jnp.float32)
+  if _pallas(impl):
+    from kernels import nsa_compressed_pallas
+    return nsa_compressed_pallas.compressed_attention(q, k_cmp, v_cmp, block_len, stride, scale)
 
   def chunk_fn(q_chunk, t0):
     p, lse = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
@@ -90,36 +90,52 @@ def block_scores(p_cmp_BQHC, num_blocks: int, *, block_len, stride, select_block
   return sum(float(w[k]) * p[..., k:k + (num_blocks - 1) * r + 1:r] for k in range(len(w)))
 
 
+def rank_blocks(scores, t0, *, select_block, num_selected, num_initial, num_local):
+  """int32 [B, Qc, HKV, n] from block scores [B, Qc, HKV, NB] of queries t0 + [0, Qc): the forced
+  blocks first (score +inf), then the highest scores among blocks j <= t // l'; -1 in free slots."""
+  qc, num_blocks = scores.shape[1], scores.shape[-1]
+  current = (t0 + jnp.arange(qc)) // select_block
+  j = jnp.arange(num_blocks)
+  back = current[:, None] - j[None, :]
+  forced = (j[None, :] < num_initial) | ((back >= 0) & (back < num_local))
+  scores = jnp.where(forced[None, :, None, :], jnp.inf, scores)
+  scores = jnp.where((back >= 0)[None, :, None, :], scores, -jnp.inf)
+  if num_blocks < num_selected:
+    scores = jnp.pad(scores, [(0, 0)] * 3 + [(0, num_selected - num_blocks)], constant_values=-jnp.inf)
+  values, index = jax.lax.top_k(scores, num_selected)            # ties: the lower block index
+  return jnp.where(values == -jnp.inf, -1, index).astype(jnp.int32)
+
+
 def select_blocks(q, k_cmp, *, block_len, stride, select_block, num_selected, num_initial=1,
-                  num_local=2, scale=None, impl="auto"):
+                  num_local=2, scale=None, lse=None, impl="auto"):
   """int32 [B, T, HKV, n]: per query and KV group, the forced blocks (the first `num_initial`,
   the `num_local` ending at t // l') and the highest group-summed importance scores among the
-  eligible blocks j <= t // l'. Free slots are -1. No gradient flows through the choice."""
-  _check_impl(impl)
+  eligible blocks j <= t // l'. Free slots are -1. No gradient flows through the choice.
+  impl="pallas": scores tile by tile in a Pallas kernel from q, k_cmp and the compressed branch's
+  `lse` [B,T,HQ] (computed here when not given), top-n in XLA per chunk of SELECT_CHUNK queries."""
   q, k_cmp = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_cmp)
-  t_len, dk = q.shape[1], q.shape[-1]
+  b, t_len, hq, dk = q.shape
+  hkv = k_cmp.shape[2]
   scale = dk ** -0.5 if scale is None else scale
   num_blocks = -(-t_len // select_block)
+  rank = functools.partial(rank_blocks, select_block=select_block, num_selected=num_selected,
+                           num_initial=num_initial, num_local=num_local)
+  if not k_cmp.shape[1]:
+    return map_query_chunks(lambda q_chunk, t0: rank(jnp.zeros((b, q_chunk.shape[1], hkv, num_blocks)), t0),
+                            q, chunk=QUERY_CHUNK)
+  if _pallas(impl):
+    from kernels import nsa_compressed_pallas
+    if lse is None:
+      lse = nsa_compressed_pallas.compressed_attention(q, k_cmp, k_cmp, block_len, stride, scale)[1]
+    scores = functools.partial(nsa_compressed_pallas.block_scores, k_cmp=k_cmp, block_len=block_len,
+                               stride=stride, select_block=select_block, num_blocks=num_blocks, scale=scale)
+    return map_query_chunks(lambda q_chunk, t0, lse_chunk: rank(scores(q_chunk, lse_chunk, chunk_start=t0), t0),
+                            q, jax.lax.stop_gradient(lse), chunk=SELECT_CHUNK)
 
   def chunk_fn(q_chunk, t0):
-    qc = q_chunk.shape[1]
-    if k_cmp.shape[1]:
-      p, _ = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
-      scores = block_scores(p.sum(axis=3), num_blocks, block_len=block_len, stride=stride,
-                            select_block=select_block)                              # [B,Qc,HKV,NB]
-    else:
-      scores = jnp.zeros((q.shape[0], qc, k_cmp.shape[2], num_blocks), jnp.float32)
-    current = (t0 + jnp.arange(qc)) // select_block
-    j = jnp.arange(num_blocks)
-    back = current[:, None] - j[None, :]
-    forced = (j[None, :] < num_initial) | ((back >= 0) & (back < num_local))
-    eligible = back >= 0
-    scores = jnp.where(forced[None, :, None, :], jnp.inf, scores)
-    scores = jnp.where(eligible[None, :, None, :], scores, -jnp.inf)
-    if num_blocks < num_selected:
-      scores = jnp.pad(scores, [(0, 0)] * 3 + [(0, num_selected - num_blocks)], constant_values=-jnp.inf)
-    values, index = jax.lax.top_k(scores, num_selected)          # ties: the lower block index
-    return jnp.where(values == -jnp.inf, -1, index).astype(jnp.int32)
+    p, _ = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
+    return rank(block_scores(p.sum(axis=3), num_blocks, block_len=block_len, stride=stride,
+                             select_block=select_block), t0)              # [B, Qc, HKV, NB] scores
   return map_query_chunks(chunk_fn, q, chunk=QUERY_CHUNK)
 
 
@@ -128,10 +144,9 @@ def select_blocks(q, k_cmp, *, block_len, stride, select_block, num_selected, nu
 def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl="auto"):
   """Query t attends to keys s with s // block_size among its KV group's `block_indices` and
   s <= t. Indices that are -1, repeated, in the future or out of range are ignored."""
-  if impl == "pallas":      # the Pallas kernels (forward, dq, dK/dV); TPU interpret mode off-TPU
+  if _pallas(impl):      # the Pallas kernels (forward, dq, dK/dV); TPU interpret mode off-TPU
     from kernels import nsa_pallas
     return nsa_pallas.selection_attention(q, k, v, block_indices, block_size, scale)
-  _check_impl(impl)
   b, t, hq, dk = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
@@ -173,9 +188,8 @@ def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl=
 def window_attention(q, k, v, *, window, scale=None, impl="auto"):
   """Query t attends to keys s with t - window < s <= t (`window` keys including itself).
   impl="pallas": jax's splash-attention kernels (forward and backward) with a local mask."""
-  if impl == "pallas":
+  if _pallas(impl):
     return dense.attention(q, k, v, scale=scale, window=window, impl="pallas")
-  _check_impl(impl)
   b, t, hq, dk = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale

@@ -72,6 +72,34 @@ def _union_position(group_ref, grid_shape):
   return (b * hkv + h) * nq + i, u, group_ref[0] * nq + i
 
 
+def _softmax_init(m_scratch, l_scratch, acc_scratch):
+  m_scratch[...] = jnp.full(m_scratch.shape, -jnp.inf, jnp.float32)
+  l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
+  acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+
+
+def _softmax_step(s, v, m_scratch, l_scratch, acc_scratch):
+  """One online-softmax step over masked scores s [R, keys] (fp32) and their values v."""
+  m_prev = m_scratch[...][:, :1]
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)          # rows with nothing seen yet
+  p = jnp.exp(s - m_safe)
+  alpha = jnp.exp(m_prev - m_safe)
+  l_next = alpha * l_scratch[...][:, :1] + jnp.sum(p, axis=1, keepdims=True)
+  acc_scratch[...] = alpha * acc_scratch[...] + jax.lax.dot_general(
+      p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  m_scratch[...] = jnp.broadcast_to(m_next, m_scratch.shape)
+  l_scratch[...] = jnp.broadcast_to(l_next, l_scratch.shape)
+
+
+def _softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch):
+  """out = acc / l and lse = m + log l; rows that saw nothing: 0 and -inf."""
+  l = l_scratch[...][:, :1]
+  seen = l > 0
+  o_ref[...] = jnp.where(seen, acc_scratch[...] / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m_scratch[...] + jnp.log(jnp.where(seen, l_scratch[...], 1.0)), -jnp.inf)
+
+
 def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, k_ref, v_ref, o_ref, lse_ref,
                           m_scratch, l_scratch, acc_scratch, *, scale, block_size, group, num_union,
                           grid_shape):
@@ -79,33 +107,30 @@ def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, k_ref
 
   @pl.when(u == 0)
   def _init():
-    m_scratch[...] = jnp.full(m_scratch.shape, -jnp.inf, jnp.float32)
-    l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
-    acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+    _softmax_init(m_scratch, l_scratch, acc_scratch)
 
   @pl.when(u < count_ref[tile])
   def _step():
     j = union_ref[tile * num_union + u]
     s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, query_tile,
                        scale=scale, block_size=block_size, group=group)
-    m_prev = m_scratch[...][:, :1]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)          # rows with nothing seen yet
-    p = jnp.exp(s - m_safe)
-    alpha = jnp.exp(m_prev - m_safe)
-    l_next = alpha * l_scratch[...][:, :1] + jnp.sum(p, axis=1, keepdims=True)
-    acc_scratch[...] = alpha * acc_scratch[...] + jax.lax.dot_general(
-        p.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    m_scratch[...] = jnp.broadcast_to(m_next, m_scratch.shape)
-    l_scratch[...] = jnp.broadcast_to(l_next, l_scratch.shape)
+    _softmax_step(s, v_ref[...], m_scratch, l_scratch, acc_scratch)
 
   @pl.when(u == num_union - 1)
   def _finish():
-    l = l_scratch[...][:, :1]
-    seen = l > 0
-    o_ref[...] = jnp.where(seen, acc_scratch[...] / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
-    lse = jnp.where(seen, m_scratch[...] + jnp.log(jnp.where(seen, l_scratch[...], 1.0)), -jnp.inf)
-    lse_ref[...] = lse
+    _softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
+
+
+def to_rows(x, hkv: int):
+  """[B, T, HKV*G, D] -> [B, HKV, T*G, D]: row t*G + g is query t, head g of its KV group."""
+  b, t, h, d = x.shape
+  return x.reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * (h // hkv), d)
+
+
+def from_rows(x, t: int):
+  """[B, HKV, T*G, D] -> [B, T, HKV*G, D], the inverse of to_rows."""
+  b, hkv, rows, d = x.shape
+  return x.reshape(b, hkv, t, rows // t, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hkv * (rows // t), d)
 
 
 class _Shape(NamedTuple):
@@ -129,13 +154,10 @@ class _Shape(NamedTuple):
     return self.t // self.queries_per_tile
 
   def rows(self, x):
-    """[B, T, HKV*G, D] -> [B, HKV, T*G, D]: row t*G + g is query t, head g of its KV group."""
-    return x.reshape(self.b, self.t, self.hkv, self.group, x.shape[-1]).transpose(0, 2, 1, 3, 4).reshape(
-        self.b, self.hkv, self.t * self.group, x.shape[-1])
+    return to_rows(x, self.hkv)
 
   def unrows(self, x):
-    return x.reshape(self.b, self.hkv, self.t, self.group, x.shape[-1]).transpose(0, 2, 1, 3, 4).reshape(
-        self.b, self.t, self.hkv * self.group, x.shape[-1])
+    return from_rows(x, self.t)
 
 
 def _shape(q, k, v, block_indices, block_size, scale, interpret) -> _Shape:
@@ -237,6 +259,22 @@ def _probs_and_dscores(s, lse_ref, do, v, delta_ref):
   return p, p * (dp - delta_ref[...][:, :1])
 
 
+def _accumulate_dq(s, do, k, v, lse_ref, delta_ref, dq_scratch, scale):
+  """dq += scale * dS K for one step's masked scores s [R, keys]."""
+  _, ds = _probs_and_dscores(s, lse_ref, do, v, delta_ref)
+  dq_scratch[...] += scale * jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
+                                                 preferred_element_type=jnp.float32)
+
+
+def _accumulate_dkv(s, q, do, v, lse_ref, delta_ref, dk_scratch, dv_scratch, scale):
+  """dV += P^T dO and dK += scale * dS^T Q for one step's masked scores s [R, keys]."""
+  p, ds = _probs_and_dscores(s, lse_ref, do, v, delta_ref)
+  dv_scratch[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+  dk_scratch[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                                                 preferred_element_type=jnp.float32)
+
+
 def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref,
                          k_ref, v_ref, dq_ref, acc_scratch, *, scale, block_size, group, num_union, grid_shape):
   tile, u, query_tile = _union_position(group_ref, grid_shape)
@@ -250,9 +288,7 @@ def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref
     j = union_ref[tile * num_union + u]
     s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, query_tile,
                        scale=scale, block_size=block_size, group=group)
-    _, ds = _probs_and_dscores(s, lse_ref, do_ref[...], v_ref[...], delta_ref)
-    acc_scratch[...] += scale * jax.lax.dot_general(ds.astype(k_ref.dtype), k_ref[...], (((1,), (0,)), ((), ())),
-                                                    preferred_element_type=jnp.float32)
+    _accumulate_dq(s, do_ref[...], k_ref[...], v_ref[...], lse_ref, delta_ref, acc_scratch, scale)
 
   @pl.when(u == num_union - 1)
   def _finish():
@@ -324,12 +360,7 @@ def _selection_dkv_kernel(block_ref, tile_ref, q_ref, idx_ref, do_ref, lse_ref, 
     q = q_ref[...]
     s = _masked_scores(q, k_ref[...], idx_ref[...], j, tile, scale=scale, block_size=block_size,
                        group=group)                                                     # [R, l']
-    do = do_ref[...]
-    pr, ds = _probs_and_dscores(s, lse_ref, do, v_ref[...], delta_ref)
-    dv_scratch[...] += jax.lax.dot_general(pr.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
-    dk_scratch[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                                   preferred_element_type=jnp.float32)
+    _accumulate_dkv(s, q, do_ref[...], v_ref[...], lse_ref, delta_ref, dk_scratch, dv_scratch, scale)
 
   @pl.when(ends)
   def _finish():

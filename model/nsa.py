@@ -64,11 +64,12 @@ class NSAAttention(nn.Module):
                                      k_cmp.shape[:2])
     k_cmp = rope(k_cmp, cmp_positions)
 
-    o_cmp, _ = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len=c.cmp_block,
-                                                stride=c.cmp_stride, impl=impl)
-    block_indices = nsa_kernels.select_blocks(
+    o_cmp, lse_cmp = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len=c.cmp_block,
+                                                      stride=c.cmp_stride, impl=impl)
+    block_indices = nsa_kernels.select_blocks(      # the Pallas path reuses the branch's lse
         q, k_cmp, block_len=c.cmp_block, stride=c.cmp_stride, select_block=c.slc_block,
-        num_selected=c.num_selected, num_initial=c.num_initial, num_local=c.num_local, impl=impl)
+        num_selected=c.num_selected, num_initial=c.num_initial, num_local=c.num_local, lse=lse_cmp,
+        impl=impl)
     k_slc, v_slc = kv.get("slc", kv.get("all"))
     o_slc = nsa_kernels.selection_attention(q, rope(k_slc, positions_BT), v_slc, block_indices,
                                             block_size=c.slc_block, impl=impl)

@@ -1,0 +1,314 @@
+"""Pallas TPU kernels for NSA's compressed branch (DESIGN.md §4, §7): attention over the compressed
+keys (forward with lse, dq, dK/dV behind a custom_vjp) and the group-summed, overlap-mapped block
+scores that select_blocks ranks. Query t sees compressed token c iff c*d + l - 1 <= t.
+
+rows    as in the selection kernels (kernels/nsa_pallas.py): a tile is bq = 128 // G query
+        positions x the G heads of one KV group, 128 matmul rows whatever G is.
+Attention, forward and dq: grid (B, HKV, T/bq, Cp/BK), BK = 128 compressed keys per step, an
+        online softmax over the key axis. Query tile i needs only its first n_i key tiles (the
+        ones with a token it can see); later steps skip compute with pl.when and their index map
+        repeats tile n_i - 1, so they issue no DMA. Bytes per query tile: q 128*Dk (+ dO, lse,
+        delta in dq), n_i*BK*(Dk + Dv) of K/V, out 128*Dv, lse 128*128 fp32 (lane-replicated).
+dK/dV:  KV-stationary grid (B, HKV, Cp/BK, T/bq): key tile kb accumulates over the query tiles
+        that see any of its tokens in VMEM and is written once; earlier tiles are skipped and their
+        index maps clamped forward to the first tile that is read.
+Scores: grid (B, HKV, Qc/bq, NBp/nbt) over one query chunk. Step kb reads BKS = nbt*l'/d compressed
+        keys, exactly the ones starting inside selection blocks [kb*nbt, (kb+1)*nbt), and turns
+        p = exp(s - lse) ([128, BKS], lse from the compressed attention) into the chunk's
+        [bq, nbt] block scores with two MXU products: a 0/1 [bq, 128] matrix sums the G heads of
+        each query, and a constant [BKS, nbt] overlap matrix maps tokens to blocks. Tokens of tile
+        kb-1 that reach into block kb*nbt (l > d) come from the previous step's sums, kept in VMEM.
+        Nothing [T, C] exists per head or per group: HBM sees [Qc, NB] per KV group and chunk.
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+import kernels
+from kernels.nsa_pallas import (LANES, ROWS, _accumulate_dkv, _accumulate_dq, _softmax_finish,
+                                _softmax_init, _softmax_step, from_rows, to_rows)
+
+KEY_TILE = 128        # compressed keys per attention step (the lane width of the scores)
+SCORE_BLOCKS = 128    # selection blocks per score step (the lane width of the output)
+
+
+class _Cmp(NamedTuple):
+  """Static geometry of one compressed-attention call."""
+  b: int
+  t: int
+  hkv: int
+  group: int
+  dk: int
+  dv: int
+  c: int                # compressed tokens
+  block_len: int        # l
+  stride: int           # d
+  scale: float
+  interpret: bool
+
+  @property
+  def bq(self):
+    return ROWS // self.group
+
+  @property
+  def num_query_tiles(self):
+    return self.t // self.bq
+
+  def visible_tokens(self, query_tile):
+    """Compressed tokens the last query of `query_tile` sees (traced int32)."""
+    last = (query_tile + 1) * self.bq - 1
+    return jnp.clip((last - self.block_len + 1) // self.stride + 1, 0, self.c)
+
+  def key_tiles(self, query_tile, key_tile=None):
+    """How many key tiles of `key_tile` (default KEY_TILE) tokens query tile i needs (traced int32)."""
+    key_tile = key_tile or KEY_TILE
+    return (self.visible_tokens(query_tile) + key_tile - 1) // key_tile
+
+  def first_query_tile(self, kb):
+    """The first query tile that sees a token of key tile kb (may be >= the number of tiles)."""
+    return (kb * KEY_TILE * self.stride + self.block_len - 1) // self.bq
+
+
+def _geometry(q, k_cmp, v_cmp, block_len, stride, scale, interpret) -> _Cmp:
+  b, t, hq, dk = q.shape
+  hkv = k_cmp.shape[2]
+  group = hq // hkv
+  if ROWS % group:
+    raise ValueError(f"compressed kernels: the query group HQ/HKV={group} must divide {ROWS}")
+  if t % (ROWS // group):
+    raise ValueError(f"compressed kernels: T={t} must be a multiple of {ROWS // group} (128 rows / G={group})")
+  return _Cmp(b, t, hkv, group, dk, v_cmp.shape[-1], k_cmp.shape[1], block_len, stride,
+              dk ** -0.5 if scale is None else scale,
+              kernels.interpret() if interpret is None else interpret)
+
+
+def _interpret(g: _Cmp):
+  return pltpu.InterpretParams() if g.interpret else False
+
+
+def _scores(g: _Cmp, q, k, query_tile, key_tile):
+  """scale * q k^T [128, keys] fp32, -inf where the row's query cannot see the compressed token."""
+  rows, keys = q.shape[0], k.shape[0]
+  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * g.scale
+  query_pos = query_tile * g.bq + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // g.group
+  token = key_tile * keys + jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1)
+  return jnp.where(token * g.stride + g.block_len - 1 <= query_pos, s, -jnp.inf)
+
+
+def _pad_keys(x_t, multiple):
+  c = x_t.shape[2]
+  return jnp.pad(x_t, [(0, 0), (0, 0), (0, -(-c // multiple) * multiple - c), (0, 0)])
+
+
+# ---- attention: forward and dq (query-stationary), dK/dV (KV-stationary) ----
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, g):
+  i, kb = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(kb == 0)
+  def _init():
+    _softmax_init(m_scratch, l_scratch, acc_scratch)
+
+  @pl.when(kb < g.key_tiles(i))
+  def _step():
+    _softmax_step(_scores(g, q_ref[...], k_ref[...], i, kb), v_ref[...], m_scratch, l_scratch, acc_scratch)
+
+  @pl.when(kb == pl.num_programs(3) - 1)
+  def _finish():
+    _softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
+
+
+def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, acc_scratch, *, g):
+  i, kb = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(kb == 0)
+  def _init():
+    acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+
+  @pl.when(kb < g.key_tiles(i))
+  def _step():
+    s = _scores(g, q_ref[...], k_ref[...], i, kb)
+    _accumulate_dq(s, do_ref[...], k_ref[...], v_ref[...], lse_ref, delta_ref, acc_scratch, g.scale)
+
+  @pl.when(kb == pl.num_programs(3) - 1)
+  def _finish():
+    dq_ref[...] = acc_scratch[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, g):
+  kb, i = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(i == 0)
+  def _init():
+    dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
+    dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
+
+  @pl.when(i >= g.first_query_tile(kb))
+  def _step():
+    q = q_ref[...]
+    _accumulate_dkv(_scores(g, q, k_ref[...], i, kb), q, do_ref[...], v_ref[...], lse_ref, delta_ref,
+                    dk_scratch, dv_scratch, g.scale)
+
+  @pl.when(i == pl.num_programs(3) - 1)
+  def _finish():
+    dk_ref[...] = dk_scratch[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
+
+
+def _query_stationary_call(g: _Cmp, kernel, row_widths, out_widths, out_dtypes, scratch, num_key_tiles):
+  """pallas_call over grid (B, HKV, T/bq, key tiles): row inputs of `row_widths`, then K and V
+  tiles (clamped to the query tile's last needed one), row outputs."""
+  row_map = lambda b, h, i, kb: (b, h, i, 0)
+  key_map = lambda b, h, i, kb: (b, h, jnp.minimum(kb, jnp.maximum(g.key_tiles(i) - 1, 0)), 0)
+  return pl.pallas_call(
+      functools.partial(kernel, g=g),
+      grid=(g.b, g.hkv, g.num_query_tiles, num_key_tiles),
+      in_specs=[pl.BlockSpec((None, None, ROWS, w), row_map) for w in row_widths]
+               + [pl.BlockSpec((None, None, KEY_TILE, g.dk), key_map),
+                  pl.BlockSpec((None, None, KEY_TILE, g.dv), key_map)],
+      out_specs=[pl.BlockSpec((None, None, ROWS, w), row_map) for w in out_widths],
+      out_shape=[jax.ShapeDtypeStruct((g.b, g.hkv, g.t * g.group, w), d) for w, d in zip(out_widths, out_dtypes)],
+      scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in scratch],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=_interpret(g))
+
+
+def _forward_rows(g: _Cmp, q_rows, k_t, v_t):
+  """(out rows [B,HKV,T*G,Dv], lse rows [B,HKV,T*G,128] fp32) with k_t, v_t padded to KEY_TILE."""
+  return _query_stationary_call(
+      g, _forward_kernel, [g.dk], [g.dv, LANES], [q_rows.dtype, jnp.float32],
+      [(ROWS, LANES), (ROWS, LANES), (ROWS, g.dv)], k_t.shape[2] // KEY_TILE)(q_rows, k_t, v_t)
+
+
+def _keys_t(k_cmp, v_cmp):
+  return (_pad_keys(k_cmp.transpose(0, 2, 1, 3), KEY_TILE), _pad_keys(v_cmp.transpose(0, 2, 1, 3), KEY_TILE))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def compressed_attention(q, k_cmp, v_cmp, block_len: int, stride: int, scale=None, interpret=None):
+  """(out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] fp32, -inf where nothing is visible): the contract
+  of kernels.nsa.compressed_attention; forward, dq and dK/dV are Pallas kernels. Needs C >= 1."""
+  return _compressed_fwd(q, k_cmp, v_cmp, block_len, stride, scale, interpret)[0]
+
+
+def _compressed_fwd(q, k_cmp, v_cmp, block_len, stride, scale, interpret):
+  g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, interpret)
+  out_rows, lse_rows = _forward_rows(g, to_rows(q, g.hkv), *_keys_t(k_cmp, v_cmp))
+  result = (from_rows(out_rows, g.t), from_rows(lse_rows[..., :1], g.t)[..., 0])
+  return result, (q, k_cmp, v_cmp, out_rows, lse_rows)
+
+
+def _compressed_bwd(block_len, stride, scale, interpret, residuals, cotangents):
+  q, k_cmp, v_cmp, out_rows, lse_rows = residuals
+  dout, dlse = cotangents
+  g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, interpret)
+  k_t, v_t = _keys_t(k_cmp, v_cmp)
+  q_rows, do_rows = to_rows(q, g.hkv), to_rows(dout.astype(q.dtype), g.hkv)
+  # d lse / d s = p, so the lse cotangent enters as dS = p * (dO V^T - (delta - dlse)).
+  delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), -1, keepdims=True)
+  delta = delta - to_rows(dlse.astype(jnp.float32)[..., None], g.hkv)
+  delta_rows = jnp.broadcast_to(delta, (*delta.shape[:-1], LANES))
+  num_key_tiles = k_t.shape[2] // KEY_TILE
+  dq_rows, = _query_stationary_call(
+      g, _dq_kernel, [g.dk, g.dv, LANES, LANES], [g.dk], [q.dtype], [(ROWS, g.dk)], num_key_tiles)(
+          q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
+
+  last = g.num_query_tiles - 1
+  row_map = lambda b, h, kb, i: (b, h, jnp.minimum(jnp.maximum(i, g.first_query_tile(kb)), last), 0)
+  key_map = lambda b, h, kb, i: (b, h, kb, 0)
+  dk_t, dv_t = pl.pallas_call(
+      functools.partial(_dkv_kernel, g=g),
+      grid=(g.b, g.hkv, num_key_tiles, g.num_query_tiles),
+      in_specs=[pl.BlockSpec((None, None, ROWS, w), row_map) for w in (g.dk, g.dv, LANES, LANES)]
+               + [pl.BlockSpec((None, None, KEY_TILE, w), key_map) for w in (g.dk, g.dv)],
+      out_specs=[pl.BlockSpec((None, None, KEY_TILE, w), key_map) for w in (g.dk, g.dv)],
+      out_shape=[jax.ShapeDtypeStruct(k_t.shape, k_cmp.dtype), jax.ShapeDtypeStruct(v_t.shape, v_cmp.dtype)],
+      scratch_shapes=[pltpu.VMEM((KEY_TILE, g.dk), jnp.float32), pltpu.VMEM((KEY_TILE, g.dv), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=_interpret(g))(q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
+  unpad = lambda x: x[:, :, :g.c].transpose(0, 2, 1, 3)
+  return from_rows(dq_rows, g.t), unpad(dk_t), unpad(dv_t)
+
+
+compressed_attention.defvjp(_compressed_fwd, _compressed_bwd)
+
+
+# ---- block scores for select_blocks ----
+
+@functools.lru_cache(maxsize=None)
+def overlap_tiles(block_len: int, stride: int, select_block: int, blocks_per_tile: int):
+  """(own [BKS, nbt], previous [BKS, nbt]) float32: |tokens of compressed c ∩ selection block j| / d
+  for c in the current key tile and in the one before, j in the current tile of blocks. Every tile
+  pair looks the same because a key tile covers exactly its blocks' span (BKS*d = nbt*l')."""
+  keys = blocks_per_tile * select_block // stride
+  c = np.arange(-keys, keys)[:, None]
+  j = np.arange(blocks_per_tile)[None, :]
+  w = np.maximum(0, np.minimum(c * stride + block_len, (j + 1) * select_block)
+                 - np.maximum(c * stride, j * select_block)) / stride
+  return w[keys:].astype(np.float32), w[:keys].astype(np.float32)
+
+
+def _scores_kernel(chunk_ref, q_ref, lse_ref, k_ref, own_ref, prev_ref, out_ref, sums_scratch, *, g, keys):
+  i, kb = pl.program_id(2), pl.program_id(3)
+  query_tile = chunk_ref[0] + i
+  needed = g.key_tiles(query_tile, keys)
+  dot = lambda a, b: jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+  @pl.when(kb == 0)
+  def _init():
+    sums_scratch[...] = jnp.zeros(sums_scratch.shape, jnp.float32)
+
+  @pl.when(kb < needed)
+  def _step():
+    s = _scores(g, q_ref[...], k_ref[...], query_tile, kb)
+    lse = lse_ref[...][:, :1]
+    p = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)))   # [128, BKS]
+    if g.group > 1:   # sum each query's G heads: [bq, 128] 0/1 matrix times p
+      rows = jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 1) // g.group
+      p = dot((rows == jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 0)).astype(jnp.float32), p)
+    out_ref[...] = dot(p, own_ref[...]) + dot(sums_scratch[...], prev_ref[...])
+    sums_scratch[...] = p
+
+  @pl.when(kb >= needed)
+  def _rest():   # only the first step past the last needed tile gets the spill of its tokens
+    out_ref[...] = dot(sums_scratch[...], prev_ref[...])
+    sums_scratch[...] = jnp.zeros(sums_scratch.shape, jnp.float32)
+
+
+def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stride: int, select_block: int,
+                 num_blocks: int, scale=None, interpret=None):
+  """float32 [B, Qc, HKV, num_blocks]: for queries chunk_start + [0, Qc) the selection-block
+  importance sum_{g, c} w(c, j) p_cmp[g, c] of NSA (the XLA reference's block_scores of the
+  group-summed compressed probabilities), with p_cmp = exp(s - lse) from the compressed
+  attention's lse. chunk_start (traced int32) must be a multiple of 128/G, as must Qc."""
+  g = _geometry(q_chunk, k_cmp, k_cmp, block_len, stride, scale, interpret)
+  nbt = min(SCORE_BLOCKS, num_blocks)
+  num_tiles = -(-num_blocks // nbt)
+  keys = nbt * select_block // stride
+  own, prev = (jnp.asarray(w) for w in overlap_tiles(block_len, stride, select_block, nbt))
+  k_t = k_cmp.transpose(0, 2, 1, 3)
+  k_t = jnp.pad(k_t, [(0, 0), (0, 0), (0, max(0, num_tiles * keys - g.c)), (0, 0)])[:, :, :num_tiles * keys]
+  lse_rows = jnp.broadcast_to(to_rows(lse_chunk[..., None], g.hkv), (g.b, g.hkv, g.t * g.group, LANES))
+  start_tile = (jnp.asarray(chunk_start, jnp.int32) // g.bq).reshape(1)
+
+  row_map = lambda b, h, i, kb, start: (b, h, i, 0)
+  key_map = lambda b, h, i, kb, start: (b, h, jnp.minimum(kb, jnp.maximum(g.key_tiles(start[0] + i, keys) - 1, 0)), 0)
+  fixed = lambda b, h, i, kb, start: (0, 0)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_query_tiles, num_tiles),
+      in_specs=[pl.BlockSpec((None, None, ROWS, g.dk), row_map), pl.BlockSpec((None, None, ROWS, LANES), row_map),
+                pl.BlockSpec((None, None, keys, g.dk), key_map),
+                pl.BlockSpec((keys, nbt), fixed), pl.BlockSpec((keys, nbt), fixed)],
+      out_specs=pl.BlockSpec((None, None, None, g.bq, nbt), lambda b, h, i, kb, start: (b, h, i, 0, kb)),
+      scratch_shapes=[pltpu.VMEM((g.bq, keys), jnp.float32)])
+  out = pl.pallas_call(
+      functools.partial(_scores_kernel, g=g, keys=keys), grid_spec=grid_spec,
+      out_shape=jax.ShapeDtypeStruct((g.b, g.hkv, g.num_query_tiles, g.bq, num_tiles * nbt), jnp.float32),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=_interpret(g))(start_tile, to_rows(q_chunk, g.hkv), lse_rows, k_t, own, prev)
+  return out.reshape(g.b, g.hkv, g.t, -1)[..., :num_blocks].transpose(0, 2, 1, 3)
