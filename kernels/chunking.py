@@ -11,9 +11,10 @@ import jax.numpy as jnp
 UNROLL = False   # True: unroll the chunk loop (so XLA's cost analysis counts every chunk)
 
 
-def map_query_chunks(fn, q, *per_query, chunk: int):
+def map_query_chunks(fn, q, *per_query, chunk: int, remat: bool = True):
   """out[:, t] = fn(q chunk, chunk start, per_query chunks...)[:, t - start], chunk by chunk.
-  q and every per_query array have [B, T, ...] leading dims; the last chunk is zero-padded."""
+  q and every per_query array have [B, T, ...] leading dims; the last chunk is zero-padded.
+  remat=False for functions nothing differentiates (interpret-mode Pallas cannot sit in a remat)."""
   b, t = q.shape[:2]
   chunk = max(1, min(chunk, t))
   n = -(-t // chunk)
@@ -24,7 +25,8 @@ def map_query_chunks(fn, q, *per_query, chunk: int):
     return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)       # [n, B, chunk, ...]
 
   starts = jnp.arange(n, dtype=jnp.int32) * chunk
-  body = jax.checkpoint(lambda args: fn(args[0], args[1], *args[2:]))
+  body = lambda args: fn(args[0], args[1], *args[2:])
+  body = jax.checkpoint(body) if remat else body
   _, outs = jax.lax.scan(lambda carry, args: (carry, body(args)), None,
                          (split(q), starts, *map(split, per_query)), unroll=UNROLL)
 

@@ -130,7 +130,7 @@ def select_blocks(q, k_cmp, *, block_len, stride, select_block, num_selected, nu
     scores = functools.partial(nsa_compressed_pallas.block_scores, k_cmp=k_cmp, block_len=block_len,
                                stride=stride, select_block=select_block, num_blocks=num_blocks, scale=scale)
     return map_query_chunks(lambda q_chunk, t0, lse_chunk: rank(scores(q_chunk, lse_chunk, chunk_start=t0), t0),
-                            q, jax.lax.stop_gradient(lse), chunk=SELECT_CHUNK)
+                            q, jax.lax.stop_gradient(lse), chunk=SELECT_CHUNK, remat=False)
 
   def chunk_fn(q_chunk, t0):
     p, _ = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)

@@ -8,7 +8,7 @@ Attention, forward and dq: grid (B, HKV, T/bq, Cp/BK), BK = 128 compressed keys 
         online softmax over the key axis. Query tile i needs only its first n_i key tiles (the
         ones with a token it can see); later steps skip compute with pl.when and their index map
         repeats tile n_i - 1, so they issue no DMA. Bytes per query tile: q 128*Dk (+ dO, lse,
-        delta in dq), n_i*BK*(Dk + Dv) of K/V, out 128*Dv, lse 128*128 fp32 (lane-replicated).
+        delta in dq), n_i*BK*(Dk + Dv) of K/V, out 128*Dv, lse 128 fp32 (a tile row).
 dK/dV:  KV-stationary grid (B, HKV, Cp/BK, T/bq): key tile kb accumulates over the query tiles
         that see any of its tokens in VMEM and is written once; earlier tiles are skipped and their
         index maps clamped forward to the first tile that is read.
@@ -30,8 +30,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels
-from kernels.nsa_pallas import (LANES, ROWS, _accumulate_dkv, _accumulate_dq, _softmax_finish,
-                                _softmax_init, _softmax_step, from_rows, to_rows)
+from kernels.nsa_pallas import (LANES, ROWS, _accumulate_dkv, _accumulate_dq, _probs, _softmax_finish,
+                                _softmax_init, _softmax_step, from_rows, from_tile_rows, tile_row_spec,
+                                to_rows, to_tile_rows)
 
 KEY_TILE = 128        # compressed keys per attention step (the lane width of the scores)
 SCORE_BLOCKS = 128    # selection blocks per score step (the lane width of the output)
@@ -160,28 +161,35 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _query_stationary_call(g: _Cmp, kernel, row_widths, out_widths, out_dtypes, scratch, num_key_tiles):
-  """pallas_call over grid (B, HKV, T/bq, key tiles): row inputs of `row_widths`, then K and V
-  tiles (clamped to the query tile's last needed one), row outputs."""
-  row_map = lambda b, h, i, kb: (b, h, i, 0)
+def _query_stationary_call(g: _Cmp, kernel, row_inputs, row_outputs, scratch, num_key_tiles):
+  """pallas_call over grid (B, HKV, T/bq, key tiles). row_inputs / row_outputs: per-row arrays as
+  ("rows", width, dtype) ([B, HKV, T*G, width]) or ("tile_row", 1, dtype) ([B, HKV, NQ, 1, 128]);
+  K and V tiles come after the row inputs, clamped to the query tile's last needed one."""
+  def spec(kind, width):
+    if kind == "tile_row":
+      return tile_row_spec(lambda b, h, i, kb: (b, h, i))
+    return pl.BlockSpec((None, None, ROWS, width), lambda b, h, i, kb: (b, h, i, 0))
+  def shape(kind, width, dtype):
+    dims = (g.num_query_tiles, 1, ROWS) if kind == "tile_row" else (g.t * g.group, width)
+    return jax.ShapeDtypeStruct((g.b, g.hkv, *dims), dtype)
   key_map = lambda b, h, i, kb: (b, h, jnp.minimum(kb, jnp.maximum(g.key_tiles(i) - 1, 0)), 0)
   return pl.pallas_call(
       functools.partial(kernel, g=g),
       grid=(g.b, g.hkv, g.num_query_tiles, num_key_tiles),
-      in_specs=[pl.BlockSpec((None, None, ROWS, w), row_map) for w in row_widths]
+      in_specs=[spec(kind, w) for kind, w, _ in row_inputs]
                + [pl.BlockSpec((None, None, KEY_TILE, g.dk), key_map),
                   pl.BlockSpec((None, None, KEY_TILE, g.dv), key_map)],
-      out_specs=[pl.BlockSpec((None, None, ROWS, w), row_map) for w in out_widths],
-      out_shape=[jax.ShapeDtypeStruct((g.b, g.hkv, g.t * g.group, w), d) for w, d in zip(out_widths, out_dtypes)],
+      out_specs=[spec(kind, w) for kind, w, _ in row_outputs],
+      out_shape=[shape(*o) for o in row_outputs],
       scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in scratch],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret(g))
 
 
 def _forward_rows(g: _Cmp, q_rows, k_t, v_t):
-  """(out rows [B,HKV,T*G,Dv], lse rows [B,HKV,T*G,128] fp32) with k_t, v_t padded to KEY_TILE."""
+  """(out rows [B,HKV,T*G,Dv], lse tile rows [B,HKV,NQ,1,128] fp32); k_t, v_t padded to KEY_TILE."""
   return _query_stationary_call(
-      g, _forward_kernel, [g.dk], [g.dv, LANES], [q_rows.dtype, jnp.float32],
+      g, _forward_kernel, [("rows", g.dk, None)], [("rows", g.dv, q_rows.dtype), ("tile_row", 1, jnp.float32)],
       [(ROWS, LANES), (ROWS, LANES), (ROWS, g.dv)], k_t.shape[2] // KEY_TILE)(q_rows, k_t, v_t)
 
 
@@ -199,7 +207,7 @@ def compressed_attention(q, k_cmp, v_cmp, block_len: int, stride: int, scale=Non
 def _compressed_fwd(q, k_cmp, v_cmp, block_len, stride, scale, interpret):
   g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, interpret)
   out_rows, lse_rows = _forward_rows(g, to_rows(q, g.hkv), *_keys_t(k_cmp, v_cmp))
-  result = (from_rows(out_rows, g.t), from_rows(lse_rows[..., :1], g.t)[..., 0])
+  result = (from_rows(out_rows, g.t), from_tile_rows(lse_rows, g.t))
   return result, (q, k_cmp, v_cmp, out_rows, lse_rows)
 
 
@@ -210,21 +218,21 @@ def _compressed_bwd(block_len, stride, scale, interpret, residuals, cotangents):
   k_t, v_t = _keys_t(k_cmp, v_cmp)
   q_rows, do_rows = to_rows(q, g.hkv), to_rows(dout.astype(q.dtype), g.hkv)
   # d lse / d s = p, so the lse cotangent enters as dS = p * (dO V^T - (delta - dlse)).
-  delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), -1, keepdims=True)
-  delta = delta - to_rows(dlse.astype(jnp.float32)[..., None], g.hkv)
-  delta_rows = jnp.broadcast_to(delta, (*delta.shape[:-1], LANES))
+  delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), -1).reshape(lse_rows.shape)
+  delta_rows = delta - to_tile_rows(dlse.astype(jnp.float32), g.hkv)
   num_key_tiles = k_t.shape[2] // KEY_TILE
   dq_rows, = _query_stationary_call(
-      g, _dq_kernel, [g.dk, g.dv, LANES, LANES], [g.dk], [q.dtype], [(ROWS, g.dk)], num_key_tiles)(
-          q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
+      g, _dq_kernel, [("rows", g.dk, None), ("rows", g.dv, None), ("tile_row", 1, None), ("tile_row", 1, None)],
+      [("rows", g.dk, q.dtype)], [(ROWS, g.dk)], num_key_tiles)(q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
 
   last = g.num_query_tiles - 1
-  row_map = lambda b, h, kb, i: (b, h, jnp.minimum(jnp.maximum(i, g.first_query_tile(kb)), last), 0)
+  tile = lambda b, h, kb, i: (b, h, jnp.minimum(jnp.maximum(i, g.first_query_tile(kb)), last))
   key_map = lambda b, h, kb, i: (b, h, kb, 0)
   dk_t, dv_t = pl.pallas_call(
       functools.partial(_dkv_kernel, g=g),
       grid=(g.b, g.hkv, num_key_tiles, g.num_query_tiles),
-      in_specs=[pl.BlockSpec((None, None, ROWS, w), row_map) for w in (g.dk, g.dv, LANES, LANES)]
+      in_specs=[pl.BlockSpec((None, None, ROWS, w), lambda *a: (*tile(*a), 0)) for w in (g.dk, g.dv)]
+               + [tile_row_spec(tile), tile_row_spec(tile)]
                + [pl.BlockSpec((None, None, KEY_TILE, w), key_map) for w in (g.dk, g.dv)],
       out_specs=[pl.BlockSpec((None, None, KEY_TILE, w), key_map) for w in (g.dk, g.dv)],
       out_shape=[jax.ShapeDtypeStruct(k_t.shape, k_cmp.dtype), jax.ShapeDtypeStruct(v_t.shape, v_cmp.dtype)],
@@ -266,8 +274,7 @@ def _scores_kernel(chunk_ref, q_ref, lse_ref, k_ref, own_ref, prev_ref, out_ref,
   @pl.when(kb < needed)
   def _step():
     s = _scores(g, q_ref[...], k_ref[...], query_tile, kb)
-    lse = lse_ref[...][:, :1]
-    p = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)))   # [128, BKS]
+    p = _probs(s, lse_ref)                                                      # [128, BKS]
     if g.group > 1:   # sum each query's G heads: [bq, 128] 0/1 matrix times p
       rows = jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 1) // g.group
       p = dot((rows == jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 0)).astype(jnp.float32), p)
@@ -293,7 +300,7 @@ def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stri
   own, prev = (jnp.asarray(w) for w in overlap_tiles(block_len, stride, select_block, nbt))
   k_t = k_cmp.transpose(0, 2, 1, 3)
   k_t = jnp.pad(k_t, [(0, 0), (0, 0), (0, max(0, num_tiles * keys - g.c)), (0, 0)])[:, :, :num_tiles * keys]
-  lse_rows = jnp.broadcast_to(to_rows(lse_chunk[..., None], g.hkv), (g.b, g.hkv, g.t * g.group, LANES))
+  lse_rows = to_tile_rows(lse_chunk, g.hkv)
   start_tile = (jnp.asarray(chunk_start, jnp.int32) // g.bq).reshape(1)
 
   row_map = lambda b, h, i, kb, start: (b, h, i, 0)
@@ -301,7 +308,7 @@ def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stri
   fixed = lambda b, h, i, kb, start: (0, 0)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_query_tiles, num_tiles),
-      in_specs=[pl.BlockSpec((None, None, ROWS, g.dk), row_map), pl.BlockSpec((None, None, ROWS, LANES), row_map),
+      in_specs=[pl.BlockSpec((None, None, ROWS, g.dk), row_map), tile_row_spec(lambda b, h, i, kb, start: (b, h, i)),
                 pl.BlockSpec((None, None, keys, g.dk), key_map),
                 pl.BlockSpec((keys, nbt), fixed), pl.BlockSpec((keys, nbt), fixed)],
       out_specs=pl.BlockSpec((None, None, None, g.bq, nbt), lambda b, h, i, kb, start: (b, h, i, 0, kb)),

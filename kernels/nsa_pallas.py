@@ -14,7 +14,7 @@ Selection forward, union query tiling:
   masks    each row keeps a key iff its own query chose that block and the key is not in its
            future; rows see their n indices ([128, n] int32 tile) to decide.
   bytes    per tile: q 128*Dk, the union's K/V blocks once each (count * l' * (Dk + Dv)),
-           out 128*Dv, lse 128*128 fp32 (lane-replicated, as splash stores it).
+           out 128*Dv, lse 128 fp32 (one [1, 128] tile row; see to_tile_rows).
 """
 import functools
 from typing import NamedTuple
@@ -97,7 +97,13 @@ def _softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch):
   l = l_scratch[...][:, :1]
   seen = l > 0
   o_ref[...] = jnp.where(seen, acc_scratch[...] / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, m_scratch[...] + jnp.log(jnp.where(seen, l_scratch[...], 1.0)), -jnp.inf)
+  lse = jnp.where(seen, m_scratch[...] + jnp.log(jnp.where(seen, l_scratch[...], 1.0)), -jnp.inf)
+  lse_ref[...] = lse.T[:1]       # lane-replicated [R, 128] -> the [1, R] row of a tile-row array
+
+
+def _column(ref):
+  """A [1, R] tile-row block (lse, delta) as the [R, 1] column the scores broadcast against."""
+  return jnp.expand_dims(ref[0], -1)
 
 
 def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, k_ref, v_ref, o_ref, lse_ref,
@@ -131,6 +137,25 @@ def from_rows(x, t: int):
   """[B, HKV, T*G, D] -> [B, T, HKV*G, D], the inverse of to_rows."""
   b, hkv, rows, d = x.shape
   return x.reshape(b, hkv, t, rows // t, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hkv * (rows // t), d)
+
+
+# Per-row statistics (lse, delta) live as "tile rows" [B, HKV, NQ, 1, 128]: one lane-dense row per
+# query tile (splash keeps its lse as [H, 1, T] for the same reason), 4 bytes per row in HBM.
+
+def to_tile_rows(x_BTH, hkv: int):
+  """[B, T, HQ] -> [B, HKV, NQ, 1, 128] in the row order of to_rows."""
+  r = to_rows(x_BTH[..., None], hkv)
+  return r.reshape(r.shape[0], hkv, -1, 1, ROWS)
+
+
+def from_tile_rows(x, t: int):
+  """[B, HKV, NQ, 1, 128] -> [B, T, HQ], the inverse of to_tile_rows."""
+  return from_rows(x.reshape(*x.shape[:2], -1, 1), t)[..., 0]
+
+
+def tile_row_spec(index_map):
+  """BlockSpec of one tile's [1, 128] row; index_map gives (b, h, tile)."""
+  return pl.BlockSpec((None, None, None, 1, ROWS), lambda *a: (*index_map(*a), 0, 0))
 
 
 class _Shape(NamedTuple):
@@ -185,12 +210,13 @@ def _map_tile_groups(sh: _Shape, call, tiles: int, per_tile_lists, per_row_input
   """Runs `call(group id, lists..., row inputs..., shared...)` over groups of `tiles` query tiles
   (a lax.map: one pallas_call per group) and joins the per-row outputs."""
   groups = sh.num_tiles // tiles
-  split = lambda x, per: jnp.moveaxis(x.reshape(sh.b, sh.hkv, groups, tiles * per, *x.shape[3:]), 2, 0)
+  # Axis 2 holds NQ tiles (lists, tile rows) or NQ * 128 rows; either splits into `groups`.
+  split = lambda x: jnp.moveaxis(x.reshape(sh.b, sh.hkv, groups, -1, *x.shape[3:]), 2, 0)
   outs = jax.lax.map(
       lambda a: call(a[0], *(x.reshape(-1) for x in a[1]), *a[2], *shared),
-      (jnp.arange(groups, dtype=jnp.int32)[:, None], [split(x, 1) for x in per_tile_lists],
-       [split(x, ROWS) for x in per_row_inputs]))
-  return [jnp.moveaxis(x, 0, 2).reshape(sh.b, sh.hkv, sh.t * sh.group, x.shape[-1]) for x in outs]
+      (jnp.arange(groups, dtype=jnp.int32)[:, None], [split(x) for x in per_tile_lists],
+       [split(x) for x in per_row_inputs]))
+  return [jnp.moveaxis(x, 0, 2).reshape(sh.b, sh.hkv, -1, *x.shape[4:]) for x in outs]
 
 
 def _forward_rows(sh: _Shape, q_rows, k_t, v_t, idx_rows, union, count):
@@ -208,7 +234,7 @@ def selection_forward(q, k, v, block_indices, *, block_size: int, scale=None, in
                              queries_per_tile=sh.queries_per_tile)
   out, lse = _forward_rows(sh, sh.rows(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                            sh.rows(jnp.repeat(block_indices, sh.group, axis=2)), union, count)
-  return sh.unrows(out), sh.unrows(lse[..., :1])[..., 0]
+  return sh.unrows(out), from_tile_rows(lse, sh.t)
 
 
 def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
@@ -228,13 +254,13 @@ def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
                 pl.BlockSpec((None, None, sh.block_size, dk), kv_map),
                 pl.BlockSpec((None, None, sh.block_size, dv), kv_map)],
       out_specs=[pl.BlockSpec((None, None, ROWS, dv), row_map),
-                 pl.BlockSpec((None, None, ROWS, LANES), row_map)],
+                 tile_row_spec(lambda bi, h, i, *_: (bi, h, i))],
       scratch_shapes=[pltpu.VMEM((ROWS, LANES), jnp.float32), pltpu.VMEM((ROWS, LANES), jnp.float32),
                       pltpu.VMEM((ROWS, dv), jnp.float32)])
   return pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((b, hkv, tiles * ROWS, dv), dtype),
-                 jax.ShapeDtypeStruct((b, hkv, tiles * ROWS, LANES), jnp.float32)],
+                 jax.ShapeDtypeStruct((b, hkv, tiles, 1, ROWS), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=pltpu.InterpretParams() if sh.interpret else False)
@@ -253,10 +279,15 @@ def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
 def _probs_and_dscores(s, lse_ref, do, v, delta_ref):
   """Backward recompute for one (tile, block) step: p = exp(s - lse) (0 for rows that saw nothing)
   and dS = p * (dO V^T - delta), both [R, l'] fp32."""
-  lse = lse_ref[...][:, :1]
-  p = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)))
+  p = _probs(s, lse_ref)
   dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  return p, p * (dp - delta_ref[...][:, :1])
+  return p, p * (dp - _column(delta_ref))
+
+
+def _probs(s, lse_ref):
+  """p = exp(s - lse) for masked scores s [R, keys]; 0 for rows that saw nothing (lse -inf)."""
+  lse = _column(lse_ref)
+  return jnp.where(lse == -jnp.inf, 0.0, jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)))
 
 
 def _accumulate_dq(s, do, k, v, lse_ref, delta_ref, dq_scratch, scale):
@@ -302,11 +333,11 @@ def _selection_dq_call(sh: _Shape, tiles, num_union, dtype):
                              group=sh.group, num_union=num_union, grid_shape=grid)
   flat = lambda bi, h, i: (bi * hkv + h) * tiles + i
   kv_map = lambda bi, h, i, u, g, union, count: (bi, h, union[flat(bi, h, i) * num_union + u], 0)
-  row_map = lambda bi, h, i, u, g, union, count: (bi, h, i, 0)
-  row_spec = lambda width: pl.BlockSpec((None, None, ROWS, width), row_map)
+  row_map = lambda bi, h, i, u, g, union, count: (bi, h, i)
+  row_spec = lambda width: pl.BlockSpec((None, None, ROWS, width), lambda *a: (*row_map(*a), 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3, grid=grid,
-      in_specs=[row_spec(dk), row_spec(sh.n), row_spec(dv), row_spec(LANES), row_spec(LANES),
+      in_specs=[row_spec(dk), row_spec(sh.n), row_spec(dv), tile_row_spec(row_map), tile_row_spec(row_map),
                 pl.BlockSpec((None, None, sh.block_size, dk), kv_map),
                 pl.BlockSpec((None, None, sh.block_size, dv), kv_map)],
       out_specs=row_spec(dk),
@@ -384,12 +415,12 @@ def _selection_dkv(sh: _Shape, q_rows, idx_rows, do_rows, lse_rows, delta_rows, 
                              window=window, grid_shape=grid)
   at = lambda bi, h, p: (bi * hkv + h) * window + p
   kv_map = lambda bi, h, p, block, tile: (bi, h, block[at(bi, h, p)], 0)
-  row_map = lambda bi, h, p, block, tile: (bi, h, jnp.maximum(tile[at(bi, h, p)], 0), 0)
-  row_spec = lambda width: pl.BlockSpec((None, None, ROWS, width), row_map)
+  row_map = lambda bi, h, p, block, tile: (bi, h, jnp.maximum(tile[at(bi, h, p)], 0))
+  row_spec = lambda width: pl.BlockSpec((None, None, ROWS, width), lambda *a: (*row_map(*a), 0))
   kv_spec = lambda width: pl.BlockSpec((None, None, bs, width), kv_map)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2, grid=grid,
-      in_specs=[row_spec(dk), row_spec(sh.n), row_spec(dv), row_spec(LANES), row_spec(LANES),
+      in_specs=[row_spec(dk), row_spec(sh.n), row_spec(dv), tile_row_spec(row_map), tile_row_spec(row_map),
                 kv_spec(dk), kv_spec(dv), kv_spec(dk), kv_spec(dv)],
       out_specs=[kv_spec(dk), kv_spec(dv)],
       scratch_shapes=[pltpu.VMEM((bs, dk), jnp.float32), pltpu.VMEM((bs, dv), jnp.float32)])
@@ -435,8 +466,8 @@ def _selection_vjp_bwd(block_size, scale, interpret, residuals, dout):
   k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   q_rows, idx_rows = sh.rows(q), sh.rows(jnp.repeat(block_indices, sh.group, axis=2))
   do_rows = sh.rows(dout.astype(q.dtype))
-  delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), -1, keepdims=True)
-  delta_rows = jnp.broadcast_to(delta, (*delta.shape[:-1], LANES))
+  delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), -1)
+  delta_rows = delta.reshape(lse_rows.shape)
   tiles = _tile_groups(sh, union.shape[-1])
   dq_rows, = _map_tile_groups(sh, _selection_dq_call(sh, tiles, union.shape[-1], q.dtype), tiles,
                               [union, count[..., None]], [q_rows, idx_rows, do_rows, lse_rows, delta_rows],

@@ -8,7 +8,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kernels
-from kernels import nsa, nsa_pallas
+from kernels import nsa, nsa_compressed_pallas, nsa_pallas
 
 
 def _inputs(b, t, hq, hkv, dk, dv, block, n, dtype, seed=0, local=False):
@@ -129,6 +129,96 @@ def test_block_pairs_invert_the_unions():
   assert real == [(0, 0), (1, 1), (2, 0), (2, 1)]
   assert sorted(set(np.asarray(block[0, 0]).tolist())) == [0, 1, 2, 3]      # every block written
   assert (np.diff(np.asarray(block[0, 0])) >= 0).all()                        # sorted: one run each
+
+
+def _compressed_inputs(b, t, hq, hkv, dk, dv, block_len, stride, dtype, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  c = nsa.num_compressed(t, block_len, stride)
+  return (jax.random.normal(ks[0], (b, t, hq, dk)).astype(dtype),
+          jax.random.normal(ks[1], (b, c, hkv, dk)).astype(dtype),
+          jax.random.normal(ks[2], (b, c, hkv, dv)).astype(dtype))
+
+
+def _assert_grads_close(got, ref, tol):
+  for g, r in zip(got, ref):
+    assert g.dtype == r.dtype and g.shape == r.shape
+    scale = float(jnp.abs(r.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(r, np.float32) / scale, atol=tol)
+
+
+@pytest.mark.parametrize("t,hq,hkv,dk,dv,l,d,key_tile,dtype,tol", [
+    (256, 4, 2, 128, 128, 32, 16, 128, jnp.float32, 1e-5),   # G=2, one key tile
+    (256, 16, 1, 192, 128, 32, 16, 8, jnp.float32, 1e-5),    # G=16, Dk=192, 2 key tiles: skips
+    (128, 1, 1, 128, 128, 64, 32, 2, jnp.bfloat16, 3e-2),    # G=1, tiny key tiles
+])
+def test_compressed_attention_pallas_matches_xla(monkeypatch, t, hq, hkv, dk, dv, l, d, key_tile, dtype, tol):
+  """Outputs, lse and the gradients of q, k_cmp, v_cmp through both out and lse; the first
+  l - 1 queries see nothing (0, lse -inf, zero gradient)."""
+  monkeypatch.setattr(nsa_compressed_pallas, "KEY_TILE", key_tile)
+  q, kc, vc = _compressed_inputs(2, t, hq, hkv, dk, dv, l, d, dtype, seed=t + key_tile)
+  attend = lambda impl: lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl=impl)
+  (out, lse), (ref, ref_lse) = attend("pallas")(q, kc, vc), attend("xla")(q, kc, vc)
+  assert out.dtype == dtype and lse.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=1e-5, rtol=1e-5)   # -inf == -inf
+  assert np.isneginf(np.asarray(lse[:, :l - 1])).all() and not np.asarray(out[:, :l - 1]).any()
+  cot = jax.random.normal(jax.random.key(1), out.shape)
+  def loss(f):
+    def value(q, kc, vc):
+      o, s = f(q, kc, vc)
+      return jnp.sum(o.astype(jnp.float32) * cot) + 0.3 * jnp.sum(jnp.where(jnp.isinf(s), 0.0, s))
+    return value
+  got = jax.grad(loss(attend("pallas")), argnums=(0, 1, 2))(q, kc, vc)
+  _assert_grads_close(got, jax.grad(loss(attend("xla")), argnums=(0, 1, 2))(q, kc, vc), tol)
+  assert not np.asarray(got[0][:, :l - 1]).any()
+
+
+def test_overlap_tiles_map_tokens_to_blocks():
+  """l=32, d=16, l'=64, 2 blocks per tile: 8 tokens per key tile; token c covers [16c, 16c+32).
+  Own tile: tokens 0-2 lie in block 0 (weights 2, 2, and 1+1 split with block 1 for token 3)."""
+  own, prev = nsa_compressed_pallas.overlap_tiles(32, 16, 64, 2)
+  np.testing.assert_array_equal(own, [[2, 0], [2, 0], [2, 0], [1, 1], [0, 2], [0, 2], [0, 2], [0, 1]])
+  np.testing.assert_array_equal(prev[-1], [1, 0])            # the previous tile's last token spills
+  assert not prev[:-1].any()
+  np.testing.assert_array_equal(own.sum(0) + prev.sum(0), [8, 8])   # l'/d * l/d per block
+
+
+@pytest.mark.parametrize("t,hq,hkv,dk,l,d,lp,blocks_per_tile,start", [
+    (512, 8, 2, 64, 32, 16, 64, 2, 256),      # 4 score tiles, a chunk at 256
+    (256, 16, 1, 192, 32, 16, 32, 128, 0),    # G=16, one tile, l' = l
+    (256, 1, 1, 128, 64, 16, 64, 1, 128),     # G=1, halo of 3 tokens, one block per tile
+])
+def test_block_scores_match_xla(monkeypatch, t, hq, hkv, dk, l, d, lp, blocks_per_tile, start):
+  monkeypatch.setattr(nsa_compressed_pallas, "SCORE_BLOCKS", blocks_per_tile)
+  q, kc, _ = _compressed_inputs(1, t, hq, hkv, dk, 1, l, d, jnp.float32, seed=t)
+  _, lse = nsa.compressed_attention(q, kc, kc, block_len=l, stride=d, impl="xla")
+  nb = t // lp
+  got = nsa_compressed_pallas.block_scores(q[:, start:], lse[:, start:], kc, start, block_len=l, stride=d,
+                                           select_block=lp, num_blocks=nb, interpret=True)
+  p, _ = nsa._compressed_probs(q[:, start:], start, kc, block_len=l, stride=d, scale=dk ** -0.5)
+  ref = nsa.block_scores(p.sum(axis=3), nb, block_len=l, stride=d, select_block=lp)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_select_blocks_pallas_picks_the_xla_blocks(dtype):
+  """Several SELECT_CHUNKs (the last one padded), lse computed inside or passed in."""
+  q, kc, _ = _compressed_inputs(2, 384, 8, 2, 64, 1, 32, 16, dtype, seed=5)
+  kw = dict(block_len=32, stride=16, select_block=32, num_selected=5)
+  ref = nsa.select_blocks(q, kc, impl="xla", **kw)
+  np.testing.assert_array_equal(np.asarray(nsa.select_blocks(q, kc, impl="pallas", **kw)), np.asarray(ref))
+  _, lse = nsa.compressed_attention(q, kc, kc, block_len=32, stride=16, impl="pallas")
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(nsa, "SELECT_CHUNK", 256)
+    got = nsa.select_blocks(q, kc, lse=lse, impl="pallas", **kw)
+  # bf16: scores of near-equal blocks may round apart differently from XLA's; a few swaps allowed.
+  assert (np.asarray(got) == np.asarray(ref)).mean() >= (1.0 if dtype == jnp.float32 else 0.98)
+
+
+def test_compressed_shape_errors_say_what_is_needed():
+  q, kc, vc = _compressed_inputs(1, 100, 16, 1, 32, 32, 32, 16, jnp.float32)
+  with pytest.raises(ValueError, match="T=100 must be a multiple of 8"):
+    nsa.compressed_attention(q, kc, vc, block_len=32, stride=16, impl="pallas")
 
 
 @pytest.mark.parametrize("chip", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])

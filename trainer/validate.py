@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from configs import ConfigError
 from data import sources
-from kernels import IMPLS
+from kernels import IMPLS, resolve_impl
 from model.attention import ATTENTION_KINDS
 from model.transformer import REMAT_POLICIES
 from trainer.sharding import MESH_AXES, SHARDED_DIMS, mesh_shape
@@ -59,9 +59,10 @@ def validate(config, num_devices: int | None = None) -> None:
 
   _choice(config, "attention.kind", tuple(ATTENTION_KINDS))
   _choice(config, "attention.impl", IMPLS)
-  if config.attention.kind in ("dense", "mla") and config.attention.impl == "pallas" and config.seq_len % 128:
+  pallas = resolve_impl(config.attention.impl) == "pallas"
+  if config.attention.kind in ("dense", "mla", "nsa") and pallas and config.seq_len % 128:
     raise ConfigError("seq_len", config.seq_len,
-                      "dense attention with attention.impl=pallas needs a multiple of 128")
+                      f"{config.attention.kind} attention with Pallas kernels needs a multiple of 128")
 
   if config.attention.kind == "nsa":
     _validate_nsa(config)
@@ -104,7 +105,7 @@ def _require(*rules) -> None:
 
 
 def _validate_nsa(config) -> None:
-  c = config.nsa
+  c, m = config.nsa, config.model
   _positive(config, "nsa.cmp_block", "nsa.cmp_stride", "nsa.slc_block", "nsa.num_selected",
             "nsa.window")
   _require(
@@ -120,11 +121,17 @@ def _validate_nsa(config) -> None:
        f"must be >= nsa.num_initial + nsa.num_local = {c.num_initial + c.num_local} (forced blocks count)"),
       ("seq_len", config.seq_len, config.seq_len >= c.cmp_block,
        f"must be >= nsa.cmp_block={c.cmp_block}, or the compressed branch sees nothing"),
-      ("attention.impl", config.attention.impl, config.attention.impl != "pallas",
-       "NSA runs with xla or auto until its Pallas kernels land"),
       ("data.packing", config.data.packing, config.data.packing == "concat",
        "NSA does not mask packed documents yet: use concat"),
   )
+  if resolve_impl(config.attention.impl) == "pallas":   # the kernels' tiling (kernels/nsa_pallas.py)
+    _require(
+        ("model.n_heads", m.n_heads, 128 % (m.n_heads // m.n_kv_heads) == 0,
+         f"the query group n_heads / n_kv_heads = {m.n_heads // m.n_kv_heads} must divide 128 "
+         "for the NSA Pallas kernels"),
+        ("seq_len", config.seq_len, config.seq_len % c.slc_block == 0,
+         f"must be a multiple of nsa.slc_block={c.slc_block} for the NSA Pallas kernels"),
+    )
 
 
 def _validate_mla(config) -> None:
