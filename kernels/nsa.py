@@ -6,6 +6,10 @@ Memory stays about linear in T: every function walks the queries in chunks of QU
 chunk runs, in the forward and again in the backward. Nothing holds a T x T tensor, nor [T, C] per
 head for the whole sequence. Shapes: q [B,T,HQ,Dk], k [B,T,HKV,Dk], v [B,T,HKV,Dv],
 k_cmp [B,C,HKV,Dk], v_cmp [B,C,HKV,Dv]; query head h uses KV head h // (HQ // HKV).
+
+`impl="pallas"` (and `"auto"` on TPU) runs every function on Pallas TPU kernels, forward and
+backward: compressed attention and block scores in kernels/nsa_compressed_pallas.py, selection in
+kernels/nsa_pallas.py, the window on splash attention; off TPU they run in TPU interpret mode.
 """
 import functools
 

@@ -1,6 +1,8 @@
-"""Pallas TPU kernels for NSA (DESIGN.md §7): selection attention forward, dq and dK/dV behind a
-custom_vjp (`kernels.nsa.selection_attention(impl="pallas")`). The window branch runs on splash
-attention (kernels/dense.py); compressed attention and block selection are still XLA-only.
+"""Pallas TPU kernels for NSA's selection branch (DESIGN.md §7): forward, dq and dK/dV behind a
+custom_vjp (`kernels.nsa.selection_attention(impl="pallas")`), the row layout and online-softmax
+pieces the compressed kernels share (kernels/nsa_compressed_pallas.py), and a traffic model of
+the three kernels (`selection_traffic`). The window branch runs on splash attention
+(kernels/dense.py).
 
 Selection forward, union query tiling:
   rows     a tile is bq = 128 // G query positions x the G query heads of one KV group: 128
@@ -371,6 +373,18 @@ def block_pairs(union, count, num_blocks: int):
   return block.astype(jnp.int32), tile.astype(jnp.int32)
 
 
+def _dkv_windows(block, tile):
+  """(block, tile, window): the pair lists [B, HKV, L] padded to whole windows of `window` pairs
+  (a work-free repeat of the last block), one pallas_call per window, whose two int32 lists fit
+  PREFETCH_BYTES of scalar memory."""
+  b, hkv, length = block.shape
+  window = max(1, min(length, PREFETCH_BYTES // (8 * b * hkv)))
+  pad = -length % window
+  block = jnp.concatenate([block, jnp.broadcast_to(block[..., -1:], (b, hkv, pad))], -1)
+  tile = jnp.concatenate([tile, jnp.full((b, hkv, pad), -1, jnp.int32)], -1)
+  return block, tile, window
+
+
 def _selection_dkv_kernel(block_ref, tile_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
                           dk_in_ref, dv_in_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *,
                           scale, block_size, group, window, grid_shape):
@@ -402,14 +416,8 @@ def _selection_dkv_kernel(block_ref, tile_ref, q_ref, idx_ref, do_ref, lse_ref, 
 def _selection_dkv(sh: _Shape, q_rows, idx_rows, do_rows, lse_rows, delta_rows, k_t, v_t, union, count):
   """dK, dV [B, HKV, T, D] float32 from the pair list, window by window."""
   b, hkv, dk, dv, bs = sh.b, sh.hkv, sh.dk, sh.dv, sh.block_size
-  num_blocks = sh.t // bs
-  block, tile = block_pairs(union, count, num_blocks)
-  length = block.shape[-1]
-  window = max(1, min(length, PREFETCH_BYTES // (8 * b * hkv)))
-  windows = -(-length // window)
-  pad = windows * window - length
-  block = jnp.concatenate([block, jnp.broadcast_to(block[..., -1:], (b, hkv, pad))], -1)
-  tile = jnp.concatenate([tile, jnp.full((b, hkv, pad), -1, jnp.int32)], -1)
+  block, tile, window = _dkv_windows(*block_pairs(union, count, sh.t // bs))
+  windows = block.shape[-1] // window
   grid = (b, hkv, window)
   kernel = functools.partial(_selection_dkv_kernel, scale=sh.scale, block_size=bs, group=sh.group,
                              window=window, grid_shape=grid)
@@ -481,29 +489,65 @@ selection_attention.defvjp(_selection_vjp_fwd, _selection_vjp_bwd)
 
 
 # ---- traffic model ----
+# What each selection kernel moves between HBM and VMEM, from its own index maps and prefetch
+# lists (numpy): Pallas copies an input block when its block index differs from the previous grid
+# step's (each pallas_call starts a fresh pipeline) and writes an output block back when its
+# index changes.
 
-def selection_forward_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: int,
-                              itemsize: int = 2) -> dict:
-  """What the selection forward kernel moves HBM -> VMEM for these indices, from its own index
-  maps and prefetch lists (numpy): a block is copied when its block index differs from the
-  previous grid step's (each pallas_call of a tile group starts a fresh pipeline).
-  Returns bytes per input, the minimum (each selected K/V block once per query tile), what a
-  one-query-at-a-time kernel would read (every valid selected block per query), grid steps
-  and the MXU row fill (rows whose query chose the step's block / 128, over executed steps)."""
+def _copies(index_seq) -> int:
+  """Copies one BlockSpec makes over calls [calls, grid steps in order, block-index dims]."""
+  import numpy as np
+  index_seq = np.asarray(index_seq)
+  return int(np.any(index_seq[:, 1:] != index_seq[:, :-1], axis=-1).sum()) + index_seq.shape[0]
+
+
+def _with_bh(lists):
+  """[calls, B, HKV, steps] block indices -> [calls, B*HKV*steps, 3] (b, h, index) in grid order."""
+  import numpy as np
+  calls, b, hkv, steps = lists.shape
+  keys = np.stack(np.broadcast_arrays(np.arange(b)[None, :, None, None], np.arange(hkv)[None, None, :, None],
+                                      lists), -1)
+  return keys.reshape(calls, b * hkv * steps, 3)
+
+
+def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: int, itemsize: int = 2) -> dict:
+  """HBM <-> VMEM bytes of the selection kernels for these indices [B, T, HKV, n].
+
+  Returns the forward's K/V bytes ("kv_bytes") against the minimum ("min_kv_bytes": each selected
+  block once per query tile) and against a one-query-at-a-time kernel ("per_query_kv_bytes":
+  every valid selected block per query), grid and executed steps, the MXU row fill (rows whose
+  query chose the step's block / 128, over executed steps; the same steps in all three kernels),
+  and per kernel ("forward", "dq", "dkv") bytes "in", "out" and the minimum "min_in":
+    forward  K/V blocks + a tile's q and index rows; out + lse rows.
+    dq       the forward's grid: K/V + q, index, dO, lse, delta rows; dq rows.
+    dkv      KV-stationary pair list, window by window: K/V and the fp32 dK/dV accumulators once
+             per run of a block's pairs, a tile's q, index, dO, lse, delta rows per pair; dK/dV
+             written once per run. Minimum: each block's K/V once, each pair's rows once."""
   import numpy as np
   b, t, hkv, n = block_indices.shape
   sh = _Shape(b, t, hkv, hq // hkv, dk, dv, n, block_size, 1.0, True)
-  union, count = (np.asarray(x) for x in tile_unions(jnp.asarray(block_indices), block_size=block_size,
-                                                         seq_len=t, queries_per_tile=sh.queries_per_tile))
+  union, count = tile_unions(jnp.asarray(block_indices), block_size=block_size, seq_len=t,
+                             queries_per_tile=sh.queries_per_tile)
+  union, count = np.asarray(union), np.asarray(count)
   nq, num_union = sh.num_tiles, union.shape[-1]
   tiles = _tile_groups(sh, num_union)
-  # kv_map: step (b, h, i, u) of group g reads block (b, h, union[b, h, g*tiles + i, u]).
-  steps = union.reshape(b, hkv, nq // tiles, tiles, num_union).transpose(2, 0, 1, 3, 4)
-  keys = np.stack(np.broadcast_arrays(np.arange(b)[None, :, None, None, None],
-                                      np.arange(hkv)[None, None, :, None, None], steps), -1)
-  keys = keys.reshape(nq // tiles, -1, 3)
-  changed = np.any(keys[:, 1:] != keys[:, :-1], axis=-1).sum() + keys.shape[0]
+  # kv_map of forward and dq: step (b, h, i, u) of tile group g reads block union[b, h, g*tiles + i, u].
+  groups = union.reshape(b, hkv, nq // tiles, tiles * num_union).transpose(2, 0, 1, 3)
+  kv_copies = _copies(_with_bh(groups))
+  executed = int(count.sum())
   block_bytes = block_size * (dk + dv) * itemsize
+  q_and_idx = ROWS * (dk * itemsize + n * 4)
+  stats = ROWS * 4                                 # one [1, 128] fp32 tile row (lse or delta)
+  bwd_rows = q_and_idx + ROWS * dv * itemsize + 2 * stats
+  forward_rows, dq_rows = b * hkv * nq * q_and_idx, b * hkv * nq * bwd_rows
+  # dkv: the pair list and its windows exactly as _selection_dkv builds them.
+  num_blocks = t // block_size
+  block, tile, window = (np.asarray(x) for x in _dkv_windows(*block_pairs(jnp.asarray(union), jnp.asarray(count),
+                                                                          num_blocks)))
+  per_call = lambda x: x.reshape(b, hkv, -1, window).transpose(2, 0, 1, 3)
+  pair_kv_copies = _copies(_with_bh(per_call(block)))
+  pair_row_copies = _copies(_with_bh(per_call(np.maximum(tile, 0))))
+  f32_block = block_size * (dk + dv) * 4
   idx = np.asarray(block_indices).reshape(b, nq, sh.queries_per_tile, hkv, n).transpose(0, 3, 1, 2, 4)
   used_rows = 0
   for bi in range(b):
@@ -511,14 +555,18 @@ def selection_forward_traffic(block_indices, *, block_size: int, hq: int, dk: in
       chose = (idx[bi, h][:, None, :, :] == union[bi, h][:, :, None, None]).any(-1).sum(-1)
       used_rows += (chose * (np.arange(num_union)[None, :] < count[bi, h][:, None])).sum() * sh.group
   valid = (np.asarray(block_indices) >= 0) & (np.asarray(block_indices) <= (np.arange(t) // block_size)[None, :, None, None])
-  executed = int(count.sum())
   return {
-      "kv_bytes": int(changed) * block_bytes,
-      "q_bytes": b * hkv * nq * ROWS * dk * itemsize,
-      "index_bytes": b * hkv * nq * ROWS * n * 4,
+      "kv_bytes": kv_copies * block_bytes,
       "min_kv_bytes": executed * block_bytes,
       "per_query_kv_bytes": int(valid.sum()) * block_bytes,
       "grid_steps": b * hkv * nq * num_union,
       "executed_steps": executed,
       "mxu_row_fill": used_rows / max(executed * ROWS, 1),
+      "forward": {"in": kv_copies * block_bytes + forward_rows, "min_in": executed * block_bytes + forward_rows,
+                  "out": b * hkv * nq * (ROWS * dv * itemsize + stats)},
+      "dq": {"in": kv_copies * block_bytes + dq_rows, "min_in": executed * block_bytes + dq_rows,
+             "out": b * hkv * nq * ROWS * dk * itemsize},
+      "dkv": {"in": pair_kv_copies * (block_bytes + f32_block) + pair_row_copies * bwd_rows,
+              "min_in": b * hkv * num_blocks * block_bytes + executed * bwd_rows,
+              "out": pair_kv_copies * f32_block},
   }

@@ -8,10 +8,11 @@ rope 16, v 32; indexer 16 heads x 32) with --heads heads and --topk keys per que
 
   python scripts/bench_attention.py --impl pallas [--seq-lens 65536] [--heads 64 --kv-heads 4 --head-dim 192]
 
-prints the traffic model of NSA's Pallas selection forward kernel instead: for a random and a
-realistic (local, clustered) block selection with the paper's defaults, the bytes it moves
-HBM -> VMEM (from its index maps and prefetch lists), the minimum (each selected K/V block once
-per query tile), what a one-query-at-a-time kernel reads, and the MXU row fill.
+prints the traffic model of NSA's Pallas selection kernels instead: for a random and a realistic
+(local, clustered) block selection with the paper's defaults, the K/V bytes the forward moves
+HBM -> VMEM (from its index maps and prefetch lists) against the minimum (each selected K/V block
+once per query tile) and what a one-query-at-a-time kernel reads, the MXU row fill, and per
+kernel (forward, dq, dK/dV) all bytes in and out against the minimum.
 
 Per (kind, T): wall time (median of --repeats runs after a warm-up), compiled FLOPs
 (`cost_analysis`) and memory (`memory_analysis`: arguments + outputs + temporaries). XLA counts a
@@ -121,21 +122,25 @@ def synthetic_selection(seq_len, kv_heads, *, realistic, block=64, n=16, seed=0,
 
 def traffic(args):
   from kernels import nsa_pallas
+  jax.config.update("jax_platforms", "cpu")     # index bookkeeping only: no accelerator needed
   dv = args.v_dim or args.head_dim
-  print(f"NSA selection forward (Pallas), HBM->VMEM traffic model: HQ={args.heads} HKV={args.kv_heads} "
+  gb = lambda x: f"{x / 1e9:.2f}"
+  print(f"NSA selection kernels (Pallas), HBM<->VMEM traffic model: HQ={args.heads} HKV={args.kv_heads} "
         f"Dk={args.head_dim} Dv={dv} bf16, l'=64, n=16, {nsa_pallas.ROWS} rows per tile "
         f"({nsa_pallas.ROWS * args.kv_heads // args.heads} queries x {args.heads // args.kv_heads} heads)")
-  print(f"{'selection':>10} {'T':>7} {'K/V GB':>8} {'min GB':>8} {'ratio':>6} {'q+idx GB':>9} "
-        f"{'per-query GB':>13} {'steps run':>10} {'MXU rows':>9}")
+  print(f"{'selection':>10} {'T':>7} {'fwd K/V GB':>10} {'min GB':>7} {'ratio':>6} {'per-query GB':>13} "
+        f"{'steps run':>10} {'MXU rows':>9} | {'kernel':>7} {'in GB':>7} {'min in GB':>9} {'ratio':>6} {'out GB':>7}")
   for seq_len in args.seq_lens:
     for realistic in (False, True):
       idx = synthetic_selection(seq_len, args.kv_heads, realistic=realistic)
-      r = nsa_pallas.selection_forward_traffic(idx, block_size=64, hq=args.heads, dk=args.head_dim, dv=dv)
-      gb = lambda x: x / 1e9
-      print(f"{'realistic' if realistic else 'random':>10} {seq_len:>7} {gb(r['kv_bytes']):8.2f} "
-            f"{gb(r['min_kv_bytes']):8.2f} {r['kv_bytes'] / r['min_kv_bytes']:6.2f} "
-            f"{gb(r['q_bytes'] + r['index_bytes']):9.3f} {gb(r['per_query_kv_bytes']):13.2f} "
-            f"{r['executed_steps'] / r['grid_steps']:9.0%} {r['mxu_row_fill']:9.1%}", flush=True)
+      r = nsa_pallas.selection_traffic(idx, block_size=64, hq=args.heads, dk=args.head_dim, dv=dv)
+      head = (f"{'realistic' if realistic else 'random':>10} {seq_len:>7} {gb(r['kv_bytes']):>10} "
+              f"{gb(r['min_kv_bytes']):>7} {r['kv_bytes'] / r['min_kv_bytes']:6.2f} {gb(r['per_query_kv_bytes']):>13} "
+              f"{r['executed_steps'] / r['grid_steps']:10.0%} {r['mxu_row_fill']:9.1%}")
+      for kernel in ("forward", "dq", "dkv"):
+        k = r[kernel]
+        print(f"{head if kernel == 'forward' else '':<{len(head)}} | {kernel:>7} {gb(k['in']):>7} {gb(k['min_in']):>9} "
+              f"{k['in'] / k['min_in']:6.2f} {gb(k['out']):>7}", flush=True)
 
 
 def main():

@@ -9,6 +9,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The suite runs on 2 xdist workers; both load libtpu for the ahead-of-time TPU compiles (no TPU is
+# attached, so there is nothing to share), which its single-process lockfile would otherwise refuse.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 # A model small enough to train a step in well under a second on one CPU core.
 SMALL_OVERRIDES = {
     "seq_len": 128, "batch_size": 8, "log_every": 1, "eval_every": 0, "checkpoint_every": 5,

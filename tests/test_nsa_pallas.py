@@ -235,9 +235,9 @@ def _nsa_layer(q, k, v, k_cmp, v_cmp, gates, *, window=512, num_selected=16, imp
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_nsa_layer_pallas_matches_xla(dtype, tol):
-  """All four kernels together (l=32, d=16, l'=64, T=768: 12 blocks, 5 selected, w=200), outputs
+  """All four kernels together (l=32, d=16, l'=64, T=512: 8 blocks, 5 selected, w=200), outputs
   and every gradient."""
-  b, t, hq, hkv, dk, dv = 1, 768, 8, 2, 64, 32
+  b, t, hq, hkv, dk, dv = 1, 512, 4, 2, 64, 32
   ks = jax.random.split(jax.random.key(3), 7)
   q, k, v = (jax.random.normal(ks[i], (b, t, h, d)).astype(dtype)
              for i, (h, d) in enumerate([(hq, dk), (hkv, dk), (hkv, dv)]))
@@ -280,13 +280,22 @@ def test_nsa_layer_forward_and_backward_compile_for_tpu(chip):
 def test_traffic_model_counts_copies_from_the_index_maps():
   """16 queries x 16 heads (2 tiles of 8 queries), blocks of 4, each query picks block 0 and its
   own block. Tile 0's union is {0, 1}, tile 1's {0, 2, 3}: 5 K/V copies (padding repeats cost
-  none), 5 executed steps, rows used 128+64 and 128+64+64 of 5 x 128."""
+  none), 5 executed steps, rows used 128+64 and 128+64+64 of 5 x 128. The dK/dV kernel's pairs
+  sorted by block: (0,-1) (0,0) (0,1) (1,-1) (1,0) (2,-1) (2,1) (3,-1) (3,1): 4 K/V runs, rows of
+  tiles 0 (for -1 too), 0, 1, 0, 0, 0, 1, 0, 1: 7 row copies."""
   t = 16
   own = jnp.arange(t, dtype=jnp.int32) // 4
   idx = jnp.stack([jnp.zeros(t, jnp.int32), own], -1)[None, :, None, :]
-  r = nsa_pallas.selection_forward_traffic(idx, block_size=4, hq=16, dk=8, dv=8, itemsize=2)
-  block_bytes = 4 * (8 + 8) * 2
+  r = nsa_pallas.selection_traffic(idx, block_size=4, hq=16, dk=8, dv=8, itemsize=2)
+  block_bytes, f32_block = 4 * (8 + 8) * 2, 4 * (8 + 8) * 4
   assert r["kv_bytes"] == r["min_kv_bytes"] == 5 * block_bytes
   assert r["executed_steps"] == 5 and r["grid_steps"] == 2 * 4
   assert r["mxu_row_fill"] == pytest.approx(448 / 640)
   assert r["per_query_kv_bytes"] == 32 * block_bytes
+  q_idx, stat = 128 * (8 * 2 + 2 * 4), 128 * 4
+  bwd_rows = q_idx + 128 * 8 * 2 + 2 * stat
+  assert r["forward"] == {"in": 5 * block_bytes + 2 * q_idx, "min_in": 5 * block_bytes + 2 * q_idx,
+                          "out": 2 * (128 * 8 * 2 + stat)}
+  assert r["dq"]["in"] == 5 * block_bytes + 2 * bwd_rows and r["dq"]["out"] == 2 * 128 * 8 * 2
+  assert r["dkv"] == {"in": 4 * (block_bytes + f32_block) + 7 * bwd_rows,
+                      "min_in": 4 * block_bytes + 5 * bwd_rows, "out": 4 * f32_block}
