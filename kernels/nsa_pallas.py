@@ -239,24 +239,30 @@ def selection_forward(q, k, v, block_indices, *, block_size: int, scale=None, in
   return sh.unrows(out), from_tile_rows(lse, sh.t)
 
 
+def _union_grid(sh: _Shape, kernel, tiles, num_union):
+  """What the forward and dq calls share: grid (B, HKV, tiles, U), the kernel with its static
+  arguments, the K/V BlockSpec walking each tile's union (scalar prefetch: group id, union,
+  count) and the row map (b, h, tile) of a tile's row inputs and outputs."""
+  grid = (sh.b, sh.hkv, tiles, num_union)
+  kernel = functools.partial(kernel, scale=sh.scale, block_size=sh.block_size, group=sh.group,
+                             num_union=num_union, grid_shape=grid)
+  flat = lambda bi, h, i: (bi * sh.hkv + h) * tiles + i
+  kv_map = lambda bi, h, i, u, g, union, count: (bi, h, union[flat(bi, h, i) * num_union + u], 0)
+  kv_spec = lambda width: pl.BlockSpec((None, None, sh.block_size, width), kv_map)
+  row_map = lambda bi, h, i, u, g, union, count: (bi, h, i)
+  return grid, kernel, kv_spec, row_map
+
+
 def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
   """The pallas_call for one group of `tiles` query tiles: (group id [1], union, count, q rows,
   index rows, k, v) -> (out rows, lse rows)."""
   b, hkv, dk, dv = sh.b, sh.hkv, sh.dk, sh.dv
-  grid = (b, hkv, tiles, num_union)
-  kernel = functools.partial(_selection_fwd_kernel, scale=sh.scale, block_size=sh.block_size,
-                             group=sh.group, num_union=num_union, grid_shape=grid)
-  flat = lambda bi, h, i: (bi * hkv + h) * tiles + i
-  kv_map = lambda bi, h, i, u, g, union, count: (bi, h, union[flat(bi, h, i) * num_union + u], 0)
-  row_map = lambda bi, h, i, u, g, union, count: (bi, h, i, 0)
+  grid, kernel, kv_spec, row_map = _union_grid(sh, _selection_fwd_kernel, tiles, num_union)
+  row_spec = lambda width: pl.BlockSpec((None, None, ROWS, width), lambda *a: (*row_map(*a), 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3, grid=grid,
-      in_specs=[pl.BlockSpec((None, None, ROWS, dk), row_map),
-                pl.BlockSpec((None, None, ROWS, sh.n), row_map),
-                pl.BlockSpec((None, None, sh.block_size, dk), kv_map),
-                pl.BlockSpec((None, None, sh.block_size, dv), kv_map)],
-      out_specs=[pl.BlockSpec((None, None, ROWS, dv), row_map),
-                 tile_row_spec(lambda bi, h, i, *_: (bi, h, i))],
+      in_specs=[row_spec(dk), row_spec(sh.n), kv_spec(dk), kv_spec(dv)],
+      out_specs=[row_spec(dv), tile_row_spec(row_map)],
       scratch_shapes=[pltpu.VMEM((ROWS, LANES), jnp.float32), pltpu.VMEM((ROWS, LANES), jnp.float32),
                       pltpu.VMEM((ROWS, dv), jnp.float32)])
   return pl.pallas_call(
@@ -330,18 +336,12 @@ def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref
 
 def _selection_dq_call(sh: _Shape, tiles, num_union, dtype):
   b, hkv, dk, dv = sh.b, sh.hkv, sh.dk, sh.dv
-  grid = (b, hkv, tiles, num_union)
-  kernel = functools.partial(_selection_dq_kernel, scale=sh.scale, block_size=sh.block_size,
-                             group=sh.group, num_union=num_union, grid_shape=grid)
-  flat = lambda bi, h, i: (bi * hkv + h) * tiles + i
-  kv_map = lambda bi, h, i, u, g, union, count: (bi, h, union[flat(bi, h, i) * num_union + u], 0)
-  row_map = lambda bi, h, i, u, g, union, count: (bi, h, i)
+  grid, kernel, kv_spec, row_map = _union_grid(sh, _selection_dq_kernel, tiles, num_union)
   row_spec = lambda width: pl.BlockSpec((None, None, ROWS, width), lambda *a: (*row_map(*a), 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3, grid=grid,
       in_specs=[row_spec(dk), row_spec(sh.n), row_spec(dv), tile_row_spec(row_map), tile_row_spec(row_map),
-                pl.BlockSpec((None, None, sh.block_size, dk), kv_map),
-                pl.BlockSpec((None, None, sh.block_size, dv), kv_map)],
+                kv_spec(dk), kv_spec(dv)],
       out_specs=row_spec(dk),
       scratch_shapes=[pltpu.VMEM((ROWS, dk), jnp.float32)])
   call = pl.pallas_call(
