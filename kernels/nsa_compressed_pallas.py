@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels
-from kernels.nsa_pallas import (LANES, ROWS, _accumulate_dkv, _accumulate_dq, _probs, _softmax_finish,
+from kernels.nsa_pallas import (LANES, ROWS, _Shape, _accumulate_dkv, _accumulate_dq, _probs, _softmax_finish,
                                 _softmax_init, _softmax_step, from_rows, from_tile_rows, tile_row_spec,
                                 to_rows, to_tile_rows)
 
@@ -52,17 +52,12 @@ class _Cmp(NamedTuple):
   scale: float
   interpret: bool
 
-  @property
-  def bq(self):
-    return ROWS // self.group
-
-  @property
-  def num_query_tiles(self):
-    return self.t // self.bq
+  queries_per_tile = _Shape.queries_per_tile      # 128 // G positions per tile, as in selection
+  num_tiles = _Shape.num_tiles
 
   def visible_tokens(self, query_tile):
     """Compressed tokens the last query of `query_tile` sees (traced int32)."""
-    last = (query_tile + 1) * self.bq - 1
+    last = (query_tile + 1) * self.queries_per_tile - 1
     return jnp.clip((last - self.block_len + 1) // self.stride + 1, 0, self.c)
 
   def key_tiles(self, query_tile, key_tile=None):
@@ -72,7 +67,7 @@ class _Cmp(NamedTuple):
 
   def first_query_tile(self, kb):
     """The first query tile that sees a token of key tile kb (may be >= the number of tiles)."""
-    return (kb * KEY_TILE * self.stride + self.block_len - 1) // self.bq
+    return (kb * KEY_TILE * self.stride + self.block_len - 1) // self.queries_per_tile
 
 
 def _geometry(q, k_cmp, v_cmp, block_len, stride, scale, interpret) -> _Cmp:
@@ -96,7 +91,7 @@ def _scores(g: _Cmp, q, k, query_tile, key_tile):
   """scale * q k^T [128, keys] fp32, -inf where the row's query cannot see the compressed token."""
   rows, keys = q.shape[0], k.shape[0]
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * g.scale
-  query_pos = query_tile * g.bq + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // g.group
+  query_pos = query_tile * g.queries_per_tile + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // g.group
   token = key_tile * keys + jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1)
   return jnp.where(token * g.stride + g.block_len - 1 <= query_pos, s, -jnp.inf)
 
@@ -170,12 +165,12 @@ def _query_stationary_call(g: _Cmp, kernel, row_inputs, row_outputs, scratch, nu
       return tile_row_spec(lambda b, h, i, kb: (b, h, i))
     return pl.BlockSpec((None, None, ROWS, width), lambda b, h, i, kb: (b, h, i, 0))
   def shape(kind, width, dtype):
-    dims = (g.num_query_tiles, 1, ROWS) if kind == "tile_row" else (g.t * g.group, width)
+    dims = (g.num_tiles, 1, ROWS) if kind == "tile_row" else (g.t * g.group, width)
     return jax.ShapeDtypeStruct((g.b, g.hkv, *dims), dtype)
   key_map = lambda b, h, i, kb: (b, h, jnp.minimum(kb, jnp.maximum(g.key_tiles(i) - 1, 0)), 0)
   return pl.pallas_call(
       functools.partial(kernel, g=g),
-      grid=(g.b, g.hkv, g.num_query_tiles, num_key_tiles),
+      grid=(g.b, g.hkv, g.num_tiles, num_key_tiles),
       in_specs=[spec(kind, w) for kind, w, _ in row_inputs]
                + [pl.BlockSpec((None, None, KEY_TILE, g.dk), key_map),
                   pl.BlockSpec((None, None, KEY_TILE, g.dv), key_map)],
@@ -225,12 +220,12 @@ def _compressed_bwd(block_len, stride, scale, interpret, residuals, cotangents):
       g, _dq_kernel, [("rows", g.dk, None), ("rows", g.dv, None), ("tile_row", 1, None), ("tile_row", 1, None)],
       [("rows", g.dk, q.dtype)], [(ROWS, g.dk)], num_key_tiles)(q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
 
-  last = g.num_query_tiles - 1
+  last = g.num_tiles - 1
   tile = lambda b, h, kb, i: (b, h, jnp.minimum(jnp.maximum(i, g.first_query_tile(kb)), last))
   key_map = lambda b, h, kb, i: (b, h, kb, 0)
   dk_t, dv_t = pl.pallas_call(
       functools.partial(_dkv_kernel, g=g),
-      grid=(g.b, g.hkv, num_key_tiles, g.num_query_tiles),
+      grid=(g.b, g.hkv, num_key_tiles, g.num_tiles),
       in_specs=[pl.BlockSpec((None, None, ROWS, w), lambda *a: (*tile(*a), 0)) for w in (g.dk, g.dv)]
                + [tile_row_spec(tile), tile_row_spec(tile)]
                + [pl.BlockSpec((None, None, KEY_TILE, w), key_map) for w in (g.dk, g.dv)],
@@ -276,8 +271,8 @@ def _scores_kernel(chunk_ref, q_ref, lse_ref, k_ref, own_ref, prev_ref, out_ref,
     s = _scores(g, q_ref[...], k_ref[...], query_tile, kb)
     p = _probs(s, lse_ref)                                                      # [128, BKS]
     if g.group > 1:   # sum each query's G heads: [bq, 128] 0/1 matrix times p
-      rows = jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 1) // g.group
-      p = dot((rows == jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 0)).astype(jnp.float32), p)
+      rows = jax.lax.broadcasted_iota(jnp.int32, (g.queries_per_tile, ROWS), 1) // g.group
+      p = dot((rows == jax.lax.broadcasted_iota(jnp.int32, (g.queries_per_tile, ROWS), 0)).astype(jnp.float32), p)
     out_ref[...] = dot(p, own_ref[...]) + dot(sums_scratch[...], prev_ref[...])
     sums_scratch[...] = p
 
@@ -301,21 +296,21 @@ def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stri
   k_t = k_cmp.transpose(0, 2, 1, 3)
   k_t = jnp.pad(k_t, [(0, 0), (0, 0), (0, max(0, num_tiles * keys - g.c)), (0, 0)])[:, :, :num_tiles * keys]
   lse_rows = to_tile_rows(lse_chunk, g.hkv)
-  start_tile = (jnp.asarray(chunk_start, jnp.int32) // g.bq).reshape(1)
+  start_tile = (jnp.asarray(chunk_start, jnp.int32) // g.queries_per_tile).reshape(1)
 
   row_map = lambda b, h, i, kb, start: (b, h, i, 0)
   key_map = lambda b, h, i, kb, start: (b, h, jnp.minimum(kb, jnp.maximum(g.key_tiles(start[0] + i, keys) - 1, 0)), 0)
   fixed = lambda b, h, i, kb, start: (0, 0)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_query_tiles, num_tiles),
+      num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_tiles, num_tiles),
       in_specs=[pl.BlockSpec((None, None, ROWS, g.dk), row_map), tile_row_spec(lambda b, h, i, kb, start: (b, h, i)),
                 pl.BlockSpec((None, None, keys, g.dk), key_map),
                 pl.BlockSpec((keys, nbt), fixed), pl.BlockSpec((keys, nbt), fixed)],
-      out_specs=pl.BlockSpec((None, None, None, g.bq, nbt), lambda b, h, i, kb, start: (b, h, i, 0, kb)),
-      scratch_shapes=[pltpu.VMEM((g.bq, keys), jnp.float32)])
+      out_specs=pl.BlockSpec((None, None, None, g.queries_per_tile, nbt), lambda b, h, i, kb, start: (b, h, i, 0, kb)),
+      scratch_shapes=[pltpu.VMEM((g.queries_per_tile, keys), jnp.float32)])
   out = pl.pallas_call(
       functools.partial(_scores_kernel, g=g, keys=keys), grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((g.b, g.hkv, g.num_query_tiles, g.bq, num_tiles * nbt), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((g.b, g.hkv, g.num_tiles, g.queries_per_tile, num_tiles * nbt), jnp.float32),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret(g))(start_tile, to_rows(q_chunk, g.hkv), lse_rows, k_t, own, prev)
   return out.reshape(g.b, g.hkv, g.t, -1)[..., :num_blocks].transpose(0, 2, 1, 3)

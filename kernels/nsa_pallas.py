@@ -554,7 +554,8 @@ def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: i
     for h in range(hkv):          # queries of the tile that chose each union entry, x G heads
       chose = (idx[bi, h][:, None, :, :] == union[bi, h][:, :, None, None]).any(-1).sum(-1)
       used_rows += (chose * (np.arange(num_union)[None, :] < count[bi, h][:, None])).sum() * sh.group
-  valid = (np.asarray(block_indices) >= 0) & (np.asarray(block_indices) <= (np.arange(t) // block_size)[None, :, None, None])
+  indices = np.asarray(block_indices)
+  valid = (indices >= 0) & (indices <= (np.arange(t) // block_size)[None, :, None, None])
   return {
       "kv_bytes": kv_copies * block_bytes,
       "min_kv_bytes": executed * block_bytes,
