@@ -31,7 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 import kernels
 from kernels.nsa_pallas import (LANES, ROWS, _Shape, _accumulate_dkv, _accumulate_dq, _probs, _softmax_finish,
-                                _softmax_init, _softmax_step, from_rows, from_tile_rows, tile_row_spec,
+                                _softmax_init, _softmax_step, from_rows, from_tile_rows, row_spec, tile_row_spec,
                                 to_rows, to_tile_rows)
 
 KEY_TILE = 128        # compressed keys per attention step (the lane width of the scores)
@@ -160,10 +160,8 @@ def _query_stationary_call(g: _Cmp, kernel, row_inputs, row_outputs, scratch, nu
   """pallas_call over grid (B, HKV, T/bq, key tiles). row_inputs / row_outputs: per-row arrays as
   ("rows", width, dtype) ([B, HKV, T*G, width]) or ("tile_row", 1, dtype) ([B, HKV, NQ, 1, 128]);
   K and V tiles come after the row inputs, clamped to the query tile's last needed one."""
-  def spec(kind, width):
-    if kind == "tile_row":
-      return tile_row_spec(lambda b, h, i, kb: (b, h, i))
-    return pl.BlockSpec((None, None, ROWS, width), lambda b, h, i, kb: (b, h, i, 0))
+  tile = lambda b, h, i, kb: (b, h, i)
+  spec = lambda kind, width: tile_row_spec(tile) if kind == "tile_row" else row_spec(tile, width)
   def shape(kind, width, dtype):
     dims = (g.num_tiles, 1, ROWS) if kind == "tile_row" else (g.t * g.group, width)
     return jax.ShapeDtypeStruct((g.b, g.hkv, *dims), dtype)
@@ -226,7 +224,7 @@ def _compressed_bwd(block_len, stride, scale, interpret, residuals, cotangents):
   dk_t, dv_t = pl.pallas_call(
       functools.partial(_dkv_kernel, g=g),
       grid=(g.b, g.hkv, num_key_tiles, g.num_tiles),
-      in_specs=[pl.BlockSpec((None, None, ROWS, w), lambda *a: (*tile(*a), 0)) for w in (g.dk, g.dv)]
+      in_specs=[row_spec(tile, w) for w in (g.dk, g.dv)]
                + [tile_row_spec(tile), tile_row_spec(tile)]
                + [pl.BlockSpec((None, None, KEY_TILE, w), key_map) for w in (g.dk, g.dv)],
       out_specs=[pl.BlockSpec((None, None, KEY_TILE, w), key_map) for w in (g.dk, g.dv)],
@@ -298,12 +296,12 @@ def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stri
   lse_rows = to_tile_rows(lse_chunk, g.hkv)
   start_tile = (jnp.asarray(chunk_start, jnp.int32) // g.queries_per_tile).reshape(1)
 
-  row_map = lambda b, h, i, kb, start: (b, h, i, 0)
+  row_map = lambda b, h, i, kb, start: (b, h, i)
   key_map = lambda b, h, i, kb, start: (b, h, jnp.minimum(kb, jnp.maximum(g.key_tiles(start[0] + i, keys) - 1, 0)), 0)
   fixed = lambda b, h, i, kb, start: (0, 0)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_tiles, num_tiles),
-      in_specs=[pl.BlockSpec((None, None, ROWS, g.dk), row_map), tile_row_spec(lambda b, h, i, kb, start: (b, h, i)),
+      in_specs=[row_spec(row_map, g.dk), tile_row_spec(row_map),
                 pl.BlockSpec((None, None, keys, g.dk), key_map),
                 pl.BlockSpec((keys, nbt), fixed), pl.BlockSpec((keys, nbt), fixed)],
       out_specs=pl.BlockSpec((None, None, None, g.queries_per_tile, nbt), lambda b, h, i, kb, start: (b, h, i, 0, kb)),

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -155,6 +156,12 @@ def from_tile_rows(x, t: int):
   return from_rows(x.reshape(*x.shape[:2], -1, 1), t)[..., 0]
 
 
+def row_spec(index_map, width: int):
+  """BlockSpec of one tile's [128, width] rows of a [B, HKV, T*G, width] array; index_map gives
+  (b, h, tile)."""
+  return pl.BlockSpec((None, None, ROWS, width), lambda *a: (*index_map(*a), 0))
+
+
 def tile_row_spec(index_map):
   """BlockSpec of one tile's [1, 128] row; index_map gives (b, h, tile)."""
   return pl.BlockSpec((None, None, None, 1, ROWS), lambda *a: (*index_map(*a), 0, 0))
@@ -258,11 +265,10 @@ def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
   index rows, k, v) -> (out rows, lse rows)."""
   b, hkv, dk, dv = sh.b, sh.hkv, sh.dk, sh.dv
   grid, kernel, kv_spec, row_map = _union_grid(sh, _selection_fwd_kernel, tiles, num_union)
-  row_spec = lambda width: pl.BlockSpec((None, None, ROWS, width), lambda *a: (*row_map(*a), 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3, grid=grid,
-      in_specs=[row_spec(dk), row_spec(sh.n), kv_spec(dk), kv_spec(dv)],
-      out_specs=[row_spec(dv), tile_row_spec(row_map)],
+      in_specs=[row_spec(row_map, dk), row_spec(row_map, sh.n), kv_spec(dk), kv_spec(dv)],
+      out_specs=[row_spec(row_map, dv), tile_row_spec(row_map)],
       scratch_shapes=[pltpu.VMEM((ROWS, LANES), jnp.float32), pltpu.VMEM((ROWS, LANES), jnp.float32),
                       pltpu.VMEM((ROWS, dv), jnp.float32)])
   return pl.pallas_call(
@@ -337,12 +343,12 @@ def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref
 def _selection_dq_call(sh: _Shape, tiles, num_union, dtype):
   b, hkv, dk, dv = sh.b, sh.hkv, sh.dk, sh.dv
   grid, kernel, kv_spec, row_map = _union_grid(sh, _selection_dq_kernel, tiles, num_union)
-  row_spec = lambda width: pl.BlockSpec((None, None, ROWS, width), lambda *a: (*row_map(*a), 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3, grid=grid,
-      in_specs=[row_spec(dk), row_spec(sh.n), row_spec(dv), tile_row_spec(row_map), tile_row_spec(row_map),
+      in_specs=[row_spec(row_map, dk), row_spec(row_map, sh.n), row_spec(row_map, dv), tile_row_spec(row_map),
+                tile_row_spec(row_map),
                 kv_spec(dk), kv_spec(dv)],
-      out_specs=row_spec(dk),
+      out_specs=row_spec(row_map, dk),
       scratch_shapes=[pltpu.VMEM((ROWS, dk), jnp.float32)])
   call = pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, hkv, tiles * ROWS, dk), dtype),
@@ -424,11 +430,11 @@ def _selection_dkv(sh: _Shape, q_rows, idx_rows, do_rows, lse_rows, delta_rows, 
   at = lambda bi, h, p: (bi * hkv + h) * window + p
   kv_map = lambda bi, h, p, block, tile: (bi, h, block[at(bi, h, p)], 0)
   row_map = lambda bi, h, p, block, tile: (bi, h, jnp.maximum(tile[at(bi, h, p)], 0))
-  row_spec = lambda width: pl.BlockSpec((None, None, ROWS, width), lambda *a: (*row_map(*a), 0))
   kv_spec = lambda width: pl.BlockSpec((None, None, bs, width), kv_map)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2, grid=grid,
-      in_specs=[row_spec(dk), row_spec(sh.n), row_spec(dv), tile_row_spec(row_map), tile_row_spec(row_map),
+      in_specs=[row_spec(row_map, dk), row_spec(row_map, sh.n), row_spec(row_map, dv), tile_row_spec(row_map),
+                tile_row_spec(row_map),
                 kv_spec(dk), kv_spec(dv), kv_spec(dk), kv_spec(dv)],
       out_specs=[kv_spec(dk), kv_spec(dv)],
       scratch_shapes=[pltpu.VMEM((bs, dk), jnp.float32), pltpu.VMEM((bs, dv), jnp.float32)])
@@ -496,14 +502,12 @@ selection_attention.defvjp(_selection_vjp_fwd, _selection_vjp_bwd)
 
 def _copies(index_seq) -> int:
   """Copies one BlockSpec makes over calls [calls, grid steps in order, block-index dims]."""
-  import numpy as np
   index_seq = np.asarray(index_seq)
   return int(np.any(index_seq[:, 1:] != index_seq[:, :-1], axis=-1).sum()) + index_seq.shape[0]
 
 
 def _with_bh(lists):
   """[calls, B, HKV, steps] block indices -> [calls, B*HKV*steps, 3] (b, h, index) in grid order."""
-  import numpy as np
   calls, b, hkv, steps = lists.shape
   keys = np.stack(np.broadcast_arrays(np.arange(b)[None, :, None, None], np.arange(hkv)[None, None, :, None],
                                       lists), -1)
@@ -523,7 +527,6 @@ def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: i
     dkv      KV-stationary pair list, window by window: K/V and the fp32 dK/dV accumulators once
              per run of a block's pairs, a tile's q, index, dO, lse, delta rows per pair; dK/dV
              written once per run. Minimum: each block's K/V once, each pair's rows once."""
-  import numpy as np
   b, t, hkv, n = block_indices.shape
   sh = _Shape(b, t, hkv, hq // hkv, dk, dv, n, block_size, 1.0, True)
   union, count = tile_unions(jnp.asarray(block_indices), block_size=block_size, seq_len=t,

@@ -65,7 +65,7 @@ def validate(config, num_devices: int | None = None) -> None:
                       f"{config.attention.kind} attention with Pallas kernels needs a multiple of 128")
 
   if config.attention.kind == "nsa":
-    _validate_nsa(config)
+    _validate_nsa(config, pallas)
   if config.attention.kind in ("mla", "dsa"):
     _validate_mla(config)
   if config.attention.kind == "dsa":
@@ -104,7 +104,7 @@ def _require(*rules) -> None:
       raise ConfigError(field, value, allowed)
 
 
-def _validate_nsa(config) -> None:
+def _validate_nsa(config, pallas: bool) -> None:
   c, m = config.nsa, config.model
   _positive(config, "nsa.cmp_block", "nsa.cmp_stride", "nsa.slc_block", "nsa.num_selected",
             "nsa.window")
@@ -124,7 +124,7 @@ def _validate_nsa(config) -> None:
       ("data.packing", config.data.packing, config.data.packing == "concat",
        "NSA does not mask packed documents yet: use concat"),
   )
-  if resolve_impl(config.attention.impl) == "pallas":   # the kernels' tiling (kernels/nsa_pallas.py)
+  if pallas:   # the kernels' tiling (kernels/nsa_pallas.py)
     _require(
         ("model.n_heads", m.n_heads, 128 % (m.n_heads // m.n_kv_heads) == 0,
          f"the query group n_heads / n_kv_heads = {m.n_heads // m.n_kv_heads} must divide 128 "
