@@ -3,9 +3,12 @@
 Config is code (ml_collections). Override anything on the command line:
   python train.py --config configs/tiny.py --workdir /tmp/run --config.steps=500 --config.model.n_layers=2
 """
+import dataclasses
 import os
 
 import ml_collections
+
+from kernels import KernelOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDED_TOKENIZER = os.path.join(REPO, "data", "assets", "stdlib_4k.model")
@@ -43,6 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.attention = ml_collections.ConfigDict()
   c.attention.kind = "dense"        # dense | nsa | mla | dsa
   c.attention.impl = "auto"         # xla | pallas | auto (pallas on TPU, xla elsewhere)
+
+  # How the kernels run (kernels.KernelOptions): kernels.pallas_mode = auto (compiled on a TPU,
+  # TPU interpret mode elsewhere) | compiled (ahead-of-time for TPU from any host) | interpret;
+  # the chunk and tile sizes of the XLA references and Pallas kernels.
+  c.kernels = ml_collections.ConfigDict(dataclasses.asdict(KernelOptions()))
 
   # NSA (attention.kind = "nsa"); paper defaults. DESIGN.md §4.
   c.nsa = ml_collections.ConfigDict()
@@ -97,6 +105,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.pack_bins = 8              # rows first-fit packed at once in pack mode
   c.data.num_threads = 2            # grain read threads
   c.data.prefetch = 4               # batches prefetched
+
+  # A jax.profiler trace of steps [start_step, start_step + num_steps) in WORKDIR/profile (process 0;
+  # TensorBoard or XProf). start_step 0: no trace.
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 0
+  c.profile.num_steps = 3
 
   c.wandb = ml_collections.ConfigDict()
   c.wandb.mode = "offline"          # offline | online | disabled

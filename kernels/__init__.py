@@ -1,35 +1,82 @@
 """Attention math behind one API: pure-JAX references (`impl="xla"`) and Pallas TPU kernels.
 
-Every public function takes `impl = "xla" | "pallas" | "auto"`; `auto` is Pallas on TPU and XLA
-elsewhere. On a CPU, `impl="pallas"` runs the TPU kernel in TPU interpret mode.
+Every public function takes `impl = "xla" | "pallas" | "auto"` and `options` (a KernelOptions):
+`auto` is Pallas when the kernels target a TPU and XLA elsewhere. On a CPU, `impl="pallas"` runs
+the TPU kernel in TPU interpret mode unless `options.pallas_mode="compiled"` (ahead-of-time
+compiles for TPU chips from any host, DESIGN.md §8).
+
+How the kernels run is an explicit, hashable value, never a module-level switch: a jitted
+function that closes over other options is another function and traces again.
 """
-import contextlib
+import dataclasses
 
 import jax
 
 IMPLS = ("xla", "pallas", "auto")
-_COMPILE_FOR_TPU = False
+PALLAS_MODES = ("auto", "compiled", "interpret")
 
 
-def interpret() -> bool:
-  """Whether Pallas kernels run in TPU interpret mode: off a TPU, unless compile_for_tpu()."""
-  return not _COMPILE_FOR_TPU and jax.default_backend() != "tpu"
+class Unsupported(ValueError):
+  """A shape a kernel cannot run: `dim` names the kernel's own argument (seq_len, n_heads, ...)
+  so that config validation can name the config field."""
+
+  def __init__(self, dim: str, value, allowed: str):
+    super().__init__(f"{dim}={value}: {allowed}")
+    self.dim, self.value, self.allowed = dim, value, allowed
 
 
-@contextlib.contextmanager
-def compile_for_tpu():
-  """Trace Pallas kernels for real TPU chips from any host (ahead-of-time compiles, DESIGN §8)."""
-  global _COMPILE_FOR_TPU
-  previous, _COMPILE_FOR_TPU = _COMPILE_FOR_TPU, True
-  try:
-    yield
-  finally:
-    _COMPILE_FOR_TPU = previous
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+  """Static knobs of the kernels: the Pallas target and the chunk and tile sizes."""
+  pallas_mode: str = "auto"       # auto: compiled on a TPU backend, TPU interpret mode elsewhere
+  query_chunk: int = 256          # XLA references: queries per chunk (NSA selection: half of it)
+  window_chunk: int = 256         # XLA window branch: its cost per query is (chunk + w) keys
+  select_chunk: int = 1024        # Pallas select_blocks: queries per block-score call and top-n
+  dsa_query_chunk: int = 128      # XLA DSA: the indexer's chunk scores are [chunk, H_I, T] fp32
+  unroll_chunks: bool = False     # unroll the chunk loops (XLA's cost analysis then counts every chunk)
+  prefetch_bytes: int = 256 * 1024   # NSA selection: union lists per pallas_call (SMEM ~1 MiB)
+  key_tile: int = 128             # NSA compressed: compressed keys per attention step
+  score_blocks: int = 128         # NSA block scores: selection blocks per score step
+
+  def __post_init__(self):
+    if self.pallas_mode not in PALLAS_MODES:
+      raise ValueError(f"pallas_mode={self.pallas_mode!r}: allowed values are {', '.join(PALLAS_MODES)}")
+
+  @property
+  def targets_tpu(self) -> bool:
+    """Pallas kernels are compiled for TPU chips (a TPU backend, or an ahead-of-time compile)."""
+    return self.pallas_mode == "compiled" or (self.pallas_mode == "auto" and jax.default_backend() == "tpu")
+
+  @property
+  def interpret(self) -> bool:
+    return not self.targets_tpu
+
+  def interpret_params(self):
+    """pallas_call's `interpret`: False (compile for TPU), TPU interpret mode (simulated DMAs,
+    SMEM and VMEM), or, per device of a multi-device mesh, Pallas's plain interpreter: TPU
+    interpret mode synchronises the devices' kernels through host callbacks, which deadlocks
+    XLA:CPU's multi-device execution of a whole train step (jax 0.10.2; the single-device kernel
+    tests keep the TPU simulation)."""
+    if not self.interpret:
+      return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+      return True
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams()
 
 
-def resolve_impl(impl: str) -> str:
+DEFAULT_OPTIONS = KernelOptions()
+
+
+def options_from_config(config) -> KernelOptions:
+  """The run's KernelOptions: config.kernels holds one field per option."""
+  return KernelOptions(**config.kernels)
+
+
+def resolve_impl(impl: str, options: KernelOptions | None = None) -> str:
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}: allowed values are {', '.join(IMPLS)}")
   if impl == "auto":
-    return "pallas" if jax.default_backend() == "tpu" else "xla"
+    return "pallas" if (options or DEFAULT_OPTIONS).targets_tpu else "xla"
   return impl

@@ -8,13 +8,12 @@ memory is one chunk's, forward and backward.
 import jax
 import jax.numpy as jnp
 
-UNROLL = False   # True: unroll the chunk loop (so XLA's cost analysis counts every chunk)
 
-
-def map_query_chunks(fn, q, *per_query, chunk: int, remat: bool = True):
+def map_query_chunks(fn, q, *per_query, chunk: int, remat: bool = True, unroll: bool = False):
   """out[:, t] = fn(q chunk, chunk start, per_query chunks...)[:, t - start], chunk by chunk.
   q and every per_query array have [B, T, ...] leading dims; the last chunk is zero-padded.
-  remat=False for functions nothing differentiates (interpret-mode Pallas cannot sit in a remat)."""
+  remat=False for functions nothing differentiates (interpret-mode Pallas cannot sit in a remat).
+  unroll=True unrolls the loop (XLA's cost analysis then counts every chunk)."""
   b, t = q.shape[:2]
   chunk = max(1, min(chunk, t))
   n = -(-t // chunk)
@@ -28,7 +27,7 @@ def map_query_chunks(fn, q, *per_query, chunk: int, remat: bool = True):
   body = lambda args: fn(args[0], args[1], *args[2:])
   body = jax.checkpoint(body) if remat else body
   _, outs = jax.lax.scan(lambda carry, args: (carry, body(args)), None,
-                         (split(q), starts, *map(split, per_query)), unroll=UNROLL)
+                         (split(q), starts, *map(split, per_query)), unroll=unroll)
 
   def join(y):
     return y.swapaxes(0, 1).reshape(b, n * chunk, *y.shape[3:])[:, :t]

@@ -2,7 +2,7 @@
 MQA form over the selected rows, and the indexer's KL loss and recall.
 
 `impl="xla"` is the pure-JAX reference: the oracle for the Pallas kernels and the path on CPU/GPU.
-Memory is O(T*k), never T x T: every function walks the queries in chunks of QUERY_CHUNK
+Memory is O(T*k), never T x T: every function walks the queries in chunks of `options.dsa_query_chunk`
 (kernels/chunking.py). Per chunk the indexer holds [chunk, H_I, T] scores and the sparse attention
 [chunk, k, D] gathered rows; the backward recomputes them chunk by chunk and its only dense
 tensor is the [T, D] gradient of kv itself (the gather's transpose adds rows into it).
@@ -14,16 +14,19 @@ columns are the value), q_idx [B,T,H_I,D_I], k_idx [B,T,D_I], weights [B,T,H_I],
 import jax
 import jax.numpy as jnp
 
-from kernels import resolve_impl
-from kernels.chunking import map_query_chunks, masked_softmax
-
-QUERY_CHUNK = 128    # queries per chunk: the indexer's chunk scores are [chunk, H_I, T] float32
+from kernels import DEFAULT_OPTIONS, chunking, resolve_impl
+from kernels.chunking import masked_softmax
 
 
-def _check_impl(impl: str) -> None:
+def _check_impl(impl: str, options) -> None:
   # `auto` is XLA everywhere until DSA's Pallas kernels land; an explicit "pallas" is an error.
-  if impl != "auto" and resolve_impl(impl) == "pallas":
+  if impl != "auto" and resolve_impl(impl, options) == "pallas":
     raise NotImplementedError("kernels.dsa: impl='pallas' is not available yet; use 'xla' or 'auto'")
+
+
+def map_query_chunks(fn, q, *per_query, options):
+  """chunking.map_query_chunks with the chunk size and unrolling of `options`."""
+  return chunking.map_query_chunks(fn, q, *per_query, chunk=options.dsa_query_chunk, unroll=options.unroll_chunks)
 
 
 def _causal(t0, num_queries: int, num_keys: int):
@@ -58,11 +61,12 @@ def _gather_rows(x_BSD, indices_BQK):
   return rows.reshape(b, qc, k, x_BSD.shape[-1])
 
 
-def indexer_topk(q_idx, k_idx, weights, *, topk: int, impl="auto"):
+def indexer_topk(q_idx, k_idx, weights, *, topk: int, impl="auto", options=None):
   """int32 [B, T, topk]: per query t, the keys s <= t with the highest index scores I[t, s],
   best first (ties: the lower s). Fewer than topk visible keys: all of them, then -1.
   No gradient (the choice is discrete)."""
-  _check_impl(impl)
+  options = options or DEFAULT_OPTIONS
+  _check_impl(impl, options)
   q_idx, k_idx, weights = (jax.lax.stop_gradient(x) for x in (q_idx, k_idx, weights))
   num_keys = k_idx.shape[1]
 
@@ -73,14 +77,15 @@ def indexer_topk(q_idx, k_idx, weights, *, topk: int, impl="auto"):
       scores = jnp.pad(scores, [(0, 0), (0, 0), (0, topk - num_keys)], constant_values=-jnp.inf)
     values, index = jax.lax.top_k(scores, topk)
     return jnp.where(values == -jnp.inf, -1, index).astype(jnp.int32)
-  return map_query_chunks(chunk_fn, q_idx, weights, chunk=QUERY_CHUNK)
+  return map_query_chunks(chunk_fn, q_idx, weights, options=options)
 
 
-def sparse_attention(q, kv, indices, *, v_dim: int, scale=None, impl="auto"):
+def sparse_attention(q, kv, indices, *, v_dim: int, scale=None, impl="auto", options=None):
   """MQA attention of every head of query t over the rows kv[s], s in indices[t] (a set: -1,
   repeated, future and out-of-range entries are ignored); value = kv[..., :v_dim].
   Returns [B, T, H, v_dim] in q's dtype; a query with no valid index gets 0."""
-  _check_impl(impl)
+  options = options or DEFAULT_OPTIONS
+  _check_impl(impl, options)
   b, t, h, dk = q.shape
   scale = dk ** -0.5 if scale is None else scale
   # Sorted, a repeat sits next to its first copy, and the gathers walk kv in order.
@@ -94,7 +99,7 @@ def sparse_attention(q, kv, indices, *, v_dim: int, scale=None, impl="auto"):
     out = jnp.einsum("bqhk,bqkd->bqhd", p.astype(kv.dtype), rows[..., :v_dim],
                      preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
-  return map_query_chunks(chunk_fn, q, indices, chunk=QUERY_CHUNK)
+  return map_query_chunks(chunk_fn, q, indices, options=options)
 
 
 def _kl(teacher, student_logits, support):
@@ -110,14 +115,15 @@ def _teacher(logits_BQHS, support_BQS):
   return p.mean(axis=2)      # every head's row sums to 1, so the head mean is the L1-normalised sum
 
 
-def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl="auto"):
+def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl="auto", options=None):
   """mean over queries of KL(teacher_t || softmax(I[t, support])), DESIGN §5.
 
   Support: every key s <= t (indices None: the dense warm-up) or the set indices[t] (the sparse
   stage). Teacher: the main attention's probabilities (q, kv as in sparse_attention) restricted
   to the support, per head renormalised, summed over heads and L1-normalised; it is a constant
   (stop-gradient), so only q_idx, k_idx and weights receive gradients."""
-  _check_impl(impl)
+  options = options or DEFAULT_OPTIONS
+  _check_impl(impl, options)
   q, kv = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kv)
   t = q.shape[1]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -135,16 +141,17 @@ def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl
     return _kl(_teacher(logits, support), student, support)
 
   if indices is None:
-    kl = map_query_chunks(dense_chunk, q, q_idx, weights, chunk=QUERY_CHUNK)
+    kl = map_query_chunks(dense_chunk, q, q_idx, weights, options=options)
   else:
-    kl = map_query_chunks(sparse_chunk, q, q_idx, weights, jnp.sort(indices, axis=-1), chunk=QUERY_CHUNK)
+    kl = map_query_chunks(sparse_chunk, q, q_idx, weights, jnp.sort(indices, axis=-1), options=options)
   return kl.mean()
 
 
-def indexer_recall(q, kv, indices, *, topk: int, scale=None):
+def indexer_recall(q, kv, indices, *, topk: int, scale=None, options=None):
   """(recall, rows): the mean over queries with more than `topk` visible keys of
   |indices[t] ∩ true top-k of the head-summed attention at t| / topk, and how many such
   queries there were (recall is 1 when there are none: every key is selected)."""
+  options = options or DEFAULT_OPTIONS
   q, kv = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kv)
   t = q.shape[1]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -160,6 +167,6 @@ def indexer_recall(q, kv, indices, *, topk: int, scale=None):
     hits = _valid(idx, t0, t) & (jnp.take_along_axis(teacher, jnp.clip(idx, 0, t - 1), axis=-1) >= kth)
     counted = (t0 + jnp.arange(qc) + 1 > topk)[None, :]
     return jnp.where(counted, hits.sum(-1) / topk, 0.0), jnp.broadcast_to(counted, hits.shape[:2])
-  recall, counted = map_query_chunks(chunk_fn, q, jnp.sort(indices, axis=-1), chunk=QUERY_CHUNK)
+  recall, counted = map_query_chunks(chunk_fn, q, jnp.sort(indices, axis=-1), options=options)
   rows = counted.sum()
   return recall.sum() / jnp.maximum(rows, 1), rows

@@ -1,8 +1,8 @@
 """Native Sparse Attention (DESIGN.md §4, §6): the four functions of the kernel contract.
 
 `impl="xla"` is the pure-JAX reference: the oracle for the Pallas kernels and the path on CPU/GPU.
-Memory stays about linear in T: every function walks the queries in chunks of QUERY_CHUNK
-(kernels/chunking.py), so a chunk's scores ([chunk, heads, keys it may see]) exist only while that
+Memory stays about linear in T: every function walks the queries in chunks of
+`options.query_chunk` (kernels/chunking.py), so a chunk's scores ([chunk, heads, keys it may see]) exist only while that
 chunk runs, in the forward and again in the backward. Nothing holds a T x T tensor, nor [T, C] per
 head for the whole sequence. Shapes: q [B,T,HQ,Dk], k [B,T,HKV,Dk], v [B,T,HKV,Dv],
 k_cmp [B,C,HKV,Dk], v_cmp [B,C,HKV,Dv]; query head h uses KV head h // (HQ // HKV).
@@ -10,6 +10,7 @@ k_cmp [B,C,HKV,Dk], v_cmp [B,C,HKV,Dv]; query head h uses KV head h // (HQ // HK
 `impl="pallas"` (and `"auto"` on TPU) runs every function on Pallas TPU kernels, forward and
 backward: compressed attention and block scores in kernels/nsa_compressed_pallas.py, selection in
 kernels/nsa_pallas.py, the window on splash attention; off TPU they run in TPU interpret mode.
+Under a mesh of several devices each Pallas call runs per device (kernels/partition.py).
 """
 import functools
 
@@ -17,16 +18,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import dense, resolve_impl
-from kernels.chunking import map_query_chunks, masked_softmax
+from kernels import DEFAULT_OPTIONS, Unsupported, dense, partition, resolve_impl
+from kernels import chunking
+from kernels.chunking import masked_softmax
 
-QUERY_CHUNK = 256     # queries per chunk (selection: half, its gathered keys are n*l' per query)
-WINDOW_CHUNK = 256    # the window branch's chunk: its cost per query is (chunk + w) keys
-SELECT_CHUNK = 1024   # impl="pallas": queries per block-score kernel call and top-n ([Qc, NB] per group)
+TILE_ROWS = 128       # the Pallas kernels' matmul rows: 128/G query positions x G heads
 
 
-def _pallas(impl: str) -> bool:
-  return resolve_impl(impl) == "pallas"
+def check_supported(*, seq_len: int, n_heads: int, n_kv_heads: int, slc_block: int) -> None:
+  """The NSA Pallas kernels' shape rules (raises kernels.Unsupported naming the argument)."""
+  group = n_heads // n_kv_heads
+  if TILE_ROWS % group:
+    raise Unsupported("n_heads", n_heads, f"the query group n_heads / n_kv_heads = {group} must divide "
+                      f"{TILE_ROWS} for the NSA Pallas kernels")
+  dense.check_supported(seq_len=seq_len)          # the window branch runs on splash
+  if seq_len % slc_block:
+    raise Unsupported("seq_len", seq_len, f"must be a multiple of the selection block {slc_block} "
+                      "for the NSA Pallas kernels")
+
+
+def _pallas(impl: str, options) -> bool:
+  return resolve_impl(impl, options) == "pallas"
+
+
+def map_query_chunks(fn, q, *per_query, chunk: int, options, remat: bool = True):
+  return chunking.map_query_chunks(fn, q, *per_query, chunk=chunk, remat=remat, unroll=options.unroll_chunks)
 
 
 def num_compressed(seq_len: int, block_len: int, stride: int) -> int:
@@ -51,23 +67,27 @@ def _compressed_probs(q_chunk, t0, k_cmp, *, block_len, stride, scale):
   return masked_softmax(logits, visible[None, :, None, None, :])
 
 
-def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, impl="auto"):
+def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, impl="auto", options=None):
   """Query t attends to compressed token i iff i*stride + block_len - 1 <= t.
   Returns (out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] float32; -inf where nothing is visible).
   impl="pallas": kernels/nsa_compressed_pallas.py (forward, dq, dK/dV)."""
+  options = options or DEFAULT_OPTIONS
   b, t, hq, dk = q.shape
   scale = dk ** -0.5 if scale is None else scale
   if k_cmp.shape[1] == 0:
     return jnp.zeros((b, t, hq, v_cmp.shape[-1]), q.dtype), jnp.full((b, t, hq), -jnp.inf, jnp.float32)
-  if _pallas(impl):
+  if _pallas(impl, options):
     from kernels import nsa_compressed_pallas
-    return nsa_compressed_pallas.compressed_attention(q, k_cmp, v_cmp, block_len, stride, scale)
+    kernel = lambda q, k_cmp, v_cmp: nsa_compressed_pallas.compressed_attention(q, k_cmp, v_cmp, block_len,
+                                                                              stride, scale, options)
+    return partition.per_device(kernel, (partition.Q, partition.CMP, partition.CMP),
+                                [partition.Q, partition.STATS])(q, k_cmp, v_cmp)
 
   def chunk_fn(q_chunk, t0):
     p, lse = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
     out = jnp.einsum("bqhgc,bchd->bqhgd", p.astype(v_cmp.dtype), v_cmp, preferred_element_type=jnp.float32)
     return out.reshape(*out.shape[:2], hq, -1).astype(q.dtype), lse.reshape(*lse.shape[:2], hq)
-  return map_query_chunks(chunk_fn, q, chunk=QUERY_CHUNK)
+  return map_query_chunks(chunk_fn, q, chunk=options.query_chunk, options=options)
 
 
 # ---- block selection ----
@@ -111,12 +131,14 @@ def rank_blocks(scores, t0, *, select_block, num_selected, num_initial, num_loca
 
 
 def select_blocks(q, k_cmp, *, block_len, stride, select_block, num_selected, num_initial=1,
-                  num_local=2, scale=None, lse=None, impl="auto"):
+                  num_local=2, scale=None, lse=None, impl="auto", options=None):
   """int32 [B, T, HKV, n]: per query and KV group, the forced blocks (the first `num_initial`,
   the `num_local` ending at t // l') and the highest group-summed importance scores among the
   eligible blocks j <= t // l'. Free slots are -1. No gradient flows through the choice.
   impl="pallas": scores tile by tile in a Pallas kernel from q, k_cmp and the compressed branch's
-  `lse` [B,T,HQ] (computed here when not given), top-n in XLA per chunk of SELECT_CHUNK queries."""
+  `lse` [B,T,HQ] (computed here when not given), top-n in XLA per chunk of options.select_chunk
+  queries."""
+  options = options or DEFAULT_OPTIONS
   q, k_cmp = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_cmp)
   b, t_len, hq, dk = q.shape
   hkv = k_cmp.shape[2]
@@ -126,31 +148,40 @@ def select_blocks(q, k_cmp, *, block_len, stride, select_block, num_selected, nu
                            num_initial=num_initial, num_local=num_local)
   if not k_cmp.shape[1]:
     return map_query_chunks(lambda q_chunk, t0: rank(jnp.zeros((b, q_chunk.shape[1], hkv, num_blocks)), t0),
-                            q, chunk=QUERY_CHUNK)
-  if _pallas(impl):
-    from kernels import nsa_compressed_pallas
+                            q, chunk=options.query_chunk, options=options)
+  if _pallas(impl, options):
     if lse is None:
-      lse = nsa_compressed_pallas.compressed_attention(q, k_cmp, k_cmp, block_len, stride, scale)[1]
-    scores = functools.partial(nsa_compressed_pallas.block_scores, k_cmp=k_cmp, block_len=block_len,
-                               stride=stride, select_block=select_block, num_blocks=num_blocks, scale=scale)
-    return map_query_chunks(lambda q_chunk, t0, lse_chunk: rank(scores(q_chunk, lse_chunk, chunk_start=t0), t0),
-                            q, jax.lax.stop_gradient(lse), chunk=SELECT_CHUNK, remat=False)
+      lse = compressed_attention(q, k_cmp, k_cmp, block_len=block_len, stride=stride, scale=scale, impl=impl,
+                                 options=options)[1]
+
+    def kernel(q, k_cmp, lse):
+      from kernels import nsa_compressed_pallas
+      scores = functools.partial(nsa_compressed_pallas.block_scores, k_cmp=k_cmp, block_len=block_len,
+                                 stride=stride, select_block=select_block, num_blocks=num_blocks, scale=scale,
+                                 options=options)
+      return map_query_chunks(lambda q_chunk, t0, lse_chunk: rank(scores(q_chunk, lse_chunk, chunk_start=t0), t0),
+                              q, lse, chunk=options.select_chunk, remat=False, options=options)
+    return partition.per_device(kernel, (partition.Q, partition.CMP, partition.STATS), partition.KV)(
+        q, k_cmp, jax.lax.stop_gradient(lse))
 
   def chunk_fn(q_chunk, t0):
     p, _ = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
     return rank(block_scores(p.sum(axis=3), num_blocks, block_len=block_len, stride=stride,
                              select_block=select_block), t0)              # [B, Qc, HKV, NB] scores
-  return map_query_chunks(chunk_fn, q, chunk=QUERY_CHUNK)
+  return map_query_chunks(chunk_fn, q, chunk=options.query_chunk, options=options)
 
 
 # ---- selected-block attention ----
 
-def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl="auto"):
+def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl="auto", options=None):
   """Query t attends to keys s with s // block_size among its KV group's `block_indices` and
   s <= t. Indices that are -1, repeated, in the future or out of range are ignored."""
-  if _pallas(impl):      # the Pallas kernels (forward, dq, dK/dV); TPU interpret mode off-TPU
+  options = options or DEFAULT_OPTIONS
+  if _pallas(impl, options):      # the Pallas kernels (forward, dq, dK/dV); TPU interpret mode off-TPU
     from kernels import nsa_pallas
-    return nsa_pallas.selection_attention(q, k, v, block_indices, block_size, scale)
+    kernel = lambda q, k, v, idx: nsa_pallas.selection_attention(q, k, v, idx, block_size, scale, options)
+    return partition.per_device(kernel, (partition.Q, partition.KV, partition.KV, partition.KV), partition.Q)(
+        q, k, v, block_indices)
   b, t, hq, dk = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
@@ -184,22 +215,23 @@ def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl=
                      preferred_element_type=jnp.float32)              # [B, HKV, Qc, G, Dv]
     out = out.transpose(0, 2, 1, 3, 4)
     return out.reshape(b, qc, hq, dv).astype(q.dtype)
-  return map_query_chunks(chunk_fn, q, block_indices, chunk=max(1, QUERY_CHUNK // 2))
+  return map_query_chunks(chunk_fn, q, block_indices, chunk=max(1, options.query_chunk // 2), options=options)
 
 
 # ---- sliding window ----
 
-def window_attention(q, k, v, *, window, scale=None, impl="auto"):
+def window_attention(q, k, v, *, window, scale=None, impl="auto", options=None):
   """Query t attends to keys s with t - window < s <= t (`window` keys including itself).
   impl="pallas": jax's splash-attention kernels (forward and backward) with a local mask."""
-  if _pallas(impl):
-    return dense.attention(q, k, v, scale=scale, window=window, impl="pallas")
+  options = options or DEFAULT_OPTIONS
+  if _pallas(impl, options):
+    return dense.attention(q, k, v, scale=scale, window=window, impl="pallas", options=options)
   b, t, hq, dk = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
   w = min(window, t)
   # Keys padded in front by w - 1 so chunk [t0, t0 + Qc) reads the slice [t0, t0 + Qc + w - 1).
-  chunk = min(WINDOW_CHUNK, t)
+  chunk = min(options.window_chunk, t)
   tail = -(-t // chunk) * chunk - t
   k_pad = jnp.pad(k, [(0, 0), (w - 1, tail), (0, 0), (0, 0)])
   v_pad = jnp.pad(v, [(0, 0), (w - 1, tail), (0, 0), (0, 0)])
@@ -217,4 +249,4 @@ def window_attention(q, k, v, *, window, scale=None, impl="auto"):
     p, _ = masked_softmax(logits, visible[None, :, None, None, :])
     out = jnp.einsum("bqhgs,bshd->bqhgd", p.astype(v.dtype), v_win, preferred_element_type=jnp.float32)
     return out.reshape(b, qc, hq, dv).astype(q.dtype)
-  return map_query_chunks(chunk_fn, q, chunk=chunk)
+  return map_query_chunks(chunk_fn, q, chunk=chunk, options=options)

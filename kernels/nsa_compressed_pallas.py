@@ -29,13 +29,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-import kernels
+from kernels import DEFAULT_OPTIONS, KernelOptions
 from kernels.nsa_pallas import (LANES, ROWS, _Shape, _accumulate_dkv, _accumulate_dq, _probs, _softmax_finish,
-                                _softmax_init, _softmax_step, from_rows, from_tile_rows, row_spec, tile_row_spec,
-                                to_rows, to_tile_rows)
-
-KEY_TILE = 128        # compressed keys per attention step (the lane width of the scores)
-SCORE_BLOCKS = 128    # selection blocks per score step (the lane width of the output)
+                                _softmax_init, _softmax_step, check_rows, cost, from_rows, from_tile_rows,
+                                row_spec, tile_row_spec, to_rows, to_tile_rows)
 
 
 class _Cmp(NamedTuple):
@@ -50,10 +47,16 @@ class _Cmp(NamedTuple):
   block_len: int        # l
   stride: int           # d
   scale: float
-  interpret: bool
+  options: KernelOptions
 
   queries_per_tile = _Shape.queries_per_tile      # 128 // G positions per tile, as in selection
   num_tiles = _Shape.num_tiles
+  interpret = _Shape.interpret
+
+  @property
+  def key_tile(self):
+    """Compressed keys per attention step (the lane width of the scores)."""
+    return self.options.key_tile
 
   def visible_tokens(self, query_tile):
     """Compressed tokens the last query of `query_tile` sees (traced int32)."""
@@ -61,30 +64,21 @@ class _Cmp(NamedTuple):
     return jnp.clip((last - self.block_len + 1) // self.stride + 1, 0, self.c)
 
   def key_tiles(self, query_tile, key_tile=None):
-    """How many key tiles of `key_tile` (default KEY_TILE) tokens query tile i needs (traced int32)."""
-    key_tile = key_tile or KEY_TILE
+    """How many key tiles of `key_tile` (default self.key_tile) tokens query tile i needs (traced int32)."""
+    key_tile = key_tile or self.key_tile
     return (self.visible_tokens(query_tile) + key_tile - 1) // key_tile
 
   def first_query_tile(self, kb):
     """The first query tile that sees a token of key tile kb (may be >= the number of tiles)."""
-    return (kb * KEY_TILE * self.stride + self.block_len - 1) // self.queries_per_tile
+    return (kb * self.key_tile * self.stride + self.block_len - 1) // self.queries_per_tile
 
 
-def _geometry(q, k_cmp, v_cmp, block_len, stride, scale, interpret) -> _Cmp:
+def _geometry(q, k_cmp, v_cmp, block_len, stride, scale, options) -> _Cmp:
   b, t, hq, dk = q.shape
   hkv = k_cmp.shape[2]
-  group = hq // hkv
-  if ROWS % group:
-    raise ValueError(f"compressed kernels: the query group HQ/HKV={group} must divide {ROWS}")
-  if t % (ROWS // group):
-    raise ValueError(f"compressed kernels: T={t} must be a multiple of {ROWS // group} (128 rows / G={group})")
+  group = check_rows(t, hq, hkv)
   return _Cmp(b, t, hkv, group, dk, v_cmp.shape[-1], k_cmp.shape[1], block_len, stride,
-              dk ** -0.5 if scale is None else scale,
-              kernels.interpret() if interpret is None else interpret)
-
-
-def _interpret(g: _Cmp):
-  return pltpu.InterpretParams() if g.interpret else False
+              dk ** -0.5 if scale is None else scale, options or DEFAULT_OPTIONS)
 
 
 def _scores(g: _Cmp, q, k, query_tile, key_tile):
@@ -94,6 +88,16 @@ def _scores(g: _Cmp, q, k, query_tile, key_tile):
   query_pos = query_tile * g.queries_per_tile + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // g.group
   token = key_tile * keys + jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1)
   return jnp.where(token * g.stride + g.block_len - 1 <= query_pos, s, -jnp.inf)
+
+
+def _attention_cost(g: _Cmp, *, matmul_width: int, row_bytes: int, kv_passes: int = 1, row_passes: int = 1):
+  """A compressed-attention pallas_call: every row against the compressed tokens it sees (C/2 on
+  average, causal), `matmul_width` the summed widths of a step's matmuls; bytes: the rows
+  (`row_passes` times: dK/dV rereads a query tile per key tile) and each query tile's visible K/V."""
+  rows = g.b * g.hkv * g.num_tiles * ROWS
+  seen = g.c / 2
+  kv = g.b * g.hkv * g.num_tiles * seen * (g.dk + g.dv) * 2
+  return cost(2 * rows * seen * matmul_width, rows * seen, row_passes * rows * row_bytes + kv_passes * kv)
 
 
 def _pad_keys(x_t, multiple):
@@ -156,7 +160,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _query_stationary_call(g: _Cmp, kernel, row_inputs, row_outputs, scratch, num_key_tiles):
+def _query_stationary_call(g: _Cmp, kernel, row_inputs, row_outputs, scratch, num_key_tiles, estimate):
   """pallas_call over grid (B, HKV, T/bq, key tiles). row_inputs / row_outputs: per-row arrays as
   ("rows", width, dtype) ([B, HKV, T*G, width]) or ("tile_row", 1, dtype) ([B, HKV, NQ, 1, 128]);
   K and V tiles come after the row inputs, clamped to the query tile's last needed one."""
@@ -170,53 +174,56 @@ def _query_stationary_call(g: _Cmp, kernel, row_inputs, row_outputs, scratch, nu
       functools.partial(kernel, g=g),
       grid=(g.b, g.hkv, g.num_tiles, num_key_tiles),
       in_specs=[spec(kind, w) for kind, w, _ in row_inputs]
-               + [pl.BlockSpec((None, None, KEY_TILE, g.dk), key_map),
-                  pl.BlockSpec((None, None, KEY_TILE, g.dv), key_map)],
+               + [pl.BlockSpec((None, None, g.key_tile, g.dk), key_map),
+                  pl.BlockSpec((None, None, g.key_tile, g.dv), key_map)],
       out_specs=[spec(kind, w) for kind, w, _ in row_outputs],
       out_shape=[shape(*o) for o in row_outputs],
       scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in scratch],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_interpret(g))
+      cost_estimate=estimate, interpret=g.interpret)
 
 
 def _forward_rows(g: _Cmp, q_rows, k_t, v_t):
-  """(out rows [B,HKV,T*G,Dv], lse tile rows [B,HKV,NQ,1,128] fp32); k_t, v_t padded to KEY_TILE."""
+  """(out rows [B,HKV,T*G,Dv], lse tile rows [B,HKV,NQ,1,128] fp32); k_t, v_t padded to g.key_tile."""
   return _query_stationary_call(
       g, _forward_kernel, [("rows", g.dk, None)], [("rows", g.dv, q_rows.dtype), ("tile_row", 1, jnp.float32)],
-      [(ROWS, LANES), (ROWS, LANES), (ROWS, g.dv)], k_t.shape[2] // KEY_TILE)(q_rows, k_t, v_t)
+      [(ROWS, LANES), (ROWS, LANES), (ROWS, g.dv)], k_t.shape[2] // g.key_tile,
+      _attention_cost(g, matmul_width=g.dk + g.dv, row_bytes=2 * (g.dk + g.dv) + 4))(q_rows, k_t, v_t)
 
 
-def _keys_t(k_cmp, v_cmp):
-  return (_pad_keys(k_cmp.transpose(0, 2, 1, 3), KEY_TILE), _pad_keys(v_cmp.transpose(0, 2, 1, 3), KEY_TILE))
+def _keys_t(g: _Cmp, k_cmp, v_cmp):
+  return (_pad_keys(k_cmp.transpose(0, 2, 1, 3), g.key_tile), _pad_keys(v_cmp.transpose(0, 2, 1, 3), g.key_tile))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def compressed_attention(q, k_cmp, v_cmp, block_len: int, stride: int, scale=None, interpret=None):
+def compressed_attention(q, k_cmp, v_cmp, block_len: int, stride: int, scale=None, options=None):
   """(out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] fp32, -inf where nothing is visible): the contract
   of kernels.nsa.compressed_attention; forward, dq and dK/dV are Pallas kernels. Needs C >= 1."""
-  return _compressed_fwd(q, k_cmp, v_cmp, block_len, stride, scale, interpret)[0]
+  return _compressed_fwd(q, k_cmp, v_cmp, block_len, stride, scale, options)[0]
 
 
-def _compressed_fwd(q, k_cmp, v_cmp, block_len, stride, scale, interpret):
-  g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, interpret)
-  out_rows, lse_rows = _forward_rows(g, to_rows(q, g.hkv), *_keys_t(k_cmp, v_cmp))
+def _compressed_fwd(q, k_cmp, v_cmp, block_len, stride, scale, options):
+  g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, options)
+  out_rows, lse_rows = _forward_rows(g, to_rows(q, g.hkv), *_keys_t(g, k_cmp, v_cmp))
   result = (from_rows(out_rows, g.t), from_tile_rows(lse_rows, g.t))
   return result, (q, k_cmp, v_cmp, out_rows, lse_rows)
 
 
-def _compressed_bwd(block_len, stride, scale, interpret, residuals, cotangents):
+def _compressed_bwd(block_len, stride, scale, options, residuals, cotangents):
   q, k_cmp, v_cmp, out_rows, lse_rows = residuals
   dout, dlse = cotangents
-  g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, interpret)
-  k_t, v_t = _keys_t(k_cmp, v_cmp)
+  g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, options)
+  k_t, v_t = _keys_t(g, k_cmp, v_cmp)
   q_rows, do_rows = to_rows(q, g.hkv), to_rows(dout.astype(q.dtype), g.hkv)
   # d lse / d s = p, so the lse cotangent enters as dS = p * (dO V^T - (delta - dlse)).
   delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), -1).reshape(lse_rows.shape)
   delta_rows = delta - to_tile_rows(dlse.astype(jnp.float32), g.hkv)
-  num_key_tiles = k_t.shape[2] // KEY_TILE
+  num_key_tiles = k_t.shape[2] // g.key_tile
   dq_rows, = _query_stationary_call(
       g, _dq_kernel, [("rows", g.dk, None), ("rows", g.dv, None), ("tile_row", 1, None), ("tile_row", 1, None)],
-      [("rows", g.dk, q.dtype)], [(ROWS, g.dk)], num_key_tiles)(q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
+      [("rows", g.dk, q.dtype)], [(ROWS, g.dk)], num_key_tiles,
+      _attention_cost(g, matmul_width=2 * g.dk + g.dv, row_bytes=2 * (2 * g.dk + g.dv) + 8),
+  )(q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
 
   last = g.num_tiles - 1
   tile = lambda b, h, kb, i: (b, h, jnp.minimum(jnp.maximum(i, g.first_query_tile(kb)), last))
@@ -226,12 +233,14 @@ def _compressed_bwd(block_len, stride, scale, interpret, residuals, cotangents):
       grid=(g.b, g.hkv, num_key_tiles, g.num_tiles),
       in_specs=[row_spec(tile, w) for w in (g.dk, g.dv)]
                + [tile_row_spec(tile), tile_row_spec(tile)]
-               + [pl.BlockSpec((None, None, KEY_TILE, w), key_map) for w in (g.dk, g.dv)],
-      out_specs=[pl.BlockSpec((None, None, KEY_TILE, w), key_map) for w in (g.dk, g.dv)],
+               + [pl.BlockSpec((None, None, g.key_tile, w), key_map) for w in (g.dk, g.dv)],
+      out_specs=[pl.BlockSpec((None, None, g.key_tile, w), key_map) for w in (g.dk, g.dv)],
       out_shape=[jax.ShapeDtypeStruct(k_t.shape, k_cmp.dtype), jax.ShapeDtypeStruct(v_t.shape, v_cmp.dtype)],
-      scratch_shapes=[pltpu.VMEM((KEY_TILE, g.dk), jnp.float32), pltpu.VMEM((KEY_TILE, g.dv), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((g.key_tile, g.dk), jnp.float32), pltpu.VMEM((g.key_tile, g.dv), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_interpret(g))(q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
+      cost_estimate=_attention_cost(g, matmul_width=2 * (g.dk + g.dv), row_bytes=2 * (g.dk + g.dv) + 8,
+                                    row_passes=max(1, num_key_tiles // 2), kv_passes=2),
+      interpret=g.interpret)(q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
   unpad = lambda x: x[:, :, :g.c].transpose(0, 2, 1, 3)
   return from_rows(dq_rows, g.t), unpad(dk_t), unpad(dv_t)
 
@@ -280,14 +289,23 @@ def _scores_kernel(chunk_ref, q_ref, lse_ref, k_ref, own_ref, prev_ref, out_ref,
     sums_scratch[...] = jnp.zeros(sums_scratch.shape, jnp.float32)
 
 
+def _scores_cost(g: _Cmp, keys: int, nbt: int, num_tiles: int):
+  """A block-score call: per query tile and seen compressed token (C/2 on average; the chunk's
+  start is traced) the scores (Dk), the head sum (128 wide, G > 1) and the two overlap products."""
+  tiles, seen, bq = g.b * g.hkv * g.num_tiles, g.c / 2, g.queries_per_tile
+  per_token = 2 * ROWS * g.dk + (2 * bq * ROWS if g.group > 1 else 0) + 4 * bq * nbt
+  return cost(tiles * seen * per_token, tiles * ROWS * seen,
+              tiles * (ROWS * g.dk * 2 + ROWS * 4 + bq * num_tiles * nbt * 4 + seen * g.dk * 2))
+
+
 def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stride: int, select_block: int,
-                 num_blocks: int, scale=None, interpret=None):
+                 num_blocks: int, scale=None, options=None):
   """float32 [B, Qc, HKV, num_blocks]: for queries chunk_start + [0, Qc) the selection-block
   importance sum_{g, c} w(c, j) p_cmp[g, c] of NSA (the XLA reference's block_scores of the
   group-summed compressed probabilities), with p_cmp = exp(s - lse) from the compressed
   attention's lse. chunk_start (traced int32) must be a multiple of 128/G, as must Qc."""
-  g = _geometry(q_chunk, k_cmp, k_cmp, block_len, stride, scale, interpret)
-  nbt = min(SCORE_BLOCKS, num_blocks)
+  g = _geometry(q_chunk, k_cmp, k_cmp, block_len, stride, scale, options)
+  nbt = min(g.options.score_blocks, num_blocks)
   num_tiles = -(-num_blocks // nbt)
   keys = nbt * select_block // stride
   own, prev = (jnp.asarray(w) for w in overlap_tiles(block_len, stride, select_block, nbt))
@@ -310,5 +328,6 @@ def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stri
       functools.partial(_scores_kernel, g=g, keys=keys), grid_spec=grid_spec,
       out_shape=jax.ShapeDtypeStruct((g.b, g.hkv, g.num_tiles, g.queries_per_tile, num_tiles * nbt), jnp.float32),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_interpret(g))(start_tile, to_rows(q_chunk, g.hkv), lse_rows, k_t, own, prev)
+      cost_estimate=_scores_cost(g, keys, nbt, num_tiles), interpret=g.interpret,
+  )(start_tile, to_rows(q_chunk, g.hkv), lse_rows, k_t, own, prev)
   return out.reshape(g.b, g.hkv, g.t, -1)[..., :num_blocks].transpose(0, 2, 1, 3)

@@ -27,11 +27,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-import kernels
+from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported
 
 ROWS = 128            # matmul rows per tile: query positions x heads of one KV group
 LANES = 128
-PREFETCH_BYTES = 256 * 1024   # union lists per pallas_call (SMEM is ~1 MiB on v5e/v5p/v6e)
 
 
 def tile_unions(block_indices, *, block_size: int, seq_len: int, queries_per_tile: int):
@@ -177,7 +176,11 @@ class _Shape(NamedTuple):
   n: int
   block_size: int
   scale: float
-  interpret: bool
+  options: KernelOptions
+
+  @property
+  def interpret(self):
+    return self.options.interpret_params()
 
   @property
   def queries_per_tile(self):
@@ -194,25 +197,56 @@ class _Shape(NamedTuple):
     return from_rows(x, self.t)
 
 
-def _shape(q, k, v, block_indices, block_size, scale, interpret) -> _Shape:
-  b, t, hq, dk = q.shape
-  hkv, dv = k.shape[2], v.shape[-1]
+def check_rows(t: int, hq: int, hkv: int) -> int:
+  """The row tiling's rule for every NSA Pallas kernel: G = HQ/HKV divides 128 and T is a
+  multiple of 128/G. Returns G; raises kernels.Unsupported."""
   group = hq // hkv
   if ROWS % group:
-    raise ValueError(f"selection kernel: the query group HQ/HKV={group} must divide {ROWS}")
-  if t % (ROWS // group) or t % block_size:
-    raise ValueError(f"selection kernel: T={t} must be a multiple of {ROWS // group} (128 rows / "
-                     f"G={group}) and of the block size {block_size}")
+    raise Unsupported("n_heads", hq, f"the query group HQ/HKV={group} must divide {ROWS}")
+  if t % (ROWS // group):
+    raise Unsupported("seq_len", t, f"must be a multiple of {ROWS // group} (128 rows / G={group})")
+  return group
+
+
+def _shape(q, k, v, block_indices, block_size, scale, options) -> _Shape:
+  b, t, hq, dk = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  group = check_rows(t, hq, hkv)
+  if t % block_size:
+    raise Unsupported("seq_len", t, f"must be a multiple of the selection block size {block_size}")
   return _Shape(b, t, hkv, group, dk, dv, block_indices.shape[-1], block_size,
-                dk ** -0.5 if scale is None else scale,
-                kernels.interpret() if interpret is None else interpret)
+                dk ** -0.5 if scale is None else scale, options or DEFAULT_OPTIONS)
+
+
+def cost(flops, transcendentals, bytes_accessed) -> pl.CostEstimate:
+  """What a pallas_call does, for XLA's scheduler and cost analysis (they cannot see inside)."""
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(bytes_accessed))
+
+
+def _selection_cost(sh: _Shape, tiles: int, num_union: int, *, matmul_width: int, row_bytes: int,
+                    kv_passes: int = 1) -> pl.CostEstimate:
+  """One selection pallas_call over `tiles` query tiles. FLOPs: each of the 128 rows of a tile
+  against its own n selected blocks (the work that counts: masked-out columns of the union are
+  not useful work), `matmul_width` = the summed widths of the step's matmuls (fwd: Dk + Dv).
+  Bytes: the rows in and out, plus K/V for a typical union of min(U, 2n) blocks per tile (the
+  traffic model measures 1.6n for realistic selections at 64k: scripts/bench_attention.py),
+  `kv_passes` times (dK/dV: K/V in bf16, the fp32 accumulators in and out: 5)."""
+  rows = sh.b * sh.hkv * tiles * ROWS
+  keys = sh.n * sh.block_size
+  kv = sh.b * sh.hkv * tiles * min(num_union, 2 * sh.n) * sh.block_size * (sh.dk + sh.dv) * 2
+  return cost(2 * rows * keys * matmul_width, rows * keys, rows * row_bytes + kv_passes * kv)
+
+
+def _window_share(estimate: pl.CostEstimate, windows: int) -> pl.CostEstimate:
+  """One of `windows` pallas_calls that split the work of `estimate` between them."""
+  return cost(estimate.flops / windows, estimate.transcendentals / windows, estimate.bytes_accessed / windows)
 
 
 def _tile_groups(sh: _Shape, entries_per_tile: int) -> int:
-  """Query tiles per pallas_call so that its scalar-prefetch lists stay within PREFETCH_BYTES."""
+  """Query tiles per pallas_call so that its scalar-prefetch lists stay within prefetch_bytes."""
   per_tile = sh.b * sh.hkv * entries_per_tile * 4
   nq = sh.num_tiles
-  return max(d for d in range(1, nq + 1) if nq % d == 0 and (d == 1 or d * per_tile <= PREFETCH_BYTES))
+  return max(d for d in range(1, nq + 1) if nq % d == 0 and (d == 1 or d * per_tile <= sh.options.prefetch_bytes))
 
 
 def _map_tile_groups(sh: _Shape, call, tiles: int, per_tile_lists, per_row_inputs, shared):
@@ -234,11 +268,11 @@ def _forward_rows(sh: _Shape, q_rows, k_t, v_t, idx_rows, union, count):
   return _map_tile_groups(sh, call, tiles, [union, count[..., None]], [q_rows, idx_rows], [k_t, v_t])
 
 
-def selection_forward(q, k, v, block_indices, *, block_size: int, scale=None, interpret=None):
+def selection_forward(q, k, v, block_indices, *, block_size: int, scale=None, options=None):
   """Pallas selection attention forward: (out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] float32),
   the same numbers as kernels.nsa.selection_attention(impl="xla"). Needs G = HQ/HKV dividing 128,
   T a multiple of 128/G and of block_size."""
-  sh = _shape(q, k, v, block_indices, block_size, scale, interpret)
+  sh = _shape(q, k, v, block_indices, block_size, scale, options)
   union, count = tile_unions(block_indices, block_size=block_size, seq_len=sh.t,
                              queries_per_tile=sh.queries_per_tile)
   out, lse = _forward_rows(sh, sh.rows(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
@@ -277,7 +311,9 @@ def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
                  jax.ShapeDtypeStruct((b, hkv, tiles, 1, ROWS), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=pltpu.InterpretParams() if sh.interpret else False)
+      cost_estimate=_selection_cost(sh, tiles, num_union, matmul_width=dk + dv,
+                                    row_bytes=2 * (dk + dv) + 4 * sh.n + 4),
+      interpret=sh.interpret)
 
 
 # ---- backward ----
@@ -286,7 +322,7 @@ def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
 # dk/dv: KV-stationary over the inverted selection: every (block j, tile i) pair with j in tile
 #   i's union, sorted by j, plus one work-free pair per block (so every block is written). A
 #   block's pairs are consecutive grid steps, so its dK/dV accumulate in VMEM and are written
-#   back once; no scatter-add in HBM. The pair list is cut into windows of PREFETCH_BYTES; a block
+#   back once; no scatter-add in HBM. The pair list is cut into windows of options.prefetch_bytes; a block
 #   whose pairs straddle two windows continues from what the first wrote (the outputs alias the
 #   inputs, which start at zero).
 
@@ -354,7 +390,9 @@ def _selection_dq_call(sh: _Shape, tiles, num_union, dtype):
       kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, hkv, tiles * ROWS, dk), dtype),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=pltpu.InterpretParams() if sh.interpret else False)
+      cost_estimate=_selection_cost(sh, tiles, num_union, matmul_width=2 * dk + dv,      # s, dP, dq
+                                    row_bytes=2 * (2 * dk + dv) + 4 * sh.n + 8),
+      interpret=sh.interpret)
   return lambda *args: [call(*args)]
 
 
@@ -379,12 +417,12 @@ def block_pairs(union, count, num_blocks: int):
   return block.astype(jnp.int32), tile.astype(jnp.int32)
 
 
-def _dkv_windows(block, tile):
+def _dkv_windows(block, tile, prefetch_bytes: int):
   """(block, tile, window): the pair lists [B, HKV, L] padded to whole windows of `window` pairs
   (a work-free repeat of the last block), one pallas_call per window, whose two int32 lists fit
-  PREFETCH_BYTES of scalar memory."""
+  prefetch_bytes of scalar memory."""
   b, hkv, length = block.shape
-  window = max(1, min(length, PREFETCH_BYTES // (8 * b * hkv)))
+  window = max(1, min(length, prefetch_bytes // (8 * b * hkv)))
   pad = -length % window
   block = jnp.concatenate([block, jnp.broadcast_to(block[..., -1:], (b, hkv, pad))], -1)
   tile = jnp.concatenate([tile, jnp.full((b, hkv, pad), -1, jnp.int32)], -1)
@@ -422,7 +460,7 @@ def _selection_dkv_kernel(block_ref, tile_ref, q_ref, idx_ref, do_ref, lse_ref, 
 def _selection_dkv(sh: _Shape, q_rows, idx_rows, do_rows, lse_rows, delta_rows, k_t, v_t, union, count):
   """dK, dV [B, HKV, T, D] float32 from the pair list, window by window."""
   b, hkv, dk, dv, bs = sh.b, sh.hkv, sh.dk, sh.dv, sh.block_size
-  block, tile, window = _dkv_windows(*block_pairs(union, count, sh.t // bs))
+  block, tile, window = _dkv_windows(*block_pairs(union, count, sh.t // bs), sh.options.prefetch_bytes)
   windows = block.shape[-1] // window
   grid = (b, hkv, window)
   kernel = functools.partial(_selection_dkv_kernel, scale=sh.scale, block_size=bs, group=sh.group,
@@ -443,7 +481,10 @@ def _selection_dkv(sh: _Shape, q_rows, idx_rows, do_rows, lse_rows, delta_rows, 
       out_shape=[jax.ShapeDtypeStruct(k_t.shape, jnp.float32), jax.ShapeDtypeStruct(v_t.shape, jnp.float32)],
       input_output_aliases={9: 0, 10: 1},      # operands counted with the 2 prefetch arrays
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=pltpu.InterpretParams() if sh.interpret else False)
+      cost_estimate=_window_share(_selection_cost(sh, sh.num_tiles, union.shape[-1], kv_passes=5,
+                                                  matmul_width=2 * (dk + dv),        # s, dP, dV, dK
+                                                  row_bytes=2 * (dk + dv) + 4 * sh.n + 8), windows),
+      interpret=sh.interpret)
 
   def one_window(carry, lists):
     dk_acc, dv_acc = carry
@@ -458,14 +499,14 @@ def _selection_dkv(sh: _Shape, q_rows, idx_rows, do_rows, lse_rows, delta_rows, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def selection_attention(q, k, v, block_indices, block_size: int, scale=None, interpret=None):
+def selection_attention(q, k, v, block_indices, block_size: int, scale=None, options=None):
   """Differentiable Pallas selection attention: out [B,T,HQ,Dv], the contract of
   kernels.nsa.selection_attention. Forward, dq and dk/dv are Pallas kernels."""
-  return selection_forward(q, k, v, block_indices, block_size=block_size, scale=scale, interpret=interpret)[0]
+  return selection_forward(q, k, v, block_indices, block_size=block_size, scale=scale, options=options)[0]
 
 
-def _selection_vjp_fwd(q, k, v, block_indices, block_size, scale, interpret):
-  sh = _shape(q, k, v, block_indices, block_size, scale, interpret)
+def _selection_vjp_fwd(q, k, v, block_indices, block_size, scale, options):
+  sh = _shape(q, k, v, block_indices, block_size, scale, options)
   union, count = tile_unions(block_indices, block_size=block_size, seq_len=sh.t,
                              queries_per_tile=sh.queries_per_tile)
   k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -474,9 +515,9 @@ def _selection_vjp_fwd(q, k, v, block_indices, block_size, scale, interpret):
   return sh.unrows(out_rows), (q, k, v, block_indices, out_rows, lse_rows, union, count)
 
 
-def _selection_vjp_bwd(block_size, scale, interpret, residuals, dout):
+def _selection_vjp_bwd(block_size, scale, options, residuals, dout):
   q, k, v, block_indices, out_rows, lse_rows, union, count = residuals
-  sh = _shape(q, k, v, block_indices, block_size, scale, interpret)
+  sh = _shape(q, k, v, block_indices, block_size, scale, options)
   k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   q_rows, idx_rows = sh.rows(q), sh.rows(jnp.repeat(block_indices, sh.group, axis=2))
   do_rows = sh.rows(dout.astype(q.dtype))
@@ -514,7 +555,8 @@ def _with_bh(lists):
   return keys.reshape(calls, b * hkv * steps, 3)
 
 
-def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: int, itemsize: int = 2) -> dict:
+def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: int, itemsize: int = 2,
+                      options=None) -> dict:
   """HBM <-> VMEM bytes of the selection kernels for these indices [B, T, HKV, n].
 
   Returns the forward's K/V bytes ("kv_bytes") against the minimum ("min_kv_bytes": each selected
@@ -528,7 +570,7 @@ def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: i
              per run of a block's pairs, a tile's q, index, dO, lse, delta rows per pair; dK/dV
              written once per run. Minimum: each block's K/V once, each pair's rows once."""
   b, t, hkv, n = block_indices.shape
-  sh = _Shape(b, t, hkv, hq // hkv, dk, dv, n, block_size, 1.0, True)
+  sh = _Shape(b, t, hkv, hq // hkv, dk, dv, n, block_size, 1.0, options or DEFAULT_OPTIONS)
   union, count = tile_unions(jnp.asarray(block_indices), block_size=block_size, seq_len=t,
                              queries_per_tile=sh.queries_per_tile)
   union, count = np.asarray(union), np.asarray(count)
@@ -545,8 +587,8 @@ def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: i
   forward_rows, dq_rows = b * hkv * nq * q_and_idx, b * hkv * nq * bwd_rows
   # dkv: the pair list and its windows exactly as _selection_dkv builds them.
   num_blocks = t // block_size
-  block, tile, window = (np.asarray(x) for x in _dkv_windows(*block_pairs(jnp.asarray(union), jnp.asarray(count),
-                                                                          num_blocks)))
+  pairs = block_pairs(jnp.asarray(union), jnp.asarray(count), num_blocks)
+  block, tile, window = (np.asarray(x) for x in _dkv_windows(*pairs, sh.options.prefetch_bytes))
   per_call = lambda x: x.reshape(b, hkv, -1, window).transpose(2, 0, 1, 3)
   pair_kv_copies = _copies(_with_bh(per_call(block)))
   pair_row_copies = _copies(_with_bh(per_call(np.maximum(tile, 0))))

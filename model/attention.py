@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 import ml_collections
 
-from kernels import dense
+from kernels import dense, options_from_config
 from model.layers import Projection, apply_rope
 from model.dsa import DSAAttention
 from model.mla import MLAAttention
@@ -37,7 +37,8 @@ class DenseAttention(nn.Module):
                                    ("act_batch", "act_seq", "act_heads", None))
     k = nn.with_logical_constraint(apply_rope(k, positions_BT, m.rope_theta),
                                    ("act_batch", "act_seq", "act_kv_heads", None))
-    out = dense.attention(q, k, v, segment_ids=segment_ids_BT, impl=self.config.attention.impl)
+    out = dense.attention(q, k, v, segment_ids=segment_ids_BT, impl=self.config.attention.impl,
+                          options=options_from_config(self.config))
     return proj("o", (m.d_model,), ("heads", "head_dim", "embed"), in_axes=2)(out)
 
   @staticmethod

@@ -51,24 +51,25 @@ class DSAAttention(MLAAttention):
 
   def __call__(self, x_BTE, positions_BT, segment_ids_BT=None):
     del segment_ids_BT   # packed documents are rejected for DSA at start-up (trainer/validate.py)
-    c, impl = self.config.dsa, self.config.attention.impl
+    c, kernel_args = self.config.dsa, self.kernel_args
     p = self.project(x_BTE, positions_BT)
     q_idx, k_idx, w_idx = self.indexer(x_BTE, p.c_q, positions_BT)
     q_mqa, kv = self.mqa_inputs(p)
-    topk = lambda: dsa_kernels.indexer_topk(q_idx, k_idx, w_idx, topk=c.index_topk, impl=impl)
+    topk = lambda: dsa_kernels.indexer_topk(q_idx, k_idx, w_idx, topk=c.index_topk, **kernel_args)
     if c.stage == "dense_warmup":
       indices, out = None, self.mha(p)
     else:
       indices = topk()
       out = self.mqa_output(dsa_kernels.sparse_attention(
-          q_mqa, kv, indices, v_dim=self.config.mla.kv_lora_rank, scale=self.scale, impl=impl))
+          q_mqa, kv, indices, v_dim=self.config.mla.kv_lora_rank, scale=self.scale, **kernel_args))
     if not self.is_initializing():
-      loss = dsa_kernels.indexer_loss(q_mqa, kv, q_idx, k_idx, w_idx, indices, scale=self.scale, impl=impl)
+      loss = dsa_kernels.indexer_loss(q_mqa, kv, q_idx, k_idx, w_idx, indices, scale=self.scale, **kernel_args)
       self.sow("aux_loss", "indexer_loss", c.indexer_loss_coef * loss)
       self.sow("metrics", "indexer_loss", loss)
       if self.is_mutable_collection("diagnostics"):
         recall, _ = dsa_kernels.indexer_recall(q_mqa, kv, topk() if indices is None else indices,
-                                               topk=c.index_topk, scale=self.scale)
+                                               topk=c.index_topk, scale=self.scale,
+                                               options=kernel_args["options"])
         self.sow("diagnostics", "indexer_recall", recall)
     return self.o(out)
 

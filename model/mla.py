@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from kernels import dense
+from kernels import dense, options_from_config
 from model.layers import Projection, RMSNorm, apply_rope, param_with_axes
 
 
@@ -50,6 +50,11 @@ class MLAAttention(nn.Module):
     self.o = proj((m.d_model,), ("heads", "head_dim", "embed"), in_axes=2)
 
   @property
+  def kernel_args(self) -> dict:
+    """impl and options for every kernel call (how the kernels run is part of the config)."""
+    return dict(impl=self.config.attention.impl, options=options_from_config(self.config))
+
+  @property
   def scale(self) -> float:
     a = self.config.mla
     return (a.qk_nope_dim + a.qk_rope_dim) ** -0.5
@@ -73,8 +78,7 @@ class MLAAttention(nn.Module):
     k = nn.with_logical_constraint(jnp.concatenate([k_nope, k_rope], -1),
                                    ("act_batch", "act_seq", "act_heads", None))
     v = jnp.einsum("btr,rhd->bthd", p.c_kv, self.v_up.astype(dtype))
-    return dense.attention(p.q, k, v, segment_ids=segment_ids_BT, scale=self.scale,
-                           impl=self.config.attention.impl)
+    return dense.attention(p.q, k, v, segment_ids=segment_ids_BT, scale=self.scale, **self.kernel_args)
 
   def mqa_inputs(self, p: Projected):
     """(absorbed queries [B, T, H, kv_lora + rope], shared rows kv [B, T, kv_lora + rope])."""
@@ -92,7 +96,7 @@ class MLAAttention(nn.Module):
     """Dense causal attention in the MQA form (the same numbers as `mha`, up to rounding)."""
     q, kv = self.mqa_inputs(p)
     r = self.config.mla.kv_lora_rank
-    o = dense.attention(q, kv[:, :, None], kv[:, :, None, :r], scale=self.scale, impl=self.config.attention.impl)
+    o = dense.attention(q, kv[:, :, None], kv[:, :, None, :r], scale=self.scale, **self.kernel_args)
     return self.mqa_output(o)
 
   def __call__(self, x_BTE, positions_BT, segment_ids_BT=None, form: str = "mha"):

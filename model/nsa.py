@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from kernels import nsa as nsa_kernels
+from kernels import nsa as nsa_kernels, options_from_config
 from model.layers import Projection, apply_rope, param_with_axes
 
 
@@ -44,7 +44,7 @@ class NSAAttention(nn.Module):
     del segment_ids_BT   # packed documents are rejected for NSA at start-up (trainer/validate.py)
     m, c = self.config.model, self.config.nsa
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
-    impl = self.config.attention.impl
+    kernel_args = dict(impl=self.config.attention.impl, options=options_from_config(self.config))
     proj = lambda name, shape, axes, **kw: Projection(shape, axes, dtype, param_dtype, name=name, **kw)
     rope = lambda x, pos: apply_rope(x, pos, m.rope_theta)
 
@@ -65,16 +65,16 @@ class NSAAttention(nn.Module):
     k_cmp = rope(k_cmp, cmp_positions)
 
     o_cmp, lse_cmp = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len=c.cmp_block,
-                                                      stride=c.cmp_stride, impl=impl)
+                                                      stride=c.cmp_stride, **kernel_args)
     block_indices = nsa_kernels.select_blocks(      # the Pallas path reuses the branch's lse
         q, k_cmp, block_len=c.cmp_block, stride=c.cmp_stride, select_block=c.slc_block,
         num_selected=c.num_selected, num_initial=c.num_initial, num_local=c.num_local, lse=lse_cmp,
-        impl=impl)
+        **kernel_args)
     k_slc, v_slc = kv.get("slc", kv.get("all"))
     o_slc = nsa_kernels.selection_attention(q, rope(k_slc, positions_BT), v_slc, block_indices,
-                                            block_size=c.slc_block, impl=impl)
+                                            block_size=c.slc_block, **kernel_args)
     k_win, v_win = kv.get("win", kv.get("all"))
-    o_win = nsa_kernels.window_attention(q, rope(k_win, positions_BT), v_win, window=c.window, impl=impl)
+    o_win = nsa_kernels.window_attention(q, rope(k_win, positions_BT), v_win, window=c.window, **kernel_args)
 
     gates = jax.nn.sigmoid(proj("gate", (m.n_heads, 3), ("embed", "heads", None))(x_BTE).astype(jnp.float32))
     out = (gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win).astype(dtype)

@@ -35,7 +35,6 @@ import ml_collections  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from configs import base  # noqa: E402
-from kernels import chunking, dsa as dsa_kernels, nsa as nsa_kernels  # noqa: E402
 from model.attention import ATTENTION_KINDS  # noqa: E402
 
 
@@ -70,13 +69,9 @@ def measure(kind, seq_len, args):
   config = layer_config(kind, seq_len, args)
   # XLA counts a loop body once: for FLOPs, compile (never run) with one query chunk where the
   # chunk size does not change the math, and the window's chunk loop unrolled.
-  chunks = nsa_kernels.QUERY_CHUNK, dsa_kernels.QUERY_CHUNK
-  nsa_kernels.QUERY_CHUNK = dsa_kernels.QUERY_CHUNK = 1 << 30
-  chunking.UNROLL = True
-  try:
-    flops = compile_step(config, args.batch)[1].cost_analysis().get("flops", float("nan"))
-  finally:
-    (nsa_kernels.QUERY_CHUNK, dsa_kernels.QUERY_CHUNK), chunking.UNROLL = chunks, False
+  whole = ml_collections.ConfigDict(config)
+  whole.kernels.update(query_chunk=1 << 30, dsa_query_chunk=1 << 30, unroll_chunks=True)
+  flops = compile_step(ml_collections.FrozenConfigDict(whole), args.batch)[1].cost_analysis().get("flops", float("nan"))
   step, compiled, shapes = compile_step(config, args.batch)
   mem = compiled.memory_analysis()
   gb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**30

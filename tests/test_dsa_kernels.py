@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import dsa
+from kernels import KernelOptions, dsa
 
 SCALE = 0.3
 
@@ -41,10 +41,10 @@ def oracle_topk(q_idx, k_idx, w, topk):
 @pytest.mark.parametrize("integer", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("t,topk,chunk", [(24, 8, 128), (29, 5, 8), (6, 16, 4)])
-def test_indexer_topk_matches_loop(monkeypatch, integer, dtype, t, topk, chunk):
-  monkeypatch.setattr(dsa, "QUERY_CHUNK", chunk)
+def test_indexer_topk_matches_loop(integer, dtype, t, topk, chunk):
+  options = KernelOptions(dsa_query_chunk=chunk)
   q_idx, k_idx, w = _indexer_inputs(2, t, 3, 8, seed=t, integer=integer, dtype=dtype)
-  got = dsa.indexer_topk(q_idx, k_idx, w, topk=topk, impl="xla")
+  got = dsa.indexer_topk(q_idx, k_idx, w, topk=topk, impl="xla", options=options)
   assert got.dtype == jnp.int32 and got.shape == (2, t, topk)
   np.testing.assert_array_equal(np.asarray(got), oracle_topk(q_idx, k_idx, w, topk))
   # Rows with fewer than topk visible keys hold all of them, then -1.
@@ -85,14 +85,14 @@ def oracle_sparse_attention(q, kv, indices, v_dim, scale):
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
 @pytest.mark.parametrize("t,k,chunk", [(19, 6, 128), (37, 9, 8)])
-def test_sparse_attention_matches_oracle_forward_and_gradients(monkeypatch, dtype, tol, t, k, chunk):
-  monkeypatch.setattr(dsa, "QUERY_CHUNK", chunk)
+def test_sparse_attention_matches_oracle_forward_and_gradients(dtype, tol, t, k, chunk):
+  options = KernelOptions(dsa_query_chunk=chunk)
   b, h, dk, v_dim = 2, 4, 24, 16
   ks = jax.random.split(jax.random.key(t), 3)
   q, kv = _rand(ks[0], (b, t, h, dk), dtype), _rand(ks[1], (b, t, dk), dtype)
   indices = _indices(b, t, k, seed=t)
   cot = _rand(ks[2], (b, t, h, v_dim), jnp.float32)
-  run = lambda q, kv: dsa.sparse_attention(q, kv, indices, v_dim=v_dim, scale=SCALE, impl="xla")
+  run = lambda q, kv: dsa.sparse_attention(q, kv, indices, v_dim=v_dim, scale=SCALE, impl="xla", options=options)
   ref = lambda q, kv: oracle_sparse_attention(q, kv, indices, v_dim, SCALE)
   out = run(q, kv)
   assert out.dtype == dtype and out.shape == (b, t, h, v_dim)
@@ -131,8 +131,8 @@ def oracle_indexer_loss(q, kv, q_idx, k_idx, w, indices, scale):
 
 @pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_indexer_loss_matches_oracle_and_trains_only_the_indexer(monkeypatch, stage, dtype, tol):
-  monkeypatch.setattr(dsa, "QUERY_CHUNK", 8)
+def test_indexer_loss_matches_oracle_and_trains_only_the_indexer(stage, dtype, tol):
+  options = KernelOptions(dsa_query_chunk=8)
   b, t, h, dk, hi, di = 2, 21, 3, 16, 2, 8
   ks = jax.random.split(jax.random.key(1), 2)
   q, kv = _rand(ks[0], (b, t, h, dk), dtype), _rand(ks[1], (b, t, dk), dtype)
@@ -141,7 +141,7 @@ def test_indexer_loss_matches_oracle_and_trains_only_the_indexer(monkeypatch, st
     indices = _indices(b, t, 6, seed=3).at[:, :, 0].set(jnp.arange(t, dtype=jnp.int32))
   else:
     indices = None
-  run = lambda *a: dsa.indexer_loss(*a, indices, scale=SCALE, impl="xla")
+  run = lambda *a: dsa.indexer_loss(*a, indices, scale=SCALE, impl="xla", options=options)
   ref = lambda *a: oracle_indexer_loss(*a, indices, SCALE)
   args = (q, kv, q_idx, k_idx, w)
   loss = run(*args)
@@ -157,8 +157,8 @@ def test_indexer_loss_matches_oracle_and_trains_only_the_indexer(monkeypatch, st
                                atol=5 * tol)
 
 
-def test_indexer_recall_counts_true_top_k(monkeypatch):
-  monkeypatch.setattr(dsa, "QUERY_CHUNK", 8)
+def test_indexer_recall_counts_true_top_k():
+  options = KernelOptions(dsa_query_chunk=8)
   b, t, h, dk, k = 1, 30, 2, 8, 4
   ks = jax.random.split(jax.random.key(5), 2)
   q, kv = _rand(ks[0], (b, t, h, dk), jnp.float32), _rand(ks[1], (b, t, dk), jnp.float32)
@@ -166,12 +166,12 @@ def test_indexer_recall_counts_true_top_k(monkeypatch):
   probs = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((t, t), bool)),
                                    jnp.einsum("bthd,bsd->bhts", q, kv) * SCALE, -jnp.inf), -1).sum(1)
   truth = jax.lax.top_k(probs, k)[1].astype(jnp.int32)                    # [B, T, k]
-  recall, rows = dsa.indexer_recall(q, kv, truth, topk=k, scale=SCALE)
+  recall, rows = dsa.indexer_recall(q, kv, truth, topk=k, scale=SCALE, options=options)
   assert int(rows) == t - k and float(recall) == pytest.approx(1.0)
   # Replace the best key of every row with its worst visible one: recall (k-1)/k.
   worst = jnp.argmin(jnp.where(jnp.tril(jnp.ones((t, t), bool)), probs, jnp.inf), -1).astype(jnp.int32)
   half = truth.at[:, :, 0].set(worst)
-  recall, _ = dsa.indexer_recall(q, kv, half, topk=k, scale=SCALE)
+  recall, _ = dsa.indexer_recall(q, kv, half, topk=k, scale=SCALE, options=options)
   assert float(recall) == pytest.approx((k - 1) / k)
 
 

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import nsa
+from kernels import KernelOptions, nsa
+
+CHUNKED = KernelOptions(query_chunk=16, window_chunk=16)   # several chunks, the last one partial
 
 # ---- oracles: one query position at a time, straight from DESIGN.md §4 ----
 
@@ -125,34 +127,31 @@ def _grads_close(f_test, f_ref, args, tol):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_compressed_attention(shape, dtype, monkeypatch):
-  monkeypatch.setattr(nsa, "QUERY_CHUNK", 16)           # several chunks, the last one partial
-  monkeypatch.setattr(nsa, "WINDOW_CHUNK", 16)
+def test_compressed_attention(shape, dtype):
   t, hq, hkv, dk, dv = shape
   l, d = 8, 4
   c = nsa.num_compressed(t, l, d)
   q, _, _, kc, vc = _inputs(t, 2, t, hq, hkv, dk, dv, c, dtype)
   scale = dk ** -0.5
-  out, lse = nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl="xla")
+  out, lse = nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl="xla", options=CHUNKED)
   ref_out, ref_lse = naive_compressed(q, kc, vc, l, d, scale)
   assert out.dtype == dtype and lse.dtype == jnp.float32
   _close(out, ref_out, TOL[dtype])
   assert np.all(np.isneginf(lse[:, :l - 1])) and np.all(out[:, :l - 1] == 0)   # nothing visible yet
   _close(lse[:, l - 1:], ref_lse[:, l - 1:], TOL[dtype])
-  _grads_close(lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl="xla")[0],
+  _grads_close(lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl="xla", options=CHUNKED)[0],
                lambda q, kc, vc: naive_compressed(q, kc, vc, l, d, scale)[0], (q, kc, vc), TOL[dtype])
 
 
 def test_compressed_attention_with_no_compressed_tokens():
   q, _, _, kc, vc = _inputs(0, 1, 5, 2, 1, 8, 8, 0, jnp.float32)
-  out, lse = nsa.compressed_attention(q, kc, vc, block_len=8, stride=4, impl="xla")
+  out, lse = nsa.compressed_attention(q, kc, vc, block_len=8, stride=4, impl="xla", options=CHUNKED)
   assert out.shape == (1, 5, 2, 8) and np.all(out == 0) and np.all(np.isneginf(lse))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_selection_attention(shape, dtype, monkeypatch):
-  monkeypatch.setattr(nsa, "QUERY_CHUNK", 16)
+def test_selection_attention(shape, dtype):
   t, hq, hkv, dk, dv = shape
   block, n = 8, 3
   q, k, v, _, _ = _inputs(t + 1, 2, t, hq, hkv, dk, dv, 0, dtype)
@@ -163,16 +162,16 @@ def test_selection_attention(shape, dtype, monkeypatch):
   idx = idx.at[:, 5, 0, 1].set(idx[:, 5, 0, 0])                               # a repeat
   scale = dk ** -0.5
   clean = jnp.where((idx <= (jnp.arange(t) // block)[None, :, None, None]) & (idx < num_blocks), idx, -1)
-  out = nsa.selection_attention(q, k, v, idx, block_size=block, impl="xla")
+  out = nsa.selection_attention(q, k, v, idx, block_size=block, impl="xla", options=CHUNKED)
   _close(out, naive_selection(q, k, v, clean, block, scale), TOL[dtype])
-  _grads_close(lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=block, impl="xla"),
+  _grads_close(lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=block, impl="xla", options=CHUNKED),
                lambda q, k, v: naive_selection(q, k, v, clean, block, scale), (q, k, v), TOL[dtype])
 
 
 def test_selection_attention_with_nothing_selected_is_zero_with_zero_gradients():
   q, k, v, _, _ = _inputs(3, 1, 12, 2, 1, 8, 8, 0, jnp.float32)
   idx = jnp.full((1, 12, 1, 2), -1, jnp.int32).at[:, 6:, :, 0].set(5)       # -1, then future only
-  f = lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=4, impl="xla")
+  f = lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=4, impl="xla", options=CHUNKED)
   assert np.all(f(q, k, v) == 0)
   grads = jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(q, k, v)
   assert all(np.all(g == 0) for g in grads)
@@ -181,15 +180,14 @@ def test_selection_attention_with_nothing_selected_is_zero_with_zero_gradients()
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("window", [1, 7, 100])
-def test_window_attention(shape, dtype, window, monkeypatch):
-  monkeypatch.setattr(nsa, "WINDOW_CHUNK", 16)
+def test_window_attention(shape, dtype, window):
   t, hq, hkv, dk, dv = shape
   q, k, v, _, _ = _inputs(t + 2, 2, t, hq, hkv, dk, dv, 0, dtype)
   scale = dk ** -0.5
-  out = nsa.window_attention(q, k, v, window=window, impl="xla")
+  out = nsa.window_attention(q, k, v, window=window, impl="xla", options=CHUNKED)
   _close(out, naive_window(q, k, v, window, scale), TOL[dtype])
   if window == 7:
-    _grads_close(lambda q, k, v: nsa.window_attention(q, k, v, window=window, impl="xla"),
+    _grads_close(lambda q, k, v: nsa.window_attention(q, k, v, window=window, impl="xla", options=CHUNKED),
                  lambda q, k, v: naive_window(q, k, v, window, scale), (q, k, v), TOL[dtype])
 
 
@@ -202,13 +200,12 @@ def test_overlap_weights_by_hand():
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("l,d,lp,n", [(8, 4, 8, 3), (8, 4, 16, 3), (4, 4, 8, 4)])
-def test_select_blocks_matches_the_definition(shape, l, d, lp, n, monkeypatch):
-  monkeypatch.setattr(nsa, "QUERY_CHUNK", 16)
+def test_select_blocks_matches_the_definition(shape, l, d, lp, n):
   t, hq, hkv, dk, _ = shape
   c = nsa.num_compressed(t, l, d)
   q, _, _, kc, _ = _inputs(t + 3, 2, t, hq, hkv, dk, dk, c, jnp.float32)
   got = np.asarray(nsa.select_blocks(q, kc, block_len=l, stride=d, select_block=lp, num_selected=n,
-                                     num_initial=1, num_local=2, impl="xla"))
+                                     num_initial=1, num_local=2, impl="xla", options=CHUNKED))
   want = naive_select(q, kc, l, d, lp, n, 1, 2, dk ** -0.5)
   assert got.dtype == np.int32 and got.shape == (2, t, hkv, n)
   np.testing.assert_array_equal(np.sort(got, -1), np.sort(want, -1))
@@ -221,7 +218,7 @@ def test_select_blocks_ties_take_the_lower_block_and_forced_blocks_count():
   q = jnp.ones((1, t, 2, 8))
   kc = jnp.ones((1, nsa.num_compressed(t, l, d), 1, 8))
   got = np.asarray(nsa.select_blocks(q, kc, block_len=l, stride=d, select_block=lp, num_selected=4,
-                                     num_initial=1, num_local=2, impl="xla"))
+                                     num_initial=1, num_local=2, impl="xla", options=CHUNKED))
   assert sorted(got[0, 63, 0]) == [0, 1, 6, 7]      # forced 0, 7, 6; then the lowest tied block
   assert sorted(got[0, 3, 0]) == [-1, -1, -1, 0]    # only block 0 exists yet
   assert sorted(got[0, 12, 0]) == [-1, -1, 0, 1]    # 2 eligible blocks, both forced
@@ -230,5 +227,5 @@ def test_select_blocks_ties_take_the_lower_block_and_forced_blocks_count():
 def test_select_blocks_sends_no_gradient():
   q, _, _, kc, _ = _inputs(5, 1, 32, 2, 1, 8, 8, 7, jnp.float32)
   f = lambda q, kc: nsa.select_blocks(q, kc, block_len=8, stride=4, select_block=8, num_selected=2,
-                                      impl="xla").astype(jnp.float32).sum()
+                                      impl="xla", options=CHUNKED).astype(jnp.float32).sum()
   assert all(np.all(g == 0) for g in jax.grad(f, argnums=(0, 1))(q, kc))

@@ -8,7 +8,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kernels
-from kernels import nsa, nsa_compressed_pallas, nsa_pallas
+from kernels import KernelOptions, nsa, nsa_compressed_pallas, nsa_pallas
 
 
 def _inputs(b, t, hq, hkv, dk, dv, block, n, dtype, seed=0, local=False):
@@ -31,20 +31,19 @@ def _inputs(b, t, hq, hkv, dk, dv, block, n, dtype, seed=0, local=False):
 ])
 def test_selection_forward_matches_xla(t, hq, hkv, dk, dv, block, n, dtype, tol):
   q, k, v, idx = _inputs(1, t, hq, hkv, dk, dv, block, n, dtype, seed=t, local=True)
-  out, lse = nsa_pallas.selection_forward(q, k, v, idx, block_size=block, interpret=True)
+  out, lse = nsa_pallas.selection_forward(q, k, v, idx, block_size=block)
   ref = nsa.selection_attention(q, k, v, idx, block_size=block, impl="xla")
   assert out.dtype == dtype and lse.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
   assert np.isfinite(np.asarray(lse)).all()       # every query chose its own block
 
 
-def test_selection_forward_rows_with_nothing_and_split_prefetch(monkeypatch):
-  """Queries whose indices are all -1 give 0 and lse -inf; tiny PREFETCH_BYTES forces one
+def test_selection_forward_rows_with_nothing_and_split_prefetch():
+  """Queries whose indices are all -1 give 0 and lse -inf; tiny prefetch_bytes forces one
   pallas_call per query tile (the split used for long sequences)."""
-  monkeypatch.setattr(nsa_pallas, "PREFETCH_BYTES", 1)
   q, k, v, idx = _inputs(2, 128, 4, 2, 32, 16, 16, 3, jnp.float32, seed=3)
   idx = idx.at[:, 40:].set(-1)
-  out, lse = nsa_pallas.selection_forward(q, k, v, idx, block_size=16, interpret=True)
+  out, lse = nsa_pallas.selection_forward(q, k, v, idx, block_size=16, options=KernelOptions(prefetch_bytes=1))
   ref = nsa.selection_attention(q, k, v, idx, block_size=16, impl="xla")
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
   assert not np.asarray(out[:, 40:]).any() and np.isneginf(np.asarray(lse[:, 40:])).all()
@@ -62,10 +61,10 @@ def test_tile_unions_are_sorted_distinct_and_padded_by_repeats():
 
 def test_selection_shape_errors_say_what_is_needed():
   q, k, v, idx = _inputs(1, 100, 16, 1, 32, 32, 32, 2, jnp.float32)
-  with pytest.raises(ValueError, match="T=100 must be a multiple of 8"):
+  with pytest.raises(kernels.Unsupported, match="seq_len=100: must be a multiple of 8"):
     nsa_pallas.selection_forward(q, k, v, idx, block_size=32)
   q, k, v, idx = _inputs(1, 96, 3, 1, 32, 32, 32, 2, jnp.float32)
-  with pytest.raises(ValueError, match="HQ/HKV=3 must divide 128"):
+  with pytest.raises(kernels.Unsupported, match="HQ/HKV=3 must divide 128"):
     nsa_pallas.selection_forward(q, k, v, idx, block_size=32)
 
 
@@ -90,12 +89,12 @@ def test_selection_gradients_match_xla(t, hq, hkv, dk, dv, block, n, dtype, tol)
   assert not np.asarray(got[0][:, 3]).any()
 
 
-def test_selection_gradients_with_split_prefetch_windows(monkeypatch):
-  """Tiny PREFETCH_BYTES: many dq tile groups and dK/dV pair windows, blocks straddling windows."""
-  monkeypatch.setattr(nsa_pallas, "PREFETCH_BYTES", 256)
+def test_selection_gradients_with_split_prefetch_windows():
+  """Tiny prefetch_bytes: many dq tile groups and dK/dV pair windows, blocks straddling windows."""
+  options = KernelOptions(prefetch_bytes=256)
   q, k, v, idx = _inputs(2, 128, 4, 2, 32, 16, 16, 3, jnp.float32, seed=4)
   loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) ** 2)
-  got = jax.grad(loss(lambda q, k, v: nsa_pallas.selection_attention(q, k, v, idx, 16, None, True)),
+  got = jax.grad(loss(lambda q, k, v: nsa_pallas.selection_attention(q, k, v, idx, 16, None, options)),
                  argnums=(0, 1, 2))(q, k, v)
   ref = jax.grad(loss(lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=16, impl="xla")),
                  argnums=(0, 1, 2))(q, k, v)
@@ -151,12 +150,13 @@ def _assert_grads_close(got, ref, tol):
     (256, 16, 1, 192, 128, 32, 16, 8, jnp.float32, 1e-5),    # G=16, Dk=192, 2 key tiles: skips
     (128, 1, 1, 128, 128, 64, 32, 2, jnp.bfloat16, 3e-2),    # G=1, tiny key tiles
 ])
-def test_compressed_attention_pallas_matches_xla(monkeypatch, t, hq, hkv, dk, dv, l, d, key_tile, dtype, tol):
+def test_compressed_attention_pallas_matches_xla(t, hq, hkv, dk, dv, l, d, key_tile, dtype, tol):
   """Outputs, lse and the gradients of q, k_cmp, v_cmp through both out and lse; the first
   l - 1 queries see nothing (0, lse -inf, zero gradient)."""
-  monkeypatch.setattr(nsa_compressed_pallas, "KEY_TILE", key_tile)
+  options = KernelOptions(key_tile=key_tile)
   q, kc, vc = _compressed_inputs(2, t, hq, hkv, dk, dv, l, d, dtype, seed=t + key_tile)
-  attend = lambda impl: lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl=impl)
+  attend = lambda impl: lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl=impl,
+                                                                   options=options)
   (out, lse), (ref, ref_lse) = attend("pallas")(q, kc, vc), attend("xla")(q, kc, vc)
   assert out.dtype == dtype and lse.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
@@ -188,13 +188,13 @@ def test_overlap_tiles_map_tokens_to_blocks():
     (256, 16, 1, 192, 32, 16, 32, 128, 0),    # G=16, one tile, l' = l
     (256, 1, 1, 128, 64, 16, 64, 1, 128),     # G=1, halo of 3 tokens, one block per tile
 ])
-def test_block_scores_match_xla(monkeypatch, t, hq, hkv, dk, l, d, lp, blocks_per_tile, start):
-  monkeypatch.setattr(nsa_compressed_pallas, "SCORE_BLOCKS", blocks_per_tile)
+def test_block_scores_match_xla(t, hq, hkv, dk, l, d, lp, blocks_per_tile, start):
   q, kc, _ = _compressed_inputs(1, t, hq, hkv, dk, 1, l, d, jnp.float32, seed=t)
   _, lse = nsa.compressed_attention(q, kc, kc, block_len=l, stride=d, impl="xla")
   nb = t // lp
   got = nsa_compressed_pallas.block_scores(q[:, start:], lse[:, start:], kc, start, block_len=l, stride=d,
-                                           select_block=lp, num_blocks=nb, interpret=True)
+                                           select_block=lp, num_blocks=nb,
+                                           options=KernelOptions(score_blocks=blocks_per_tile))
   p, _ = nsa._compressed_probs(q[:, start:], start, kc, block_len=l, stride=d, scale=dk ** -0.5)
   ref = nsa.block_scores(p.sum(axis=3), nb, block_len=l, stride=d, select_block=lp)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=1e-5)
@@ -202,33 +202,32 @@ def test_block_scores_match_xla(monkeypatch, t, hq, hkv, dk, l, d, lp, blocks_pe
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_select_blocks_pallas_picks_the_xla_blocks(dtype):
-  """Several SELECT_CHUNKs (the last one padded), lse computed inside or passed in."""
+  """Several select chunks (the last one padded), lse computed inside or passed in."""
   q, kc, _ = _compressed_inputs(2, 384, 8, 2, 64, 1, 32, 16, dtype, seed=5)
   kw = dict(block_len=32, stride=16, select_block=32, num_selected=5)
   ref = nsa.select_blocks(q, kc, impl="xla", **kw)
   np.testing.assert_array_equal(np.asarray(nsa.select_blocks(q, kc, impl="pallas", **kw)), np.asarray(ref))
   _, lse = nsa.compressed_attention(q, kc, kc, block_len=32, stride=16, impl="pallas")
-  with pytest.MonkeyPatch.context() as m:
-    m.setattr(nsa, "SELECT_CHUNK", 256)
-    got = nsa.select_blocks(q, kc, lse=lse, impl="pallas", **kw)
+  got = nsa.select_blocks(q, kc, lse=lse, impl="pallas", options=KernelOptions(select_chunk=256), **kw)
   # bf16: scores of near-equal blocks may round apart differently from XLA's; a few swaps allowed.
   assert (np.asarray(got) == np.asarray(ref)).mean() >= (1.0 if dtype == jnp.float32 else 0.98)
 
 
 def test_compressed_shape_errors_say_what_is_needed():
   q, kc, vc = _compressed_inputs(1, 100, 16, 1, 32, 32, 32, 16, jnp.float32)
-  with pytest.raises(ValueError, match="T=100 must be a multiple of 8"):
+  with pytest.raises(kernels.Unsupported, match="seq_len=100: must be a multiple of 8"):
     nsa.compressed_attention(q, kc, vc, block_len=32, stride=16, impl="pallas")
 
 
-def _nsa_layer(q, k, v, k_cmp, v_cmp, gates, *, window=512, num_selected=16, impl="pallas"):
+def _nsa_layer(q, k, v, k_cmp, v_cmp, gates, *, window=512, num_selected=16, impl="pallas", options=None):
   """One NSA layer's attention from the kernel contract, as model/nsa.py composes it (paper
   settings: l=32, d=16, l'=64, n=16, w=512): the three branches, gated."""
-  o_cmp, lse = nsa.compressed_attention(q, k_cmp, v_cmp, block_len=32, stride=16, impl=impl)
+  kw = dict(impl=impl, options=options)
+  o_cmp, lse = nsa.compressed_attention(q, k_cmp, v_cmp, block_len=32, stride=16, **kw)
   idx = nsa.select_blocks(q, k_cmp, block_len=32, stride=16, select_block=64, num_selected=num_selected, lse=lse,
-                          impl=impl)
-  o_slc = nsa.selection_attention(q, k, v, idx, block_size=64, impl=impl)
-  o_win = nsa.window_attention(q, k, v, window=window, impl=impl)
+                          **kw)
+  o_slc = nsa.selection_attention(q, k, v, idx, block_size=64, **kw)
+  o_win = nsa.window_attention(q, k, v, window=window, **kw)
   g = jax.nn.sigmoid(gates.astype(jnp.float32))
   return g[..., :1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:] * o_win
 
@@ -261,14 +260,13 @@ def test_nsa_layer_forward_and_backward_compile_for_tpu(chip):
   topo = topologies.get_topology_desc(platform="tpu", topology_name=chip, chip_config_name="default",
                                       chips_per_host_bounds=(2, 2, 1), num_slices=1)
   mesh = jax.make_mesh((len(topo.devices),), ("data",), devices=topo.devices)
-  loss = lambda *a: jnp.sum(_nsa_layer(*a) ** 2)
+  loss = lambda *a: jnp.sum(_nsa_layer(*a, options=KernelOptions(pallas_mode="compiled")) ** 2)
   grads = jax.shard_map(jax.grad(loss, argnums=range(6)), mesh=mesh, in_specs=(P("data"),) * 6,
                         out_specs=(P("data"),) * 6, check_vma=False)
   b, t, c, sharded = len(topo.devices), 8192, nsa.num_compressed(8192, 32, 16), NamedSharding(mesh, P("data"))
   shapes = [((b, t, 64, 192), jnp.bfloat16), ((b, t, 4, 192), jnp.bfloat16), ((b, t, 4, 128), jnp.bfloat16),
             ((b, c, 4, 192), jnp.bfloat16), ((b, c, 4, 128), jnp.bfloat16), ((b, t, 64, 3), jnp.float32)]
-  with kernels.compile_for_tpu():
-    lowered = jax.jit(grads).lower(*[jax.ShapeDtypeStruct(s, d, sharding=sharded) for s, d in shapes])
+  lowered = jax.jit(grads).lower(*[jax.ShapeDtypeStruct(s, d, sharding=sharded) for s, d in shapes])
   mosaic = lowered.as_text().count("tpu_custom_call")
   assert mosaic >= 9, mosaic      # 3 compressed, scores, 3 selection, splash fwd + bwd
   mem = lowered.compile().memory_analysis()

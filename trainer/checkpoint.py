@@ -7,11 +7,11 @@ to an older one (with a warning) when a step cannot be read.
 """
 import json
 import logging
-import os
 import time
 
 import grain
 import jax
+from etils import epath
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
@@ -23,10 +23,16 @@ ARCHITECTURE_FIELDS = ("model", "attention.kind", "nsa", "mla", "dsa")
 RESUMABLE_CHANGES = ("model.dtype", "model.remat", "dsa.indexer_loss_coef")
 
 
-def checkpoint_dir(path: str) -> str:
+def workdir_path(path: str) -> epath.Path:
+  """A workdir as an epath: local (made absolute) or remote (gs://...); every file access of a run
+  goes through orbax or epath, so checkpoints and metrics can live on shared storage."""
+  return epath.Path(path) if "://" in str(path) else epath.Path(path).resolve()
+
+
+def checkpoint_dir(path: str) -> epath.Path:
   """A run's workdir or its checkpoints/ directory -> the checkpoints/ directory."""
-  nested = os.path.join(path, "checkpoints")
-  return nested if os.path.isdir(nested) else path
+  nested = workdir_path(path) / "checkpoints"
+  return nested if nested.is_dir() else workdir_path(path)
 
 
 def _architecture(config_dict: dict) -> dict:
@@ -55,7 +61,7 @@ def check_compatible(saved: dict, config_dict: dict, where: str) -> None:
 
 class Checkpointer:
   def __init__(self, workdir: str, config):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = workdir_path(workdir) / "checkpoints"
     self.config_dict = json.loads(config.to_json())
     self.every = config.checkpoint_every
     options = ocp.CheckpointManagerOptions(
@@ -77,7 +83,7 @@ class Checkpointer:
     """(state, step) from the newest readable checkpoint, or (None, 0) when there is none.
     `data_iter` is restored in place. A checkpoint of another architecture raises ConfigError."""
     for step in sorted(self.manager.all_steps(), reverse=True):
-      where = os.path.join(self.directory, str(step))
+      where = self.directory / str(step)
       try:
         saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
       except Exception as e:  # noqa: BLE001 - any unreadable step falls back to an older one
@@ -98,10 +104,10 @@ class Checkpointer:
   def _quarantine(self, step: int) -> str:
     """Moves an unreadable step out of the way (kept for inspection, never deleted): later saves
     of the same step number would otherwise collide with it."""
-    target = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt", f"{step}-{int(time.time())}")
+    target = self.directory.parent / "checkpoints_corrupt" / f"{step}-{int(time.time())}"
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.replace(os.path.join(self.directory, str(step)), target)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
     self.manager.reload()
@@ -115,12 +121,29 @@ class Checkpointer:
     self.manager.close()
 
 
+def restore_or_init(config, program, mesh, ckpt: Checkpointer, data_iter):
+  """(state, start_step): the newest readable checkpoint of this run (data_iter restored with it),
+  else a fresh state, with init_from's parameters when set (start_step 0)."""
+  from trainer import steps
+  state, start_step = ckpt.restore_latest(program.abstract_state, data_iter)
+  if state is not None:
+    return state, start_step
+  state = steps.init_state(config, program.model, program.tx, mesh, program.shardings)
+  if config.init_from:
+    params, from_step, fresh = load_params(config.init_from, program.abstract_state.params)
+    state = state.replace(params=jax.tree.map(lambda new, old: old if new is None else new,
+                                              params, state.params, is_leaf=lambda x: x is None))
+    logging.info("parameters from %s (step %d)%s", config.init_from, from_step,
+                 f"; not in that checkpoint, freshly initialised: {', '.join(fresh)}" if fresh else "")
+  return state, 0
+
+
 def load_params(path: str, abstract_params):
   """(params, step, fresh) from the newest checkpoint under `path` (a workdir or checkpoints/
   dir), for init_from. Parameters the checkpoint lacks (e.g. DSA's indexer when the checkpoint
   is a dense MLA run) are None in `params` and named in `fresh`: the caller keeps their fresh
   initialisation. A parameter present with another shape raises ConfigError."""
-  directory = checkpoint_dir(os.path.abspath(path))
+  directory = checkpoint_dir(path)
   with ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                                         "config": ocp.JsonCheckpointHandler()}) as manager:
     step = manager.latest_step()

@@ -1,23 +1,30 @@
 """Where metrics go: WORKDIR/metrics.jsonl (one JSON object per logged step), a live progress bar,
-and wandb (offline by default: no network needed; `--config.wandb.mode=online` to sync)."""
+and wandb (offline by default: no network needed; `--config.wandb.mode=online` to sync); all of
+it from process 0 only. Also the step-range profiler (`profile.*`). The workdir may be remote
+(gs://...): files go through etils.epath."""
 import json
 import os
 import sys
 import time
 import uuid
 
+import jax
+import numpy as np
 import tqdm
+from etils import epath
 
 
 class MetricsWriter:
   def __init__(self, workdir: str, config, *, start_step: int, is_main: bool):
     self.is_main = is_main
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self._wandb = None
     if not is_main:
       return
-    _truncate_after(self.path, start_step)   # steps past the checkpoint are about to be redone
-    self._file = open(self.path, "a", encoding="utf-8")
+    # Steps past the checkpoint are about to be redone: their lines go. Object stores (gs://) have
+    # no append, so a remote metrics.jsonl is rewritten whole at each log (small: one line a log).
+    self._lines = _truncate_after(self.path, start_step)
+    self._file = None if "://" in str(workdir) else self.path.open("a")
     self.bar = tqdm.tqdm(total=config.steps, initial=start_step, desc="train", unit="step",
                          dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     if config.wandb.mode != "disabled":
@@ -31,8 +38,13 @@ class MetricsWriter:
     if not self.is_main:
       return
     record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}, "time": time.time()}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    line = json.dumps(record) + "\n"
+    if self._file is None:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
     shown = {k: record[k] for k in ("loss", "eval_loss", "indexer_loss", "tokens_per_sec") if k in record}
     self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
     if self._wandb is not None:
@@ -46,7 +58,8 @@ class MetricsWriter:
     if not self.is_main:
       return
     self.bar.close()
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._wandb is not None:
       self._wandb.finish()
 
@@ -74,12 +87,12 @@ def _plain(v):
   return v.item() if hasattr(v, "item") else v   # full precision: resume tests compare bitwise
 
 
-def _truncate_after(path: str, step: int):
-  """Drop records of steps > `step` (written before a crash, redone after the resume)."""
-  if not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.strip()]
+def _truncate_after(path: epath.Path, step: int) -> list[str]:
+  """Drop records of steps > `step` (written before a crash, redone after the resume); returns
+  the lines kept."""
+  if not path.exists():
+    return []
+  lines = [line + "\n" for line in path.read_text().splitlines() if line.strip()]
   kept = []
   for line in lines:
     try:
@@ -87,17 +100,53 @@ def _truncate_after(path: str, step: int):
         kept.append(line)
     except (ValueError, KeyError):
       pass   # a line cut short by a crash
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text("".join(kept))
+  tmp.rename(path)
+  return kept
 
 
 def _start_wandb(workdir: str, config):
   import wandb   # imported lazily: it is slow to import and optional at run time
-  id_file = os.path.join(workdir, "wandb_run_id")
-  run_id = open(id_file).read().strip() if os.path.exists(id_file) else uuid.uuid4().hex[:12]
-  with open(id_file, "w") as f:
-    f.write(run_id)
+  id_file = epath.Path(workdir) / "wandb_run_id"
+  run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+  id_file.write_text(run_id)
+  # wandb writes its offline files locally: into the workdir, or ./wandb for a remote workdir.
+  local = str(workdir) if "://" not in str(workdir) else os.path.abspath("wandb")
   return wandb.init(project=config.wandb.project, name=config.wandb.name or None, id=run_id,
-                    resume="allow", dir=workdir, mode=config.wandb.mode, config=config.to_dict())
+                    resume="allow", dir=local, mode=config.wandb.mode, config=config.to_dict())
+
+
+def summarize(interval: list, step_metrics: dict) -> dict:
+  """One log line from the device-side metrics of the steps since the last one (fetched together
+  here: no per-step sync): grad_norm and lr of the last step, every other value averaged."""
+  interval = jax.device_get(interval)
+  last = interval[-1]
+  return {**last, **{k: float(np.mean([m[k] for m in interval])) for k in last if k not in ("grad_norm", "lr")},
+          **jax.device_get(step_metrics)}
+
+
+class Profiler:
+  """A jax.profiler trace of steps [start_step, start_step + num_steps) into WORKDIR/profile
+  (TensorBoard / XProf), taken on process 0; start_step 0 turns it off."""
+
+  def __init__(self, config, workdir: str, *, is_main: bool):
+    self.first, self.last = config.profile.start_step, config.profile.start_step + config.profile.num_steps - 1
+    self.directory = str(epath.Path(workdir) / "profile")
+    self.enabled, self.active = is_main and config.profile.start_step > 0, False
+
+  def before(self, step: int):
+    if self.enabled and step == self.first:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, outputs):
+    if self.active and step >= self.last:
+      jax.block_until_ready(outputs)    # the trace holds the steps' device work, not just their dispatch
+      jax.profiler.stop_trace()
+      self.active = False
+
+  def close(self):
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False

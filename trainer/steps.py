@@ -1,5 +1,5 @@
 """Train state, its sharded initialisation, and the jitted train / eval steps."""
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from model import transformer
 from model.attention import ATTENTION_KINDS
-from trainer import sharding
+from trainer import optim, sharding
 
 
 @flax.struct.dataclass
@@ -99,6 +100,38 @@ def make_train_step(model, tx, schedule, mesh, shardings, trainable=None):
   return _with_mesh(step, mesh)
 
 
+class Program(NamedTuple):
+  """Everything train.py runs for a config on a mesh; scripts/aot_compile.py lowers the same."""
+  model: Any
+  tx: optax.GradientTransformation
+  abstract_state: TrainState       # shapes, dtypes and shardings, nothing allocated
+  shardings: TrainState            # NamedSharding per leaf
+  train_step: Callable             # (state, batch) -> (state, metrics)
+  eval_step: Callable              # (params, batch) -> loss
+  diagnostics_step: Callable | None   # (params, batch) -> costly metrics (DSA's recall), or None
+
+
+def build(config, mesh) -> Program:
+  model = transformer.build(config)
+  tx, schedule = optim.make_optimizer(config), optim.learning_rate(config)
+  abstract_state, shardings = state_shardings(config, model, tx, mesh)
+  train_step = make_train_step(model, tx, schedule, mesh, shardings,
+                               trainable=optim.trainable(config, abstract_state.params))
+  return Program(model, tx, abstract_state, shardings, train_step, make_eval_step(model, mesh, shardings),
+                 make_diagnostics_step(model, mesh, shardings))
+
+
+def abstract_batch(config, mesh) -> dict:
+  """The global batch train_step takes, as sharded ShapeDtypeStructs (pack mode adds segment ids,
+  positions and weights)."""
+  shape, batch = (config.batch_size, config.seq_len), sharding.batch_sharding(mesh)
+  spec = lambda dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
+  fields = {"inputs": spec(jnp.int32), "targets": spec(jnp.int32)}
+  if config.data.packing == "pack":
+    fields.update(segment_ids=spec(jnp.int32), positions=spec(jnp.int32), weights=spec(jnp.float32))
+  return fields
+
+
 def make_diagnostics_step(model, mesh, shardings):
   """jit(params, batch) -> the layers' "diagnostics" (e.g. DSA's indexer recall), averaged over
   layers; None when the attention kind computes none."""
@@ -125,8 +158,21 @@ def make_eval_step(model, mesh, shardings):
   return _with_mesh(step, mesh)
 
 
+class _OnMesh:
+  """A jitted step that runs and lowers under its mesh: the Pallas kernels inside run per device
+  over it (kernels/partition.py), and scripts/aot_compile.py lowers the very same step."""
+
+  def __init__(self, jitted, mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
+
+
 def _with_mesh(fn, mesh):
-  def wrapped(*args):
-    with jax.set_mesh(mesh):
-      return fn(*args)
-  return wrapped
+  return _OnMesh(fn, mesh)

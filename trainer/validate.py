@@ -1,13 +1,16 @@
 """Check a config once at start-up; a bad value stops the run with one line that names the field,
 the value and what is allowed (train.py turns ConfigError into exit code 2, no traceback)."""
+import dataclasses
 import os
-import tempfile
+import uuid
 
 import jax.numpy as jnp
+from etils import epath
 
 from configs import ConfigError
 from data import sources
-from kernels import IMPLS, resolve_impl
+import kernels
+from kernels import IMPLS, PALLAS_MODES, dense, nsa as nsa_kernels, options_from_config, resolve_impl
 from model.attention import ATTENTION_KINDS
 from model.transformer import REMAT_POLICIES
 from trainer.sharding import MESH_AXES, SHARDED_DIMS, mesh_shape
@@ -42,6 +45,11 @@ def validate(config, num_devices: int | None = None) -> None:
   """Raises ConfigError on the first bad value. `num_devices` enables the mesh checks."""
   _positive(config, "steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
             "keep_checkpoints", "eval_batches")
+  _require(
+      ("profile.start_step", config.profile.start_step, config.profile.start_step >= 0,
+       "must be >= 0 (0: no profile)"),
+      ("profile.num_steps", config.profile.num_steps, config.profile.num_steps >= 1, "must be >= 1"),
+  )
   if config.eval_every < 0:
     raise ConfigError("eval_every", config.eval_every, "must be >= 0 (0 disables evaluation)")
 
@@ -59,13 +67,14 @@ def validate(config, num_devices: int | None = None) -> None:
 
   _choice(config, "attention.kind", tuple(ATTENTION_KINDS))
   _choice(config, "attention.impl", IMPLS)
-  pallas = resolve_impl(config.attention.impl) == "pallas"
-  if config.attention.kind in ("dense", "mla", "nsa") and pallas and config.seq_len % 128:
-    raise ConfigError("seq_len", config.seq_len,
-                      f"{config.attention.kind} attention with Pallas kernels needs a multiple of 128")
+  _choice(config, "kernels.pallas_mode", PALLAS_MODES)
+  _positive(config, *(f"kernels.{f.name}" for f in dataclasses.fields(kernels.KernelOptions) if f.type is int))
+  pallas = resolve_impl(config.attention.impl, options_from_config(config)) == "pallas"
+  if pallas:
+    _kernel_shapes(config)
 
   if config.attention.kind == "nsa":
-    _validate_nsa(config, pallas)
+    _validate_nsa(config)
   if config.attention.kind in ("mla", "dsa"):
     _validate_mla(config)
   if config.attention.kind == "dsa":
@@ -90,7 +99,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice(config, "data.packing", ("concat", "pack"))
   _positive(config, "data.num_threads", "data.prefetch", "data.pack_bins")
   _choice(config, "wandb.mode", ("offline", "online", "disabled"))
-  if config.init_from and not os.path.isdir(config.init_from):
+  if config.init_from and not epath.Path(config.init_from).is_dir():
     raise ConfigError("init_from", config.init_from, "must be a checkpoint directory or a run's workdir")
 
   if num_devices is not None:
@@ -104,7 +113,7 @@ def _require(*rules) -> None:
       raise ConfigError(field, value, allowed)
 
 
-def _validate_nsa(config, pallas: bool) -> None:
+def _validate_nsa(config) -> None:
   c, m = config.nsa, config.model
   _positive(config, "nsa.cmp_block", "nsa.cmp_stride", "nsa.slc_block", "nsa.num_selected",
             "nsa.window")
@@ -124,14 +133,24 @@ def _validate_nsa(config, pallas: bool) -> None:
       ("data.packing", config.data.packing, config.data.packing == "concat",
        "NSA does not mask packed documents yet: use concat"),
   )
-  if pallas:   # the kernels' tiling (kernels/nsa_pallas.py)
-    _require(
-        ("model.n_heads", m.n_heads, 128 % (m.n_heads // m.n_kv_heads) == 0,
-         f"the query group n_heads / n_kv_heads = {m.n_heads // m.n_kv_heads} must divide 128 "
-         "for the NSA Pallas kernels"),
-        ("seq_len", config.seq_len, config.seq_len % c.slc_block == 0,
-         f"must be a multiple of nsa.slc_block={c.slc_block} for the NSA Pallas kernels"),
-    )
+
+
+# The kernels' own argument names (kernels.Unsupported.dim) -> the config fields behind them.
+_KERNEL_DIMS = {"seq_len": "seq_len", "n_heads": "model.n_heads", "n_kv_heads": "model.n_kv_heads",
+                "slc_block": "nsa.slc_block"}
+
+
+def _kernel_shapes(config) -> None:
+  """The Pallas kernels' shape rules, from kernels/ (their check_supported), for this config."""
+  m, kind = config.model, config.attention.kind
+  try:
+    if kind in ("dense", "mla"):
+      dense.check_supported(seq_len=config.seq_len)
+    elif kind == "nsa":
+      nsa_kernels.check_supported(seq_len=config.seq_len, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                                  slc_block=config.nsa.slc_block)
+  except kernels.Unsupported as e:
+    raise ConfigError(_KERNEL_DIMS[e.dim], e.value, f"{e.allowed} ({kind} attention on Pallas kernels)") from None
 
 
 def _validate_mla(config) -> None:
@@ -178,9 +197,11 @@ def _validate_mesh(config, num_devices: int) -> None:
 
 
 def validate_workdir(workdir: str) -> None:
+  """The workdir (local, or remote such as gs://bucket/run) exists or can be made, and takes files."""
+  probe = epath.Path(workdir) / f".write_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
   except OSError as e:
-    raise ConfigError("workdir", workdir, f"must be a writable directory ({e.strerror})") from None
+    raise ConfigError("workdir", workdir, f"must be a writable directory ({e.strerror or e})") from None
