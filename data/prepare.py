@@ -18,6 +18,7 @@ import os
 import zlib
 
 import numpy as np
+from etils import epath
 import tensorflow_datasets as tfds
 import tqdm
 
@@ -49,8 +50,7 @@ class PrepareOptions:
 
 
 def file_sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()     # local or gs://
 
 
 def split_of(path: str, doc_index: int, val_fraction: float) -> str:
@@ -64,7 +64,7 @@ def dataset_dir(output: str) -> str:
 
 
 def is_prepared(output: str) -> bool:
-  return os.path.exists(os.path.join(dataset_dir(output), "dataset_info.json"))
+  return (epath.Path(dataset_dir(output)) / "dataset_info.json").exists()     # local or gs://
 
 
 # ---- tokenization: text pieces of at most CHUNK_CHARS, tokenized in worker processes ----

@@ -7,10 +7,10 @@
 A mixture (`data.mixture = "SRC=WEIGHT,SRC=WEIGHT"`) draws documents from several by weight.
 """
 import dataclasses
-import os
 from typing import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
 from configs import ConfigError
 from data import corpus, prepare
@@ -126,4 +126,4 @@ def describe(sources) -> str:
 
 
 def exists(spec: str) -> bool:
-  return spec == corpus.EMBEDDED or spec.startswith("tfds:") or os.path.isdir(spec)
+  return spec == corpus.EMBEDDED or spec.startswith("tfds:") or epath.Path(spec).is_dir()

@@ -3,15 +3,17 @@ import os
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 
 class Tokenizer:
   def __init__(self, model_path: str):
-    if not os.path.isfile(model_path):
+    path = epath.Path(model_path)            # local or gs://: read through etils.epath
+    if not path.is_file():
       raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist "
                               "(make one with scripts/train_tokenizer.py)")
     self.path = model_path
-    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    self._sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
 
   @property
   def vocab_size(self) -> int:

@@ -8,11 +8,12 @@ rope 16, v 32; indexer 16 heads x 32) with --heads heads and --topk keys per que
 
   python scripts/bench_attention.py --impl pallas [--seq-lens 65536] [--heads 64 --kv-heads 4 --head-dim 192]
 
-prints the traffic model of NSA's Pallas selection kernels instead: for a random and a realistic
+prints the traffic model of NSA's Pallas selection kernels: for a random and a realistic
 (local, clustered) block selection with the paper's defaults, the K/V bytes the forward moves
 HBM -> VMEM (from its index maps and prefetch lists) against the minimum (each selected K/V block
 once per query tile) and what a one-query-at-a-time kernel reads, the MXU row fill, and per
-kernel (forward, dq, dK/dV) all bytes in and out against the minimum.
+kernel (forward, dq, dK/dV) all bytes in and out against the minimum. On a TPU it first times
+the layers (--kinds) on the Pallas kernels, compiled for the chip, like the XLA table below.
 
 Per (kind, T): wall time (median of --repeats runs after a warm-up), compiled FLOPs
 (`cost_analysis`) and memory (`memory_analysis`: arguments + outputs + temporaries). XLA counts a
@@ -42,7 +43,7 @@ def layer_config(kind: str, seq_len: int, args) -> ml_collections.FrozenConfigDi
   c = base.get_config()
   c.seq_len = seq_len
   c.attention.kind = kind
-  c.attention.impl = "xla"
+  c.attention.impl = args.impl
   c.model.update(n_heads=args.heads, n_kv_heads=args.kv_heads, head_dim=args.head_dim,
                  d_model=args.heads * args.head_dim, dtype=args.dtype)
   c.mla.update(q_lora_rank=384, kv_lora_rank=128, qk_nope_dim=32, qk_rope_dim=16, v_head_dim=32)
@@ -117,7 +118,6 @@ def synthetic_selection(seq_len, kv_heads, *, realistic, block=64, n=16, seed=0,
 
 def traffic(args):
   from kernels import nsa_pallas
-  jax.config.update("jax_platforms", "cpu")     # index bookkeeping only: no accelerator needed
   dv = args.v_dim or args.head_dim
   gb = lambda x: f"{x / 1e9:.2f}"
   print(f"NSA selection kernels (Pallas), HBM<->VMEM traffic model: HQ={args.heads} HKV={args.kv_heads} "
@@ -155,8 +155,8 @@ def main():
                       help="xla: time the layers; pallas: the Pallas kernels' traffic model")
   parser.add_argument("--v-dim", type=int, default=0, help="value head dim for --impl pallas (default: --head-dim)")
   args = parser.parse_args()
-  if args.impl == "pallas":
-    return traffic(args)
+  if args.impl == "pallas" and jax.default_backend() != "tpu":
+    return traffic(args)     # off TPU the kernels would only be interpreted: their traffic model
 
   print(f"one layer fwd+bwd, B={args.batch} HQ={args.heads} HKV={args.kv_heads} D={args.head_dim} "
         f"{args.dtype}, NSA paper defaults, DSA top-{args.topk}; {jax.devices()[0].device_kind}, "
@@ -179,6 +179,8 @@ def main():
   print(f"peak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
   if args.plot:
     plot(rows, args.kinds, args.plot)
+  if args.impl == "pallas":
+    traffic(args)
 
 
 def plot(rows, kinds, path):

@@ -34,10 +34,11 @@ def small_config(preset=None, **overrides):
   return config
 
 
-def run_train(workdir, overrides=None, *, devices=1, env=None, timeout=600, wait=True, config="configs/tiny.py"):
-  """Runs `python train.py --config CONFIG` with SMALL_OVERRIDES + overrides."""
+def run_train(workdir, overrides=None, *, devices=1, env=None, timeout=600, wait=True, config="configs/tiny.py",
+              args=()):
+  """Runs `python train.py --config CONFIG` with SMALL_OVERRIDES + overrides (+ more flags `args`)."""
   args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / config),
-          "--workdir", str(workdir)]
+          "--workdir", str(workdir), *args]
   args += [f"--config.{k}={v}" for k, v in {**SMALL_OVERRIDES, **(overrides or {})}.items()]
   full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
               "JAX_PLATFORMS": "cpu", **(env or {})}

@@ -121,6 +121,31 @@ def test_unwritable_workdir_is_rejected(tmp_path):
 ])
 def test_train_py_exits_2_with_one_line(tmp_path, overrides, expected):
   result = run_train(tmp_path, overrides)
+  _exits_2_with_one_line(result, expected)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--num_processes=2", "--process_id=0"],
+     "config error: --coordinator_address=None: --coordinator_address, --num_processes and --process_id go together"),
+    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
+     "config error: --process_id=2: must be in [0, --num_processes=2)"),
+])
+def test_bad_cluster_flags_exit_2_with_one_line(tmp_path, args, expected):
+  _exits_2_with_one_line(run_train(tmp_path, args=args), expected)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"kernels.pallas_mode": "fast"}, "config error: kernels.pallas_mode='fast': allowed values are auto, compiled"),
+    ({"kernels.query_chunk": 0}, "config error: kernels.query_chunk=0: must be a positive number"),
+    ({"profile.start_step": -1}, "config error: profile.start_step=-1: must be >= 0"),
+])
+def test_bad_kernel_and_profile_options_are_refused(overrides, expected):
+  with pytest.raises(ConfigError) as e:
+    validate.validate(small_config(**overrides))
+  assert str(e.value).startswith(expected), str(e.value)
+
+
+def _exits_2_with_one_line(result, expected):
   assert result.returncode == 2
   assert result.stderr.startswith(expected), result.stderr
   assert "Traceback" not in result.stderr

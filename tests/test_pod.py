@@ -1,0 +1,110 @@
+"""The trainer as a pod program, proved without a TPU: the real train step (what train.py builds)
+with Pallas kernels sharded over many devices, compiled ahead of time for multi-chip TPU slices,
+and trained by several processes as one."""
+import re
+import signal
+import socket
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental import topologies
+
+from conftest import read_metrics, run_train, small_config
+from test_model import NSA_SMALL
+
+pytestmark = pytest.mark.slow
+
+
+def _losses(workdir, steps):
+  metrics = read_metrics(workdir)
+  return np.array([metrics[s]["loss"] for s in steps])
+
+
+def test_sharded_pallas_train_step_matches_one_device(tmp_path):
+  """fsdp=4 x tensor=2 on 8 CPU devices, NSA on the Pallas kernels (interpreted per device inside
+  the trainer's own shard_map), fp32: the losses of one device."""
+  overrides = {"steps": 2, "model.n_layers": 1, "model.dtype": "float32", "attention.impl": "pallas",
+               "optimizer.warmup_steps": 1, **NSA_SMALL}
+  eight = run_train(tmp_path / "eight", {**overrides, "mesh.fsdp": 4, "mesh.tensor": 2}, devices=8, wait=False)
+  one = run_train(tmp_path / "one", overrides, wait=False)
+  for proc in (eight, one):
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr
+  np.testing.assert_allclose(_losses(tmp_path / "eight", [1, 2]), _losses(tmp_path / "one", [1, 2]), rtol=1e-5)
+
+
+# ---- ahead-of-time compiles of the real train step for TPU slices ----
+
+BATCH, SEQ = 8, 256     # distinct from every parameter dimension of the small model below
+
+
+def _compiled_train_step(kind, chip, mesh_axes):
+  """(lowered HLO text, compiled HLO text) of train.py's train step for `chip` (4 chips)."""
+  from trainer import sharding, steps, validate
+  overrides = {"batch_size": BATCH, "seq_len": SEQ, "attention.impl": "pallas", "kernels.pallas_mode": "compiled",
+               "mesh.fsdp": mesh_axes[0], "mesh.tensor": mesh_axes[1]}
+  if kind == "nsa":
+    overrides.update(NSA_SMALL)
+  config = small_config(**overrides)
+  topology = topologies.get_topology_desc(platform="tpu", topology_name=chip, chip_config_name="default",
+                                          chips_per_host_bounds=(2, 2, 1), num_slices=1)
+  validate.validate(config, num_devices=len(topology.devices))
+  mesh = sharding.make_mesh(config.mesh, devices=topology.devices)
+  program = steps.build(config, mesh)
+  lowered = program.train_step.lower(program.abstract_state, steps.abstract_batch(config, mesh))
+  return lowered.as_text(), lowered.compile().as_text()
+
+
+@pytest.mark.parametrize("chip", ["v5e:2x2", "v5p:2x2x1"])
+@pytest.mark.parametrize("kind,min_kernels", [("dense", 2), ("nsa", 9)])
+@pytest.mark.parametrize("mesh_axes", [(4, 1), (2, 2)], ids=["fsdp4", "fsdp2xtensor2"])
+def test_real_train_step_compiles_for_tpu_slices(chip, kind, min_kernels, mesh_axes):
+  """Mosaic compiles every kernel of the step for the chip; the kernels sit in the trainer's
+  shard_map, and no all-gather brings the whole batch's activations ([B=8, T=256, ...]) to a
+  device: each device attends over its own rows and heads."""
+  lowered, compiled = _compiled_train_step(kind, chip, mesh_axes)
+  assert lowered.count("tpu_custom_call") >= min_kernels      # dense: splash fwd + bwd; NSA: 9+
+  gathers = re.findall(r"= (\w+)\[([\d,]+)\]\{[^}]*\} all-gather\(", compiled)
+  assert gathers                                                # the regex reads this HLO (fsdp weights)
+  # (the embedding gradient gathers the int32 token ids [B, T, 1]: indices, not activations)
+  whole_batch = [(dtype, dims) for dtype, dims in gathers
+                 if dtype in ("bf16", "f32") and {str(BATCH), str(SEQ)} <= set(dims.split(","))]
+  assert not whole_batch, whole_batch
+
+
+# ---- several processes train as one ----
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_hosts(workdir, overrides, env=None):
+  """train.py as 2 processes x 2 CPU devices on this machine, joined through gloo: [(rc, stderr)]."""
+  port = _free_port()
+  procs = [run_train(workdir, overrides, devices=2, wait=False, env=env,
+                     args=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"])
+           for i in range(2)]
+  return [(p.communicate(timeout=600)[1], p.returncode)[::-1] for p in procs]
+
+
+def test_two_processes_train_like_one_and_resume_after_kill_9(tmp_path):
+  """2 hosts x 2 devices = 1 host x 4 devices, step by step (each host feeds its own rows of the
+  same global batch); both hosts SIGKILLed after step 6 resume from step 5 with the same losses."""
+  overrides = {"steps": 8, "checkpoint_every": 5, "model.dtype": "float32", "attention.impl": "xla"}
+  steps = range(1, 9)
+  one = run_train(tmp_path / "one", overrides, devices=4)
+  assert one.returncode == 0, one.stderr
+  for code, stderr in _two_hosts(tmp_path / "two", overrides):
+    assert code == 0, stderr
+  np.testing.assert_allclose(_losses(tmp_path / "two", steps), _losses(tmp_path / "one", steps), rtol=1e-5)
+
+  killed = _two_hosts(tmp_path / "killed", overrides, env={"TRAIN_KILL_AT_STEP": "6"})
+  assert [code for code, _ in killed] == [-signal.SIGKILL] * 2, killed
+  resumed = _two_hosts(tmp_path / "killed", overrides)
+  for code, stderr in resumed:
+    assert code == 0, stderr
+  assert "resumed from step 5" in resumed[0][1] and "2 process(es)" in resumed[0][1]
+  assert list(_losses(tmp_path / "killed", steps)) == list(_losses(tmp_path / "two", steps))   # bitwise
