@@ -40,13 +40,14 @@ def main(config, workdir: str) -> int:
   validate.validate_workdir(workdir)
   is_main = jax.process_index() == 0
 
-  # Data first: a tokenizer or dataset that does not fit the model fails before any compile.
-  host = (jax.process_index(), jax.process_count())
-  data_sources = sources.open_sources(config)
-  data_iter = pipeline.train_iterator(config, data_sources, *host)
-  eval_data = pipeline.eval_batches(config, data_sources, *host) if config.eval_every else []
-
+  # Data before the model: a tokenizer or dataset that does not fit fails before any compile.
+  # This host feeds the global batch rows its devices hold (the same rows for any host count).
   mesh = sharding.make_mesh(config.mesh)
+  host = (jax.process_index(), jax.process_count())
+  rows = pipeline.sharded_rows(sharding.batch_sharding(mesh), config.batch_size)
+  data_sources = sources.open_sources(config)
+  data_iter = pipeline.train_iterator(config, data_sources, *host, rows=rows)
+  eval_data = pipeline.eval_batches(config, data_sources, *host, rows=rows) if config.eval_every else []
   program = steps.build(config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, config)
   writer, profiler = None, Profiler(config, workdir, is_main=is_main)

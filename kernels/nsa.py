@@ -18,23 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import DEFAULT_OPTIONS, Unsupported, dense, partition, resolve_impl
-from kernels import chunking
+from kernels import DEFAULT_OPTIONS, chunking, dense, partition, resolve_impl
 from kernels.chunking import masked_softmax
-
-TILE_ROWS = 128       # the Pallas kernels' matmul rows: 128/G query positions x G heads
 
 
 def check_supported(*, seq_len: int, n_heads: int, n_kv_heads: int, slc_block: int) -> None:
-  """The NSA Pallas kernels' shape rules (raises kernels.Unsupported naming the argument)."""
-  group = n_heads // n_kv_heads
-  if TILE_ROWS % group:
-    raise Unsupported("n_heads", n_heads, f"the query group n_heads / n_kv_heads = {group} must divide "
-                      f"{TILE_ROWS} for the NSA Pallas kernels")
-  dense.check_supported(seq_len=seq_len)          # the window branch runs on splash
-  if seq_len % slc_block:
-    raise Unsupported("seq_len", seq_len, f"must be a multiple of the selection block {slc_block} "
-                      "for the NSA Pallas kernels")
+  """The NSA Pallas kernels' shape rules (raises kernels.Unsupported naming the argument): the
+  selection and compressed kernels' (kernels/nsa_pallas.py) and splash's for the window."""
+  from kernels import nsa_pallas
+  nsa_pallas.check_supported(seq_len, n_heads, n_kv_heads, slc_block)
+  dense.check_supported(seq_len=seq_len)
 
 
 def _pallas(impl: str, options) -> bool:

@@ -208,12 +208,18 @@ def check_rows(t: int, hq: int, hkv: int) -> int:
   return group
 
 
-def _shape(q, k, v, block_indices, block_size, scale, options) -> _Shape:
-  b, t, hq, dk = q.shape
-  hkv, dv = k.shape[2], v.shape[-1]
+def check_supported(t: int, hq: int, hkv: int, block_size: int) -> int:
+  """The selection kernels' rules: the row tiling's, and T a multiple of the block size."""
   group = check_rows(t, hq, hkv)
   if t % block_size:
     raise Unsupported("seq_len", t, f"must be a multiple of the selection block size {block_size}")
+  return group
+
+
+def _shape(q, k, v, block_indices, block_size, scale, options) -> _Shape:
+  b, t, hq, dk = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  group = check_supported(t, hq, hkv, block_size)
   return _Shape(b, t, hkv, group, dk, dv, block_indices.shape[-1], block_size,
                 dk ** -0.5 if scale is None else scale, options or DEFAULT_OPTIONS)
 

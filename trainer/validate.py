@@ -136,8 +136,7 @@ def _validate_nsa(config) -> None:
 
 
 # The kernels' own argument names (kernels.Unsupported.dim) -> the config fields behind them.
-_KERNEL_DIMS = {"seq_len": "seq_len", "n_heads": "model.n_heads", "n_kv_heads": "model.n_kv_heads",
-                "slc_block": "nsa.slc_block"}
+_KERNEL_DIMS = {"seq_len": "seq_len", "n_heads": "model.n_heads"}
 
 
 def _kernel_shapes(config) -> None:
