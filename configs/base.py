@@ -102,8 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.text_field = "text"        # tfds:NAME without a `tokens` feature: tokenize this one
   c.data.tokenizer = EMBEDDED_TOKENIZER
   c.data.packing = "concat"         # concat (join + split) | pack (whole documents, segment ids)
-  c.data.pack_bins = 8              # rows first-fit packed at once in pack mode
-  c.data.num_threads = 2            # grain read threads
+  c.data.pack_bins = 8              # rows first-fit packed at once per row stream in pack mode
+  c.data.num_threads = 2            # threads reading a host's row streams
   c.data.prefetch = 4               # batches prefetched
 
   # A jax.profiler trace of steps [start_step, start_step + num_steps) in WORKDIR/profile (process 0;

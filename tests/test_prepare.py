@@ -1,6 +1,7 @@
 """scripts/prepare_data.py and training on prepared data: bad data never crashes a job nor silently
 drops whole files, re-runs are idempotent, interrupted runs leave nothing complete, two hosts split
-the documents, and a killed run resumes on exactly the same batches."""
+the documents and assemble the one-host batches, and a killed run resumes on exactly the same
+batches."""
 import gzip
 import json
 import os
@@ -184,10 +185,11 @@ def test_tfds_name_source_reads_the_same_dataset(prepared):
     sources.open_sources(small_config(**{"data.source": "tfds:nothing_here", "data.data_dir": str(out)}))
 
 
-def test_two_hosts_read_disjoint_documents_covering_the_dataset(prepared, tmp_path):
+def test_two_hosts_read_disjoint_documents_and_assemble_the_one_host_batches(prepared, tmp_path):
   out, _ = prepared
   port = 12500 + os.getpid() % 1000
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   procs = [subprocess.Popen([sys.executable, str(REPO / "tests/two_hosts_data.py"), str(i), str(port),
                              str(out), TOKENIZER, str(tmp_path / f"host{i}.json")], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -195,10 +197,14 @@ def test_two_hosts_read_disjoint_documents_covering_the_dataset(prepared, tmp_pa
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
   hosts = [json.loads((tmp_path / f"host{i}.json").read_text()) for i in range(2)]
-  assert [h["process"] for h in hosts] == [0, 1] and hosts[0]["count"] == 2
-  assert hosts[0]["batch_rows"] == small_config().batch_size // 2
+  assert [h["process"] for h in hosts] == [0, 1] and hosts[0]["count"] == 2 and hosts[0]["devices"] == 4
+  assert [h["rows"] for h in hosts] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  for mesh in hosts[0]["meshes"]:                          # jax places host p's rows at [4p, 4p + 4)
+    rows = [list(range(8))] * 2 if "'tensor': 4" in mesh else [h["rows"] for h in hosts]
+    assert [h["meshes"][mesh] for h in hosts] == [{"rows": r, "same": True} for r in rows], mesh
   seen = [set(h["docs"]) for h in hosts]
   assert not seen[0] & seen[1]
+  assert sum(len(h["docs"]) for h in hosts) == hosts[0]["total"]
   src = sources.open_sources(small_config(**{"data.source": str(out)}))[0][0]
   everything = {src.to_tokens(src.splits["train"][i]).tobytes().hex() for i in range(hosts[0]["total"])}
   assert seen[0] | seen[1] == everything

@@ -102,7 +102,7 @@ def _truncate_after(path: epath.Path, step: int) -> list[str]:
       pass   # a line cut short by a crash
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text("".join(kept))
-  tmp.rename(path)
+  tmp.replace(path)
   return kept
 
 
