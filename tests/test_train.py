@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_loss_falls_and_run_outputs_are_written(tmp_path):
-  result = run_train(tmp_path, {"steps": 40, "eval_every": 20, "optimizer.lr": 1e-2, "wandb.mode": "offline"})
+  result = run_train(tmp_path, {"steps": 40, "eval_every": 20, "optimizer.lr": 1e-2, "wandb.mode": "offline",
+                                "profile.start_step": 3, "profile.num_steps": 2})
   assert result.returncode == 0, result.stderr
   metrics = read_metrics(tmp_path)
   assert sorted(metrics) == list(range(1, 41))
@@ -26,6 +27,8 @@ def test_loss_falls_and_run_outputs_are_written(tmp_path):
     assert metrics[40][key] > 0
   assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "40"
   assert any(name.startswith("offline-run-") for name in os.listdir(tmp_path / "wandb"))
+  traces = list((tmp_path / "profile").rglob("*.xplane.pb"))          # steps 3-4, for TensorBoard/XProf
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
 def _losses(workdir, steps):

@@ -97,7 +97,7 @@ def make_train_step(model, tx, schedule, mesh, shardings, trainable=None):
 
   step = jax.jit(train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return _with_mesh(step, mesh)
+  return _OnMesh(step, mesh)
 
 
 class Program(NamedTuple):
@@ -145,7 +145,7 @@ def make_diagnostics_step(model, mesh, shardings):
 
   step = jax.jit(diagnostics_step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
-  return _with_mesh(step, mesh)
+  return _OnMesh(step, mesh)
 
 
 def make_eval_step(model, mesh, shardings):
@@ -155,7 +155,7 @@ def make_eval_step(model, mesh, shardings):
 
   step = jax.jit(eval_step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
-  return _with_mesh(step, mesh)
+  return _OnMesh(step, mesh)
 
 
 class _OnMesh:
@@ -173,6 +173,3 @@ class _OnMesh:
     with jax.set_mesh(self.mesh):
       return self.jitted.lower(*args)
 
-
-def _with_mesh(fn, mesh):
-  return _OnMesh(fn, mesh)
