@@ -15,7 +15,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from configs import ConfigError
+from configs import ConfigError, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl and logs go (local or gs://)")
@@ -118,18 +118,8 @@ def _agree(flag: bool) -> bool:
 
 
 def run(argv) -> int:
-  try:
-    flags.FLAGS(argv)
-    if _CONFIG.value is not None:
-      _CONFIG.value.to_dict()   # config_flags defers a bad --config path until first use
-  except (AttributeError, KeyError) as e:
-    print(f"error: unknown config field {str(e).strip(chr(34))} on the command line", file=sys.stderr)
-    return 2
-  except OSError as e:   # the config file itself: say why it could not be loaded
-    print(f"error: --config cannot be loaded: {str(e).strip().splitlines()[-1].strip()}", file=sys.stderr)
-    return 2
-  except flags.Error as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+  if error := parse_flags(argv, _CONFIG):
+    print(error, file=sys.stderr)
     return 2
   if _CONFIG.value is None or not _WORKDIR.value:
     print("error: --config and --workdir are required, e.g. "

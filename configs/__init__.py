@@ -1,6 +1,23 @@
 """Configs are code: base.py holds every field; presets (tiny, small, 1b, 7b) override a few."""
 
 
+def parse_flags(argv, config_flag) -> str | None:
+  """Parses absl flags (with an ml_collections `config_flag`); returns the one-line error for an
+  unknown flag or config field, a bad value or a config file that cannot be loaded, else None."""
+  from absl import flags
+  try:
+    flags.FLAGS(argv)
+    if config_flag.value is not None:
+      config_flag.value.to_dict()   # config_flags defers a bad --config path until first use
+  except (AttributeError, KeyError) as e:
+    return f"error: unknown config field {str(e).strip(chr(34))} on the command line"
+  except OSError as e:   # the config file itself: say why it could not be loaded
+    return f"error: --config cannot be loaded: {str(e).strip().splitlines()[-1].strip()}"
+  except flags.Error as e:
+    return f"error: {str(e).splitlines()[0]}"
+  return None
+
+
 class ConfigError(ValueError):
   """A config value that cannot work: names the field, the value and what is allowed."""
 

@@ -1,0 +1,80 @@
+"""scripts/aot_compile.py, run as users run it: the real train step of a small model compiled ahead
+of time for a TPU slice (libtpu, no TPU), whether it fits, and its argument errors."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SMALL_OVERRIDES
+
+sys.path.insert(0, str(REPO / "scripts"))
+import aot_compile  # noqa: E402
+
+SMALL = {**SMALL_OVERRIDES, "seq_len": 256}
+
+
+def aot(*args, overrides=None):
+  """`python scripts/aot_compile.py --config configs/tiny.py ARGS` with the small model's overrides."""
+  argv = [sys.executable, str(REPO / "scripts" / "aot_compile.py"), "--config", str(REPO / "configs" / "tiny.py"),
+          *(f"--config.{k}={v}" for k, v in {**SMALL, **(overrides or {})}.items()), *args]
+  return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_accelerator_types_map_to_the_topologies_cloud_tpu_offers():
+  shapes = {"v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4", "v5p-64": "v5p:2x4x4",
+            "v5p-128": "v5p:4x4x4", "v5p-256": "v5p:4x4x8", "v4-8": "v4:2x2x1", "v4-64": "v4:2x4x4",
+            "v5litepod-1": "v5e:1x1", "v5e-4": "v5e:2x2", "v5litepod-8": "v5e:2x4", "v6e-16": "v6e:4x4",
+            "v6e-32": "v6e:4x8", "v6e-64": "v6e:8x8", "v6e-256": "v6e:16x16", "v5p:4x4x2": "v5p:4x4x2",
+            "v5e:2x2": "v5e:2x2"}
+  assert {name: aot_compile.parse_topology(name).name for name in shapes} == shapes
+  for bad in ("v9-8", "v5p-12", "v5p-4", "v6e-512", "v5e-2", "v5p:2x2", "v6e:2x2x1", "tpu"):
+    assert aot_compile.parse_topology(bad) is None, bad
+
+
+@pytest.mark.slow
+def test_small_dense_model_fits_a_v5e_slice():
+  """Two sequence lengths, two rows; XLA's count scaled from the one scanned layer to both. No data
+  is read: a data.source that is not on this host does not matter."""
+  result = aot("--topology", "v5e:2x2", "--seq-lens", "256,512", overrides={"data.source": "/nonexistent/prepared"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "mesh: data=1, fsdp=4, tensor=1" in out
+  assert re.search(r"HBM per chip [\d.]+ GiB = arguments", out), out
+  assert re.search(r"\(3 Pallas kernel calls\)", out), out      # splash forward, dq, dK/dV
+  rows = [line.split() for line in out.splitlines() if re.match(r"\s+(256|512) ", line)]
+  assert [r[0] for r in rows] == ["256", "512"] and all(r[2] == "yes" for r in rows), out
+  assert all("scaled" in " ".join(r) for r in rows), out
+  model, xla = float(rows[0][3]), float(rows[0][5].rstrip("*"))
+  assert 0.8 < xla / model < 1.5, (model, xla)                   # XLA's count + splash ~ the analytical one
+  assert re.fullmatch(r"v5e:2x2 \S*configs/tiny\.py: fits \([\d.]+ of 16 GiB HBM per chip\)", out.splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_batch_too_big_for_hbm_does_not_fit():
+  result = aot("--topology", "v5e-4", "--noscale-layers", overrides={"batch_size": 65536})
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stdout.splitlines()[-1]
+  gib = float(re.fullmatch(r"v5e-4 \S*configs/tiny\.py: does not fit \(([\d.]+) of 16 GiB HBM per chip\)", last)[1])
+  assert gib > 16
+
+
+@pytest.mark.slow
+def test_multislice_data_axis_spans_the_slices():
+  result = aot("--topology", "v5e-4", "--num-slices", "2", "--noscale-layers", overrides={"batch_size": 16})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "v5e:2x2 x 2 slice(s) = 8 chips" in result.stdout and "mesh: data=2, fsdp=4, tensor=1" in result.stdout
+  assert "1 layer body" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topology", "v9-8"], "--topology=v9-8: allowed are v4-N"),
+    (["--topology", "v5e-4", "--num-slices", "2", "--config.mesh.data=3", "--config.mesh.fsdp=1"],
+     "mesh.data=3: must be a multiple of --num-slices=2"),
+    (["--topology", "v5e-4", "--config.model.n_heads=5"], "model.n_heads=5"),
+    (["--topology", "v5e-4", "--bogus"], "Unknown command line flag 'bogus'"),
+])
+def test_bad_arguments_exit_2_naming_them(args, message):
+  result = aot(*args)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
