@@ -93,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
   c.mesh.fsdp = -1                  # -1: all devices left over
+  c.mesh.context = 1                # >1: each sequence split over this many devices (long context)
   c.mesh.tensor = 1
 
   c.data = ml_collections.ConfigDict()

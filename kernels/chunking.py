@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 
 
-def map_query_chunks(fn, q, *per_query, chunk: int, remat: bool = True, unroll: bool = False):
+def map_query_chunks(fn, q, *per_query, chunk: int, remat: bool = True, unroll: bool = False, offset=0):
   """out[:, t] = fn(q chunk, chunk start, per_query chunks...)[:, t - start], chunk by chunk.
   q and every per_query array have [B, T, ...] leading dims; the last chunk is zero-padded.
   remat=False for functions nothing differentiates (interpret-mode Pallas cannot sit in a remat).
-  unroll=True unrolls the loop (XLA's cost analysis then counts every chunk)."""
+  unroll=True unrolls the loop (XLA's cost analysis then counts every chunk).
+  offset (int or traced int32): the global position of q's first row (context parallelism); the
+  chunk starts fn sees are global positions."""
   b, t = q.shape[:2]
   chunk = max(1, min(chunk, t))
   n = -(-t // chunk)
@@ -23,7 +25,7 @@ def map_query_chunks(fn, q, *per_query, chunk: int, remat: bool = True, unroll: 
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)       # [n, B, chunk, ...]
 
-  starts = jnp.arange(n, dtype=jnp.int32) * chunk
+  starts = offset + jnp.arange(n, dtype=jnp.int32) * chunk
   body = lambda args: fn(args[0], args[1], *args[2:])
   body = jax.checkpoint(body) if remat else body
   _, outs = jax.lax.scan(lambda carry, args: (carry, body(args)), None,

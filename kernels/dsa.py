@@ -10,11 +10,18 @@ tensor is the [T, D] gradient of kv itself (the gather's transpose adds rows int
 Shapes: q [B,T,H,Dk] (absorbed queries), kv [B,T,Dk] (the one key row per token, its first v_dim
 columns are the value), q_idx [B,T,H_I,D_I], k_idx [B,T,D_I], weights [B,T,H_I], indices int32
 [B,T,k]. Key s is visible to query t iff s <= t (positions are sequence indices).
+
+Under context parallelism each function runs per device (kernels/partition.py): a device's
+queries (global positions q_offset + i) against every key, the small key-side tensors k_idx
+[T, D_I] and kv [T, Dk] gathered over the context axis. Each function's `_local` body is that
+per-device computation.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from kernels import DEFAULT_OPTIONS, chunking, resolve_impl
+from kernels import DEFAULT_OPTIONS, chunking, partition, resolve_impl
 from kernels.chunking import masked_softmax
 
 
@@ -24,9 +31,15 @@ def _check_impl(impl: str, options) -> None:
     raise NotImplementedError("kernels.dsa: impl='pallas' is not available yet; use 'xla' or 'auto'")
 
 
-def map_query_chunks(fn, q, *per_query, options):
+def map_query_chunks(fn, q, *per_query, options, offset=0):
   """chunking.map_query_chunks with the chunk size and unrolling of `options`."""
-  return chunking.map_query_chunks(fn, q, *per_query, chunk=options.dsa_query_chunk, unroll=options.unroll_chunks)
+  return chunking.map_query_chunks(fn, q, *per_query, chunk=options.dsa_query_chunk, unroll=options.unroll_chunks,
+                                   offset=offset)
+
+
+def _per_device(fn, in_axes, out_axes):
+  """The XLA references run as they are, or per device under context parallelism."""
+  return partition.per_device(fn, in_axes, out_axes, pallas=False)
 
 
 def _causal(t0, num_queries: int, num_keys: int):
@@ -68,6 +81,13 @@ def indexer_topk(q_idx, k_idx, weights, *, topk: int, impl="auto", options=None)
   options = options or DEFAULT_OPTIONS
   _check_impl(impl, options)
   q_idx, k_idx, weights = (jax.lax.stop_gradient(x) for x in (q_idx, k_idx, weights))
+  local = functools.partial(indexer_topk_local, topk=topk, options=options)
+  return _per_device(local, (partition.QUERY_HEADS, partition.KEY_ROW, partition.QUERY_ROWS),
+                     partition.QUERY_ROWS)(q_idx, k_idx, weights)
+
+
+def indexer_topk_local(q_idx, k_idx, weights, *, q_offset, topk, options):
+  """One device's indexer_topk: queries at global positions q_offset + [0, Tq), all keys."""
   num_keys = k_idx.shape[1]
 
   def chunk_fn(q_chunk, t0, w_chunk):
@@ -77,7 +97,7 @@ def indexer_topk(q_idx, k_idx, weights, *, topk: int, impl="auto", options=None)
       scores = jnp.pad(scores, [(0, 0), (0, 0), (0, topk - num_keys)], constant_values=-jnp.inf)
     values, index = jax.lax.top_k(scores, topk)
     return jnp.where(values == -jnp.inf, -1, index).astype(jnp.int32)
-  return map_query_chunks(chunk_fn, q_idx, weights, options=options)
+  return map_query_chunks(chunk_fn, q_idx, weights, options=options, offset=q_offset)
 
 
 def sparse_attention(q, kv, indices, *, v_dim: int, scale=None, impl="auto", options=None):
@@ -86,10 +106,16 @@ def sparse_attention(q, kv, indices, *, v_dim: int, scale=None, impl="auto", opt
   Returns [B, T, H, v_dim] in q's dtype; a query with no valid index gets 0."""
   options = options or DEFAULT_OPTIONS
   _check_impl(impl, options)
-  b, t, h, dk = q.shape
-  scale = dk ** -0.5 if scale is None else scale
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   # Sorted, a repeat sits next to its first copy, and the gathers walk kv in order.
   indices = jnp.sort(indices, axis=-1)
+  local = functools.partial(sparse_attention_local, v_dim=v_dim, scale=scale, options=options)
+  return _per_device(local, (partition.Q, partition.KEY_ROW, partition.QUERY_ROWS), partition.Q)(q, kv, indices)
+
+
+def sparse_attention_local(q, kv, indices, *, q_offset, v_dim, scale, options):
+  """One device's sparse_attention (indices sorted): queries at q_offset + [0, Tq), all rows kv."""
+  t = kv.shape[1]
 
   def chunk_fn(q_chunk, t0, idx):
     rows = _gather_rows(kv, idx)                                       # [B, Qc, K, Dk]
@@ -99,7 +125,7 @@ def sparse_attention(q, kv, indices, *, v_dim: int, scale=None, impl="auto", opt
     out = jnp.einsum("bqhk,bqkd->bqhd", p.astype(kv.dtype), rows[..., :v_dim],
                      preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
-  return map_query_chunks(chunk_fn, q, indices, options=options)
+  return map_query_chunks(chunk_fn, q, indices, options=options, offset=q_offset)
 
 
 def _kl(teacher, student_logits, support):
@@ -125,8 +151,19 @@ def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl
   options = options or DEFAULT_OPTIONS
   _check_impl(impl, options)
   q, kv = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kv)
-  t = q.shape[1]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  local = functools.partial(indexer_loss_local, scale=scale, options=options)
+  axes = [partition.Q, partition.KEY_ROW, partition.QUERY_HEADS, partition.KEY_ROW, partition.QUERY_ROWS]
+  args = [q, kv, q_idx, k_idx, weights]
+  if indices is not None:
+    axes.append(partition.QUERY_ROWS)
+    args.append(jnp.sort(indices, axis=-1))
+  return _per_device(local, tuple(axes), partition.ROWS)(*args).mean()
+
+
+def indexer_loss_local(q, kv, q_idx, k_idx, weights, indices=None, *, q_offset, scale, options):
+  """Per query [B, Tq]: KL(teacher || student) over its support."""
+  t = kv.shape[1]
 
   def dense_chunk(q_chunk, t0, qi_chunk, w_chunk):
     support = jnp.broadcast_to(_causal(t0, q_chunk.shape[1], t)[None], (q.shape[0], q_chunk.shape[1], t))
@@ -141,10 +178,8 @@ def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl
     return _kl(_teacher(logits, support), student, support)
 
   if indices is None:
-    kl = map_query_chunks(dense_chunk, q, q_idx, weights, options=options)
-  else:
-    kl = map_query_chunks(sparse_chunk, q, q_idx, weights, jnp.sort(indices, axis=-1), options=options)
-  return kl.mean()
+    return map_query_chunks(dense_chunk, q, q_idx, weights, options=options, offset=q_offset)
+  return map_query_chunks(sparse_chunk, q, q_idx, weights, indices, options=options, offset=q_offset)
 
 
 def indexer_recall(q, kv, indices, *, topk: int, scale=None, options=None):
@@ -153,10 +188,20 @@ def indexer_recall(q, kv, indices, *, topk: int, scale=None, options=None):
   queries there were (recall is 1 when there are none: every key is selected)."""
   options = options or DEFAULT_OPTIONS
   q, kv = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kv)
-  t = q.shape[1]
+  t = kv.shape[1]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   if t <= topk:
     return jnp.float32(1.0), jnp.int32(0)
+  local = functools.partial(recall_local, topk=topk, scale=scale, options=options)
+  recall, counted = _per_device(local, (partition.Q, partition.KEY_ROW, partition.QUERY_ROWS),
+                                [partition.ROWS, partition.ROWS])(q, kv, jnp.sort(indices, axis=-1))
+  rows = counted.sum()
+  return recall.sum() / jnp.maximum(rows, 1), rows
+
+
+def recall_local(q, kv, indices, *, q_offset, topk, scale, options):
+  """Per query [B, Tq]: (recall, counted)."""
+  t = kv.shape[1]
 
   def chunk_fn(q_chunk, t0, idx):
     qc = q_chunk.shape[1]
@@ -167,6 +212,4 @@ def indexer_recall(q, kv, indices, *, topk: int, scale=None, options=None):
     hits = _valid(idx, t0, t) & (jnp.take_along_axis(teacher, jnp.clip(idx, 0, t - 1), axis=-1) >= kth)
     counted = (t0 + jnp.arange(qc) + 1 > topk)[None, :]
     return jnp.where(counted, hits.sum(-1) / topk, 0.0), jnp.broadcast_to(counted, hits.shape[:2])
-  recall, counted = map_query_chunks(chunk_fn, q, jnp.sort(indices, axis=-1), options=options)
-  rows = counted.sum()
-  return recall.sum() / jnp.maximum(rows, 1), rows
+  return map_query_chunks(chunk_fn, q, indices, options=options, offset=q_offset)

@@ -10,7 +10,10 @@ k_cmp [B,C,HKV,Dk], v_cmp [B,C,HKV,Dv]; query head h uses KV head h // (HQ // HK
 `impl="pallas"` (and `"auto"` on TPU) runs every function on Pallas TPU kernels, forward and
 backward: compressed attention and block scores in kernels/nsa_compressed_pallas.py, selection in
 kernels/nsa_pallas.py, the window on splash attention; off TPU they run in TPU interpret mode.
-Under a mesh of several devices each Pallas call runs per device (kernels/partition.py).
+Under a mesh of several devices each Pallas call runs per device (kernels/partition.py), and
+under context parallelism every function runs per device for both impls: a device's queries
+(global positions q_offset + i) against all keys. Each function's `_local` body is that
+per-device computation; its q_offset is 0 without context parallelism.
 """
 import functools
 
@@ -34,8 +37,9 @@ def _pallas(impl: str, options) -> bool:
   return resolve_impl(impl, options) == "pallas"
 
 
-def map_query_chunks(fn, q, *per_query, chunk: int, options, remat: bool = True):
-  return chunking.map_query_chunks(fn, q, *per_query, chunk=chunk, remat=remat, unroll=options.unroll_chunks)
+def map_query_chunks(fn, q, *per_query, chunk: int, options, remat: bool = True, offset=0):
+  return chunking.map_query_chunks(fn, q, *per_query, chunk=chunk, remat=remat, unroll=options.unroll_chunks,
+                                   offset=offset)
 
 
 def num_compressed(seq_len: int, block_len: int, stride: int) -> int:
@@ -69,18 +73,25 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, impl
   scale = dk ** -0.5 if scale is None else scale
   if k_cmp.shape[1] == 0:
     return jnp.zeros((b, t, hq, v_cmp.shape[-1]), q.dtype), jnp.full((b, t, hq), -jnp.inf, jnp.float32)
-  if _pallas(impl, options):
+  pallas = _pallas(impl, options)
+  local = functools.partial(compressed_local, block_len=block_len, stride=stride, scale=scale, pallas=pallas,
+                            options=options)
+  return partition.per_device(local, (partition.Q, partition.CMP, partition.CMP), [partition.Q, partition.STATS],
+                              pallas=pallas)(q, k_cmp, v_cmp)
+
+
+def compressed_local(q, k_cmp, v_cmp, *, q_offset, block_len, stride, scale, pallas, options):
+  """One device's compressed_attention: queries at global positions q_offset + [0, Tq)."""
+  if pallas:
     from kernels import nsa_compressed_pallas
-    kernel = lambda q, k_cmp, v_cmp: nsa_compressed_pallas.compressed_attention(q, k_cmp, v_cmp, block_len,
-                                                                              stride, scale, options)
-    return partition.per_device(kernel, (partition.Q, partition.CMP, partition.CMP),
-                                [partition.Q, partition.STATS])(q, k_cmp, v_cmp)
+    return nsa_compressed_pallas.compressed_attention(q, k_cmp, v_cmp, q_offset, block_len, stride, scale, options)
+  hq = q.shape[2]
 
   def chunk_fn(q_chunk, t0):
     p, lse = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
     out = jnp.einsum("bqhgc,bchd->bqhgd", p.astype(v_cmp.dtype), v_cmp, preferred_element_type=jnp.float32)
     return out.reshape(*out.shape[:2], hq, -1).astype(q.dtype), lse.reshape(*lse.shape[:2], hq)
-  return map_query_chunks(chunk_fn, q, chunk=options.query_chunk, options=options)
+  return map_query_chunks(chunk_fn, q, chunk=options.query_chunk, options=options, offset=q_offset)
 
 
 # ---- block selection ----
@@ -133,35 +144,45 @@ def select_blocks(q, k_cmp, *, block_len, stride, select_block, num_selected, nu
   queries."""
   options = options or DEFAULT_OPTIONS
   q, k_cmp = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_cmp)
-  b, t_len, hq, dk = q.shape
-  hkv = k_cmp.shape[2]
+  dk = q.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
-  num_blocks = -(-t_len // select_block)
+  pallas = _pallas(impl, options) and k_cmp.shape[1] > 0
+  if pallas and lse is None:
+    lse = compressed_attention(q, k_cmp, k_cmp, block_len=block_len, stride=stride, scale=scale, impl=impl,
+                               options=options)[1]
+  if lse is None:
+    lse = jnp.zeros(q.shape[:3], jnp.float32)          # unused by the XLA reference
+  local = functools.partial(select_local, num_blocks=-(-q.shape[1] // select_block), block_len=block_len,
+                            stride=stride, select_block=select_block, num_selected=num_selected,
+                            num_initial=num_initial, num_local=num_local, scale=scale, pallas=pallas,
+                            options=options)
+  return partition.per_device(local, (partition.Q, partition.CMP, partition.STATS), partition.SELECTED,
+                              pallas=pallas)(q, k_cmp, jax.lax.stop_gradient(lse))
+
+
+def select_local(q, k_cmp, lse, *, q_offset, num_blocks, block_len, stride, select_block, num_selected,
+                 num_initial, num_local, scale, pallas, options):
+  """One device's select_blocks: queries at global positions q_offset + [0, Tq) of a sequence of
+  num_blocks selection blocks, with their compressed branch's lse (Pallas only)."""
   rank = functools.partial(rank_blocks, select_block=select_block, num_selected=num_selected,
                            num_initial=num_initial, num_local=num_local)
+  b, hkv = q.shape[0], k_cmp.shape[2]
   if not k_cmp.shape[1]:
     return map_query_chunks(lambda q_chunk, t0: rank(jnp.zeros((b, q_chunk.shape[1], hkv, num_blocks)), t0),
-                            q, chunk=options.query_chunk, options=options)
-  if _pallas(impl, options):
-    if lse is None:
-      lse = compressed_attention(q, k_cmp, k_cmp, block_len=block_len, stride=stride, scale=scale, impl=impl,
-                                 options=options)[1]
-
-    def kernel(q, k_cmp, lse):
-      from kernels import nsa_compressed_pallas
-      scores = functools.partial(nsa_compressed_pallas.block_scores, k_cmp=k_cmp, block_len=block_len,
-                                 stride=stride, select_block=select_block, num_blocks=num_blocks, scale=scale,
-                                 options=options)
-      return map_query_chunks(lambda q_chunk, t0, lse_chunk: rank(scores(q_chunk, lse_chunk, chunk_start=t0), t0),
-                              q, lse, chunk=options.select_chunk, remat=False, options=options)
-    return partition.per_device(kernel, (partition.Q, partition.CMP, partition.STATS), partition.KV)(
-        q, k_cmp, jax.lax.stop_gradient(lse))
+                            q, chunk=options.query_chunk, options=options, offset=q_offset)
+  if pallas:
+    from kernels import nsa_compressed_pallas
+    scores = functools.partial(nsa_compressed_pallas.block_scores, k_cmp=k_cmp, block_len=block_len,
+                               stride=stride, select_block=select_block, num_blocks=num_blocks, scale=scale,
+                               options=options)
+    return map_query_chunks(lambda q_chunk, t0, lse_chunk: rank(scores(q_chunk, lse_chunk, chunk_start=t0), t0),
+                            q, lse, chunk=options.select_chunk, remat=False, options=options, offset=q_offset)
 
   def chunk_fn(q_chunk, t0):
     p, _ = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
     return rank(block_scores(p.sum(axis=3), num_blocks, block_len=block_len, stride=stride,
                              select_block=select_block), t0)              # [B, Qc, HKV, NB] scores
-  return map_query_chunks(chunk_fn, q, chunk=options.query_chunk, options=options)
+  return map_query_chunks(chunk_fn, q, chunk=options.query_chunk, options=options, offset=q_offset)
 
 
 # ---- selected-block attention ----
@@ -170,13 +191,19 @@ def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl=
   """Query t attends to keys s with s // block_size among its KV group's `block_indices` and
   s <= t. Indices that are -1, repeated, in the future or out of range are ignored."""
   options = options or DEFAULT_OPTIONS
-  if _pallas(impl, options):      # the Pallas kernels (forward, dq, dK/dV); TPU interpret mode off-TPU
+  pallas = _pallas(impl, options)   # the Pallas kernels (forward, dq, dK/dV); TPU interpret mode off-TPU
+  local = functools.partial(selection_local, block_size=block_size, scale=scale, pallas=pallas, options=options)
+  return partition.per_device(local, (partition.Q, partition.KV, partition.KV, partition.SELECTED), partition.Q,
+                              pallas=pallas)(q, k, v, block_indices)
+
+
+def selection_local(q, k, v, block_indices, *, q_offset, block_size, scale, pallas, options):
+  """One device's selection_attention: queries at q_offset + [0, Tq) against all keys k, v."""
+  if pallas:
     from kernels import nsa_pallas
-    kernel = lambda q, k, v, idx: nsa_pallas.selection_attention(q, k, v, idx, block_size, scale, options)
-    return partition.per_device(kernel, (partition.Q, partition.KV, partition.KV, partition.KV), partition.Q)(
-        q, k, v, block_indices)
-  b, t, hq, dk = q.shape
-  hkv, dv = k.shape[2], v.shape[-1]
+    return nsa_pallas.selection_attention(q, k, v, block_indices, q_offset, block_size, scale, options)
+  b, _, hq, dk = q.shape
+  t, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
   num_blocks = -(-t // block_size)
   pad = num_blocks * block_size - t
@@ -208,7 +235,8 @@ def selection_attention(q, k, v, block_indices, *, block_size, scale=None, impl=
                      preferred_element_type=jnp.float32)              # [B, HKV, Qc, G, Dv]
     out = out.transpose(0, 2, 1, 3, 4)
     return out.reshape(b, qc, hq, dv).astype(q.dtype)
-  return map_query_chunks(chunk_fn, q, block_indices, chunk=max(1, options.query_chunk // 2), options=options)
+  return map_query_chunks(chunk_fn, q, block_indices, chunk=max(1, options.query_chunk // 2), options=options,
+                          offset=q_offset)
 
 
 # ---- sliding window ----
@@ -217,15 +245,27 @@ def window_attention(q, k, v, *, window, scale=None, impl="auto", options=None):
   """Query t attends to keys s with t - window < s <= t (`window` keys including itself).
   impl="pallas": jax's splash-attention kernels (forward and backward) with a local mask."""
   options = options or DEFAULT_OPTIONS
-  if _pallas(impl, options):
-    return dense.attention(q, k, v, scale=scale, window=window, impl="pallas", options=options)
-  b, t, hq, dk = q.shape
-  hkv, dv = k.shape[2], v.shape[-1]
-  scale = dk ** -0.5 if scale is None else scale
+  pallas = _pallas(impl, options)
+  if pallas:
+    dense.check_supported(seq_len=q.shape[1])
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  local = functools.partial(window_local, window=window, scale=scale, pallas=pallas, options=options)
+  kv_axes = partition.KV if k.shape[2] > 1 else partition.MQA
+  return partition.per_device(local, (partition.Q, kv_axes, kv_axes), partition.Q, pallas=pallas)(q, k, v)
+
+
+def window_local(q, k, v, *, q_offset, window, scale, pallas, options):
+  """One device's window_attention: queries at q_offset + [0, Tq) against all keys k, v."""
+  if pallas:
+    no_segments = jnp.zeros(q.shape[:2], jnp.int32), jnp.zeros(k.shape[:2], jnp.int32)
+    return dense.local_attention(q, k, v, *no_segments, q_offset=q_offset, scale=scale, window=window,
+                                 pallas=True, options=options)
+  b, tq, hq, _ = q.shape
+  t, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   w = min(window, t)
   # Keys padded in front by w - 1 so chunk [t0, t0 + Qc) reads the slice [t0, t0 + Qc + w - 1).
-  chunk = min(options.window_chunk, t)
-  tail = -(-t // chunk) * chunk - t
+  chunk = min(options.window_chunk, tq)
+  tail = -(-tq // chunk) * chunk - tq
   k_pad = jnp.pad(k, [(0, 0), (w - 1, tail), (0, 0), (0, 0)])
   v_pad = jnp.pad(v, [(0, 0), (w - 1, tail), (0, 0), (0, 0)])
 
@@ -242,4 +282,4 @@ def window_attention(q, k, v, *, window, scale=None, impl="auto", options=None):
     p, _ = masked_softmax(logits, visible[None, :, None, None, :])
     out = jnp.einsum("bqhgs,bshd->bqhgd", p.astype(v.dtype), v_win, preferred_element_type=jnp.float32)
     return out.reshape(b, qc, hq, dv).astype(q.dtype)
-  return map_query_chunks(chunk_fn, q, chunk=chunk, options=options)
+  return map_query_chunks(chunk_fn, q, chunk=chunk, options=options, offset=q_offset)

@@ -7,7 +7,9 @@ rows    as in the selection kernels (kernels/nsa_pallas.py): a tile is bq = 128 
 Attention, forward and dq: grid (B, HKV, T/bq, Cp/BK), BK = 128 compressed keys per step, an
         online softmax over the key axis. Query tile i needs only its first n_i key tiles (the
         ones with a token it can see); later steps skip compute with pl.when and their index map
-        repeats tile n_i - 1, so they issue no DMA. Bytes per query tile: q 128*Dk (+ dO, lse,
+        repeats tile n_i - 1, so they issue no DMA. Query tiles sit at a global offset (scalar
+        prefetch: context parallelism hands each device a chunk of the sequence), so visibility
+        and the key tiles needed use global positions. Bytes per query tile: q 128*Dk (+ dO, lse,
         delta in dq), n_i*BK*(Dk + Dv) of K/V, out 128*Dv, lse 128 fp32 (a tile row).
 dK/dV:  KV-stationary grid (B, HKV, Cp/BK, T/bq): key tile kb accumulates over the query tiles
         that see any of its tokens in VMEM and is written once; earlier tiles are skipped and their
@@ -107,8 +109,8 @@ def _pad_keys(x_t, multiple):
 
 # ---- attention: forward and dq (query-stationary), dK/dV (KV-stationary) ----
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, g):
-  i, kb = pl.program_id(2), pl.program_id(3)
+def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, g):
+  i, kb = offset_ref[0] + pl.program_id(2), pl.program_id(3)
 
   @pl.when(kb == 0)
   def _init():
@@ -123,8 +125,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, a
     _softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
 
 
-def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, acc_scratch, *, g):
-  i, kb = pl.program_id(2), pl.program_id(3)
+def _dq_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, acc_scratch, *, g):
+  i, kb = offset_ref[0] + pl.program_id(2), pl.program_id(3)
 
   @pl.when(kb == 0)
   def _init():
@@ -140,10 +142,12 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, acc_scra
     dq_ref[...] = acc_scratch[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, g):
-  kb, i = pl.program_id(2), pl.program_id(3)
+def _dkv_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dk_scratch,
+                dv_scratch, *, g):
+  kb, local = pl.program_id(2), pl.program_id(3)
+  i = offset_ref[0] + local                     # the query tile's global index
 
-  @pl.when(i == 0)
+  @pl.when(local == 0)
   def _init():
     dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
     dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
@@ -154,63 +158,76 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
     _accumulate_dkv(_scores(g, q, k_ref[...], i, kb), q, do_ref[...], v_ref[...], lse_ref, delta_ref,
                     dk_scratch, dv_scratch, g.scale)
 
-  @pl.when(i == pl.num_programs(3) - 1)
+  @pl.when(local == pl.num_programs(3) - 1)
   def _finish():
     dk_ref[...] = dk_scratch[...].astype(dk_ref.dtype)
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
 def _query_stationary_call(g: _Cmp, kernel, row_inputs, row_outputs, scratch, num_key_tiles, estimate):
-  """pallas_call over grid (B, HKV, T/bq, key tiles). row_inputs / row_outputs: per-row arrays as
-  ("rows", width, dtype) ([B, HKV, T*G, width]) or ("tile_row", 1, dtype) ([B, HKV, NQ, 1, 128]);
-  K and V tiles come after the row inputs, clamped to the query tile's last needed one."""
-  tile = lambda b, h, i, kb: (b, h, i)
+  """pallas_call over grid (B, HKV, T/bq, key tiles), the query tiles' global offset in scalar
+  prefetch. row_inputs / row_outputs: per-row arrays as ("rows", width, dtype) ([B, HKV, T*G,
+  width]) or ("tile_row", 1, dtype) ([B, HKV, NQ, 1, 128]); K and V tiles come after the row
+  inputs, clamped to the query tile's last needed one."""
+  tile = lambda b, h, i, kb, offset: (b, h, i)
   spec = lambda kind, width: tile_row_spec(tile) if kind == "tile_row" else row_spec(tile, width)
   def shape(kind, width, dtype):
     dims = (g.num_tiles, 1, ROWS) if kind == "tile_row" else (g.t * g.group, width)
     return jax.ShapeDtypeStruct((g.b, g.hkv, *dims), dtype)
-  key_map = lambda b, h, i, kb: (b, h, jnp.minimum(kb, jnp.maximum(g.key_tiles(i) - 1, 0)), 0)
-  return pl.pallas_call(
-      functools.partial(kernel, g=g),
-      grid=(g.b, g.hkv, g.num_tiles, num_key_tiles),
+  key_map = lambda b, h, i, kb, offset: (b, h, jnp.minimum(kb, jnp.maximum(g.key_tiles(offset[0] + i) - 1, 0)), 0)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_tiles, num_key_tiles),
       in_specs=[spec(kind, w) for kind, w, _ in row_inputs]
                + [pl.BlockSpec((None, None, g.key_tile, g.dk), key_map),
                   pl.BlockSpec((None, None, g.key_tile, g.dv), key_map)],
       out_specs=[spec(kind, w) for kind, w, _ in row_outputs],
+      scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in scratch])
+  return pl.pallas_call(
+      functools.partial(kernel, g=g), grid_spec=grid_spec,
       out_shape=[shape(*o) for o in row_outputs],
-      scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in scratch],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=estimate, interpret=g.interpret)
 
 
-def _forward_rows(g: _Cmp, q_rows, k_t, v_t):
+def _offset_tiles(g: _Cmp, q_offset):
+  """int32 [1]: the global index of the first query tile (q_offset is a multiple of 128/G)."""
+  return (jnp.asarray(q_offset, jnp.int32) // g.queries_per_tile).reshape(1)
+
+
+def _forward_rows(g: _Cmp, offset, q_rows, k_t, v_t):
   """(out rows [B,HKV,T*G,Dv], lse tile rows [B,HKV,NQ,1,128] fp32); k_t, v_t padded to g.key_tile."""
   return _query_stationary_call(
       g, _forward_kernel, [("rows", g.dk, None)], [("rows", g.dv, q_rows.dtype), ("tile_row", 1, jnp.float32)],
       [(ROWS, LANES), (ROWS, LANES), (ROWS, g.dv)], k_t.shape[2] // g.key_tile,
-      _attention_cost(g, matmul_width=g.dk + g.dv, row_bytes=2 * (g.dk + g.dv) + 4))(q_rows, k_t, v_t)
+      _attention_cost(g, matmul_width=g.dk + g.dv, row_bytes=2 * (g.dk + g.dv) + 4))(offset, q_rows, k_t, v_t)
 
 
 def _keys_t(g: _Cmp, k_cmp, v_cmp):
   return (_pad_keys(k_cmp.transpose(0, 2, 1, 3), g.key_tile), _pad_keys(v_cmp.transpose(0, 2, 1, 3), g.key_tile))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def compressed_attention(q, k_cmp, v_cmp, block_len: int, stride: int, scale=None, options=None):
+def compressed_attention(q, k_cmp, v_cmp, q_offset, block_len: int, stride: int, scale=None, options=None):
   """(out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] fp32, -inf where nothing is visible): the contract
-  of kernels.nsa.compressed_attention; forward, dq and dK/dV are Pallas kernels. Needs C >= 1."""
-  return _compressed_fwd(q, k_cmp, v_cmp, block_len, stride, scale, options)[0]
+  of kernels.nsa.compressed_attention for queries at global positions q_offset + [0, T) (an int
+  or traced int32, a multiple of 128/G); forward, dq and dK/dV are Pallas kernels. Needs C >= 1."""
+  return _compressed(q, k_cmp, v_cmp, jnp.asarray(q_offset, jnp.int32), block_len, stride, scale, options)
 
 
-def _compressed_fwd(q, k_cmp, v_cmp, block_len, stride, scale, options):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _compressed(q, k_cmp, v_cmp, q_offset, block_len, stride, scale, options):
+  return _compressed_fwd(q, k_cmp, v_cmp, q_offset, block_len, stride, scale, options)[0]
+
+
+def _compressed_fwd(q, k_cmp, v_cmp, q_offset, block_len, stride, scale, options):
   g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, options)
-  out_rows, lse_rows = _forward_rows(g, to_rows(q, g.hkv), *_keys_t(g, k_cmp, v_cmp))
+  offset = _offset_tiles(g, q_offset)
+  out_rows, lse_rows = _forward_rows(g, offset, to_rows(q, g.hkv), *_keys_t(g, k_cmp, v_cmp))
   result = (from_rows(out_rows, g.t), from_tile_rows(lse_rows, g.t))
-  return result, (q, k_cmp, v_cmp, out_rows, lse_rows)
+  return result, (q, k_cmp, v_cmp, offset, out_rows, lse_rows)
 
 
 def _compressed_bwd(block_len, stride, scale, options, residuals, cotangents):
-  q, k_cmp, v_cmp, out_rows, lse_rows = residuals
+  q, k_cmp, v_cmp, offset, out_rows, lse_rows = residuals
   dout, dlse = cotangents
   g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, options)
   k_t, v_t = _keys_t(g, k_cmp, v_cmp)
@@ -223,29 +240,32 @@ def _compressed_bwd(block_len, stride, scale, options, residuals, cotangents):
       g, _dq_kernel, [("rows", g.dk, None), ("rows", g.dv, None), ("tile_row", 1, None), ("tile_row", 1, None)],
       [("rows", g.dk, q.dtype)], [(ROWS, g.dk)], num_key_tiles,
       _attention_cost(g, matmul_width=2 * g.dk + g.dv, row_bytes=2 * (2 * g.dk + g.dv) + 8),
-  )(q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
+  )(offset, q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
 
   last = g.num_tiles - 1
-  tile = lambda b, h, kb, i: (b, h, jnp.minimum(jnp.maximum(i, g.first_query_tile(kb)), last))
-  key_map = lambda b, h, kb, i: (b, h, kb, 0)
-  dk_t, dv_t = pl.pallas_call(
-      functools.partial(_dkv_kernel, g=g),
-      grid=(g.b, g.hkv, num_key_tiles, g.num_tiles),
+  # Local query tile i is global tile offset + i; tiles before a key tile's first reader are
+  # skipped, their index clamped forward to the first one read (no DMA).
+  tile = lambda b, h, kb, i, offset: (b, h, jnp.minimum(jnp.maximum(i, g.first_query_tile(kb) - offset[0]), last))
+  key_map = lambda b, h, kb, i, offset: (b, h, kb, 0)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(g.b, g.hkv, num_key_tiles, g.num_tiles),
       in_specs=[row_spec(tile, w) for w in (g.dk, g.dv)]
                + [tile_row_spec(tile), tile_row_spec(tile)]
                + [pl.BlockSpec((None, None, g.key_tile, w), key_map) for w in (g.dk, g.dv)],
       out_specs=[pl.BlockSpec((None, None, g.key_tile, w), key_map) for w in (g.dk, g.dv)],
+      scratch_shapes=[pltpu.VMEM((g.key_tile, g.dk), jnp.float32), pltpu.VMEM((g.key_tile, g.dv), jnp.float32)])
+  dk_t, dv_t = pl.pallas_call(
+      functools.partial(_dkv_kernel, g=g), grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(k_t.shape, k_cmp.dtype), jax.ShapeDtypeStruct(v_t.shape, v_cmp.dtype)],
-      scratch_shapes=[pltpu.VMEM((g.key_tile, g.dk), jnp.float32), pltpu.VMEM((g.key_tile, g.dv), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=_attention_cost(g, matmul_width=2 * (g.dk + g.dv), row_bytes=2 * (g.dk + g.dv) + 8,
                                     row_passes=max(1, num_key_tiles // 2), kv_passes=2),
-      interpret=g.interpret)(q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
+      interpret=g.interpret)(offset, q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
   unpad = lambda x: x[:, :, :g.c].transpose(0, 2, 1, 3)
-  return from_rows(dq_rows, g.t), unpad(dk_t), unpad(dv_t)
+  return from_rows(dq_rows, g.t), unpad(dk_t), unpad(dv_t), None
 
 
-compressed_attention.defvjp(_compressed_fwd, _compressed_bwd)
+_compressed.defvjp(_compressed_fwd, _compressed_bwd)
 
 
 # ---- block scores for select_blocks ----

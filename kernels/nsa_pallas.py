@@ -33,16 +33,17 @@ ROWS = 128            # matmul rows per tile: query positions x heads of one KV 
 LANES = 128
 
 
-def tile_unions(block_indices, *, block_size: int, seq_len: int, queries_per_tile: int):
+def tile_unions(block_indices, *, block_size: int, seq_len: int, queries_per_tile: int, first_tile=0):
   """(union [B, HKV, NQ, U] int32, count [B, HKV, NQ] int32): per query tile, the sorted distinct
   valid blocks its queries selected (-1, out-of-range and wholly-future blocks dropped), padded
-  by repeating the last entry (0 when the tile selected nothing)."""
+  by repeating the last entry (0 when the tile selected nothing). seq_len: the keys' length;
+  first_tile (traced int32 ok): the global index of the first query tile."""
   b, t, hkv, n = block_indices.shape
   num_blocks = -(-seq_len // block_size)
   nq = t // queries_per_tile
   idx = block_indices.reshape(b, nq, queries_per_tile, hkv, n).transpose(0, 3, 1, 2, 4)
   idx = idx.reshape(b, hkv, nq, queries_per_tile * n)
-  last_block = ((jnp.arange(nq) + 1) * queries_per_tile - 1) // block_size         # [NQ]
+  last_block = ((first_tile + jnp.arange(nq) + 1) * queries_per_tile - 1) // block_size         # [NQ]
   valid = (idx >= 0) & (idx < num_blocks) & (idx <= last_block[None, None, :, None])
   big = jnp.iinfo(jnp.int32).max
   s = jnp.sort(jnp.where(valid, idx, big), axis=-1)
@@ -68,10 +69,10 @@ def _masked_scores(q, k, idx, j, tile, *, scale, block_size, group):
 
 def _union_position(group_ref, grid_shape):
   """At grid step (b, h, i, u) of a union walk: (this call's flat tile index into the prefetch
-  lists, u, the tile's index in the whole sequence)."""
+  lists, u, the tile's index in the whole sequence; group_ref holds the call's first one)."""
   b, h, i, u = (pl.program_id(a) for a in range(4))
   _, hkv, nq, _ = grid_shape
-  return (b * hkv + h) * nq + i, u, group_ref[0] * nq + i
+  return (b * hkv + h) * nq + i, u, group_ref[0] + i
 
 
 def _softmax_init(m_scratch, l_scratch, acc_scratch):
@@ -168,7 +169,7 @@ def tile_row_spec(index_map):
 
 class _Shape(NamedTuple):
   b: int
-  t: int
+  t: int                  # queries
   hkv: int
   group: int
   dk: int
@@ -177,6 +178,11 @@ class _Shape(NamedTuple):
   block_size: int
   scale: float
   options: KernelOptions
+  tk: int = 0             # keys (0: t); more than t when the queries are a chunk of the sequence
+
+  @property
+  def num_blocks(self):
+    return (self.tk or self.t) // self.block_size
 
   @property
   def interpret(self):
@@ -220,8 +226,9 @@ def _shape(q, k, v, block_indices, block_size, scale, options) -> _Shape:
   b, t, hq, dk = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
   group = check_supported(t, hq, hkv, block_size)
+  check_supported(k.shape[1], hq, hkv, block_size)
   return _Shape(b, t, hkv, group, dk, dv, block_indices.shape[-1], block_size,
-                dk ** -0.5 if scale is None else scale, options or DEFAULT_OPTIONS)
+                dk ** -0.5 if scale is None else scale, options or DEFAULT_OPTIONS, k.shape[1])
 
 
 def cost(flops, transcendentals, bytes_accessed) -> pl.CostEstimate:
@@ -255,33 +262,42 @@ def _tile_groups(sh: _Shape, entries_per_tile: int) -> int:
   return max(d for d in range(1, nq + 1) if nq % d == 0 and (d == 1 or d * per_tile <= sh.options.prefetch_bytes))
 
 
-def _map_tile_groups(sh: _Shape, call, tiles: int, per_tile_lists, per_row_inputs, shared):
-  """Runs `call(group id, lists..., row inputs..., shared...)` over groups of `tiles` query tiles
-  (a lax.map: one pallas_call per group) and joins the per-row outputs."""
+def _map_tile_groups(sh: _Shape, call, tiles: int, per_tile_lists, per_row_inputs, shared, first_tile):
+  """Runs `call(first tile [1], lists..., row inputs..., shared...)` over groups of `tiles` query
+  tiles (a lax.map: one pallas_call per group; the group's first tile is its global index, from
+  first_tile, the global index of tile 0) and joins the per-row outputs."""
   groups = sh.num_tiles // tiles
   # Axis 2 holds NQ tiles (lists, tile rows) or NQ * 128 rows; either splits into `groups`.
   split = lambda x: jnp.moveaxis(x.reshape(sh.b, sh.hkv, groups, -1, *x.shape[3:]), 2, 0)
   outs = jax.lax.map(
       lambda a: call(a[0], *(x.reshape(-1) for x in a[1]), *a[2], *shared),
-      (jnp.arange(groups, dtype=jnp.int32)[:, None], [split(x) for x in per_tile_lists],
+      ((first_tile + jnp.arange(groups, dtype=jnp.int32) * tiles)[:, None], [split(x) for x in per_tile_lists],
        [split(x) for x in per_row_inputs]))
   return [jnp.moveaxis(x, 0, 2).reshape(sh.b, sh.hkv, -1, *x.shape[4:]) for x in outs]
 
 
-def _forward_rows(sh: _Shape, q_rows, k_t, v_t, idx_rows, union, count):
+def _forward_rows(sh: _Shape, first_tile, q_rows, k_t, v_t, idx_rows, union, count):
   tiles = _tile_groups(sh, union.shape[-1])
   call = _selection_fwd_call(sh, tiles, union.shape[-1], q_rows.dtype)
-  return _map_tile_groups(sh, call, tiles, [union, count[..., None]], [q_rows, idx_rows], [k_t, v_t])
+  return _map_tile_groups(sh, call, tiles, [union, count[..., None]], [q_rows, idx_rows], [k_t, v_t], first_tile)
 
 
-def selection_forward(q, k, v, block_indices, *, block_size: int, scale=None, options=None):
+def _unions(sh: _Shape, block_indices, q_offset):
+  """(first tile: the global index of query tile 0, union, count)."""
+  first_tile = jnp.asarray(q_offset, jnp.int32) // sh.queries_per_tile
+  union, count = tile_unions(block_indices, block_size=sh.block_size, seq_len=sh.tk,
+                             queries_per_tile=sh.queries_per_tile, first_tile=first_tile)
+  return first_tile, union, count
+
+
+def selection_forward(q, k, v, block_indices, *, block_size: int, scale=None, options=None, q_offset=0):
   """Pallas selection attention forward: (out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] float32),
-  the same numbers as kernels.nsa.selection_attention(impl="xla"). Needs G = HQ/HKV dividing 128,
-  T a multiple of 128/G and of block_size."""
+  the same numbers as kernels.nsa.selection_attention(impl="xla"), for queries at global
+  positions q_offset + [0, T) (a multiple of 128/G) against all keys k, v [B, Tk]. Needs
+  G = HQ/HKV dividing 128, T and Tk multiples of 128/G and of block_size."""
   sh = _shape(q, k, v, block_indices, block_size, scale, options)
-  union, count = tile_unions(block_indices, block_size=block_size, seq_len=sh.t,
-                             queries_per_tile=sh.queries_per_tile)
-  out, lse = _forward_rows(sh, sh.rows(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+  first_tile, union, count = _unions(sh, block_indices, q_offset)
+  out, lse = _forward_rows(sh, first_tile, sh.rows(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                            sh.rows(jnp.repeat(block_indices, sh.group, axis=2)), union, count)
   return sh.unrows(out), from_tile_rows(lse, sh.t)
 
@@ -301,7 +317,7 @@ def _union_grid(sh: _Shape, kernel, tiles, num_union):
 
 
 def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
-  """The pallas_call for one group of `tiles` query tiles: (group id [1], union, count, q rows,
+  """The pallas_call for one group of `tiles` query tiles: (first tile [1], union, count, q rows,
   index rows, k, v) -> (out rows, lse rows)."""
   b, hkv, dk, dv = sh.b, sh.hkv, sh.dk, sh.dv
   grid, kernel, kv_spec, row_map = _union_grid(sh, _selection_fwd_kernel, tiles, num_union)
@@ -435,8 +451,8 @@ def _dkv_windows(block, tile, prefetch_bytes: int):
   return block, tile, window
 
 
-def _selection_dkv_kernel(block_ref, tile_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
-                          dk_in_ref, dv_in_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *,
+def _selection_dkv_kernel(block_ref, tile_ref, first_tile_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref, k_ref,
+                          v_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *,
                           scale, block_size, group, window, grid_shape):
   b, h, p = (pl.program_id(a) for a in range(3))
   _, hkv, _ = grid_shape
@@ -453,8 +469,8 @@ def _selection_dkv_kernel(block_ref, tile_ref, q_ref, idx_ref, do_ref, lse_ref, 
   @pl.when(tile >= 0)
   def _step():
     q = q_ref[...]
-    s = _masked_scores(q, k_ref[...], idx_ref[...], j, tile, scale=scale, block_size=block_size,
-                       group=group)                                                     # [R, l']
+    s = _masked_scores(q, k_ref[...], idx_ref[...], j, first_tile_ref[0] + tile, scale=scale,
+                       block_size=block_size, group=group)                              # [R, l']
     _accumulate_dkv(s, q, do_ref[...], v_ref[...], lse_ref, delta_ref, dk_scratch, dv_scratch, scale)
 
   @pl.when(ends)
@@ -463,20 +479,22 @@ def _selection_dkv_kernel(block_ref, tile_ref, q_ref, idx_ref, do_ref, lse_ref, 
     dv_ref[...] = dv_scratch[...]
 
 
-def _selection_dkv(sh: _Shape, q_rows, idx_rows, do_rows, lse_rows, delta_rows, k_t, v_t, union, count):
-  """dK, dV [B, HKV, T, D] float32 from the pair list, window by window."""
+def _selection_dkv(sh: _Shape, first_tile, q_rows, idx_rows, do_rows, lse_rows, delta_rows, k_t, v_t, union,
+                   count):
+  """dK, dV [B, HKV, Tk, D] float32 from the pair list, window by window (pair tiles are local;
+  first_tile, in scalar prefetch, places them in the sequence)."""
   b, hkv, dk, dv, bs = sh.b, sh.hkv, sh.dk, sh.dv, sh.block_size
-  block, tile, window = _dkv_windows(*block_pairs(union, count, sh.t // bs), sh.options.prefetch_bytes)
+  block, tile, window = _dkv_windows(*block_pairs(union, count, sh.num_blocks), sh.options.prefetch_bytes)
   windows = block.shape[-1] // window
   grid = (b, hkv, window)
   kernel = functools.partial(_selection_dkv_kernel, scale=sh.scale, block_size=bs, group=sh.group,
                              window=window, grid_shape=grid)
   at = lambda bi, h, p: (bi * hkv + h) * window + p
-  kv_map = lambda bi, h, p, block, tile: (bi, h, block[at(bi, h, p)], 0)
-  row_map = lambda bi, h, p, block, tile: (bi, h, jnp.maximum(tile[at(bi, h, p)], 0))
+  kv_map = lambda bi, h, p, block, tile, first: (bi, h, block[at(bi, h, p)], 0)
+  row_map = lambda bi, h, p, block, tile, first: (bi, h, jnp.maximum(tile[at(bi, h, p)], 0))
   kv_spec = lambda width: pl.BlockSpec((None, None, bs, width), kv_map)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=grid,
+      num_scalar_prefetch=3, grid=grid,
       in_specs=[row_spec(row_map, dk), row_spec(row_map, sh.n), row_spec(row_map, dv), tile_row_spec(row_map),
                 tile_row_spec(row_map),
                 kv_spec(dk), kv_spec(dv), kv_spec(dk), kv_spec(dv)],
@@ -485,7 +503,7 @@ def _selection_dkv(sh: _Shape, q_rows, idx_rows, do_rows, lse_rows, delta_rows, 
   call = pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(k_t.shape, jnp.float32), jax.ShapeDtypeStruct(v_t.shape, jnp.float32)],
-      input_output_aliases={9: 0, 10: 1},      # operands counted with the 2 prefetch arrays
+      input_output_aliases={10: 0, 11: 1},     # operands counted with the 3 prefetch arrays
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       cost_estimate=_window_share(_selection_cost(sh, sh.num_tiles, union.shape[-1], kv_passes=5,
                                                   matmul_width=2 * (dk + dv),        # s, dP, dV, dK
@@ -495,8 +513,8 @@ def _selection_dkv(sh: _Shape, q_rows, idx_rows, do_rows, lse_rows, delta_rows, 
   def one_window(carry, lists):
     dk_acc, dv_acc = carry
     blk, til = lists
-    dk_acc, dv_acc = call(blk.reshape(-1), til.reshape(-1), q_rows, idx_rows, do_rows, lse_rows,
-                          delta_rows, k_t, v_t, dk_acc, dv_acc)
+    dk_acc, dv_acc = call(blk.reshape(-1), til.reshape(-1), first_tile.reshape(1), q_rows, idx_rows, do_rows,
+                          lse_rows, delta_rows, k_t, v_t, dk_acc, dv_acc)
     return (dk_acc, dv_acc), None
   split = lambda x: jnp.moveaxis(x.reshape(b, hkv, windows, window), 2, 0)
   (dk_t, dv_t), _ = jax.lax.scan(one_window, (jnp.zeros(k_t.shape, jnp.float32), jnp.zeros(v_t.shape, jnp.float32)),
@@ -504,25 +522,30 @@ def _selection_dkv(sh: _Shape, q_rows, idx_rows, do_rows, lse_rows, delta_rows, 
   return dk_t, dv_t
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def selection_attention(q, k, v, block_indices, block_size: int, scale=None, options=None):
+def selection_attention(q, k, v, block_indices, q_offset, block_size: int, scale=None, options=None):
   """Differentiable Pallas selection attention: out [B,T,HQ,Dv], the contract of
-  kernels.nsa.selection_attention. Forward, dq and dk/dv are Pallas kernels."""
-  return selection_forward(q, k, v, block_indices, block_size=block_size, scale=scale, options=options)[0]
+  kernels.nsa.selection_attention for queries at global positions q_offset + [0, T) (int or
+  traced int32) against all keys k, v [B, Tk]. Forward, dq and dk/dv are Pallas kernels."""
+  return _selection(q, k, v, block_indices, jnp.asarray(q_offset, jnp.int32), block_size, scale, options)
 
 
-def _selection_vjp_fwd(q, k, v, block_indices, block_size, scale, options):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _selection(q, k, v, block_indices, q_offset, block_size, scale, options):
+  return selection_forward(q, k, v, block_indices, block_size=block_size, scale=scale, options=options,
+                           q_offset=q_offset)[0]
+
+
+def _selection_vjp_fwd(q, k, v, block_indices, q_offset, block_size, scale, options):
   sh = _shape(q, k, v, block_indices, block_size, scale, options)
-  union, count = tile_unions(block_indices, block_size=block_size, seq_len=sh.t,
-                             queries_per_tile=sh.queries_per_tile)
+  first_tile, union, count = _unions(sh, block_indices, q_offset)
   k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   idx_rows = sh.rows(jnp.repeat(block_indices, sh.group, axis=2))
-  out_rows, lse_rows = _forward_rows(sh, sh.rows(q), k_t, v_t, idx_rows, union, count)
-  return sh.unrows(out_rows), (q, k, v, block_indices, out_rows, lse_rows, union, count)
+  out_rows, lse_rows = _forward_rows(sh, first_tile, sh.rows(q), k_t, v_t, idx_rows, union, count)
+  return sh.unrows(out_rows), (q, k, v, block_indices, first_tile, out_rows, lse_rows, union, count)
 
 
 def _selection_vjp_bwd(block_size, scale, options, residuals, dout):
-  q, k, v, block_indices, out_rows, lse_rows, union, count = residuals
+  q, k, v, block_indices, first_tile, out_rows, lse_rows, union, count = residuals
   sh = _shape(q, k, v, block_indices, block_size, scale, options)
   k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   q_rows, idx_rows = sh.rows(q), sh.rows(jnp.repeat(block_indices, sh.group, axis=2))
@@ -532,13 +555,14 @@ def _selection_vjp_bwd(block_size, scale, options, residuals, dout):
   tiles = _tile_groups(sh, union.shape[-1])
   dq_rows, = _map_tile_groups(sh, _selection_dq_call(sh, tiles, union.shape[-1], q.dtype), tiles,
                               [union, count[..., None]], [q_rows, idx_rows, do_rows, lse_rows, delta_rows],
-                              [k_t, v_t])
-  dk_t, dv_t = _selection_dkv(sh, q_rows, idx_rows, do_rows, lse_rows, delta_rows, k_t, v_t, union, count)
+                              [k_t, v_t], first_tile)
+  dk_t, dv_t = _selection_dkv(sh, first_tile, q_rows, idx_rows, do_rows, lse_rows, delta_rows, k_t, v_t, union,
+                              count)
   return (sh.unrows(dq_rows), dk_t.transpose(0, 2, 1, 3).astype(k.dtype),
-          dv_t.transpose(0, 2, 1, 3).astype(v.dtype), None)
+          dv_t.transpose(0, 2, 1, 3).astype(v.dtype), None, None)
 
 
-selection_attention.defvjp(_selection_vjp_fwd, _selection_vjp_bwd)
+_selection.defvjp(_selection_vjp_fwd, _selection_vjp_bwd)
 
 
 # ---- traffic model ----

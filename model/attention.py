@@ -32,7 +32,8 @@ class DenseAttention(nn.Module):
                                                       name=name, **kw)
     q = proj("q", (m.n_heads, m.head_dim), ("embed", "heads", "head_dim"))(x_BTE)
     k = proj("k", (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim"))(x_BTE)
-    v = proj("v", (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim"))(x_BTE)
+    v = nn.with_logical_constraint(proj("v", (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim"))(x_BTE),
+                                   ("act_batch", "act_seq", "act_kv_heads", None))
     q = nn.with_logical_constraint(apply_rope(q, positions_BT, m.rope_theta),
                                    ("act_batch", "act_seq", "act_heads", None))
     k = nn.with_logical_constraint(apply_rope(k, positions_BT, m.rope_theta),

@@ -8,14 +8,20 @@ keys rotated at their own positions. Values are never rotated.
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import linen as nn
 
-from kernels import nsa as nsa_kernels, options_from_config
+from kernels import nsa as nsa_kernels, options_from_config, partition
 from model.layers import Projection, apply_rope, param_with_axes
 
 
 class Compress(nn.Module):
-  """phi(x[i*d : i*d + l] + pe): an MLP from l * D to D per compressed token, shared by heads."""
+  """phi(x[i*d : i*d + l] + pe): an MLP from l * D to D per compressed token, shared by heads.
+
+  Under context parallelism x is in the load-balanced layout (kernels/partition.py): the windows
+  read their tokens where the layout put them, and the compressed tokens are split over the
+  context axis (`act_cmp`), so each device runs the MLP on its share only and the attention
+  kernels gather the small [C, H, D] result."""
   block_len: int
   stride: int
   dtype: jnp.dtype
@@ -25,15 +31,23 @@ class Compress(nn.Module):
   def __call__(self, x_BTHD):
     b, t, h, dim = x_BTHD.shape
     c = nsa_kernels.num_compressed(t, self.block_len, self.stride)
+    shards = partition.context_size()
+    padded = -(-c // shards) * shards           # whole shares per device (extra windows are dropped)
     pe = param_with_axes(self, "pos_emb", nn.initializers.normal(0.02), (self.block_len, dim),
                          ("cmp_block", "head_dim"), self.param_dtype)
-    windows = jnp.arange(c)[:, None] * self.stride + jnp.arange(self.block_len)      # [C, l]
+    windows = np.minimum(np.arange(padded)[:, None] * self.stride + np.arange(self.block_len), t - 1)   # [C, l]
+    windows = partition.layout_index(windows, t, shards)
+    # Every device reads the whole sequence (one all-gather over context), each gathers only its
+    # share of the windows.
+    x_BTHD = nn.with_logical_constraint(x_BTHD, ("act_batch", None, "act_kv_heads", None))
     blocks = jnp.take(x_BTHD, windows, axis=1) + pe[:, None, :].astype(x_BTHD.dtype)  # [B,C,l,H,D]
-    blocks = blocks.transpose(0, 1, 3, 2, 4)                                          # [B,C,H,l,D]
+    blocks = nn.with_logical_constraint(blocks.transpose(0, 1, 3, 2, 4),              # [B,C,H,l,D]
+                                        ("act_batch", "act_cmp", "act_kv_heads", None, None))
     hidden = Projection((dim,), ("cmp_block", "head_dim", "cmp_hidden"), self.dtype, self.param_dtype,
                         in_axes=2, name="fc1")(blocks)
-    return Projection((dim,), ("cmp_hidden", "head_dim"), self.dtype, self.param_dtype, name="fc2")(
+    out = Projection((dim,), ("cmp_hidden", "head_dim"), self.dtype, self.param_dtype, name="fc2")(
         nn.silu(hidden))                                                              # [B,C,H,D]
+    return out[:, :c]
 
 
 class NSAAttention(nn.Module):
@@ -54,7 +68,8 @@ class NSAAttention(nn.Module):
     def keys_values(branch):
       suffix = f"_{branch}" if c.separate_kv else ""
       shape, axes = (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim")
-      return proj("k" + suffix, shape, axes)(x_BTE), proj("v" + suffix, shape, axes)(x_BTE)
+      local = lambda x: nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_kv_heads", None))
+      return local(proj("k" + suffix, shape, axes)(x_BTE)), local(proj("v" + suffix, shape, axes)(x_BTE))
 
     kv = {branch: keys_values(branch) for branch in (("cmp", "slc", "win") if c.separate_kv else ("all",))}
     k_raw, v_raw = kv.get("cmp", kv.get("all"))

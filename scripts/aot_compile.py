@@ -93,10 +93,10 @@ def make_mesh(config, devices, num_slices: int):
   if num_slices == 1:
     return sharding.make_mesh(config.mesh, devices=devices)
   sizes = sharding.mesh_shape(config.mesh, len(devices))
-  per_slice = [sizes["data"] // num_slices, sizes["fsdp"], sizes["tensor"]]
-  grid = mesh_utils.create_hybrid_device_mesh(per_slice, [num_slices, 1, 1], devices)
+  per_slice = [sizes["data"] // num_slices, sizes["fsdp"], sizes["context"], sizes["tensor"]]
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, [num_slices, 1, 1, 1], devices)
   slice_of = np.vectorize(lambda d: d.slice_index)(grid)
-  assert (slice_of == (np.arange(sizes["data"]) // per_slice[0])[:, None, None]).all(), slice_of
+  assert (slice_of == (np.arange(sizes["data"]) // per_slice[0])[:, None, None, None]).all(), slice_of
   return Mesh(grid, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
 
 

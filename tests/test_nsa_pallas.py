@@ -94,7 +94,7 @@ def test_selection_gradients_with_split_prefetch_windows():
   options = KernelOptions(prefetch_bytes=256)
   q, k, v, idx = _inputs(2, 128, 4, 2, 32, 16, 16, 3, jnp.float32, seed=4)
   loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) ** 2)
-  got = jax.grad(loss(lambda q, k, v: nsa_pallas.selection_attention(q, k, v, idx, 16, None, options)),
+  got = jax.grad(loss(lambda q, k, v: nsa_pallas.selection_attention(q, k, v, idx, 0, 16, None, options)),
                  argnums=(0, 1, 2))(q, k, v)
   ref = jax.grad(loss(lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=16, impl="xla")),
                  argnums=(0, 1, 2))(q, k, v)

@@ -3,6 +3,8 @@
 Model code names logical axes only; this file alone knows the mesh. Axes:
   data   - pure data parallelism (replicated parameters; across slices/DCN on pods)
   fsdp   - data parallelism with parameters and optimizer state sharded (ZeRO-3)
+  context - context parallelism: one sequence split over devices (load-balanced layout and
+           per-device attention: kernels/partition.py)
   tensor - tensor parallelism over heads / MLP hidden / vocab (Megatron-style)
 """
 import jax
@@ -10,7 +12,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 LOGICAL_AXIS_RULES = (
     # parameters
@@ -29,7 +31,8 @@ LOGICAL_AXIS_RULES = (
     ("index_head_dim", None),
     # activations
     ("act_batch", ("data", "fsdp")),
-    ("act_seq", None),
+    ("act_seq", "context"),
+    ("act_cmp", "context"),      # NSA's compressed tokens, computed where they are (model/nsa.py)
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from kernels import partition
 from model import transformer
 from model.attention import ATTENTION_KINDS
 from trainer import optim, sharding
@@ -69,9 +70,25 @@ def _by_name(collection) -> dict:
   return {name: jnp.concatenate(v).mean() for name, v in values.items()}
 
 
+def to_layout(batch: dict) -> dict:
+  """Under context parallelism, the batch's [B, T] fields in the load-balanced sequence layout
+  (kernels/partition.py: device i holds chunks i and 2cp-1-i), positions made explicit. Every
+  field moves alike, so each token keeps its target, weight, position and segment, and the mean
+  loss is the same (summed in another order)."""
+  shards = partition.context_size()
+  if shards == 1:
+    return batch
+  batch = dict(batch)
+  if batch.get("positions") is None:
+    batch["positions"] = jnp.broadcast_to(jnp.arange(batch["inputs"].shape[1], dtype=jnp.int32),
+                                          batch["inputs"].shape)
+  return {name: partition.to_layout(x, 1, shards) for name, x in batch.items()}
+
+
 def batch_loss(model, params, batch, collections=()):
   """(objective, metrics): next-token cross-entropy ("loss") plus every term the layers sowed into
   "aux_loss"; metrics also hold the layers' "metrics" and any other `collections` asked for."""
+  batch = to_layout(batch)
   logits, sown = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
                              batch.get("segment_ids"), mutable=["aux_loss", "metrics", *collections])
   loss = cross_entropy(logits, batch["targets"], batch.get("weights"))

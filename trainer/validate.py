@@ -1,6 +1,7 @@
 """Check a config once at start-up; a bad value stops the run with one line that names the field,
 the value and what is allowed (train.py turns ConfigError into exit code 2, no traceback)."""
 import dataclasses
+import math
 import os
 import uuid
 
@@ -139,16 +140,21 @@ def _validate_nsa(config) -> None:
 _KERNEL_DIMS = {"seq_len": "seq_len", "n_heads": "model.n_heads"}
 
 
-def _kernel_shapes(config) -> None:
-  """The Pallas kernels' shape rules, from kernels/ (their check_supported), for this config."""
+def _kernel_shapes(config, context: int = 1) -> None:
+  """The Pallas kernels' shape rules, from kernels/ (their check_supported), for this config: on
+  each device's query chunks of seq_len / (2 x context) under context parallelism."""
   m, kind = config.model, config.attention.kind
+  seq_len = config.seq_len if context == 1 else config.seq_len // (2 * context)
   try:
     if kind in ("dense", "mla"):
-      dense.check_supported(seq_len=config.seq_len)
+      dense.check_supported(seq_len=seq_len)
     elif kind == "nsa":
-      nsa_kernels.check_supported(seq_len=config.seq_len, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+      nsa_kernels.check_supported(seq_len=seq_len, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
                                   slc_block=config.nsa.slc_block)
   except kernels.Unsupported as e:
+    if context > 1 and e.dim == "seq_len":
+      raise ConfigError("mesh.context", context, f"the query chunks seq_len / (2 x mesh.context) = {seq_len}: "
+                        f"{e.allowed} ({kind} attention on Pallas kernels)") from None
     raise ConfigError(_KERNEL_DIMS[e.dim], e.value, f"{e.allowed} ({kind} attention on Pallas kernels)") from None
 
 
@@ -183,7 +189,7 @@ def _validate_mesh(config, num_devices: int) -> None:
   if sum(s == -1 for s in raw.values()) > 1:
     raise ConfigError("mesh", dict(raw), "at most one axis may be -1")
   sizes = mesh_shape(config.mesh, num_devices)
-  if any(s == -1 for s in sizes.values()) or sizes["data"] * sizes["fsdp"] * sizes["tensor"] != num_devices:
+  if any(s == -1 for s in sizes.values()) or math.prod(sizes.values()) != num_devices:
     raise ConfigError("mesh", dict(raw), f"the axis sizes must multiply to the {num_devices} devices")
   for axis, fields in SHARDED_DIMS.items():
     for f in fields:
@@ -193,6 +199,22 @@ def _validate_mesh(config, num_devices: int) -> None:
   if config.batch_size % data_parallel:
     raise ConfigError("batch_size", config.batch_size,
                       f"must be divisible by mesh.data x mesh.fsdp = {data_parallel}")
+  if sizes["context"] > 1:
+    _validate_context(config, sizes["context"])
+
+
+def _validate_context(config, context: int) -> None:
+  """Context parallelism: the sequence splits into 2 x context chunks (the load-balanced layout),
+  and each chunk must hold whole blocks of what the attention kind tiles."""
+  if config.seq_len % (2 * context):
+    raise ConfigError("seq_len", config.seq_len, f"must be divisible by 2 x mesh.context = {2 * context} "
+                      "(context parallelism splits the sequence into 2 x context chunks)")
+  chunk = config.seq_len // (2 * context)
+  if config.attention.kind == "nsa" and chunk % config.nsa.slc_block:
+    raise ConfigError("mesh.context", context, f"seq_len / (2 x mesh.context) = {chunk} must be a multiple of "
+                      f"nsa.slc_block={config.nsa.slc_block} (each chunk holds whole selection blocks)")
+  if resolve_impl(config.attention.impl, options_from_config(config)) == "pallas":
+    _kernel_shapes(config, context)
 
 
 def validate_workdir(workdir: str) -> None:
