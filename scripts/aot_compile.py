@@ -36,9 +36,10 @@ _NUM_SLICES = flags.DEFINE_integer("num-slices", 1, "slices connected over DCN")
 _SEQ_LENS = flags.DEFINE_list("seq-lens", [], "sequence lengths to compile (default: the config's seq_len)")
 _SCALE = flags.DEFINE_boolean("scale-layers", True, "compile 2 unrolled layers to count XLA's cost per layer")
 
-# Per chip: HBM GiB, peak dense bf16 TFLOP/s, HBM TB/s. Source: the Cloud TPU docs' system
-# architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
-CHIPS = {"v4": (32, 275, 1.2), "v5e": (16, 197, 0.82), "v5p": (95, 459, 2.76), "v6e": (32, 918, 1.64)}
+# Per chip: HBM GiB, peak dense bf16 TFLOP/s, HBM TB/s, bidirectional ICI GB/s. Source: the Cloud
+# TPU docs' system architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
+CHIPS = {"v4": (32, 275, 1.2, 300), "v5e": (16, 197, 0.82, 400), "v5p": (95, 459, 2.76, 1200),
+         "v6e": (32, 918, 1.64, 800)}
 ALIASES = {"v5litepod": "v5e", "v5": "v5p"}
 ALLOWED = ("v4-N or v5p-N (N TensorCores: 8, 16, 32, ...), v5litepod-N, v5e-N or v6e-N (N chips: 1, 4, 8, "
            "..., 256), or a topology such as v5p:2x4x4 or v5e:2x2")
@@ -48,7 +49,7 @@ GIB = 2 ** 30
 class Topology:
   def __init__(self, chip: str, dims: list[int]):
     self.chip, self.dims, self.name = chip, dims, f"{chip}:{'x'.join(map(str, dims))}"
-    self.hbm_gib, self.peak_tflops, self.hbm_tbs = CHIPS[chip]
+    self.hbm_gib, self.peak_tflops, self.hbm_tbs, self.ici_gbs = CHIPS[chip]
 
 
 def parse_topology(name: str) -> Topology | None:
@@ -145,6 +146,29 @@ def xla_cost(config, mesh, compiled, scale: bool):
   return flops, nbytes, f"scaled to {m.n_layers} layers"
 
 
+def context_gathers(hlo: str, seq_sizes: set, shards: int) -> tuple[float, float]:
+  """(forward, backward) bytes one chip receives per layer from the all-gathers over the sequence
+  inside the scanned layer's body (context parallelism: the gathered keys), from the compiled HLO:
+  each all-gather whose gathered dimension has a sequence size, (shards-1)/shards of its output."""
+  sizes = {"bf16": 2, "f32": 4, "s32": 4, "f16": 2, "u32": 4, "s8": 1, "pred": 1}
+  forward = backward = 0.0
+  for line in hlo.splitlines():
+    if " all-gather(" not in line or "/layers/" not in line:
+      continue
+    shape, dims = re.search(r"= (\w+)\[([\d,]*)\]", line), re.search(r"dimensions=\{(\d+)\}", line)
+    if not (shape and dims and shape[1] in sizes):
+      continue
+    dims_list = [int(d) for d in shape[2].split(",") if d]
+    if dims_list[int(dims[1])] not in seq_sizes:
+      continue
+    received = math.prod(dims_list) * sizes[shape[1]] * (shards - 1) / shards
+    if "transpose(" in line:
+      backward += received
+    else:
+      forward += received
+  return forward, backward
+
+
 def compile_row(config, mesh, topo: Topology, scale: bool) -> dict:
   from model import transformer
   m, chips, tokens = config.model, mesh.size, config.batch_size * config.seq_len
@@ -177,6 +201,20 @@ def compile_row(config, mesh, topo: Topology, scale: bool) -> dict:
     print(f"  compiled in {time.time() - start:.0f} s; HBM per chip {r['total']:.2f} GiB = "
           + " + ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items()).replace("+ aliased -", "- aliased "),
           flush=True)
+    shards = mesh.shape["context"]
+    if shards > 1:
+      from kernels import nsa
+      c = nsa.num_compressed(config.seq_len, config.nsa.cmp_block, config.nsa.cmp_stride)
+      fwd, bwd = context_gathers(compiled.as_text(), {config.seq_len, -(-c // shards) * shards}, shards)
+      from model.attention import ATTENTION_KINDS
+      attention = ATTENTION_KINDS[config.attention.kind].flops_per_token(config) * tokens / chips
+      r.update(gather_mb=fwd / 1e6, gather_bwd_mb=bwd / 1e6, gather_ms=fwd / (topo.ici_gbs * 1e9) * 1e3,
+               attention_ms=attention / (topo.peak_tflops * 1e12) * 1e3)
+      print(f"  context={shards}: per layer and chip the forward all-gathers bring {r['gather_mb']:.1f} MB "
+            f"({r['gather_ms']:.2f} ms at {topo.ici_gbs} GB/s ICI), the backward's {r['gather_bwd_mb']:.1f} MB; "
+            f"the layer's attention forward is {attention:.3g} FLOPs ({r['attention_ms']:.2f} ms at peak): "
+            f"{'compute-bound (the gather can hide under it)' if r['gather_ms'] < r['attention_ms'] else 'communication-bound'}",
+            flush=True)
     flops, nbytes, r["how"] = xla_cost(config, mesh, compiled, scale)
     r["xla"], r["xla_bytes"] = flops * chips + r["splash"], nbytes * chips
   peak, bandwidth = chips * topo.peak_tflops * 1e12, chips * topo.hbm_tbs * 1e12
@@ -228,7 +266,10 @@ def main(config, topology: str, num_slices: int, seq_lens, scale: bool) -> int:
         "+ the splash kernels' attention\n  FLOPs, analytical: they carry no estimate), how = which layers it "
         "counts (a while loop's body counts once;\n  chunk loops inside a layer still count once).\n"
         "roofline: step >= max(executed FLOPs / (chips x peak), XLA bytes / (chips x HBM bandwidth)); "
-        "MFU <= model FLOPs / (step x chips x peak)")
+        "MFU <= model FLOPs / (step x chips x peak)\n"
+        "context all-gather: what one chip receives per layer in the forward (keys gathered over mesh.context, "
+        "from the compiled HLO)\n  and its time at the chip's ICI bandwidth, against the layer's attention "
+        "forward FLOPs per chip at peak")
   print(f"{'seq_len':>8} {'GiB/chip':>9} {'fits':>4} {'model':>9} {'executed':>9} {'XLA':>10} {'XLA bytes':>9} "
         f"{'how':>21} {'compute s':>9} {'memory s':>9} {'step >= s':>9} {'MFU <=':>6}")
   g = lambda x: "-" if math.isnan(x) else f"{x:.3g}"
@@ -236,7 +277,9 @@ def main(config, topology: str, num_slices: int, seq_lens, scale: bool) -> int:
     xla = g(r["xla"]) + ("*" if r["splash"] and not math.isnan(r["xla"]) else "")
     print(f"{r['seq_len']:>8} {r['total']:>9.2f} {'yes' if r['total'] <= topo.hbm_gib else 'no':>4} "
           f"{g(r['model']):>9} {g(r['executed']):>9} {xla:>10} {g(r['xla_bytes']):>9} {r['how']:>21} "
-          f"{g(r['compute_s']):>9} {g(r['memory_s']):>9} {g(r['step_s']):>9} {r['mfu']:>6.1%}")
+          f"{g(r['compute_s']):>9} {g(r['memory_s']):>9} {g(r['step_s']):>9} {r['mfu']:>6.1%}"
+          + (f"  context all-gather/layer {r['gather_mb']:.1f} MB = {r['gather_ms']:.2f} ms vs attention "
+             f"{r['attention_ms']:.2f} ms" if "gather_mb" in r else ""))
   worst = max((r["total"] for r in rows), key=lambda gib: math.inf if math.isnan(gib) else gib)
   fits = all(r["total"] <= topo.hbm_gib for r in rows)   # nan (an out-of-memory message not understood): no
   name = config_flags.get_config_filename(flags.FLAGS["config"])

@@ -39,7 +39,7 @@ def test_small_dense_model_fits_a_v5e_slice():
   result = aot("--topology", "v5e:2x2", "--seq-lens", "256,512", overrides={"data.source": "/nonexistent/prepared"})
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
-  assert "mesh: data=1, fsdp=4, tensor=1" in out
+  assert "mesh: data=1, fsdp=4, context=1, tensor=1" in out
   assert re.search(r"HBM per chip [\d.]+ GiB = arguments", out), out
   assert re.search(r"\(3 Pallas kernel calls\)", out), out      # splash forward, dq, dK/dV
   rows = [line.split() for line in out.splitlines() if re.match(r"\s+(256|512) ", line)]
@@ -63,7 +63,7 @@ def test_a_batch_too_big_for_hbm_does_not_fit():
 def test_multislice_data_axis_spans_the_slices():
   result = aot("--topology", "v5e-4", "--num-slices", "2", "--noscale-layers", overrides={"batch_size": 16})
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "v5e:2x2 x 2 slice(s) = 8 chips" in result.stdout and "mesh: data=2, fsdp=4, tensor=1" in result.stdout
+  assert "v5e:2x2 x 2 slice(s) = 8 chips" in result.stdout and "mesh: data=2, fsdp=4, context=1, tensor=1" in result.stdout
   assert "1 layer body" in result.stdout
 
 
@@ -78,3 +78,22 @@ def test_bad_arguments_exit_2_naming_them(args, message):
   result = aot(*args)
   assert result.returncode == 2, result.stderr[-3000:]
   assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_nsa_with_a_context_axis_reports_its_all_gathers():
+  """NSA on Pallas with context=2 x fsdp=2 on v5p:2x2x1 (seq 512: query chunks of 128): it fits, and
+  per layer each chip receives the other half of the keys it gathers: at least K and V for the
+  selection and window kernels (bf16 [B/2, T/2, HKV, D] each), at most 3x that with the compressed
+  branch's inputs and outputs."""
+  nsa = {"attention.kind": "nsa", "nsa.cmp_block": 16, "nsa.cmp_stride": 8, "nsa.slc_block": 32,
+         "nsa.num_selected": 3, "nsa.window": 32}
+  result = aot("--topology", "v5p:2x2x1", "--noscale-layers",
+               overrides={**nsa, "seq_len": 512, "mesh.context": 2, "mesh.fsdp": 2, "attention.impl": "pallas"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "mesh: data=1, fsdp=2, context=2, tensor=1" in out
+  mb = float(re.search(r"context=2: per layer and chip the forward all-gathers bring ([\d.]+) MB", out)[1])
+  kv = 2 * (SMALL["batch_size"] // 2) * (512 // 2) * SMALL["model.n_kv_heads"] * SMALL["model.head_dim"] * 2 / 1e6
+  assert kv <= mb <= 3 * kv, (mb, kv, out)
+  assert re.search(r"context all-gather/layer [\d.]+ MB = [\d.]+ ms vs attention [\d.]+ ms", out), out

@@ -49,7 +49,7 @@ SHARDED_DIMS = {
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   """Axis sizes with the (at most one) -1 filled from the devices left over."""
-  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+  sizes = {a: int(mesh_config.get(a, 1)) for a in MESH_AXES}   # a config without an axis: 1
   known = int(np.prod([s for s in sizes.values() if s != -1]))
   for a, s in sizes.items():
     if s == -1:
