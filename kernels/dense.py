@@ -63,14 +63,17 @@ def local_attention(q, k, v, q_segments, kv_segments, *, q_offset, scale, window
   if tq == tk and isinstance(q_offset, int) and q_offset == 0:
     return _splash_attention(q, k, v, q_segments, kv_segments, scale=scale, mask=_mask(tq, tk, window),
                              interpret=interpret)
-  # A query chunk at a traced offset: give splash a key range whose mask relative to the chunk is
-  # static. Keys before position 0 are padding, masked out by segment id -1.
-  span = tk - tq if window is None else -(-(window - 1) // TILE) * TILE    # keys before the chunk
+  # A query chunk at a traced offset (context parallelism): give splash the `span` keys before the
+  # chunk and the chunk's own, so that the mask relative to the chunk is static. Keys before
+  # position 0 are padding, masked out by segment id -1.
+  #   window: a halo of >= window - 1 keys, in whole blocks of the chunk's block size (fewer,
+  #           larger blocks for splash's mask bookkeeping).
+  #   causal: the keys [q_offset + tq - tk, q_offset + tq); the padding among them (tk - tq -
+  #           q_offset keys) is still computed, as splash's block mask is static: up to ~2x the
+  #           causal work of dense attention under context parallelism.
+  span = tk - tq if window is None else -(-(window - 1) // _block(tq)) * _block(tq)
   pad = lambda x, value: jnp.pad(x, [(0, 0), (span, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
   take = lambda x: jax.lax.dynamic_slice_in_dim(x, q_offset, span + tq, axis=1)
-  # Causal: the keys [q_offset + tq - tk, q_offset + tq); the ones before 0 (tk - tq - q_offset of
-  # them) are padding that splash still computes (its block mask is static): up to ~2x the causal
-  # work of dense under context parallelism. The window reads only its halo of `window` keys.
   return _splash_attention(q, take(pad(k, 0)), take(pad(v, 0)), q_segments, take(pad(kv_segments, -1)),
                            scale=scale, mask=_mask(tq, span + tq, window, offset=span), interpret=interpret)
 

@@ -146,27 +146,31 @@ def xla_cost(config, mesh, compiled, scale: bool):
   return flops, nbytes, f"scaled to {m.n_layers} layers"
 
 
-def context_gathers(hlo: str, seq_sizes: set, shards: int) -> tuple[float, float]:
+def context_gathers(hlo: str, seq_sizes: set, shards: int) -> tuple[float, float, list]:
   """(forward, backward) bytes one chip receives per layer from the all-gathers over the sequence
-  inside the scanned layer's body (context parallelism: the gathered keys), from the compiled HLO:
-  each all-gather whose gathered dimension has a sequence size, (shards-1)/shards of its output."""
+  inside the scanned layer's body (context parallelism: the gathered keys), from the compiled HLO,
+  and the gathered shapes: each all-gather whose gathered dimension is a sequence (a sequence size,
+  or `shards` x the next dimension's T/shards), (shards-1)/shards of its output."""
   sizes = {"bf16": 2, "f32": 4, "s32": 4, "f16": 2, "u32": 4, "s8": 1, "pred": 1}
   forward = backward = 0.0
+  shapes = []
   for line in hlo.splitlines():
     if " all-gather(" not in line or "/layers/" not in line:
       continue
     shape, dims = re.search(r"= (\w+)\[([\d,]*)\]", line), re.search(r"dimensions=\{(\d+)\}", line)
     if not (shape and dims and shape[1] in sizes):
       continue
-    dims_list = [int(d) for d in shape[2].split(",") if d]
-    if dims_list[int(dims[1])] not in seq_sizes:
+    dims_list, g = [int(d) for d in shape[2].split(",") if d], int(dims[1])
+    split = dims_list[g] == shards and g + 1 < len(dims_list) and shards * dims_list[g + 1] in seq_sizes
+    if dims_list[g] not in seq_sizes and not split:
       continue
     received = math.prod(dims_list) * sizes[shape[1]] * (shards - 1) / shards
+    shapes.append(f"{shape[1]}[{shape[2]}]")
     if "transpose(" in line:
       backward += received
     else:
       forward += received
-  return forward, backward
+  return forward, backward, shapes
 
 
 def compile_row(config, mesh, topo: Topology, scale: bool) -> dict:
@@ -205,7 +209,8 @@ def compile_row(config, mesh, topo: Topology, scale: bool) -> dict:
     if shards > 1:
       from kernels import nsa
       c = nsa.num_compressed(config.seq_len, config.nsa.cmp_block, config.nsa.cmp_stride)
-      fwd, bwd = context_gathers(compiled.as_text(), {config.seq_len, -(-c // shards) * shards}, shards)
+      fwd, bwd, shapes = context_gathers(compiled.as_text(), {config.seq_len, -(-c // shards) * shards}, shards)
+      print(f"  gathered over context per layer: {', '.join(shapes) or 'none found'}")
       from model.attention import ATTENTION_KINDS
       attention = ATTENTION_KINDS[config.attention.kind].flops_per_token(config) * tokens / chips
       r.update(gather_mb=fwd / 1e6, gather_bwd_mb=bwd / 1e6, gather_ms=fwd / (topo.ici_gbs * 1e9) * 1e3,

@@ -10,7 +10,7 @@ import pytest
 
 from configs import ConfigError
 from conftest import read_metrics, run_train, small_config
-from kernels import KernelOptions, dsa, nsa, partition
+from kernels import KernelOptions, dense, dsa, nsa, partition
 from test_model import NSA_SMALL
 from trainer import steps, validate
 
@@ -117,6 +117,20 @@ def test_nsa_functions_on_a_chunk_at_its_offset(pallas, offset):
   _compare_chunk(lambda q, k, v: nsa.window_attention(q, k, v, window=48, impl=impl, **common),
                  functools.partial(nsa.window_local, window=48, pallas=pallas, **common), [q], [k, v], offset,
                  rtol=1e-4)
+
+
+@pytest.mark.parametrize("pallas", [False, True], ids=["xla", "splash"])
+def test_dense_attention_on_a_chunk_at_its_offset(pallas):
+  """Causal GQA attention with two packed documents: a chunk at 256 against all keys (splash:
+  the padded key range of a traced offset) equals the full call's rows, outputs and gradients."""
+  q, k, v, _, _ = _nsa_inputs(seed=3)
+  segments = jnp.where(jnp.arange(T) < 300, 1, 2)[None]
+  impl = "pallas" if pallas else "xla"
+  _compare_chunk(lambda q, seg, k, v, kv_seg: dense.attention(q, k, v, segment_ids=seg, scale=0.2, impl=impl),
+                 lambda q, seg, k, v, kv_seg, q_offset: dense.local_attention(
+                     q, k, v, seg, kv_seg, q_offset=q_offset, scale=0.2, window=None, pallas=pallas,
+                     options=KernelOptions()),
+                 [q, segments], [k, v, segments], 256, rtol=1e-4)
 
 
 @pytest.mark.parametrize("offset", OFFSETS)

@@ -10,6 +10,7 @@ Model code names logical axes only; this file alone knows the mesh. Axes:
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
@@ -60,9 +61,13 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
 def make_mesh(mesh_config, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(mesh_config, len(devices))
+  shape, types = tuple(sizes[a] for a in MESH_AXES), (AxisType.Auto,) * len(MESH_AXES)
   # Auto axes: XLA's partitioner propagates shardings from the constraints the model states.
-  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices,
-                       axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  try:
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=types)
+  except NotImplementedError:   # e.g. fsdp 8 x context 8 on a 4x4x4 torus: an axis spans part of a physical one
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh):

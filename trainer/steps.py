@@ -40,7 +40,11 @@ def _unbox_masked(opt_state):
 
 def state_shardings(config, model, tx, mesh):
   """(abstract unboxed TrainState with shardings attached, the matching NamedSharding pytree)."""
-  boxed = jax.eval_shape(_init_fn(config, model, tx), jax.random.key(0))
+  # Traced under the mesh as init_state and the steps are: the attention takes the same per-device
+  # path (under context parallelism, the kernels of a sequence chunk, not of the whole sequence).
+  key = jax.random.key(0)      # made outside: the mesh may be an ahead-of-time topology's
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    boxed = jax.eval_shape(_init_fn(config, model, tx), key)
   shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
