@@ -2,7 +2,8 @@
 from configs import base
 
 
-def get_config():
+def get_config(attention: str = ""):
+  """attention=dsa (`--config configs/1b.py:dsa`): DSA with DeepSeek-V3.2's MLA and indexer shapes."""
   c = base.get_config()
   c.steps = 100_000
   c.batch_size = 256
@@ -13,4 +14,8 @@ def get_config():
                  mlp_dim=5632, remat="full")
   c.optimizer.update(lr=3e-4, warmup_steps=2000)
   c.data.tokenizer = ""
+  if attention == "dsa":
+    base.use_v32_attention(c, q_lora_rank=768, index_heads=16)
+  elif attention:
+    raise ValueError(f"configs/1b.py:{attention}: the argument may be dsa")
   return c

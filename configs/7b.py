@@ -3,7 +3,8 @@ slice (FSDP x tensor)."""
 from configs import base
 
 
-def get_config():
+def get_config(attention: str = ""):
+  """attention=dsa (`--config configs/7b.py:dsa`): DSA with DeepSeek-V3.2's MLA and indexer shapes."""
   c = base.get_config()
   c.steps = 200_000
   c.batch_size = 512
@@ -14,4 +15,8 @@ def get_config():
                  mlp_dim=14336, remat="full")
   c.optimizer.update(lr=3e-4, warmup_steps=2000)
   c.data.tokenizer = ""
+  if attention == "dsa":
+    base.use_v32_attention(c, q_lora_rank=1536, index_heads=32)
+  elif attention:
+    raise ValueError(f"configs/7b.py:{attention}: the argument may be dsa")
   return c

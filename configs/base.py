@@ -118,3 +118,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.wandb.project = "sparse-attention-pretraining"
   c.wandb.name = ""
   return c
+
+
+def use_v32_attention(c, *, q_lora_rank: int, index_heads: int) -> ml_collections.ConfigDict:
+  """attention.kind = dsa with DeepSeek-V3.2's attention shapes (kv_lora 512 + rope 64: the
+  576-wide latent row; heads of nope 128 + rope 64, v 128; indexer heads of 128, top-2048) at
+  the given query rank and indexer width, for the pod presets (`configs/1b.py:dsa`)."""
+  c.attention.kind = "dsa"
+  c.mla.update(q_lora_rank=q_lora_rank, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128)
+  c.dsa.update(index_heads=index_heads, index_head_dim=128, index_topk=2048)
+  return c

@@ -21,9 +21,8 @@ def get_config(stage: str = "sparse"):
   c.checkpoint_every = 500
   c.model.update(vocab_size=129_280, d_model=7168, n_layers=24, n_heads=128, n_kv_heads=128,
                  head_dim=192, mlp_dim=18_432, remat="full")
-  c.attention.kind = "dsa"
-  c.mla.update(q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128)
-  c.dsa.update(stage=stage, index_heads=64, index_head_dim=128, index_topk=2048)
+  base.use_v32_attention(c, q_lora_rank=1536, index_heads=64)
+  c.dsa.stage = stage
   c.mesh.update(data=1, fsdp=-1, tensor=8)
   c.optimizer.update(lr=1e-3 if warmup else 7.3e-6, warmup_steps=100)
   c.data.tokenizer = ""
