@@ -146,11 +146,13 @@ def xla_cost(config, mesh, compiled, scale: bool):
   return flops, nbytes, f"scaled to {m.n_layers} layers"
 
 
-def context_gathers(hlo: str, seq_sizes: set, shards: int) -> tuple[float, float, list]:
+def context_gathers(hlo: str, seq_sizes: set, widths: set, shards: int) -> tuple[float, float, list]:
   """(forward, backward) bytes one chip receives per layer from the all-gathers over the sequence
   inside the scanned layer's body (context parallelism: the gathered keys), from the compiled HLO,
-  and the gathered shapes: each all-gather whose gathered dimension is a sequence (a sequence size,
-  or `shards` x the next dimension's T/shards), (shards-1)/shards of its output."""
+  and the gathered shapes: each all-gather of a key-side tensor (last dimension in `widths`) whose
+  gathered dimension is a sequence (a sequence size, or `shards` x the next dimension's
+  T/shards), (shards-1)/shards of its output. (The widths keep out parameters' fsdp gathers
+  whose dimension happens to equal a sequence size.)"""
   sizes = {"bf16": 2, "f32": 4, "s32": 4, "f16": 2, "u32": 4, "s8": 1, "pred": 1}
   forward = backward = 0.0
   shapes = []
@@ -162,7 +164,7 @@ def context_gathers(hlo: str, seq_sizes: set, shards: int) -> tuple[float, float
       continue
     dims_list, g = [int(d) for d in shape[2].split(",") if d], int(dims[1])
     split = dims_list[g] == shards and g + 1 < len(dims_list) and shards * dims_list[g + 1] in seq_sizes
-    if dims_list[g] not in seq_sizes and not split:
+    if (dims_list[g] not in seq_sizes and not split) or dims_list[-1] not in widths:
       continue
     received = math.prod(dims_list) * sizes[shape[1]] * (shards - 1) / shards
     shapes.append(f"{shape[1]}[{shape[2]}]")
@@ -208,8 +210,15 @@ def compile_row(config, mesh, topo: Topology, scale: bool) -> dict:
     shards = mesh.shape["context"]
     if shards > 1:
       from kernels import nsa
-      c = nsa.num_compressed(config.seq_len, config.nsa.cmp_block, config.nsa.cmp_stride)
-      fwd, bwd, shapes = context_gathers(compiled.as_text(), {config.seq_len, -(-c // shards) * shards}, shards)
+      seq_sizes, widths = {config.seq_len}, {m.head_dim}
+      if config.attention.kind == "nsa":            # the compressed K/V, split over context
+        seq_sizes.add(-(-nsa.num_compressed(config.seq_len, config.nsa.cmp_block, config.nsa.cmp_stride) // shards)
+                      * shards)
+      if config.attention.kind in ("mla", "dsa"):    # indexer keys, latent rows; MHA-form heads
+        a = config.mla
+        widths = {config.dsa.index_head_dim, a.kv_lora_rank + a.qk_rope_dim, a.qk_nope_dim + a.qk_rope_dim,
+                  a.v_head_dim}
+      fwd, bwd, shapes = context_gathers(compiled.as_text(), seq_sizes, widths, shards)
       print(f"  gathered over context per layer: {', '.join(shapes) or 'none found'}")
       from model.attention import ATTENTION_KINDS
       attention = ATTENTION_KINDS[config.attention.kind].flops_per_token(config) * tokens / chips
