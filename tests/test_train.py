@@ -89,7 +89,7 @@ def test_eight_sharded_devices_match_one(tmp_path):
   eight = run_train(tmp_path / "eight", {"steps": 5, "mesh.fsdp": 4, "mesh.tensor": 2}, devices=8)
   assert one.returncode == 0, one.stderr
   assert eight.returncode == 0, eight.stderr
-  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in eight.stderr
+  assert "mesh {'data': 1, 'fsdp': 4, 'context': 1, 'tensor': 2}" in eight.stderr
   np.testing.assert_allclose(_losses(tmp_path / "eight", steps), _losses(tmp_path / "one", steps),
                              rtol=2e-3)
 
