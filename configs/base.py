@@ -48,7 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.attention.impl = "auto"         # xla | pallas | auto (pallas on TPU, xla elsewhere)
 
   # How the kernels run (kernels.KernelOptions): kernels.pallas_mode = auto (compiled on a TPU,
-  # TPU interpret mode elsewhere) | compiled (ahead-of-time for TPU from any host) | interpret;
+  # TPU interpret mode elsewhere) | compiled (ahead-of-time for TPU from any host) | interpret
+  # (Pallas's plain interpreter: the same numbers, ~100x faster than TPU interpret mode on CPU);
   # the chunk and tile sizes of the XLA references and Pallas kernels.
   c.kernels = ml_collections.ConfigDict(dataclasses.asdict(KernelOptions()))
 

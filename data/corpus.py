@@ -3,6 +3,7 @@
 The embedded corpus needs nothing downloaded: every Python install ships its standard library,
 ~670 real, long source files (~11 MB) once the test suites and IDLE are left out.
 """
+import functools
 import glob
 import os
 import sysconfig
@@ -14,11 +15,12 @@ HOLDOUT_EVERY = 50
 _SKIP_PARTS = ("site-packages", "dist-packages", "/test/", "/tests/", "/idlelib/", "/lib2to3/tests/")
 
 
-def embedded_paths() -> list[str]:
+@functools.cache     # a recursive glob of the stdlib: ~1 s, and each split asks for it
+def embedded_paths() -> tuple[str, ...]:
   """The standard library's .py files, sorted, tests left out (they are repetitive)."""
   root = sysconfig.get_paths()["stdlib"]
   paths = glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-  return sorted(p for p in paths if not any(s in p for s in _SKIP_PARTS))
+  return tuple(sorted(p for p in paths if not any(s in p for s in _SKIP_PARTS)))
 
 
 def split_of(path: str) -> str:

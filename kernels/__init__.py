@@ -2,8 +2,10 @@
 
 Every public function takes `impl = "xla" | "pallas" | "auto"` and `options` (a KernelOptions):
 `auto` is Pallas when the kernels target a TPU and XLA elsewhere. On a CPU, `impl="pallas"` runs
-the TPU kernel in TPU interpret mode unless `options.pallas_mode="compiled"` (ahead-of-time
-compiles for TPU chips from any host, DESIGN.md §8).
+the TPU kernel in TPU interpret mode (simulated VMEM, SMEM, DMAs and semaphores; seconds per tiny
+train step), in Pallas's plain interpreter with `options.pallas_mode="interpret"` (the same
+numbers, looser checks, milliseconds per step), or compiles it for TPU chips with
+`pallas_mode="compiled"` (ahead-of-time compiles from any host, DESIGN.md §8).
 
 How the kernels run is an explicit, hashable value, never a module-level switch: a jitted
 function that closes over other options is another function and traces again.
@@ -28,7 +30,8 @@ class Unsupported(ValueError):
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
   """Static knobs of the kernels: the Pallas target and the chunk and tile sizes."""
-  pallas_mode: str = "auto"       # auto: compiled on a TPU backend, TPU interpret mode elsewhere
+  pallas_mode: str = "auto"       # auto: compiled on a TPU backend, TPU interpret mode elsewhere;
+                                  # interpret: Pallas's plain interpreter
   query_chunk: int = 256          # XLA references: queries per chunk (NSA selection: half of it)
   window_chunk: int = 256         # XLA window branch: its cost per query is (chunk + w) keys
   select_chunk: int = 1024        # Pallas select_blocks: queries per block-score call and top-n
@@ -53,14 +56,13 @@ class KernelOptions:
 
   def interpret_params(self):
     """pallas_call's `interpret`: False (compile for TPU), TPU interpret mode (simulated DMAs,
-    SMEM and VMEM), or, per device of a multi-device mesh, Pallas's plain interpreter: TPU
-    interpret mode synchronises the devices' kernels through host callbacks, which deadlocks
-    XLA:CPU's multi-device execution of a whole train step (jax 0.10.2; the single-device kernel
-    tests keep the TPU simulation)."""
+    SMEM and VMEM), or Pallas's plain interpreter when asked for and per device of a
+    multi-device mesh: there TPU interpret mode synchronises the devices' kernels through host
+    callbacks, which deadlocks XLA:CPU's multi-device execution of a whole train step (jax 0.10.2)."""
     if not self.interpret:
       return False
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
+    if self.pallas_mode == "interpret" or (not mesh.empty and mesh.size > 1):
       return True
     from jax.experimental.pallas import tpu as pltpu
     return pltpu.InterpretParams()

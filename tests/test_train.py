@@ -115,10 +115,10 @@ def test_nsa_model_trains_and_its_loss_falls(tmp_path):
 
 def test_tiny_nsa_with_pallas_kernels_trains_like_xla(tmp_path):
   """20 steps of the tiny preset (shrunk like every training test here) with NSA: every branch
-  on the Pallas kernels in TPU interpret mode gives impl=xla's losses within bf16 tolerance."""
+  on the Pallas kernels (Pallas's interpreter) gives impl=xla's losses within bf16 tolerance."""
   from test_model import NSA_SMALL
   overrides = {"steps": 20, "batch_size": 2, "model.n_layers": 1, "optimizer.lr": 1e-2, "checkpoint_every": 20,
-               **NSA_SMALL}
+               "kernels.pallas_mode": "interpret", **NSA_SMALL}
   runs = {impl: run_train(tmp_path / impl, {**overrides, "attention.impl": impl}, wait=False, timeout=900)
           for impl in ("pallas", "xla")}
   for impl, proc in runs.items():
