@@ -93,8 +93,9 @@ def _nsa_inputs(hq=4, hkv=2, d=32, seed=0):
                          ids=[f"xla-{o}" for o in OFFSETS] + ["pallas-384"])
 def test_nsa_functions_on_a_chunk_at_its_offset(pallas, offset):
   """Compressed attention (out, lse), block selection (exact), selected-block and window attention
-  (outputs and q/k/v gradients), the Pallas kernels in TPU interpret mode."""
-  options = KernelOptions()
+  (outputs and q/k/v gradients), the Pallas kernels in Pallas's interpreter (test_nsa_pallas.py
+  runs each in TPU interpret mode)."""
+  options = KernelOptions(pallas_mode="interpret")
   q, k, v, kc, vc = _nsa_inputs(seed=offset)
   impl = "pallas" if pallas else "xla"
   common = dict(scale=0.2, options=options)

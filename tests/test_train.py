@@ -103,19 +103,10 @@ def test_init_from_takes_parameters_and_starts_a_fresh_optimizer(tmp_path, refer
   assert started[1]["lr"] == reference[1]["lr"] == 0.0            # step 1 of a new schedule
 
 
-def test_nsa_model_trains_and_its_loss_falls(tmp_path):
-  from test_model import NSA_SMALL
-  result = run_train(tmp_path, {"steps": 30, "optimizer.lr": 1e-2, **NSA_SMALL})
-  assert result.returncode == 0, result.stderr
-  assert "attention nsa/auto" in result.stderr
-  metrics = read_metrics(tmp_path)
-  first, last = metrics[1]["loss"], np.mean([metrics[s]["loss"] for s in range(26, 31)])
-  assert last < first - 1.5, (first, last)
-
-
 def test_tiny_nsa_with_pallas_kernels_trains_like_xla(tmp_path):
   """20 steps of the tiny preset (shrunk like every training test here) with NSA: every branch
-  on the Pallas kernels (Pallas's interpreter) gives impl=xla's losses within bf16 tolerance."""
+  on the Pallas kernels (Pallas's interpreter) gives impl=xla's losses within bf16 tolerance, and
+  the NSA model trains: its loss falls."""
   from test_model import NSA_SMALL
   overrides = {"steps": 20, "batch_size": 2, "model.n_layers": 1, "optimizer.lr": 1e-2, "checkpoint_every": 20,
                "kernels.pallas_mode": "interpret", **NSA_SMALL}
