@@ -2,6 +2,9 @@
 MQA form over the selected rows, and the indexer's KL loss and recall.
 
 `impl="xla"` is the pure-JAX reference: the oracle for the Pallas kernels and the path on CPU/GPU.
+`impl="pallas"` (and `auto` on TPU) runs the indexer's scores and the sparse attention (forward,
+dq, dkv) on the Pallas kernels of kernels/dsa_pallas.py; the indexer loss and recall stay on
+the reference.
 Memory is O(T*k), never T x T: every function walks the queries in chunks of `options.dsa_query_chunk`
 (kernels/chunking.py). Per chunk the indexer holds [chunk, H_I, T] scores and the sparse attention
 [chunk, k, D] gathered rows; the backward recomputes them chunk by chunk and its only dense
@@ -21,14 +24,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import DEFAULT_OPTIONS, chunking, partition, resolve_impl
+from kernels import DEFAULT_OPTIONS, chunking, dsa_pallas, partition, resolve_impl
 from kernels.chunking import masked_softmax
 
 
-def _check_impl(impl: str, options) -> None:
-  # `auto` is XLA everywhere until DSA's Pallas kernels land; an explicit "pallas" is an error.
-  if impl != "auto" and resolve_impl(impl, options) == "pallas":
-    raise NotImplementedError("kernels.dsa: impl='pallas' is not available yet; use 'xla' or 'auto'")
+def _pallas(impl: str, options) -> bool:
+  return resolve_impl(impl, options) == "pallas"
 
 
 def map_query_chunks(fn, q, *per_query, options, offset=0):
@@ -37,9 +38,10 @@ def map_query_chunks(fn, q, *per_query, options, offset=0):
                                    offset=offset)
 
 
-def _per_device(fn, in_axes, out_axes):
-  """The XLA references run as they are, or per device under context parallelism."""
-  return partition.per_device(fn, in_axes, out_axes, pallas=False)
+def _per_device(fn, in_axes, out_axes, pallas: bool = False):
+  """The XLA references run as they are, or per device under context parallelism; the Pallas
+  kernels always per device."""
+  return partition.per_device(fn, in_axes, out_axes, pallas=pallas)
 
 
 def _causal(t0, num_queries: int, num_keys: int):
@@ -79,11 +81,15 @@ def indexer_topk(q_idx, k_idx, weights, *, topk: int, impl="auto", options=None)
   best first (ties: the lower s). Fewer than topk visible keys: all of them, then -1.
   No gradient (the choice is discrete)."""
   options = options or DEFAULT_OPTIONS
-  _check_impl(impl, options)
   q_idx, k_idx, weights = (jax.lax.stop_gradient(x) for x in (q_idx, k_idx, weights))
-  local = functools.partial(indexer_topk_local, topk=topk, options=options)
+  pallas = _pallas(impl, options)
+  if pallas:
+    local = lambda q_idx, k_idx, weights, q_offset: dsa_pallas.indexer_topk(q_idx, k_idx, weights, q_offset,
+                                                                            topk=topk, options=options)
+  else:
+    local = functools.partial(indexer_topk_local, topk=topk, options=options)
   return _per_device(local, (partition.QUERY_HEADS, partition.KEY_ROW, partition.QUERY_ROWS),
-                     partition.QUERY_ROWS)(q_idx, k_idx, weights)
+                     partition.QUERY_ROWS, pallas)(q_idx, k_idx, weights)
 
 
 def indexer_topk_local(q_idx, k_idx, weights, *, q_offset, topk, options):
@@ -105,12 +111,16 @@ def sparse_attention(q, kv, indices, *, v_dim: int, scale=None, impl="auto", opt
   repeated, future and out-of-range entries are ignored); value = kv[..., :v_dim].
   Returns [B, T, H, v_dim] in q's dtype; a query with no valid index gets 0."""
   options = options or DEFAULT_OPTIONS
-  _check_impl(impl, options)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  # Sorted, a repeat sits next to its first copy, and the gathers walk kv in order.
-  indices = jnp.sort(indices, axis=-1)
-  local = functools.partial(sparse_attention_local, v_dim=v_dim, scale=scale, options=options)
-  return _per_device(local, (partition.Q, partition.KEY_ROW, partition.QUERY_ROWS), partition.Q)(q, kv, indices)
+  pallas = _pallas(impl, options)
+  if pallas:      # the kernels sort each tile's union themselves
+    local = lambda q, kv, indices, q_offset: dsa_pallas.sparse_attention(q, kv, indices, q_offset, v_dim=v_dim,
+                                                                         scale=scale, options=options)
+  else:           # sorted, a repeat sits next to its first copy, and the gathers walk kv in order
+    indices = jnp.sort(indices, axis=-1)
+    local = functools.partial(sparse_attention_local, v_dim=v_dim, scale=scale, options=options)
+  return _per_device(local, (partition.Q, partition.KEY_ROW, partition.QUERY_ROWS), partition.Q,
+                     pallas)(q, kv, indices)
 
 
 def sparse_attention_local(q, kv, indices, *, q_offset, v_dim, scale, options):
@@ -148,8 +158,8 @@ def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl
   stage). Teacher: the main attention's probabilities (q, kv as in sparse_attention) restricted
   to the support, per head renormalised, summed over heads and L1-normalised; it is a constant
   (stop-gradient), so only q_idx, k_idx and weights receive gradients."""
+  del impl         # the reference on every backend (DSA's Pallas kernels cover top-k and attention)
   options = options or DEFAULT_OPTIONS
-  _check_impl(impl, options)
   q, kv = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kv)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   local = functools.partial(indexer_loss_local, scale=scale, options=options)

@@ -11,7 +11,7 @@ from etils import epath
 from configs import ConfigError
 from data import sources
 import kernels
-from kernels import IMPLS, PALLAS_MODES, dense, nsa as nsa_kernels, options_from_config, resolve_impl
+from kernels import IMPLS, PALLAS_MODES, dense, dsa_pallas, nsa as nsa_kernels, options_from_config, resolve_impl
 from model.attention import ATTENTION_KINDS
 from model.transformer import REMAT_POLICIES
 from trainer.sharding import MESH_AXES, SHARDED_DIMS, mesh_shape
@@ -146,8 +146,10 @@ def _kernel_shapes(config, context: int = 1) -> None:
   m, kind = config.model, config.attention.kind
   seq_len = config.seq_len if context == 1 else config.seq_len // (2 * context)
   try:
-    if kind in ("dense", "mla"):
+    if kind in ("dense", "mla") or (kind == "dsa" and config.dsa.stage == "dense_warmup"):
       dense.check_supported(seq_len=seq_len)
+    elif kind == "dsa":
+      dsa_pallas.check_supported(n_heads=m.n_heads)
     elif kind == "nsa":
       nsa_kernels.check_supported(seq_len=seq_len, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
                                   slc_block=config.nsa.slc_block)
@@ -174,8 +176,6 @@ def _validate_dsa(config) -> None:
       ("dsa.index_head_dim", c.index_head_dim, c.index_head_dim >= config.mla.qk_rope_dim,
        f"must be >= mla.qk_rope_dim={config.mla.qk_rope_dim} (RoPE on its first qk_rope_dim dims)"),
       ("dsa.indexer_loss_coef", c.indexer_loss_coef, c.indexer_loss_coef >= 0, "must be >= 0"),
-      ("attention.impl", config.attention.impl, config.attention.impl != "pallas",
-       "DSA runs with xla or auto until its Pallas kernels land"),
       ("data.packing", config.data.packing, config.data.packing == "concat",
        "DSA does not mask packed documents yet: use concat"),
   )

@@ -1,0 +1,84 @@
+"""DSA's Pallas TPU kernels (TPU interpret mode on CPU) against the XLA reference: the indexer's
+top-k (identical rows, ties included) and sparse MLA attention (outputs and all gradients)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import KernelOptions, dsa, dsa_pallas
+from test_dsa_kernels import SCALE, _indexer_inputs, _indices, _rand
+
+
+@pytest.mark.parametrize("t,hi,di,topk,offset", [(100, 2, 16, 32, 0), (300, 64, 32, 512, 0), (200, 3, 8, 16, 256)],
+                         ids=["T100-k32", "HI64-k-over-T", "HI3-offset"])
+def test_indexer_topk_rows_are_the_reference_rows(t, hi, di, topk, offset):
+  """Small-integer inputs (every score exact, many real ties) and repeated keys: the Pallas top-k
+  equals the reference row for row, order and -1 padding included; `offset` places the queries
+  at global positions offset + [0, T) against offset + T keys."""
+  q_idx, k_idx, w = _indexer_inputs(1, t + offset, hi, di, seed=t, integer=True)
+  k_idx = k_idx.at[:, 7].set(k_idx[:, 3])                          # two identical keys
+  want = dsa.indexer_topk(q_idx, k_idx, w, topk=topk, impl="xla")[:, offset:]
+  got = jax.jit(lambda q, k, w: dsa_pallas.indexer_topk(q, k, w, offset, topk=topk))(
+      q_idx[:, offset:], k_idx, w[:, offset:])
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  if offset == 0:
+    np.testing.assert_array_equal(np.asarray(dsa.indexer_topk(q_idx, k_idx, w, topk=topk, impl="pallas")),
+                                  np.asarray(want))
+
+
+def test_index_scores_skip_the_future():
+  """Scores equal the reference's I[t, s] below the diagonal and are -inf above it."""
+  q_idx, k_idx, w = _indexer_inputs(2, 70, 4, 16, seed=1)
+  got = dsa_pallas.index_scores(q_idx, w, k_idx, 0)
+  dots = jnp.einsum("bthd,bsd->bths", q_idx, k_idx)
+  want = jnp.einsum("bths,bth->bts", jax.nn.relu(dots), w)
+  causal = jnp.tril(jnp.ones((70, 70), bool))
+  np.testing.assert_allclose(np.where(causal, got, 0), np.where(causal, want, 0), rtol=1e-5, atol=1e-5)
+  assert (np.asarray(got)[:, ~np.asarray(causal)] == -np.inf).all()
+
+
+SPARSE_CASES = [
+    # t, heads, dk, v_dim, k, dtype, tol, prefetch_bytes
+    (45, 16, 48, 32, 12, jnp.float32, 2e-5, None),        # 8 queries a tile; T not a multiple of it
+    (70, 4, 40, 24, 90, jnp.float32, 2e-5, 96),           # k > T; 32 queries a tile; dkv in 8-pair windows
+    (10, 128, 576, 512, 8, jnp.bfloat16, 3e-2, None),     # the V3.2 head shape, one query a tile
+    (160, 4, 64, 32, 150, jnp.bfloat16, 3e-2, None),      # unions of 2 gathered chunks; 2 dkv key tiles
+]
+
+
+@pytest.mark.parametrize("t,heads,dk,v_dim,k,dtype,tol,prefetch", SPARSE_CASES,
+                         ids=["H16", "k-over-T-windows", "V3.2-heads-bf16", "two-chunks-bf16"])
+def test_sparse_attention_matches_xla_forward_and_gradients(t, heads, dk, v_dim, k, dtype, tol, prefetch):
+  """Index lists with -1, repeated, future and out-of-range entries and a row that sees nothing
+  (0 output, 0 gradient): outputs and the q and kv gradients equal the reference's."""
+  b = 1
+  options = KernelOptions(prefetch_bytes=prefetch) if prefetch else KernelOptions()
+  ks = jax.random.split(jax.random.key(t), 3)
+  q, kv = _rand(ks[0], (b, t, heads, dk), dtype), _rand(ks[1], (b, t, dk), dtype)
+  indices = _indices(b, t, k, seed=t)
+  cot = _rand(ks[2], (b, t, heads, v_dim), jnp.float32)
+  run = lambda impl: lambda q, kv: dsa.sparse_attention(q, kv, indices, v_dim=v_dim, scale=SCALE, impl=impl,
+                                                        options=options)
+  out, want = run("pallas")(q, kv), run("xla")(q, kv)
+  assert out.dtype == dtype and out.shape == want.shape
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+  assert not np.asarray(out[:, 0]).any()
+  loss = lambda impl: lambda q, kv: jnp.sum(run(impl)(q, kv).astype(jnp.float32) * cot)
+  grads = jax.grad(loss("pallas"), argnums=(0, 1))(q, kv)
+  grads_want = jax.grad(loss("xla"), argnums=(0, 1))(q, kv)
+  for g, g_want in zip(grads, grads_want):
+    scale = float(jnp.abs(g_want.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(g_want, np.float32) / scale,
+                               atol=2 * tol)
+  assert not np.asarray(grads[0][:, 0]).any()
+
+
+def test_tile_selection_unions_and_choosers():
+  """Two queries a tile: the union is the sorted distinct valid keys of both, each key's bits
+  say which query chose it; future, -1, out-of-range and repeated entries are dropped."""
+  indices = jnp.array([[[0, 0, -1], [1, 0, 9], [3, 2, 2], [2, 4, 1]]], jnp.int32)    # T=4, k=3
+  keys, bits, count = dsa_pallas.tile_selection(indices, 0, num_keys=8, queries_per_tile=2, slots=4)
+  # tile 0: q0 {0}, q1 {0, 1} (9 out of range); tile 1: q2 {2} (3 is future), q3 {1, 2} (4 future)
+  np.testing.assert_array_equal(count, [[2, 2]])
+  np.testing.assert_array_equal(keys, [[[0, 1, 1, 1], [1, 2, 2, 2]]])
+  np.testing.assert_array_equal(bits, [[[0b11, 0b10, 0, 0], [0b10, 0b11, 0, 0]]])
