@@ -10,7 +10,7 @@ import pytest
 
 from configs import ConfigError
 from conftest import read_metrics, run_train, small_config
-from kernels import KernelOptions, dense, dsa, nsa, partition
+from kernels import KernelOptions, dense, dsa, dsa_pallas, nsa, partition
 from test_model import NSA_SMALL
 from trainer import steps, validate
 
@@ -134,23 +134,35 @@ def test_dense_attention_on_a_chunk_at_its_offset(pallas):
                  [q, segments], [k, v, segments], 256, rtol=1e-4)
 
 
-@pytest.mark.parametrize("offset", OFFSETS)
-def test_dsa_functions_on_a_chunk_at_its_offset(offset):
-  """The indexer's top-k (exact) and the sparse MLA attention (outputs, q and kv gradients)."""
+@pytest.mark.parametrize("pallas,offset", [(False, o) for o in OFFSETS] + [(True, 384)],
+                         ids=[f"xla-{o}" for o in OFFSETS] + ["pallas-384"])
+def test_dsa_functions_on_a_chunk_at_its_offset(pallas, offset):
+  """The indexer's top-k (exact) and the sparse MLA attention (outputs, q and kv gradients);
+  Pallas: the kernels in Pallas's interpreter."""
   ks = jax.random.split(jax.random.key(offset), 6)
-  options = KernelOptions(dsa_query_chunk=32)
+  options = KernelOptions(dsa_query_chunk=32, pallas_mode="interpret")
+  impl = "pallas" if pallas else "xla"
   q_idx, k_idx = jax.random.normal(ks[0], (1, T, 2, 16)), jax.random.normal(ks[1], (1, T, 16))
   w = jax.random.normal(ks[2], (1, T, 2))
   _compare_chunk(lambda q_idx, w, k_idx: dsa.indexer_topk(q_idx, k_idx, w, topk=24, options=options),
-                 lambda q_idx, w, k_idx, q_offset: dsa.indexer_topk_local(q_idx, k_idx, w, q_offset=q_offset,
-                                                                          topk=24, options=options),
+                 lambda q_idx, w, k_idx, q_offset: _dsa_local(dsa.indexer_topk_local, pallas)(
+                     q_idx, k_idx, w, q_offset=q_offset, topk=24, options=options),
                  [q_idx, w], [k_idx], offset, rtol=0, grads=False)
   q, kv = jax.random.normal(ks[3], (1, T, 4, 48)), jax.random.normal(ks[4], (1, T, 48))
   idx = jnp.sort(dsa.indexer_topk(q_idx, k_idx, w, topk=24, options=options), axis=-1)
-  _compare_chunk(lambda q, idx, kv: dsa.sparse_attention(q, kv, idx, v_dim=32, scale=0.2, options=options),
-                 lambda q, idx, kv, q_offset: dsa.sparse_attention_local(q, kv, idx, q_offset=q_offset, v_dim=32,
-                                                                         scale=0.2, options=options),
+  _compare_chunk(lambda q, idx, kv: dsa.sparse_attention(q, kv, idx, v_dim=32, scale=0.2, impl=impl, options=options),
+                 lambda q, idx, kv, q_offset: _dsa_local(dsa.sparse_attention_local, pallas)(
+                     q, kv, idx, q_offset=q_offset, v_dim=32, scale=0.2, options=options),
                  [q, idx], [kv], offset, rtol=1e-5)
+
+
+def _dsa_local(xla_local, pallas):
+  """A DSA function's per-device body: the XLA reference's, or the Pallas kernel's."""
+  if not pallas:
+    return xla_local
+  kernel = {dsa.indexer_topk_local: dsa_pallas.indexer_topk,
+            dsa.sparse_attention_local: dsa_pallas.sparse_attention}[xla_local]
+  return lambda *args, q_offset, **kw: kernel(*args, q_offset, **kw)
 
 
 # ---- config rules ----
@@ -178,7 +190,6 @@ def _losses(workdir, steps_):
 
 
 CONTEXT_RUNS = {
-    "dense": ({}, "configs/tiny.py", 4),
     "nsa": (NSA_SMALL, "configs/tiny.py", 4),
     "dsa": ({}, "configs/dsa_tiny.py", 4),
 }

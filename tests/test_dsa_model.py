@@ -154,3 +154,20 @@ def test_two_stage_recipe_end_to_end(tmp_path):
   sparse = read_metrics(sparse_dir)
   assert (sparse[25]["loss"] + sparse[30]["loss"]) / 2 < sparse[5]["loss"] - 0.5, sparse
   assert abs(sparse[5]["indexer_loss"]) < 10 and np.isfinite(sparse[30]["indexer_loss"])
+
+
+def test_sparse_stage_on_pallas_kernels_trains_like_xla(tmp_path):
+  """dsa_tiny's sparse stage, 20 steps: the indexer's top-k and the sparse attention on the
+  Pallas kernels (Pallas's interpreter) give impl=xla's losses, rtol 2e-3."""
+  overrides = {**DSA_SMALL, "steps": 20, "checkpoint_every": 20, "batch_size": 2, "model.n_layers": 1,
+               "kernels.pallas_mode": "interpret"}
+  runs = {impl: run_train(tmp_path / impl, {**overrides, "attention.impl": impl}, wait=False,
+                          config="configs/dsa_tiny.py:sparse") for impl in ("pallas", "xla")}
+  for impl, proc in runs.items():
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"attention dsa/{impl}" in stderr
+  pallas, xla = (read_metrics(tmp_path / impl) for impl in ("pallas", "xla"))
+  losses = np.array([[pallas[s]["loss"], xla[s]["loss"]] for s in range(1, 21)])
+  np.testing.assert_allclose(losses[:, 0], losses[:, 1], rtol=2e-3)
+  assert losses[-3:, 1].mean() < losses[0, 1] - 0.5, losses        # it trains

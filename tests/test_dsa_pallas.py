@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kernels import KernelOptions, dsa, dsa_pallas
 from test_dsa_kernels import SCALE, _indexer_inputs, _indices, _rand
@@ -38,21 +40,23 @@ def test_index_scores_skip_the_future():
 
 
 SPARSE_CASES = [
-    # t, heads, dk, v_dim, k, dtype, tol, prefetch_bytes
-    (45, 16, 48, 32, 12, jnp.float32, 2e-5, None),        # 8 queries a tile; T not a multiple of it
-    (70, 4, 40, 24, 90, jnp.float32, 2e-5, 96),           # k > T; 32 queries a tile; dkv in 8-pair windows
-    (10, 128, 576, 512, 8, jnp.bfloat16, 3e-2, None),     # the V3.2 head shape, one query a tile
-    (160, 4, 64, 32, 150, jnp.bfloat16, 3e-2, None),      # unions of 2 gathered chunks; 2 dkv key tiles
+    # t, heads, dk, v_dim, k, dtype, tol, kernel options (TPU interpret mode unless "interpret")
+    (45, 16, 48, 32, 12, jnp.float32, 2e-5, {}),          # 8 queries a tile; T not a multiple of it
+    (70, 4, 40, 24, 90, jnp.float32, 2e-5,                # k > T; 32 queries a tile; dkv in 8-pair windows
+     {"prefetch_bytes": 96, "pallas_mode": "interpret"}),
+    (10, 128, 576, 512, 8, jnp.bfloat16, 3e-2, {}),       # the V3.2 head shape, one query a tile
+    (160, 4, 64, 32, 150, jnp.bfloat16, 3e-2,             # unions of 2 gathered chunks; 2 dkv key tiles
+     {"pallas_mode": "interpret"}),
 ]
 
 
-@pytest.mark.parametrize("t,heads,dk,v_dim,k,dtype,tol,prefetch", SPARSE_CASES,
+@pytest.mark.parametrize("t,heads,dk,v_dim,k,dtype,tol,options", SPARSE_CASES,
                          ids=["H16", "k-over-T-windows", "V3.2-heads-bf16", "two-chunks-bf16"])
-def test_sparse_attention_matches_xla_forward_and_gradients(t, heads, dk, v_dim, k, dtype, tol, prefetch):
+def test_sparse_attention_matches_xla_forward_and_gradients(t, heads, dk, v_dim, k, dtype, tol, options):
   """Index lists with -1, repeated, future and out-of-range entries and a row that sees nothing
   (0 output, 0 gradient): outputs and the q and kv gradients equal the reference's."""
   b = 1
-  options = KernelOptions(prefetch_bytes=prefetch) if prefetch else KernelOptions()
+  options = KernelOptions(**options)
   ks = jax.random.split(jax.random.key(t), 3)
   q, kv = _rand(ks[0], (b, t, heads, dk), dtype), _rand(ks[1], (b, t, dk), dtype)
   indices = _indices(b, t, k, seed=t)
@@ -82,3 +86,31 @@ def test_tile_selection_unions_and_choosers():
   np.testing.assert_array_equal(count, [[2, 2]])
   np.testing.assert_array_equal(keys, [[[0, 1, 1, 1], [1, 2, 2, 2]]])
   np.testing.assert_array_equal(bits, [[[0b11, 0b10, 0, 0], [0b10, 0b11, 0, 0]]])
+
+
+@pytest.mark.parametrize("chip", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_dsa_forward_and_backward_compile_for_tpu(chip):
+  """DSA's kernels at the V3.2 shape (H=128, Dk=576, v_dim=512, H_I=64, d_I=128, k=2048,
+  T=8192, bf16), one sequence per chip inside shard_map: top-k, sparse attention and its
+  gradients compile with Mosaic for the chip and fit in a few GiB of HBM."""
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=chip, chip_config_name="default",
+                                      chips_per_host_bounds=(2, 2, 1), num_slices=1)
+  mesh = jax.make_mesh((len(topo.devices),), ("data",), devices=topo.devices)
+  options = KernelOptions(pallas_mode="compiled")
+  h, dk, dv, hi, di, k, t = 128, 576, 512, 64, 128, 2048, 8192
+
+  def loss(q, kv, q_idx, k_idx, w):
+    idx = dsa.indexer_topk(q_idx, k_idx, w, topk=k, impl="pallas", options=options)
+    out = dsa.sparse_attention(q, kv, idx, v_dim=dv, scale=SCALE, impl="pallas", options=options)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+  grads = jax.shard_map(jax.grad(loss, argnums=(0, 1)), mesh=mesh, in_specs=(P("data"),) * 5,
+                        out_specs=(P("data"),) * 2, check_vma=False)
+  b, sharded = len(topo.devices), NamedSharding(mesh, P("data"))
+  spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharded)
+  lowered = jax.jit(grads).lower(spec(b, t, h, dk), spec(b, t, dk), spec(b, t, hi, di), spec(b, t, di),
+                                 spec(b, t, hi, dtype=jnp.float32))
+  assert lowered.as_text().count("tpu_custom_call") >= 4      # index scores, forward, dq, dkv
+  mem = lowered.compile().memory_analysis()
+  print(f"{chip}: args {mem.argument_size_in_bytes / 2**20:.0f} MiB, out {mem.output_size_in_bytes / 2**20:.0f} MiB, "
+        f"temp {mem.temp_size_in_bytes / 2**20:.0f} MiB")
+  assert 0 < mem.temp_size_in_bytes < 8 * 2**30, mem.temp_size_in_bytes

@@ -58,9 +58,9 @@ def _compiled_train_step(kind, chip, mesh_axes):
   return lowered.as_text(), lowered.compile().as_text()
 
 
-@pytest.mark.parametrize("kind,min_kernels", [("dense", 2), ("nsa", 9)])
-@pytest.mark.parametrize("chip,mesh_axes", [("v5e:2x2", (4, 1)), ("v5p:2x2x1", (2, 2))],
-                         ids=["v5e-fsdp4", "v5p-fsdp2xtensor2"])
+@pytest.mark.parametrize("kind,min_kernels,chip,mesh_axes", [("dense", 2, "v5e:2x2", (4, 1)),
+                                                           ("nsa", 9, "v5p:2x2x1", (2, 2))],
+                         ids=["dense-v5e-fsdp4", "nsa-v5p-fsdp2xtensor2"])
 def test_real_train_step_compiles_for_tpu_slices(chip, kind, min_kernels, mesh_axes):
   """Mosaic compiles every kernel of the step for the chip; the kernels sit in the trainer's
   shard_map, and no all-gather brings the whole batch's activations ([B=8, T=256, ...]) to a
