@@ -205,17 +205,24 @@ def tile_selection(indices, q_offset, *, num_keys: int, queries_per_tile: int, s
   differs = lambda x: jnp.concatenate([jnp.ones_like(x[..., :1], bool), x[..., 1:] != x[..., :-1]], -1)
   first_of_entry = real & differs(entry)            # (key, query) pairs once each
   first_of_key = real & differs(key)
-  group = jnp.cumsum(first_of_key, axis=-1) - 1    # the key's slot in the union
+  last_of_key = real & jnp.flip(differs(jnp.flip(key, -1)), -1)
   count = first_of_key.sum(-1).astype(jnp.int32)
-  flat_group = jnp.where(real, group, slots) + (jnp.arange(b * nt) * (slots + 1)).reshape(b, nt, 1)
-  bits = jax.ops.segment_sum(jnp.where(first_of_entry, jnp.left_shift(1, who), 0).reshape(-1),
-                             flat_group.reshape(-1), num_segments=b * nt * (slots + 1))
-  bits = bits.reshape(b, nt, slots + 1)[..., :slots].astype(jnp.int32)
-  keys = jnp.sort(jnp.where(first_of_key, key, BIG), axis=-1)[..., :slots]
-  keys = jnp.pad(keys, [(0, 0), (0, 0), (0, max(0, slots - keys.shape[-1]))], constant_values=BIG)
-  last = jnp.take_along_axis(keys, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+  # A key's bits: its (key, query) entries' 1 << query summed over its run of the sorted list,
+  # from a running sum at the run's two ends (no scatter: XLA's TPU scatters reject some shapes).
+  running = jnp.cumsum(jnp.where(first_of_entry, jnp.left_shift(1, who), 0), axis=-1, dtype=jnp.int32)
+  index = jnp.arange(entry.shape[-1], dtype=jnp.int32)
+  run_end = lambda marks: jnp.sort(jnp.where(marks, index, BIG), axis=-1)[..., :slots]
+  starts, ends = run_end(first_of_key), run_end(last_of_key)
+  pad = max(0, slots - starts.shape[-1])
+  starts, ends = (jnp.pad(x, [(0, 0), (0, 0), (0, pad)], constant_values=BIG) for x in (starts, ends))
+  at = lambda x, i: jnp.take_along_axis(x, jnp.minimum(i, entry.shape[-1] - 1), axis=-1)
+  before = jnp.where(starts > 0, at(running, starts - 1), 0)
   slot = jnp.arange(slots)
-  keys = jnp.where(slot < count[..., None], keys, jnp.where(count[..., None] > 0, last, 0))
+  used = slot < count[..., None]
+  bits = jnp.where(used, at(running, ends) - before, 0)
+  keys = at(key, starts)
+  last = jnp.take_along_axis(keys, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+  keys = jnp.where(used, keys, jnp.where(count[..., None] > 0, last, 0))
   return keys.astype(jnp.int32), bits, count
 
 
