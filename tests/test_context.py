@@ -47,7 +47,7 @@ def test_reordered_batch_gives_the_same_loss():
 # ---- each kernel: a chunk at its global offset equals those rows of the full call ----
 
 T, CHUNK = 512, 128          # the chunk: splash's 128-row tiles, NSA's 64-position row tiles (G=2)
-OFFSETS = (0, 256, 384)
+OFFSETS = (0, 384)           # the first chunk and the last
 
 
 def _compare_chunk(full, local, args, key_args, offset, *, rtol, grads=True):

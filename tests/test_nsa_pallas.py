@@ -1,5 +1,7 @@
-"""NSA's Pallas TPU kernels: TPU interpret mode on CPU against the XLA reference, and
-ahead-of-time compiles for real TPU chips (libtpu, DESIGN.md §8)."""
+"""NSA's Pallas TPU kernels against the XLA reference on CPU, and ahead-of-time compiles for real
+TPU chips (libtpu, DESIGN.md §8). fp32 cases run in TPU interpret mode (DMAs, SMEM, VMEM and
+semaphores simulated); bf16 cases, the same kernel code for its numerics, in Pallas's faster
+plain interpreter."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kernels
 from kernels import KernelOptions, nsa, nsa_compressed_pallas, nsa_pallas
+
+
+def _options(dtype, **kw) -> KernelOptions:
+  """TPU interpret mode for fp32, Pallas's interpreter for bf16 (see the module docstring)."""
+  return KernelOptions(pallas_mode="interpret" if dtype == jnp.bfloat16 else "auto", **kw)
 
 
 def _inputs(b, t, hq, hkv, dk, dv, block, n, dtype, seed=0, local=False):
@@ -31,7 +38,7 @@ def _inputs(b, t, hq, hkv, dk, dv, block, n, dtype, seed=0, local=False):
 ])
 def test_selection_forward_matches_xla(t, hq, hkv, dk, dv, block, n, dtype, tol):
   q, k, v, idx = _inputs(1, t, hq, hkv, dk, dv, block, n, dtype, seed=t, local=True)
-  out, lse = nsa_pallas.selection_forward(q, k, v, idx, block_size=block)
+  out, lse = nsa_pallas.selection_forward(q, k, v, idx, block_size=block, options=_options(dtype))
   ref = nsa.selection_attention(q, k, v, idx, block_size=block, impl="xla")
   assert out.dtype == dtype and lse.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
@@ -78,7 +85,8 @@ def test_selection_gradients_match_xla(t, hq, hkv, dk, dv, block, n, dtype, tol)
   idx = idx.at[:, 3].set(-1)                      # a query that sees nothing: zero gradient
   cot = jax.random.normal(jax.random.key(9), (1, t, hq, dv))
   loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * cot)
-  attend = lambda impl: lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=block, impl=impl)
+  attend = lambda impl: lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=block, impl=impl,
+                                                                options=_options(dtype))
   got = jax.grad(loss(attend("pallas")), argnums=(0, 1, 2))(q, k, v)    # the contract's Pallas path
   ref = jax.grad(loss(attend("xla")), argnums=(0, 1, 2))(q, k, v)
   for g, r in zip(got, ref):
@@ -109,7 +117,8 @@ def test_selection_gradients_with_split_prefetch_windows():
 def test_window_attention_pallas_matches_xla(t, hq, hkv, dk, dv, window, dtype, tol):
   q, k, v, _ = _inputs(1, t, hq, hkv, dk, dv, 64, 1, dtype, seed=t)
   cot = jax.random.normal(jax.random.key(2), (1, t, hq, dv))
-  attend = lambda impl: lambda q, k, v: nsa.window_attention(q, k, v, window=window, impl=impl)
+  attend = lambda impl: lambda q, k, v: nsa.window_attention(q, k, v, window=window, impl=impl,
+                                                             options=_options(dtype))
   np.testing.assert_allclose(np.asarray(attend("pallas")(q, k, v), np.float32),
                              np.asarray(attend("xla")(q, k, v), np.float32), atol=tol, rtol=tol)
   loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * cot)
@@ -153,7 +162,7 @@ def _assert_grads_close(got, ref, tol):
 def test_compressed_attention_pallas_matches_xla(t, hq, hkv, dk, dv, l, d, key_tile, dtype, tol):
   """Outputs, lse and the gradients of q, k_cmp, v_cmp through both out and lse; the first
   l - 1 queries see nothing (0, lse -inf, zero gradient)."""
-  options = KernelOptions(key_tile=key_tile)
+  options = _options(dtype, key_tile=key_tile)
   q, kc, vc = _compressed_inputs(2, t, hq, hkv, dk, dv, l, d, dtype, seed=t + key_tile)
   attend = lambda impl: lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl=impl,
                                                                    options=options)
@@ -234,7 +243,7 @@ def _nsa_layer(q, k, v, k_cmp, v_cmp, gates, *, window=512, num_selected=16, imp
 
 def test_nsa_layer_pallas_matches_xla(dtype=jnp.float32, tol=1e-5):
   """All four kernels together (l=32, d=16, l'=64, T=512: 8 blocks, 5 selected, w=200), outputs
-  and every gradient, fp32 (each kernel's own tests cover bf16)."""
+  and every gradient, fp32, in Pallas's interpreter (each kernel's own tests simulate the TPU)."""
   b, t, hq, hkv, dk, dv = 1, 512, 4, 2, 64, 32
   ks = jax.random.split(jax.random.key(3), 7)
   q, k, v = (jax.random.normal(ks[i], (b, t, h, d)).astype(dtype)
@@ -243,7 +252,8 @@ def test_nsa_layer_pallas_matches_xla(dtype=jnp.float32, tol=1e-5):
   k_cmp = jax.random.normal(ks[3], (b, c, hkv, dk)).astype(dtype)
   v_cmp = jax.random.normal(ks[4], (b, c, hkv, dv)).astype(dtype)
   gates, cot = jax.random.normal(ks[5], (b, t, hq, 3)), jax.random.normal(ks[6], (b, t, hq, dv))
-  layer = lambda impl: lambda *a: _nsa_layer(*a, window=200, num_selected=5, impl=impl)
+  layer = lambda impl: lambda *a: _nsa_layer(*a, window=200, num_selected=5, impl=impl,
+                                             options=KernelOptions(pallas_mode="interpret"))
   args = (q, k, v, k_cmp, v_cmp, gates)
   np.testing.assert_allclose(np.asarray(layer("pallas")(*args)), np.asarray(layer("xla")(*args)), atol=tol, rtol=tol)
   loss = lambda impl: lambda *a: jnp.sum(layer(impl)(*a) * cot)
