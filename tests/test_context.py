@@ -190,6 +190,7 @@ def _losses(workdir, steps_):
 
 
 CONTEXT_RUNS = {
+    "dense": ({}, "configs/tiny.py", 4),
     "nsa": (NSA_SMALL, "configs/tiny.py", 4),
     "dsa": ({}, "configs/dsa_tiny.py", 4),
 }
