@@ -32,9 +32,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions
-from kernels.nsa_pallas import (LANES, ROWS, _Shape, _accumulate_dkv, _accumulate_dq, _probs, _softmax_finish,
-                                _softmax_init, _softmax_step, check_rows, cost, from_rows, from_tile_rows,
+from kernels.nsa_pallas import (_Shape, _accumulate_dkv, _accumulate_dq, check_rows, from_rows, from_tile_rows,
                                 row_spec, tile_row_spec, to_rows, to_tile_rows)
+from kernels.pallas_common import LANES, ROWS, cost, probs, softmax_finish, softmax_init, softmax_step
 
 
 class _Cmp(NamedTuple):
@@ -114,15 +114,15 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, 
 
   @pl.when(kb == 0)
   def _init():
-    _softmax_init(m_scratch, l_scratch, acc_scratch)
+    softmax_init(m_scratch, l_scratch, acc_scratch)
 
   @pl.when(kb < g.key_tiles(i))
   def _step():
-    _softmax_step(_scores(g, q_ref[...], k_ref[...], i, kb), v_ref[...], m_scratch, l_scratch, acc_scratch)
+    softmax_step(_scores(g, q_ref[...], k_ref[...], i, kb), v_ref[...], m_scratch, l_scratch, acc_scratch)
 
   @pl.when(kb == pl.num_programs(3) - 1)
   def _finish():
-    _softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
+    softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
 
 
 def _dq_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, acc_scratch, *, g):
@@ -296,7 +296,7 @@ def _scores_kernel(chunk_ref, q_ref, lse_ref, k_ref, own_ref, prev_ref, out_ref,
   @pl.when(kb < needed)
   def _step():
     s = _scores(g, q_ref[...], k_ref[...], query_tile, kb)
-    p = _probs(s, lse_ref)                                                      # [128, BKS]
+    p = probs(s, lse_ref)                                                      # [128, BKS]
     if g.group > 1:   # sum each query's G heads: [bq, 128] 0/1 matrix times p
       rows = jax.lax.broadcasted_iota(jnp.int32, (g.queries_per_tile, ROWS), 1) // g.group
       p = dot((rows == jax.lax.broadcasted_iota(jnp.int32, (g.queries_per_tile, ROWS), 0)).astype(jnp.float32), p)

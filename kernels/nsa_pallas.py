@@ -1,8 +1,8 @@
 """Pallas TPU kernels for NSA's selection branch (DESIGN.md §7): forward, dq and dK/dV behind a
-custom_vjp (`kernels.nsa.selection_attention(impl="pallas")`), the row layout and online-softmax
-pieces the compressed kernels share (kernels/nsa_compressed_pallas.py), and a traffic model of
-the three kernels (`selection_traffic`). The window branch runs on splash attention
-(kernels/dense.py).
+custom_vjp (`kernels.nsa.selection_attention(impl="pallas")`) and the GQA row layout the
+compressed kernels share (kernels/nsa_compressed_pallas.py). The online softmax and the inverted
+selection are kernels/pallas_common.py's (shared with DSA); the traffic model of the three
+kernels is kernels/nsa_traffic.py. The window branch runs on splash attention (kernels/dense.py).
 
 Selection forward, union query tiling:
   rows     a tile is bq = 128 // G query positions x the G query heads of one KV group: 128
@@ -28,10 +28,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported
-
-ROWS = 128            # matmul rows per tile: query positions x heads of one KV group
-LANES = 128
-
+from kernels.pallas_common import (LANES, ROWS, cost, inverted_pairs, pair_windows, probs, probs_and_dscores,
+                                   softmax_finish, softmax_init, softmax_step, window_share)
 
 def tile_unions(block_indices, *, block_size: int, seq_len: int, queries_per_tile: int, first_tile=0):
   """(union [B, HKV, NQ, U] int32, count [B, HKV, NQ] int32): per query tile, the sorted distinct
@@ -75,40 +73,6 @@ def _union_position(group_ref, grid_shape):
   return (b * hkv + h) * nq + i, u, group_ref[0] + i
 
 
-def _softmax_init(m_scratch, l_scratch, acc_scratch):
-  m_scratch[...] = jnp.full(m_scratch.shape, -jnp.inf, jnp.float32)
-  l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
-  acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
-
-
-def _softmax_step(s, v, m_scratch, l_scratch, acc_scratch):
-  """One online-softmax step over masked scores s [R, keys] (fp32) and their values v."""
-  m_prev = m_scratch[...][:, :1]
-  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-  m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)          # rows with nothing seen yet
-  p = jnp.exp(s - m_safe)
-  alpha = jnp.exp(m_prev - m_safe)
-  l_next = alpha * l_scratch[...][:, :1] + jnp.sum(p, axis=1, keepdims=True)
-  acc_scratch[...] = alpha * acc_scratch[...] + jax.lax.dot_general(
-      p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  m_scratch[...] = jnp.broadcast_to(m_next, m_scratch.shape)
-  l_scratch[...] = jnp.broadcast_to(l_next, l_scratch.shape)
-
-
-def _softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch):
-  """out = acc / l and lse = m + log l; rows that saw nothing: 0 and -inf."""
-  l = l_scratch[...][:, :1]
-  seen = l > 0
-  o_ref[...] = jnp.where(seen, acc_scratch[...] / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
-  lse = jnp.where(seen, m_scratch[...] + jnp.log(jnp.where(seen, l_scratch[...], 1.0)), -jnp.inf)
-  lse_ref[...] = lse.T[:1]       # lane-replicated [R, 128] -> the [1, R] row of a tile-row array
-
-
-def _column(ref):
-  """A [1, R] tile-row block (lse, delta) as the [R, 1] column the scores broadcast against."""
-  return jnp.expand_dims(ref[0], -1)
-
-
 def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, k_ref, v_ref, o_ref, lse_ref,
                           m_scratch, l_scratch, acc_scratch, *, scale, block_size, group, num_union,
                           grid_shape):
@@ -116,18 +80,18 @@ def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, k_ref
 
   @pl.when(u == 0)
   def _init():
-    _softmax_init(m_scratch, l_scratch, acc_scratch)
+    softmax_init(m_scratch, l_scratch, acc_scratch)
 
   @pl.when(u < count_ref[tile])
   def _step():
     j = union_ref[tile * num_union + u]
     s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, query_tile,
                        scale=scale, block_size=block_size, group=group)
-    _softmax_step(s, v_ref[...], m_scratch, l_scratch, acc_scratch)
+    softmax_step(s, v_ref[...], m_scratch, l_scratch, acc_scratch)
 
   @pl.when(u == num_union - 1)
   def _finish():
-    _softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
+    softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
 
 
 def to_rows(x, hkv: int):
@@ -231,11 +195,6 @@ def _shape(q, k, v, block_indices, block_size, scale, options) -> _Shape:
                 dk ** -0.5 if scale is None else scale, options or DEFAULT_OPTIONS, k.shape[1])
 
 
-def cost(flops, transcendentals, bytes_accessed) -> pl.CostEstimate:
-  """What a pallas_call does, for XLA's scheduler and cost analysis (they cannot see inside)."""
-  return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(bytes_accessed))
-
-
 def _selection_cost(sh: _Shape, tiles: int, num_union: int, *, matmul_width: int, row_bytes: int,
                     kv_passes: int = 1) -> pl.CostEstimate:
   """One selection pallas_call over `tiles` query tiles. FLOPs: each of the 128 rows of a tile
@@ -248,11 +207,6 @@ def _selection_cost(sh: _Shape, tiles: int, num_union: int, *, matmul_width: int
   keys = sh.n * sh.block_size
   kv = sh.b * sh.hkv * tiles * min(num_union, 2 * sh.n) * sh.block_size * (sh.dk + sh.dv) * 2
   return cost(2 * rows * keys * matmul_width, rows * keys, rows * row_bytes + kv_passes * kv)
-
-
-def _window_share(estimate: pl.CostEstimate, windows: int) -> pl.CostEstimate:
-  """One of `windows` pallas_calls that split the work of `estimate` between them."""
-  return cost(estimate.flops / windows, estimate.transcendentals / windows, estimate.bytes_accessed / windows)
 
 
 def _tile_groups(sh: _Shape, entries_per_tile: int) -> int:
@@ -348,30 +302,16 @@ def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
 #   whose pairs straddle two windows continues from what the first wrote (the outputs alias the
 #   inputs, which start at zero).
 
-def _probs_and_dscores(s, lse_ref, do, v, delta_ref):
-  """Backward recompute for one (tile, block) step: p = exp(s - lse) (0 for rows that saw nothing)
-  and dS = p * (dO V^T - delta), both [R, l'] fp32."""
-  p = _probs(s, lse_ref)
-  dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  return p, p * (dp - _column(delta_ref))
-
-
-def _probs(s, lse_ref):
-  """p = exp(s - lse) for masked scores s [R, keys]; 0 for rows that saw nothing (lse -inf)."""
-  lse = _column(lse_ref)
-  return jnp.where(lse == -jnp.inf, 0.0, jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)))
-
-
 def _accumulate_dq(s, do, k, v, lse_ref, delta_ref, dq_scratch, scale):
   """dq += scale * dS K for one step's masked scores s [R, keys]."""
-  _, ds = _probs_and_dscores(s, lse_ref, do, v, delta_ref)
+  _, ds = probs_and_dscores(s, lse_ref, do, v, delta_ref)
   dq_scratch[...] += scale * jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                                  preferred_element_type=jnp.float32)
 
 
 def _accumulate_dkv(s, q, do, v, lse_ref, delta_ref, dk_scratch, dv_scratch, scale):
   """dV += P^T dO and dK += scale * dS^T Q for one step's masked scores s [R, keys]."""
-  p, ds = _probs_and_dscores(s, lse_ref, do, v, delta_ref)
+  p, ds = probs_and_dscores(s, lse_ref, do, v, delta_ref)
   dv_scratch[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
   dk_scratch[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
@@ -427,28 +367,8 @@ def block_pairs(union, count, num_blocks: int):
   tiles = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32)[:, None], (nq, u))
   block = jnp.where(real, union, num_blocks).reshape(b, hkv, nq * u)      # unused slots sort last
   tile = jnp.where(real, tiles[None, None], -1).reshape(b, hkv, nq * u)
-  block = jnp.concatenate([jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32), (b, hkv, num_blocks)), block], -1)
-  tile = jnp.concatenate([jnp.full((b, hkv, num_blocks), -1, jnp.int32), tile], -1)
-  order = jnp.argsort(block * (nq + 1) + tile + 1, axis=-1)
-  block, tile = jnp.take_along_axis(block, order, -1), jnp.take_along_axis(tile, order, -1)
-  # Unused slots (block == num_blocks) repeat the last real pair as work-free steps.
-  last = jnp.sum(block < num_blocks, axis=-1, keepdims=True) - 1
-  unused = block >= num_blocks
-  block = jnp.where(unused, jnp.take_along_axis(block, last, -1), block)
-  tile = jnp.where(unused, -1, tile)
-  return block.astype(jnp.int32), tile.astype(jnp.int32)
-
-
-def _dkv_windows(block, tile, prefetch_bytes: int):
-  """(block, tile, window): the pair lists [B, HKV, L] padded to whole windows of `window` pairs
-  (a work-free repeat of the last block), one pallas_call per window, whose two int32 lists fit
-  prefetch_bytes of scalar memory."""
-  b, hkv, length = block.shape
-  window = max(1, min(length, prefetch_bytes // (8 * b * hkv)))
-  pad = -length % window
-  block = jnp.concatenate([block, jnp.broadcast_to(block[..., -1:], (b, hkv, pad))], -1)
-  tile = jnp.concatenate([tile, jnp.full((b, hkv, pad), -1, jnp.int32)], -1)
-  return block, tile, window
+  block, tile, _ = inverted_pairs(block, tile, num_blocks)
+  return block, tile
 
 
 def _selection_dkv_kernel(block_ref, tile_ref, first_tile_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref, k_ref,
@@ -484,7 +404,7 @@ def _selection_dkv(sh: _Shape, first_tile, q_rows, idx_rows, do_rows, lse_rows, 
   """dK, dV [B, HKV, Tk, D] float32 from the pair list, window by window (pair tiles are local;
   first_tile, in scalar prefetch, places them in the sequence)."""
   b, hkv, dk, dv, bs = sh.b, sh.hkv, sh.dk, sh.dv, sh.block_size
-  block, tile, window = _dkv_windows(*block_pairs(union, count, sh.num_blocks), sh.options.prefetch_bytes)
+  (block, tile), window = pair_windows(block_pairs(union, count, sh.num_blocks), sh.options.prefetch_bytes)
   windows = block.shape[-1] // window
   grid = (b, hkv, window)
   kernel = functools.partial(_selection_dkv_kernel, scale=sh.scale, block_size=bs, group=sh.group,
@@ -505,7 +425,7 @@ def _selection_dkv(sh: _Shape, first_tile, q_rows, idx_rows, do_rows, lse_rows, 
       out_shape=[jax.ShapeDtypeStruct(k_t.shape, jnp.float32), jax.ShapeDtypeStruct(v_t.shape, jnp.float32)],
       input_output_aliases={10: 0, 11: 1},     # operands counted with the 3 prefetch arrays
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      cost_estimate=_window_share(_selection_cost(sh, sh.num_tiles, union.shape[-1], kv_passes=5,
+      cost_estimate=window_share(_selection_cost(sh, sh.num_tiles, union.shape[-1], kv_passes=5,
                                                   matmul_width=2 * (dk + dv),        # s, dP, dV, dK
                                                   row_bytes=2 * (dk + dv) + 4 * sh.n + 8), windows),
       interpret=sh.interpret)
@@ -563,86 +483,3 @@ def _selection_vjp_bwd(block_size, scale, options, residuals, dout):
 
 
 _selection.defvjp(_selection_vjp_fwd, _selection_vjp_bwd)
-
-
-# ---- traffic model ----
-# What each selection kernel moves between HBM and VMEM, from its own index maps and prefetch
-# lists (numpy): Pallas copies an input block when its block index differs from the previous grid
-# step's (each pallas_call starts a fresh pipeline) and writes an output block back when its
-# index changes.
-
-def _copies(index_seq) -> int:
-  """Copies one BlockSpec makes over calls [calls, grid steps in order, block-index dims]."""
-  index_seq = np.asarray(index_seq)
-  return int(np.any(index_seq[:, 1:] != index_seq[:, :-1], axis=-1).sum()) + index_seq.shape[0]
-
-
-def _with_bh(lists):
-  """[calls, B, HKV, steps] block indices -> [calls, B*HKV*steps, 3] (b, h, index) in grid order."""
-  calls, b, hkv, steps = lists.shape
-  keys = np.stack(np.broadcast_arrays(np.arange(b)[None, :, None, None], np.arange(hkv)[None, None, :, None],
-                                      lists), -1)
-  return keys.reshape(calls, b * hkv * steps, 3)
-
-
-def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: int, itemsize: int = 2,
-                      options=None) -> dict:
-  """HBM <-> VMEM bytes of the selection kernels for these indices [B, T, HKV, n].
-
-  Returns the forward's K/V bytes ("kv_bytes") against the minimum ("min_kv_bytes": each selected
-  block once per query tile) and against a one-query-at-a-time kernel ("per_query_kv_bytes":
-  every valid selected block per query), grid and executed steps, the MXU row fill (rows whose
-  query chose the step's block / 128, over executed steps; the same steps in all three kernels),
-  and per kernel ("forward", "dq", "dkv") bytes "in", "out" and the minimum "min_in":
-    forward  K/V blocks + a tile's q and index rows; out + lse rows.
-    dq       the forward's grid: K/V + q, index, dO, lse, delta rows; dq rows.
-    dkv      KV-stationary pair list, window by window: K/V and the fp32 dK/dV accumulators once
-             per run of a block's pairs, a tile's q, index, dO, lse, delta rows per pair; dK/dV
-             written once per run. Minimum: each block's K/V once, each pair's rows once."""
-  b, t, hkv, n = block_indices.shape
-  sh = _Shape(b, t, hkv, hq // hkv, dk, dv, n, block_size, 1.0, options or DEFAULT_OPTIONS)
-  union, count = tile_unions(jnp.asarray(block_indices), block_size=block_size, seq_len=t,
-                             queries_per_tile=sh.queries_per_tile)
-  union, count = np.asarray(union), np.asarray(count)
-  nq, num_union = sh.num_tiles, union.shape[-1]
-  tiles = _tile_groups(sh, num_union)
-  # kv_map of forward and dq: step (b, h, i, u) of tile group g reads block union[b, h, g*tiles + i, u].
-  groups = union.reshape(b, hkv, nq // tiles, tiles * num_union).transpose(2, 0, 1, 3)
-  kv_copies = _copies(_with_bh(groups))
-  executed = int(count.sum())
-  block_bytes = block_size * (dk + dv) * itemsize
-  q_and_idx = ROWS * (dk * itemsize + n * 4)
-  stats = ROWS * 4                                 # one [1, 128] fp32 tile row (lse or delta)
-  bwd_rows = q_and_idx + ROWS * dv * itemsize + 2 * stats
-  forward_rows, dq_rows = b * hkv * nq * q_and_idx, b * hkv * nq * bwd_rows
-  # dkv: the pair list and its windows exactly as _selection_dkv builds them.
-  num_blocks = t // block_size
-  pairs = block_pairs(jnp.asarray(union), jnp.asarray(count), num_blocks)
-  block, tile, window = (np.asarray(x) for x in _dkv_windows(*pairs, sh.options.prefetch_bytes))
-  per_call = lambda x: x.reshape(b, hkv, -1, window).transpose(2, 0, 1, 3)
-  pair_kv_copies = _copies(_with_bh(per_call(block)))
-  pair_row_copies = _copies(_with_bh(per_call(np.maximum(tile, 0))))
-  f32_block = block_size * (dk + dv) * 4
-  idx = np.asarray(block_indices).reshape(b, nq, sh.queries_per_tile, hkv, n).transpose(0, 3, 1, 2, 4)
-  used_rows = 0
-  for bi in range(b):
-    for h in range(hkv):          # queries of the tile that chose each union entry, x G heads
-      chose = (idx[bi, h][:, None, :, :] == union[bi, h][:, :, None, None]).any(-1).sum(-1)
-      used_rows += (chose * (np.arange(num_union)[None, :] < count[bi, h][:, None])).sum() * sh.group
-  indices = np.asarray(block_indices)
-  valid = (indices >= 0) & (indices <= (np.arange(t) // block_size)[None, :, None, None])
-  return {
-      "kv_bytes": kv_copies * block_bytes,
-      "min_kv_bytes": executed * block_bytes,
-      "per_query_kv_bytes": int(valid.sum()) * block_bytes,
-      "grid_steps": b * hkv * nq * num_union,
-      "executed_steps": executed,
-      "mxu_row_fill": used_rows / max(executed * ROWS, 1),
-      "forward": {"in": kv_copies * block_bytes + forward_rows, "min_in": executed * block_bytes + forward_rows,
-                  "out": b * hkv * nq * (ROWS * dv * itemsize + stats)},
-      "dq": {"in": kv_copies * block_bytes + dq_rows, "min_in": executed * block_bytes + dq_rows,
-             "out": b * hkv * nq * ROWS * dk * itemsize},
-      "dkv": {"in": pair_kv_copies * (block_bytes + f32_block) + pair_row_copies * bwd_rows,
-              "min_in": b * hkv * num_blocks * block_bytes + executed * bwd_rows,
-              "out": pair_kv_copies * f32_block},
-  }

@@ -117,18 +117,19 @@ def synthetic_selection(seq_len, kv_heads, *, realistic, block=64, n=16, seed=0,
 
 
 def traffic(args):
-  from kernels import nsa_pallas
+  from kernels import nsa_traffic
+  from kernels.pallas_common import ROWS
   dv = args.v_dim or args.head_dim
   gb = lambda x: f"{x / 1e9:.2f}"
   print(f"NSA selection kernels (Pallas), HBM<->VMEM traffic model: HQ={args.heads} HKV={args.kv_heads} "
-        f"Dk={args.head_dim} Dv={dv} bf16, l'=64, n=16, {nsa_pallas.ROWS} rows per tile "
-        f"({nsa_pallas.ROWS * args.kv_heads // args.heads} queries x {args.heads // args.kv_heads} heads)")
+        f"Dk={args.head_dim} Dv={dv} bf16, l'=64, n=16, {ROWS} rows per tile "
+        f"({ROWS * args.kv_heads // args.heads} queries x {args.heads // args.kv_heads} heads)")
   print(f"{'selection':>10} {'T':>7} {'fwd K/V GB':>10} {'min GB':>7} {'ratio':>6} {'per-query GB':>13} "
         f"{'steps run':>10} {'MXU rows':>9} | {'kernel':>7} {'in GB':>7} {'min in GB':>9} {'ratio':>6} {'out GB':>7}")
   for seq_len in args.seq_lens:
     for realistic in (False, True):
       idx = synthetic_selection(seq_len, args.kv_heads, realistic=realistic)
-      r = nsa_pallas.selection_traffic(idx, block_size=64, hq=args.heads, dk=args.head_dim, dv=dv)
+      r = nsa_traffic.selection_traffic(idx, block_size=64, hq=args.heads, dk=args.head_dim, dv=dv)
       head = (f"{'realistic' if realistic else 'random':>10} {seq_len:>7} {gb(r['kv_bytes']):>10} "
               f"{gb(r['min_kv_bytes']):>7} {r['kv_bytes'] / r['min_kv_bytes']:6.2f} {gb(r['per_query_kv_bytes']):>13} "
               f"{r['executed_steps'] / r['grid_steps']:10.0%} {r['mxu_row_fill']:9.1%}")

@@ -10,7 +10,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kernels
-from kernels import KernelOptions, nsa, nsa_compressed_pallas, nsa_pallas
+from kernels import KernelOptions, nsa, nsa_compressed_pallas, nsa_pallas, nsa_traffic
 
 
 def _options(dtype, **kw) -> KernelOptions:
@@ -293,7 +293,7 @@ def test_traffic_model_counts_copies_from_the_index_maps():
   t = 16
   own = jnp.arange(t, dtype=jnp.int32) // 4
   idx = jnp.stack([jnp.zeros(t, jnp.int32), own], -1)[None, :, None, :]
-  r = nsa_pallas.selection_traffic(idx, block_size=4, hq=16, dk=8, dv=8, itemsize=2)
+  r = nsa_traffic.selection_traffic(idx, block_size=4, hq=16, dk=8, dv=8, itemsize=2)
   block_bytes, f32_block = 4 * (8 + 8) * 2, 4 * (8 + 8) * 4
   assert r["kv_bytes"] == r["min_kv_bytes"] == 5 * block_bytes
   assert r["executed_steps"] == 5 and r["grid_steps"] == 2 * 4
