@@ -14,7 +14,8 @@ Indexer scores, I[t, s] = sum_j w[t, j] relu(q_I[t, j] . k_I[s]):
            ties to the lower s), so memory stays O(T*k).
 
 Sparse attention (MQA: every head of query t over the rows kv[s], s in S_t):
-  rows     a tile is qpt = 128 / H queries x their H heads (H=128: one query, H=16: 8), R rows.
+  rows     a tile is qpt = min(32, 128 / H) queries x their H heads (H=128: one query, H=16: 8),
+           R rows (32 queries at most: a key's choosers are the bits of one int32).
   union    per tile, the sorted distinct keys any of its queries may read (valid: >= 0, < Tk,
            <= the query's position; repeats dropped) with a bitmask per key of the queries that
            chose it (`tile_selection`), padded to whole chunks of KC = 128 keys by repeating the
@@ -30,7 +31,9 @@ Sparse attention (MQA: every head of query t over the rows kv[s], s in S_t):
            per key tile (so every tile is written): a key tile's gradient accumulates in VMEM and
            is written once, no scatter-add. Per pair, which (row, key) pairs were chosen comes
            from a 256-entry window of tile i's union (its keys in tile j are consecutive) as one
-           0/1 MXU product. The value is the first v_dim columns of each row: out and the dO
+           0/1 MXU product. Bytes per pair: the query tile's q and dO rows (R*Dk each), lse and
+           delta, its union window; per key tile its kv rows once and the fp32 gradient in and
+           out once per window. The value is the first v_dim columns of each row: out and the dO
            products run at the full width Dk with dO zero-padded (12% more MXU work at
            576/512, no unaligned lane slices).
 """
@@ -43,8 +46,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported
-from kernels import chunking
+from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported, chunking
 from kernels.pallas_common import (LANES, cost, inverted_pairs, pair_windows, probs, softmax_finish, softmax_init,
                                    softmax_step)
 
