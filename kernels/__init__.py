@@ -34,7 +34,7 @@ class KernelOptions:
                                   # interpret: Pallas's plain interpreter
   query_chunk: int = 256          # XLA references: queries per chunk (NSA selection: half of it)
   window_chunk: int = 256         # XLA window branch: its cost per query is (chunk + w) keys
-  select_chunk: int = 1024        # Pallas select_blocks: queries per block-score call and top-n
+  select_chunk: int = 1024        # Pallas NSA select_blocks and DSA indexer_topk: queries per score call and top-k
   dsa_query_chunk: int = 128      # XLA DSA: the indexer's chunk scores are [chunk, H_I, T] fp32
   unroll_chunks: bool = False     # unroll the chunk loops (XLA's cost analysis then counts every chunk)
   prefetch_bytes: int = 256 * 1024   # NSA selection: union lists per pallas_call (SMEM ~1 MiB)

@@ -251,12 +251,6 @@ def _untile_rows(g: _Geometry, x, t: int):
   return x.reshape(g.b, g.t, g.heads, x.shape[-1])[:, :t]
 
 
-def _stat_rows(g: _Geometry, x_BTH):
-  """[B, T, H] -> [B, NT, 1, R] lane-dense tile rows."""
-  x = jnp.pad(x_BTH, [(0, 0), (0, g.t - x_BTH.shape[1]), (0, 0)])
-  return x.reshape(g.b, g.num_tiles, 1, g.rows)
-
-
 # ---- forward and dq: the union walk with DMA row gathers ----
 
 def gather_rows(kv):
