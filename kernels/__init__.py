@@ -40,10 +40,14 @@ class KernelOptions:
   prefetch_bytes: int = 256 * 1024   # NSA selection: union lists per pallas_call (SMEM ~1 MiB)
   key_tile: int = 128             # NSA compressed: compressed keys per attention step
   score_blocks: int = 128         # NSA block scores: selection blocks per score step
+  topk_recall: float = 1.0        # DSA indexer_topk on Pallas: 1 exact; < 1 an approximate top-k with
+                                  # this expected recall (kernels/chunking.top_k), a smaller sort
 
   def __post_init__(self):
     if self.pallas_mode not in PALLAS_MODES:
       raise ValueError(f"pallas_mode={self.pallas_mode!r}: allowed values are {', '.join(PALLAS_MODES)}")
+    if not 0.0 < self.topk_recall <= 1.0:
+      raise ValueError(f"topk_recall={self.topk_recall}: must be in (0, 1] (1: exact top-k)")
 
   @property
   def targets_tpu(self) -> bool:

@@ -46,3 +46,39 @@ def masked_softmax(logits, mask):
   denom = jnp.where(any_visible, jnp.sum(e, axis=-1), 1.0)
   lse = jnp.where(any_visible, m + jnp.log(denom), -jnp.inf)
   return e / denom[..., None], lse
+
+
+def expected_recall(n: int, bins: int, k: int) -> float:
+  """The expected recall of top_k's reduction of n scores to `bins` bins of W = n / bins: the
+  i-th best survives iff none of the i-1 better ones shares its bin (each does with probability
+  p = (W-1)/(n-1)), so recall = mean_i (1-p)^(i-1)."""
+  p = (-(-n // bins) - 1) / max(n - 1, 1)
+  return 1.0 if p == 0 else (1.0 - (1.0 - p) ** k) / (k * p)
+
+
+def approx_bins(n: int, k: int, recall: float) -> int:
+  """The fewest bins M = ceil(n / W), W a power of two, whose expected recall is >= `recall`
+  (n: no reduction)."""
+  window = 1
+  while -(-n // (2 * window)) >= k and expected_recall(n, -(-n // (2 * window)), k) >= recall:
+    window *= 2
+  return -(-n // window)
+
+
+def top_k(scores, k: int, recall: float = 1.0):
+  """(values, index) of the k largest scores along the last axis, best first. recall = 1: exact
+  (lax.top_k; ties to the lower index). recall < 1: approximate, the partial reduction behind
+  lax.approx_max_k written out so it runs (and its recall is measured) the same on every
+  backend: element i goes to bin i mod M, each bin keeps its maximum, and an exact top-k ranks
+  the M winners; M = approx_bins(N, k, recall), so the sort is over N / W values (W = N / M a
+  power of two). Neighbouring keys (a query's local keys score alike) land in different bins."""
+  n = scores.shape[-1]
+  bins = n if recall >= 1.0 else approx_bins(n, k, recall)
+  if bins == n:
+    return jax.lax.top_k(scores, k)
+  window = -(-n // bins)
+  padded = jnp.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(0, bins * window - n)], constant_values=-jnp.inf)
+  windows = padded.reshape(*scores.shape[:-1], window, bins)          # [..., W, M]: bin = i mod M
+  winner = jnp.argmax(windows, axis=-2)
+  values, top = jax.lax.top_k(jnp.max(windows, axis=-2), k)
+  return values, jnp.take_along_axis(winner, top, -1) * bins + top

@@ -3,8 +3,10 @@ MQA form over the selected rows, and the indexer's KL loss and recall.
 
 `impl="xla"` is the pure-JAX reference: the oracle for the Pallas kernels and the path on CPU/GPU.
 `impl="pallas"` (and `auto` on TPU) runs the indexer's scores and the sparse attention (forward,
-dq, dkv) on the Pallas kernels of kernels/dsa_pallas.py; the indexer loss and recall stay on
-the reference.
+dq, dkv) on the Pallas kernels of kernels/dsa_pallas.py. The sparse stage's indexer loss takes its
+teacher from the attention forward's own statistics (`sparse_attention_and_indexer_loss`: one
+more walk over the gathered rows with the saved lse, QK only); the dense warm-up's loss and the
+recall stay on the reference.
 Memory is O(T*k), never T x T: every function walks the queries in chunks of `options.dsa_query_chunk`
 (kernels/chunking.py). Per chunk the indexer holds [chunk, H_I, T] scores and the sparse attention
 [chunk, k, D] gathered rows; the backward recomputes them chunk by chunk and its only dense
@@ -157,11 +159,16 @@ def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl
   Support: every key s <= t (indices None: the dense warm-up) or the set indices[t] (the sparse
   stage). Teacher: the main attention's probabilities (q, kv as in sparse_attention) restricted
   to the support, per head renormalised, summed over heads and L1-normalised; it is a constant
-  (stop-gradient), so only q_idx, k_idx and weights receive gradients."""
-  del impl         # the reference on every backend (DSA's Pallas kernels cover top-k and attention)
+  (stop-gradient), so only q_idx, k_idx and weights receive gradients. On Pallas the sparse
+  stage's teacher comes from the attention kernels (training calls
+  sparse_attention_and_indexer_loss, which shares the attention's forward); the dense warm-up's
+  loss is the reference on every backend."""
   options = options or DEFAULT_OPTIONS
   q, kv = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kv)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if indices is not None and _pallas(impl, options):
+    return sparse_attention_and_indexer_loss(q, kv, q_idx, k_idx, weights, indices, v_dim=kv.shape[-1], scale=scale,
+                                             impl="pallas", options=options)[1]
   local = functools.partial(indexer_loss_local, scale=scale, options=options)
   axes = [partition.Q, partition.KEY_ROW, partition.QUERY_HEADS, partition.KEY_ROW, partition.QUERY_ROWS]
   args = [q, kv, q_idx, k_idx, weights]
@@ -169,6 +176,55 @@ def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl
     axes.append(partition.QUERY_ROWS)
     args.append(jnp.sort(indices, axis=-1))
   return _per_device(local, tuple(axes), partition.ROWS)(*args).mean()
+
+
+def sparse_attention_and_indexer_loss(q, kv, q_idx, k_idx, weights, indices, *, v_dim: int, scale=None, impl="auto",
+                                      options=None):
+  """(sparse_attention(q, kv, indices), indexer_loss(q, kv, q_idx, k_idx, weights, indices)): the
+  sparse stage's two calls sharing one attention forward. On Pallas the teacher is the forward's
+  head-averaged probabilities over each query's selected keys (kernels/dsa_pallas.Teacher, from its
+  own lse: O(T*k) floats, no attention recomputed in XLA); the student's scores are XLA's, over the
+  same keys. Gradients: out's as sparse_attention's; the loss's reach q_idx, k_idx, weights only."""
+  options = options or DEFAULT_OPTIONS
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if not _pallas(impl, options):
+    return (sparse_attention(q, kv, indices, v_dim=v_dim, scale=scale, impl=impl, options=options),
+            indexer_loss(q, kv, q_idx, k_idx, weights, indices, scale=scale, impl=impl, options=options))
+
+  def local(q, kv, q_idx, k_idx, weights, indices, q_offset):
+    out, teacher = dsa_pallas.sparse_attention(q, kv, indices, q_offset, v_dim=v_dim, scale=scale, options=options,
+                                               teacher=True)
+    heads = partition.split_axes("act_heads")      # tensor parallelism: a mean over this device's heads
+    if heads:
+      teacher = teacher._replace(probs=jax.lax.pmean(teacher.probs, heads))
+    return out, union_kl(teacher, q_idx, k_idx, weights, options=options)
+  axes = (partition.Q, partition.KEY_ROW, partition.QUERY_HEADS, partition.KEY_ROW, partition.QUERY_ROWS,
+          partition.QUERY_ROWS)
+  out, kl = _per_device(local, axes, (partition.Q, partition.ROWS), True)(q, kv, q_idx, k_idx, weights, indices)
+  return out, kl.mean()
+
+
+def union_kl(teacher, q_idx, k_idx, weights, *, options):
+  """Per query [B, Tq]: KL(teacher || softmax of the indexer's scores over the query's chosen
+  keys), in the union space of dsa_pallas.Teacher. The student's scores are computed for every
+  key of a tile's union (qpt x the chosen ones when qpt > 1; H=128 has qpt = 1), tile chunks of
+  ~options.dsa_query_chunk queries at a time ([chunk, H_I, U] fp32, as the reference)."""
+  b, nt, qpt, _ = teacher.probs.shape
+  tq = q_idx.shape[1]
+
+  def tiles(x):
+    x = jnp.pad(x, [(0, 0), (0, nt * qpt - tq)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(b, nt, qpt, *x.shape[2:])
+
+  def chunk_fn(qi, _, w, keys, bits, probs):
+    rows = _gather_rows(k_idx, keys)                                                # [B, c, U, D_I]
+    dots = jnp.einsum("bcud,bcqhd->bcquh", rows, qi, preferred_element_type=jnp.float32)
+    student = jnp.einsum("bcquh,bcqh->bcqu", jax.nn.relu(dots), w.astype(jnp.float32))
+    chose = jnp.right_shift(bits[:, :, None, :], jnp.arange(qpt, dtype=jnp.int32)[None, None, :, None]) & 1
+    return _kl(probs, student, chose == 1)                                          # [B, c, qpt]
+  kl = chunking.map_query_chunks(chunk_fn, tiles(q_idx), tiles(weights), teacher.keys, teacher.bits, teacher.probs,
+                                 chunk=max(1, options.dsa_query_chunk // qpt), unroll=options.unroll_chunks)
+  return kl.reshape(b, nt * qpt)[:, :tq]
 
 
 def indexer_loss_local(q, kv, q_idx, k_idx, weights, indices=None, *, q_offset, scale, options):

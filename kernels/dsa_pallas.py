@@ -126,7 +126,8 @@ def index_scores(q_idx, weights, k_idx, q_offset, *, options=None):
 def indexer_topk(q_idx, k_idx, weights, q_offset, *, topk: int, options=None):
   """The contract of kernels.dsa.indexer_topk for queries at q_offset + [0, Tq): int32
   [B, Tq, topk], best first, ties to the lower s, -1 padding. Scores come from the Pallas
-  kernel one chunk of queries at a time; lax.top_k ranks them exactly."""
+  kernel one chunk of queries at a time; lax.top_k ranks them exactly (options.topk_recall < 1:
+  chunking.top_k's approximate top-k, still best first, -1 where it found fewer keys)."""
   options = options or DEFAULT_OPTIONS
   num_keys = k_idx.shape[1]
 
@@ -134,7 +135,7 @@ def indexer_topk(q_idx, k_idx, weights, q_offset, *, topk: int, options=None):
     scores = index_scores(q_chunk, w_chunk, k_idx, t0, options=options)
     if num_keys < topk:
       scores = jnp.pad(scores, [(0, 0), (0, 0), (0, topk - num_keys)], constant_values=-jnp.inf)
-    values, index = jax.lax.top_k(scores, topk)
+    values, index = chunking.top_k(scores, topk, options.topk_recall)
     return jnp.where(values == -jnp.inf, -1, index).astype(jnp.int32)
   chunk = max(options.select_chunk, _score_queries(q_idx.shape[2]))
   return chunking.map_query_chunks(chunk_fn, q_idx, weights, chunk=chunk, remat=False, offset=q_offset)
@@ -181,11 +182,11 @@ def check_supported(n_heads: int) -> None:
     raise Unsupported("n_heads", n_heads, "must divide 128 or be a multiple of 8 (DSA's Pallas row tiles)")
 
 
-def _geometry(q, kv, indices, v_dim, scale, options) -> _Geometry:
+def _geometry(q, kv, topk: int, v_dim, scale, options) -> _Geometry:
   b, t, heads, dk = q.shape
   check_supported(heads)
   qpt = queries_per_tile(heads)
-  union = _round_up(min(qpt * indices.shape[-1], kv.shape[1]), KEY_CHUNK)
+  union = _round_up(min(qpt * topk, kv.shape[1]), KEY_CHUNK)
   return _Geometry(b, _round_up(t, qpt), heads, dk, v_dim, kv.shape[1], qpt, union,
                    dk ** -0.5 if scale is None else scale, options or DEFAULT_OPTIONS, kv.dtype)
 
@@ -378,11 +379,48 @@ def _forward_rows(g: _Geometry, sel, bits, q_rows, kv):
 def sparse_forward(q, kv, indices, q_offset=0, *, v_dim: int, scale=None, options=None):
   """(out [B, T, H, v_dim] in q's dtype, lse [B, T, H] float32): kernels.dsa.sparse_attention's
   numbers for queries at global positions q_offset + [0, T) against all rows kv [B, Tk, Dk]."""
-  g = _geometry(q, kv, indices, v_dim, scale, options)
+  g = _geometry(q, kv, indices.shape[-1], v_dim, scale, options)
   sel, bits, _, _ = _selection(g, indices, q_offset)
   out, lse = _forward_rows(g, sel, bits, _tile_rows(g, q), kv)
   t = q.shape[1]
   return _untile_rows(g, out, t)[..., :v_dim], lse.reshape(g.b, g.t, g.heads)[:, :t]
+
+
+# ---- the indexer's teacher: head-averaged probabilities over the selected keys ----
+
+def _teacher_kernel(sel_hbm, bits_ref, q_ref, lse_ref, kv_hbm, teacher_ref, sel_smem, buf, sem, *, scale, heads):
+  teacher_ref[...] = jnp.zeros(teacher_ref.shape, jnp.float32)       # union slots past the count
+  q = q_ref[...]
+  rows, queries = q.shape[0], teacher_ref.shape[0]
+  owner = jax.lax.broadcasted_iota(jnp.int32, (queries, rows), 1) // heads
+  mean = jnp.where(owner == jax.lax.broadcasted_iota(jnp.int32, (queries, rows), 0), 1.0 / heads, 0.0)
+
+  def step(c, kv_rows):
+    p = probs(_scores(q, kv_rows, _chosen(bits_ref, c, rows, heads), scale), lse_ref)        # [R, KC]
+    teacher_ref[:, pl.ds(pl.multiple_of(c * KEY_CHUNK, KEY_CHUNK), KEY_CHUNK)] = jnp.dot(
+        mean, p, preferred_element_type=jnp.float32)                                          # [qpt, KC]
+  _gather_walk(sel_hbm, kv_hbm, sel_smem, buf, sem, step)
+
+
+def _teacher_rows(g: _Geometry, sel, bits, q_rows, lse_rows, kv):
+  """[B, NT, qpt, U] float32: per tile query and union slot, the attention probability of that
+  key averaged over the query's H heads (0 where the query did not choose it). The forward's walk
+  and gathers with the saved lse, the QK product only: half the forward's FLOPs, its bytes."""
+  tile = pl.BlockSpec((None, None, g.rows, g.dk), lambda b, i: (b, i, 0, 0))
+  lse_spec = pl.BlockSpec((None, None, 1, g.rows), lambda b, i: (b, i, 0, 0))
+  out_spec = pl.BlockSpec((None, None, g.queries_per_tile, g.union), lambda b, i: (b, i, 0, 0))
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  bits_spec = pl.BlockSpec((None, None, 1, g.union + KEY_CHUNK), lambda b, i: (b, i, 0, 0))
+  estimate = _walk_cost(g, 1, 2 * g.dk + 4 + 4 * g.union // g.heads)
+  return pl.pallas_call(
+      functools.partial(_teacher_kernel, scale=g.scale, heads=g.heads),
+      grid=(g.b, g.num_tiles), in_specs=[any_spec, bits_spec, tile, lse_spec, any_spec], out_specs=out_spec,
+      out_shape=jax.ShapeDtypeStruct((g.b, g.num_tiles, g.queries_per_tile, g.union), jnp.float32),
+      scratch_shapes=[pltpu.SMEM((1 + g.union,), jnp.int32), pltpu.VMEM((2, KEY_CHUNK, 1, g.dk), g.kv_dtype),
+                      pltpu.SemaphoreType.DMA((2,))],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+      cost_estimate=estimate, interpret=g.interpret,
+  )(sel, bits, q_rows, lse_rows, gather_rows(kv))
 
 
 # ---- dkv: KV-stationary over the inverted selection ----
@@ -483,30 +521,57 @@ def _dkv(g: _Geometry, keys_row, bits, count, q_rows, do_rows, lse_rows, delta_r
   return acc[:, :g.tk]
 
 
-# ---- the differentiable function ----
+# ---- the differentiable functions ----
 
-def sparse_attention(q, kv, indices, q_offset, *, v_dim: int, scale=None, options=None):
+class Teacher(NamedTuple):
+  """The indexer loss's teacher in union space (kernels.dsa.indexer_loss, sparse stage): per
+  query tile of `queries_per_tile(H)` queries, its union keys [B, NT, U] (sorted, distinct,
+  padding repeats the last), the queries that chose each (bits [B, NT, U], bit i = tile query i)
+  and probs [B, NT, qpt, U] float32, the head-averaged attention probability of each chosen key
+  (each query's row sums to 1 over its chosen keys, or is 0 if it has none). Tile query i is
+  global position q_offset + tile * qpt + i."""
+  keys: jax.Array
+  bits: jax.Array
+  probs: jax.Array
+
+
+def sparse_attention(q, kv, indices, q_offset, *, v_dim: int, scale=None, options=None, teacher: bool = False):
   """Differentiable Pallas sparse attention: the contract of kernels.dsa.sparse_attention for
-  queries at global positions q_offset + [0, T) (int or traced int32) against all rows kv."""
-  return _sparse(q, kv, indices, jnp.asarray(q_offset, jnp.int32), v_dim, scale, options)
+  queries at global positions q_offset + [0, T) (int or traced int32) against all rows kv.
+  teacher=True: (out, Teacher) with the teacher from the forward's own lse (a constant: no
+  gradient flows through it)."""
+  g = _geometry(q, kv, indices.shape[-1], v_dim, scale, options)
+  sel, bits, keys_row, count = _selection(g, indices, jnp.asarray(q_offset, jnp.int32))
+  out, probs_union = _sparse(q, kv, sel, bits, keys_row, count, v_dim, scale, options, teacher)
+  if not teacher:
+    return out
+  return out, Teacher(keys_row[:, :, 0, :g.union], bits[:, :, 0, :g.union], probs_union)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _sparse(q, kv, indices, q_offset, v_dim, scale, options):
-  return sparse_forward(q, kv, indices, q_offset, v_dim=v_dim, scale=scale, options=options)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _sparse(q, kv, sel, bits, keys_row, count, v_dim, scale, options, teacher):
+  return _sparse_fwd(q, kv, sel, bits, keys_row, count, v_dim, scale, options, teacher)[0]
 
 
-def _sparse_fwd(q, kv, indices, q_offset, v_dim, scale, options):
-  g = _geometry(q, kv, indices, v_dim, scale, options)
-  sel, bits, keys_row, count = _selection(g, indices, q_offset)
-  out_rows, lse_rows = _forward_rows(g, sel, bits, _tile_rows(g, q), kv)
+def _union_geometry(q, kv, bits, v_dim, scale, options) -> _Geometry:
+  g = _geometry(q, kv, 1, v_dim, scale, options)
+  return g._replace(union=bits.shape[-1] - KEY_CHUNK)
+
+
+def _sparse_fwd(q, kv, sel, bits, keys_row, count, v_dim, scale, options, teacher):
+  g = _union_geometry(q, kv, bits, v_dim, scale, options)
+  q_rows = _tile_rows(g, q)
+  out_rows, lse_rows = _forward_rows(g, sel, bits, q_rows, kv)
   out = _untile_rows(g, out_rows, q.shape[1])[..., :v_dim]
-  return out, (q, kv, indices, sel, bits, keys_row, count, out_rows, lse_rows)
+  probs_union = _teacher_rows(g, sel, bits, q_rows, lse_rows, kv) if teacher else None
+  return (out, probs_union), (q, kv, sel, bits, keys_row, count, out_rows, lse_rows)
 
 
-def _sparse_bwd(v_dim, scale, options, residuals, dout):
-  q, kv, indices, sel, bits, keys_row, count, out_rows, lse_rows = residuals
-  g = _geometry(q, kv, indices, v_dim, scale, options)
+def _sparse_bwd(v_dim, scale, options, teacher, residuals, cotangents):
+  del teacher      # the teacher is a constant: its cotangent is dropped
+  q, kv, sel, bits, keys_row, count, out_rows, lse_rows = residuals
+  dout = cotangents[0]
+  g = _union_geometry(q, kv, bits, v_dim, scale, options)
   q_rows = _tile_rows(g, q)
   # dO zero-padded to Dk: the value is kv's first v_dim columns.
   do_rows = _tile_rows(g, jnp.pad(dout.astype(q.dtype), [(0, 0), (0, 0), (0, 0), (0, g.dk - v_dim)]))
@@ -517,7 +582,7 @@ def _sparse_bwd(v_dim, scale, options, residuals, dout):
                         _walk_cost(g, 3, 6 * g.dk + 8))(sel, bits, q_rows, do_rows, lse_rows, delta_rows,
                                                         gather_rows(kv))
   dkv = _dkv(g, keys_row, bits, count, q_rows, do_rows, lse_rows, delta_rows, kv)
-  return _untile_rows(g, dq_rows, q.shape[1]), dkv.astype(kv.dtype), None, None
+  return _untile_rows(g, dq_rows, q.shape[1]), dkv.astype(kv.dtype), None, None, None, None
 
 
 _sparse.defvjp(_sparse_fwd, _sparse_bwd)

@@ -189,6 +189,16 @@ def _split_queries(fn, in_axes, out_axes, shards: int, axes: tuple):
   return body
 
 
+def split_axes(name: str) -> tuple:
+  """The mesh axes (size > 1) that logical axis `name` may be split over: inside a per_device
+  body, a partial result over that axis (a sum over local heads) is combined with a collective
+  over them (on an axis the call left whole, the collective sees equal copies)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  return tuple(a for a in _mesh_axes(name, nn.get_logical_axis_rules()) if a in mesh.shape and mesh.shape[a] > 1)
+
+
 def per_device(fn, in_axes, out_axes, *, pallas: bool = True):
   """fn(*args, q_offset) run per device under the current mesh: args[i] has logical axes
   in_axes[i] (None: replicated, e.g. a static table), the outputs out_axes (one axis tuple, or a

@@ -56,14 +56,21 @@ class DSAAttention(MLAAttention):
     q_idx, k_idx, w_idx = self.indexer(x_BTE, p.c_q, positions_BT)
     q_mqa, kv = self.mqa_inputs(p)
     topk = lambda: dsa_kernels.indexer_topk(q_idx, k_idx, w_idx, topk=c.index_topk, **kernel_args)
+    with_loss = not self.is_initializing()
     if c.stage == "dense_warmup":
       indices, out = None, self.mha(p)
+      if with_loss:
+        loss = dsa_kernels.indexer_loss(q_mqa, kv, q_idx, k_idx, w_idx, scale=self.scale, **kernel_args)
     else:
       indices = topk()
-      out = self.mqa_output(dsa_kernels.sparse_attention(
-          q_mqa, kv, indices, v_dim=self.config.mla.kv_lora_rank, scale=self.scale, **kernel_args))
-    if not self.is_initializing():
-      loss = dsa_kernels.indexer_loss(q_mqa, kv, q_idx, k_idx, w_idx, indices, scale=self.scale, **kernel_args)
+      v_dim = self.config.mla.kv_lora_rank
+      if with_loss:   # one attention forward for both (on Pallas the teacher is the kernels')
+        out, loss = dsa_kernels.sparse_attention_and_indexer_loss(q_mqa, kv, q_idx, k_idx, w_idx, indices, v_dim=v_dim,
+                                                                  scale=self.scale, **kernel_args)
+      else:
+        out = dsa_kernels.sparse_attention(q_mqa, kv, indices, v_dim=v_dim, scale=self.scale, **kernel_args)
+      out = self.mqa_output(out)
+    if with_loss:
       self.sow("aux_loss", "indexer_loss", c.indexer_loss_coef * loss)
       self.sow("metrics", "indexer_loss", loss)
       if self.is_mutable_collection("diagnostics"):

@@ -8,12 +8,30 @@ rope 16, v 32; indexer 16 heads x 32) with --heads heads and --topk keys per que
 
   python scripts/bench_attention.py --impl pallas [--seq-lens 65536] [--heads 64 --kv-heads 4 --head-dim 192]
 
-prints the traffic model of NSA's Pallas selection kernels: for a random and a realistic
-(local, clustered) block selection with the paper's defaults, the K/V bytes the forward moves
-HBM -> VMEM (from its index maps and prefetch lists) against the minimum (each selected K/V block
-once per query tile) and what a one-query-at-a-time kernel reads, the MXU row fill, and per
-kernel (forward, dq, dK/dV) all bytes in and out against the minimum. On a TPU it first times
-the layers (--kinds) on the Pallas kernels, compiled for the chip, like the XLA table below.
+prints the traffic model of NSA's Pallas selection kernels (unless --kinds has dsa and not nsa): for a
+random and a realistic (local, clustered) block selection with the paper's defaults, the K/V bytes
+the forward moves HBM -> VMEM (from its index maps and prefetch lists) against the minimum (each
+selected K/V block once per query tile) and what a one-query-at-a-time kernel reads, the MXU row
+fill, and per kernel (forward, dq, dK/dV) all bytes in and out against the minimum. On a TPU it
+first times the layers (--kinds) on the Pallas kernels, compiled for the chip, like the XLA table
+below.
+
+  python scripts/bench_attention.py --impl pallas --kinds dsa --seq-lens 32768 131072 \
+      [--dsa-topk 2048 --dsa-heads 128 --dsa-samples 64] [--dsa-trained-run runs/dsa_sparse]
+
+prints the traffic model of DSA's Pallas sparse-attention kernels (kernels/dsa_traffic.py) at
+DeepSeek-V3.2's absorbed shape (H=128 heads over 576-wide rows, value 512, bf16, top-2048): for a
+random and a realistic (local window + persistent hot keys + noise) token selection, per kernel
+(forward, dq, dkv) the bytes in and out against the minimum (forward, dq: each selected row once
+per query; dkv: each operand once, the kv gradient written once), the MXU row fill, the FLOPs
+executed against dense causal MLA (MHA form, qk 192 / v 128), the arithmetic intensity against
+the ridge points of v5e, v5p and v6e (peak bf16 FLOP/s / HBM bandwidth) and the grid steps; then
+how much the selections of g neighbouring queries overlap (the rows a g-query union tile would
+gather relative to per-query gathers) and what such a tile would cost on v6e. Long sequences are
+sampled: --dsa-samples runs of 16 consecutive queries spread over T, scaled to all of T.
+--dsa-trained-run adds the selection of a trained model's indexer (every layer, on one
+validation sequence of the embedded corpus, the model's seq_len and index_topk) with the same
+V3.2 head shapes, next to a random selection of the same T and k.
 
 Per (kind, T): wall time (median of --repeats runs after a warm-up), compiled FLOPs
 (`cost_analysis`) and memory (`memory_analysis`: arguments + outputs + temporaries). XLA counts a
@@ -117,6 +135,13 @@ def synthetic_selection(seq_len, kv_heads, *, realistic, block=64, n=16, seed=0,
 
 
 def traffic(args):
+  if "nsa" in args.kinds or "dsa" not in args.kinds:
+    nsa_traffic_table(args)
+  if "dsa" in args.kinds:
+    dsa_traffic_tables(args)
+
+
+def nsa_traffic_table(args):
   from kernels import nsa_traffic
   from kernels.pallas_common import ROWS
   dv = args.v_dim or args.head_dim
@@ -139,6 +164,122 @@ def traffic(args):
               f"{k['in'] / k['min_in']:6.2f} {gb(k['out']):>7}", flush=True)
 
 
+DSA_DK, DSA_DV = 576, 512        # DeepSeek-V3.2: kv_lora_rank 512 + qk_rope_dim 64; value 512
+
+
+def trained_selection(run_dir: str):
+  """(indices [n_layers, T, k] int32, seq_len, index_topk): every layer's top-k on one validation
+  sequence of the embedded corpus, from the indexer of the run's newest checkpoint (xla top-k)."""
+  import operator
+
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  from configs.base import EMBEDDED_TOKENIZER
+  from data import corpus
+  from data.tokenizer import Tokenizer
+  from kernels import dsa as dsa_kernels
+  from model import transformer
+  from model.dsa import LightningIndexer
+  from trainer import checkpoint, sharding, steps
+  directory = checkpoint.checkpoint_dir(run_dir)
+  with ocp.CheckpointManager(directory, item_handlers={"config": ocp.JsonCheckpointHandler()}) as manager:
+    step = manager.latest_step()
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  config = ml_collections.ConfigDict(saved)
+  if config.attention.kind != "dsa":
+    raise SystemExit(f"--dsa-trained-run {run_dir}: attention.kind is {config.attention.kind}, not dsa")
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  abstract = steps.build(config, mesh).abstract_state.params
+  params, step, _ = checkpoint.load_params(run_dir, abstract)
+  # One layer per module (no scan), so that the indexers' outputs can be captured.
+  n_layers = config.model.n_layers
+  if config.model.scan_layers:
+    layers = params.pop("layers")
+    params.update({f"layer_{i}": jax.tree.map(operator.itemgetter(i), layers) for i in range(n_layers)})
+  config.model.scan_layers = False
+  config.model.remat = "none"
+  config.attention.impl = "xla"
+  tokenizer = Tokenizer(config.data.tokenizer or EMBEDDED_TOKENIZER)
+  docs = [text for _, text in corpus.embedded_documents("validation")]
+  ids = np.concatenate([np.append(x, tokenizer.eos_id) for x in tokenizer.encode(docs)])
+  longest = max(tokenizer.encode(docs), key=len)       # one long document when there is one
+  tokens = (longest if len(longest) >= config.seq_len else ids)[:config.seq_len][None]
+  model = transformer.build(config)
+  _, state = model.apply({"params": params}, jnp.asarray(tokens), mutable=["intermediates", "aux_loss", "metrics"],
+                         capture_intermediates=lambda m, name: isinstance(m, LightningIndexer) and name == "__call__")
+  out = []
+  for i in range(n_layers):
+    (q_idx, k_idx, w_idx), = state["intermediates"][f"layer_{i}"]["attn"]["indexer"]["__call__"]
+    out.append(dsa_kernels.indexer_topk(q_idx, k_idx, w_idx, topk=config.dsa.index_topk, impl="xla")[0])
+  print(f"trained selection: {run_dir} step {step}, {n_layers} layers, T={config.seq_len}, "
+        f"k={config.dsa.index_topk}, one validation sequence of the embedded corpus (the layers are the "
+        "batch rows below: bytes and FLOPs summed over them)")
+  return np.asarray(jnp.stack(out)), config.seq_len, config.dsa.index_topk
+
+
+def dsa_traffic_tables(args):
+  from kernels import dsa_traffic as dt
+  from kernels.dsa_pallas import queries_per_tile
+  chips = ("v5e", "v5p", "v6e")
+  heads, topk = args.dsa_heads, args.dsa_topk
+  ridges = ", ".join(f"{c} {dt.ridge(c):.0f}" for c in chips)
+  print(f"DSA sparse MLA kernels (Pallas), HBM<->VMEM traffic model: H={heads} Dk={DSA_DK} dv={DSA_DV} bf16, "
+        f"{queries_per_tile(heads)} query x {heads} heads per tile; ridge FLOP/B: {ridges}")
+  cases = []      # (name, T, indices, positions, seq_len or None)
+  for seq_len in args.seq_lens:
+    positions = dt.sample_positions(seq_len, args.dsa_samples)
+    for realistic in (False, True):
+      cases.append(("realistic" if realistic else "random", seq_len, topk,
+                    dt.synthetic_selection(seq_len, topk, positions, realistic=realistic), positions))
+  if args.dsa_trained_run:
+    idx, seq_len, k = trained_selection(args.dsa_trained_run)
+    import numpy as np
+    positions = np.arange(seq_len)
+    cases.append(("trained", seq_len, k, idx, positions))
+    cases.append(("random", seq_len, k, dt.synthetic_selection(seq_len, k, positions, realistic=False), positions))
+  print(f"{'selection':>10} {'T':>7} {'k':>5} {'sample':>7} | {'kernel':>7} {'in GB':>9} {'min GB':>9} {'ratio':>6} "
+        f"{'out GB':>8} {'min GB':>8} {'ratio':>6} {'MXU fill':>8} {'TFLOP':>9} {'dense':>9} {'ratio':>6} "
+        f"{'FLOP/B':>6} {'v5e/v5p/v6e':>11} {'grid steps':>10} {'work':>9}")
+  results = []
+  for name, seq_len, k, idx, positions in cases:
+    sampled = len(positions) < seq_len
+    r = dt.sparse_traffic(idx, heads=heads, dk=DSA_DK, dv=DSA_DV, q_offset=positions,
+                          seq_len=seq_len if sampled else None)
+    results.append((name, seq_len, k, idx, positions, r))
+    head = f"{name:>10} {seq_len:>7} {k:>5} {r['sampled_fraction']:7.1%}"
+    for kernel in ("forward", "dq", "dkv"):
+      x = r[kernel]
+      bound = "/".join("C" if x["intensity"] > dt.ridge(c) else "M" for c in chips)
+      print(f"{head if kernel == 'forward' else '':<{len(head)}} | {kernel:>7} {x['in'] / 1e9:9.2f} "
+            f"{x['min_in'] / 1e9:9.2f} {x['in'] / x['min_in']:6.2f} {x['out'] / 1e9:8.3f} {x['min_out'] / 1e9:8.3f} "
+            f"{x['out'] / x['min_out']:6.2f} {x['row_fill']:8.1%} {x['flops'] / 1e12:9.2f} "
+            f"{x['dense_mha_flops'] / 1e12:9.2f} {x['flops'] / x['dense_mha_flops']:6.3f} {x['intensity']:6.0f} "
+            f"{bound:>11} {x['grid_steps']:10.3g} {x['work_steps']:9.3g}", flush=True)
+    print(f"{'':<{len(head)}} | dkv: {r['pairs'] / r['queries']:.1f} (key tile, query) pairs per query, "
+          f"{r['dkv']['pallas_calls']} pallas_calls of {r['dkv_window']} pairs; kv relayout "
+          f"{r['kv_relayout_bytes'] / 1e9:.3f} GB per walk kernel (not above)")
+  print("in/out: bytes per layer, batch 1; min: forward/dq each selected row once per query, dkv each operand once; "
+        "dense: causal MLA in MHA form (qk 192, v 128), the same kernel's share; "
+        "C/M: compute- or memory-bound at that FLOP/B; grid steps: B x steps run, work: chunks (forward, dq) "
+        "or pairs (dkv) that compute")
+  groups = (1, 2, 4, 8, 16)
+  print(f"\nneighbouring queries' selections: a union tile of g consecutive queries (g x {heads} rows) "
+        f"against per-query gathers; v6e model: max(FLOPs / (918 TF x min(1, rows / 256)), bytes / 1.64 TB/s)")
+  print(f"{'selection':>10} {'T':>7} {'k':>5} {'g':>3} {'union/sum':>9} {'FLOP/B':>7} {'exec FLOP/B':>11} "
+        f"{'v6e':>8} {'us/query':>8} {'speedup':>7}")
+  for name, seq_len, k, idx, positions, _ in results:
+    o = dt.overlap(idx, groups, q_offset=positions, num_keys=seq_len, heads=heads, dk=DSA_DK, dv=DSA_DV)
+    for g, x in o.items():
+      print(f"{name if g == 1 else '':>10} {seq_len if g == 1 else '':>7} {k if g == 1 else '':>5} {g:>3} "
+            f"{x['union_over_sum']:9.3f} {x['flop_per_byte']:7.0f} {x['executed_flop_per_byte']:11.0f} "
+            f"{x['bound']:>8} {x['time_per_query'] * 1e6:8.3f} {x['speedup']:6.2f}x", flush=True)
+    if name == "trained":
+      per_layer = [dt.overlap(idx[i:i + 1], groups, q_offset=positions, num_keys=seq_len) for i in range(len(idx))]
+      print(f"{'':>10} union/sum per layer: " + "; ".join(
+          f"g={g} " + " ".join(f"{o[g]['union_over_sum']:.3f}" for o in per_layer) for g in (2, 4, 16)))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
@@ -155,6 +296,12 @@ def main():
   parser.add_argument("--impl", default="xla", choices=["xla", "pallas"],
                       help="xla: time the layers; pallas: the Pallas kernels' traffic model")
   parser.add_argument("--v-dim", type=int, default=0, help="value head dim for --impl pallas (default: --head-dim)")
+  parser.add_argument("--dsa-topk", type=int, default=2048, help="--impl pallas, dsa: keys per query")
+  parser.add_argument("--dsa-heads", type=int, default=128, help="--impl pallas, dsa: absorbed heads")
+  parser.add_argument("--dsa-samples", type=int, default=64,
+                      help="--impl pallas, dsa: runs of 16 consecutive queries sampled per T")
+  parser.add_argument("--dsa-trained-run", default="",
+                      help="--impl pallas, dsa: also a trained DSA run's selection (its workdir)")
   args = parser.parse_args()
   if args.impl == "pallas" and jax.default_backend() != "tpu":
     return traffic(args)     # off TPU the kernels would only be interpreted: their traffic model

@@ -157,17 +157,27 @@ def test_two_stage_recipe_end_to_end(tmp_path):
 
 
 def test_sparse_stage_on_pallas_kernels_trains_like_xla(tmp_path):
-  """dsa_tiny's sparse stage, 20 steps: the indexer's top-k and the sparse attention on the
-  Pallas kernels (Pallas's interpreter) give impl=xla's losses, rtol 2e-3."""
+  """dsa_tiny's sparse stage, 20 steps: the indexer's top-k, the sparse attention and the indexer
+  loss's teacher on the Pallas kernels (Pallas's interpreter), sharded fsdp 2 x context 2 x
+  tensor 2 inside the trainer's shard_map (a device holds half the heads: the teacher is the
+  mean over both halves), give one device's impl=xla losses (rtol 2e-3) and indexer losses."""
   overrides = {**DSA_SMALL, "steps": 20, "checkpoint_every": 20, "batch_size": 2, "model.n_layers": 1,
                "kernels.pallas_mode": "interpret"}
-  runs = {impl: run_train(tmp_path / impl, {**overrides, "attention.impl": impl}, wait=False,
-                          config="configs/dsa_tiny.py:sparse") for impl in ("pallas", "xla")}
+  sharded = {"mesh.fsdp": 2, "mesh.context": 2, "mesh.tensor": 2}
+  runs = {impl: run_train(tmp_path / impl, {**overrides, "attention.impl": impl, **(sharded if impl == "pallas" else {})},
+                          wait=False, config="configs/dsa_tiny.py:sparse", devices=8 if impl == "pallas" else 1)
+          for impl in ("pallas", "xla")}
   for impl, proc in runs.items():
     _, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
     assert f"attention dsa/{impl}" in stderr
+    assert ("'fsdp': 2, 'context': 2, 'tensor': 2" in stderr) == (impl == "pallas")
   pallas, xla = (read_metrics(tmp_path / impl) for impl in ("pallas", "xla"))
-  losses = np.array([[pallas[s]["loss"], xla[s]["loss"]] for s in range(1, 21)])
-  np.testing.assert_allclose(losses[:, 0], losses[:, 1], rtol=2e-3)
-  assert losses[-3:, 1].mean() < losses[0, 1] - 0.5, losses        # it trains
+  series = lambda run, field: np.array([run[s][field] for s in range(1, 21)])
+  np.testing.assert_allclose(series(pallas, "loss"), series(xla, "loss"), rtol=2e-3)
+  # The indexer loss (~0.14) is a small difference of two entropies: equal at the same weights
+  # (step 1), then within 1% as the bf16 trajectories part.
+  got, want = series(pallas, "indexer_loss"), series(xla, "indexer_loss")
+  np.testing.assert_allclose(got[0], want[0], rtol=2e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-2)
+  assert np.mean([xla[s]["loss"] for s in (18, 19, 20)]) < xla[1]["loss"] - 0.5      # it trains
