@@ -47,8 +47,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported, chunking
-from kernels.pallas_common import (LANES, cost, inverted_pairs, pair_windows, probs, softmax_finish, softmax_init,
-                                   softmax_step)
+from kernels.pallas_common import (LANES, cost, inverted_pairs, pair_windows, probs, probs_and_dscores, softmax_finish,
+                                   softmax_init, softmax_step)
 
 KEY_CHUNK = 128        # union rows gathered per chunk (forward, dq)
 KEY_TILE = 128         # keys per dkv tile
@@ -262,26 +262,48 @@ def gather_rows(kv):
   return kv[:, :, None, :]
 
 
-def _gather_walk(sel_hbm, kv_hbm, sel_smem, buf, sem, step):
-  """Walks the tile's union: copies its list to SMEM, then per chunk of KC keys DMA-gathers
-  their kv rows into buf[slot] (the next chunk's copies start before this chunk computes) and
-  calls step(chunk index, rows [KC, Dk])."""
+def _gather_walk(sel_hbm, sel_smem, sources, sem, step, write=None):
+  """Walks the tile's union: copies its list to SMEM, then per chunk of KC keys DMA-gathers the
+  keys' rows of every source (hbm [B, T, 1, D], buf [2, KC, 1, D]) into buf[slot] (the next
+  chunk's copies start before this chunk computes; sem: DMA [sources, 2]) and calls
+  step(chunk, slot, [rows [KC, D] per source]).
+  write = (buf, hbm, sem [2]): after each step, buf[slot]'s rows of the chunk's real keys go back
+  to their hbm rows (async; a slot's writes are awaited before it is refilled, and all by the
+  end). The union's keys are distinct, so no two copies in flight touch one row; the padding
+  slots of the last chunk (repeats of the last key) are never written."""
   b, i = pl.program_id(0), pl.program_id(1)
   pltpu.sync_copy(sel_hbm.at[b, i], sel_smem)
-  chunks = (sel_smem[0] + KEY_CHUNK - 1) // KEY_CHUNK
+  count = sel_smem[0]
+  chunks = (count + KEY_CHUNK - 1) // KEY_CHUNK
+  key = lambda c, m: sel_smem[1 + c * KEY_CHUNK + m]
+
+  def each_row(n, fn):
+    def one(m, carry):
+      fn(m)
+      return carry
+    jax.lax.fori_loop(0, n, one, 0)
 
   def start(c, slot):
-    def one(m, carry):
-      key = sel_smem[1 + c * KEY_CHUNK + m]
-      pltpu.make_async_copy(kv_hbm.at[b, key], buf.at[slot, m], sem.at[slot]).start()
-      return carry
-    jax.lax.fori_loop(0, KEY_CHUNK, one, 0)
+    def one(m):
+      for s, (hbm, buf) in enumerate(sources):
+        pltpu.make_async_copy(hbm.at[b, key(c, m)], buf.at[slot, m], sem.at[s, slot]).start()
+    each_row(KEY_CHUNK, one)
 
   def wait(slot):
-    def one(m, carry):
-      pltpu.make_async_copy(kv_hbm.at[b, 0], buf.at[slot, 0], sem.at[slot]).wait()
-      return carry
-    jax.lax.fori_loop(0, KEY_CHUNK, one, 0)
+    def one(m):
+      for s, (hbm, buf) in enumerate(sources):
+        pltpu.make_async_copy(hbm.at[b, 0], buf.at[slot, 0], sem.at[s, slot]).wait()
+    each_row(KEY_CHUNK, one)
+
+  real = lambda c: jnp.minimum(KEY_CHUNK, count - c * KEY_CHUNK)
+
+  def write_start(c, slot):
+    buf, hbm, wsem = write
+    each_row(real(c), lambda m: pltpu.make_async_copy(buf.at[slot, m], hbm.at[b, key(c, m)], wsem.at[slot]).start())
+
+  def write_wait(c, slot):
+    buf, hbm, wsem = write
+    each_row(real(c), lambda m: pltpu.make_async_copy(buf.at[slot, 0], hbm.at[b, 0], wsem.at[slot]).wait())
 
   @pl.when(chunks > 0)
   def _first():
@@ -292,11 +314,25 @@ def _gather_walk(sel_hbm, kv_hbm, sel_smem, buf, sem, step):
 
     @pl.when(c + 1 < chunks)
     def _next():
+      if write:
+        @pl.when(c >= 1)
+        def _drain():             # chunk c-1's writes leave slot 1 - slot before it is refilled
+          write_wait(c - 1, 1 - slot)
       start(c + 1, 1 - slot)
     wait(slot)
-    step(c, buf[slot].reshape(KEY_CHUNK, buf.shape[-1]))
+    step(c, slot, [buf[slot].reshape(KEY_CHUNK, buf.shape[-1]) for _, buf in sources])
+    if write:
+      write_start(c, slot)
     return carry
   jax.lax.fori_loop(0, chunks, body, 0)
+  if write:                       # the last two chunks' writes (the loop awaited the others)
+    @pl.when(chunks >= 2)
+    def _second_last():
+      write_wait(chunks - 2, chunks % 2)
+
+    @pl.when(chunks >= 1)
+    def _last():
+      write_wait(chunks - 1, (chunks - 1) % 2)
 
 
 def _chosen(bits_ref, c, rows: int, heads: int):
@@ -316,10 +352,11 @@ def _forward_kernel(sel_hbm, bits_ref, q_ref, kv_hbm, o_ref, lse_ref, sel_smem, 
   softmax_init(m_scratch, l_scratch, acc_scratch)
   q = q_ref[...]
 
-  def step(c, rows):
+  def step(c, slot, sources):
+    rows, = sources
     s = _scores(q, rows, _chosen(bits_ref, c, q.shape[0], heads), scale)
     softmax_step(s, rows, m_scratch, l_scratch, acc_scratch)
-  _gather_walk(sel_hbm, kv_hbm, sel_smem, buf, sem, step)
+  _gather_walk(sel_hbm, sel_smem, [(kv_hbm, buf)], sem, step)
   softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
 
 
@@ -328,13 +365,34 @@ def _dq_kernel(sel_hbm, bits_ref, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, dq_
   acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
   q, do = q_ref[...], do_ref[...]
 
-  def step(c, rows):
+  def step(c, slot, sources):
+    rows, = sources
     s = _scores(q, rows, _chosen(bits_ref, c, q.shape[0], heads), scale)
-    p = probs(s, lse_ref)
-    dp = jax.lax.dot_general(do, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    ds = p * (dp - jnp.expand_dims(delta_ref[0], -1))
+    p, ds = probs_and_dscores(s, lse_ref, do, rows, delta_ref)
     acc_scratch[...] += scale * jnp.dot(ds.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
-  _gather_walk(sel_hbm, kv_hbm, sel_smem, buf, sem, step)
+  _gather_walk(sel_hbm, sel_smem, [(kv_hbm, buf)], sem, step)
+  dq_ref[...] = acc_scratch[...].astype(dq_ref.dtype)
+
+
+def _dq_dkv_kernel(sel_hbm, bits_ref, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, dkv_in_hbm, dq_ref, dkv_hbm,
+                   sel_smem, buf, grad_buf, sem, write_sem, acc_scratch, *, scale, heads):
+  """dq as _dq_kernel, and per chunk the chosen rows' kv gradient, added into their fp32 rows in
+  HBM: read with the kv rows, written back after the chunk (dkv_in_hbm is dkv_hbm, aliased)."""
+  del dkv_in_hbm
+  acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+  q, do = q_ref[...], do_ref[...]
+
+  def step(c, slot, sources):
+    rows, grad_rows = sources
+    s = _scores(q, rows, _chosen(bits_ref, c, q.shape[0], heads), scale)
+    p, ds = probs_and_dscores(s, lse_ref, do, rows, delta_ref)
+    acc_scratch[...] += scale * jnp.dot(ds.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
+    contraction = (((0,), (0,)), ((), ()))
+    grad = (grad_rows
+            + scale * jax.lax.dot_general(ds.astype(q.dtype), q, contraction, preferred_element_type=jnp.float32)
+            + jax.lax.dot_general(p.astype(do.dtype), do, contraction, preferred_element_type=jnp.float32))
+    grad_buf[slot] = grad.reshape(grad_buf.shape[1:])
+  _gather_walk(sel_hbm, sel_smem, [(kv_hbm, buf), (dkv_hbm, grad_buf)], sem, step, write=(grad_buf, dkv_hbm, write_sem))
   dq_ref[...] = acc_scratch[...].astype(dq_ref.dtype)
 
 
@@ -354,7 +412,7 @@ def _walk_call(g: _Geometry, kernel, row_inputs, outputs, scratch, estimate):
       out_shape=[jax.ShapeDtypeStruct((g.b, g.num_tiles, 1 if w is None else g.rows, w or g.rows), dtype)
                  for w, dtype in outputs],
       scratch_shapes=[pltpu.SMEM((1 + g.union,), jnp.int32), pltpu.VMEM((2, KEY_CHUNK, 1, g.dk), g.kv_dtype),
-                      pltpu.SemaphoreType.DMA((2,)), *scratch],
+                      pltpu.SemaphoreType.DMA((1, 2)), *scratch],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       cost_estimate=estimate, interpret=g.interpret)
 
@@ -395,11 +453,12 @@ def _teacher_kernel(sel_hbm, bits_ref, q_ref, lse_ref, kv_hbm, teacher_ref, sel_
   owner = jax.lax.broadcasted_iota(jnp.int32, (queries, rows), 1) // heads
   mean = jnp.where(owner == jax.lax.broadcasted_iota(jnp.int32, (queries, rows), 0), 1.0 / heads, 0.0)
 
-  def step(c, kv_rows):
+  def step(c, slot, sources):
+    kv_rows, = sources
     p = probs(_scores(q, kv_rows, _chosen(bits_ref, c, rows, heads), scale), lse_ref)        # [R, KC]
     teacher_ref[:, pl.ds(pl.multiple_of(c * KEY_CHUNK, KEY_CHUNK), KEY_CHUNK)] = jnp.dot(
         mean, p, preferred_element_type=jnp.float32)                                          # [qpt, KC]
-  _gather_walk(sel_hbm, kv_hbm, sel_smem, buf, sem, step)
+  _gather_walk(sel_hbm, sel_smem, [(kv_hbm, buf)], sem, step)
 
 
 def _teacher_rows(g: _Geometry, sel, bits, q_rows, lse_rows, kv):
@@ -417,10 +476,47 @@ def _teacher_rows(g: _Geometry, sel, bits, q_rows, lse_rows, kv):
       grid=(g.b, g.num_tiles), in_specs=[any_spec, bits_spec, tile, lse_spec, any_spec], out_specs=out_spec,
       out_shape=jax.ShapeDtypeStruct((g.b, g.num_tiles, g.queries_per_tile, g.union), jnp.float32),
       scratch_shapes=[pltpu.SMEM((1 + g.union,), jnp.int32), pltpu.VMEM((2, KEY_CHUNK, 1, g.dk), g.kv_dtype),
-                      pltpu.SemaphoreType.DMA((2,))],
+                      pltpu.SemaphoreType.DMA((1, 2))],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       cost_estimate=estimate, interpret=g.interpret,
   )(sel, bits, q_rows, lse_rows, gather_rows(kv))
+
+
+# ---- dq and dkv in one walk: each chosen row's gradient added into its fp32 row in HBM ----
+
+def _dq_dkv(g: _Geometry, sel, bits, q_rows, do_rows, lse_rows, delta_rows, kv):
+  """(dq rows [B, NT, R, Dk], d kv [B, Tk, Dk] float32) in one walk of the unions (options.dsa_dkv
+  = "rows"). Per chunk the 5 products of a row tile against KC gathered rows (MXU rows: R, as the
+  forward) and the chunk's fp32 gradient rows read, added to and written back by DMA. No two
+  writers race: a batch row's tiles run in order on one core (the tile axis is "arbitrary"),
+  each waits for its writes, and a union's keys are distinct.
+  Bytes per tile: q, dO R*Dk each, lse, delta; per union row kv Dk (bf16) plus the fp32 row read
+  and written (8*Dk): 4.6 KB a row at Dk=576, against the KV-stationary dkv's q and dO rows of
+  every (key tile, query tile) pair (R*Dk*4 bytes = 295 KB at H=128, for the few keys a query
+  picks in one 128-key tile of a long sequence: the inverse of a token-level selection spreads)."""
+  grad = jnp.zeros((g.b, g.tk, 1, g.dk), jnp.float32)
+  tile = lambda width: pl.BlockSpec((None, None, 1 if width is None else g.rows, width or g.rows),
+                                    lambda b, i: (b, i, 0, 0))
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  bits_spec = pl.BlockSpec((None, None, 1, g.union + KEY_CHUNK), lambda b, i: (b, i, 0, 0))
+  estimate = _walk_cost(g, 5, 6 * g.dk + 8)
+  estimate = cost(estimate.flops, estimate.transcendentals,
+                  estimate.bytes_accessed + g.b * g.num_tiles * g.union * g.dk * 8)
+  dq_rows, grad = pl.pallas_call(
+      functools.partial(_dq_dkv_kernel, scale=g.scale, heads=g.heads),
+      grid=(g.b, g.num_tiles),
+      in_specs=[any_spec, bits_spec, tile(g.dk), tile(g.dk), tile(None), tile(None), any_spec, any_spec],
+      out_specs=[tile(g.dk), any_spec],
+      out_shape=[jax.ShapeDtypeStruct((g.b, g.num_tiles, g.rows, g.dk), q_rows.dtype),
+                 jax.ShapeDtypeStruct(grad.shape, jnp.float32)],
+      scratch_shapes=[pltpu.SMEM((1 + g.union,), jnp.int32), pltpu.VMEM((2, KEY_CHUNK, 1, g.dk), g.kv_dtype),
+                      pltpu.VMEM((2, KEY_CHUNK, 1, g.dk), jnp.float32), pltpu.SemaphoreType.DMA((2, 2)),
+                      pltpu.SemaphoreType.DMA((2,)), pltpu.VMEM((g.rows, g.dk), jnp.float32)],
+      input_output_aliases={7: 1},
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      cost_estimate=estimate, interpret=g.interpret,
+  )(sel, bits, q_rows, do_rows, lse_rows, delta_rows, gather_rows(kv), grad)
+  return dq_rows, grad[:, :, 0]
 
 
 # ---- dkv: KV-stationary over the inverted selection ----
@@ -513,11 +609,16 @@ def _dkv(g: _Geometry, keys_row, bits, count, q_rows, do_rows, lse_rows, delta_r
                          (pairs * g.rows * (2 * g.dk * itemsize + 8) + tk_pad * g.dk * (itemsize + 8)) // windows),
       interpret=g.interpret)
 
-  def one_window(acc, lists):
-    acc = call(*(x.reshape(-1) for x in lists), q_rows, do_rows, lse_rows, delta_rows, keys_row, bits, kv, acc)
-    return acc, None
-  split = lambda x: jnp.moveaxis(x.reshape(g.b, windows, window), 1, 0)
-  acc, _ = jax.lax.scan(one_window, jnp.zeros(kv.shape, jnp.float32), (split(tile), split(key_tile), split(start)))
+  # The list's real entries (a pair or a key tile's work-free pair) come first; the unused union
+  # slots after them are only run up to the end of the window holding the last real entry.
+  lists = [x.reshape(g.b, windows, window) for x in (tile, key_tile, start)]
+  real = jnp.max(jnp.sum(tile >= 0, axis=-1)) + -(-g.tk // KEY_TILE)
+  busy_windows = (real + window - 1) // window
+
+  def one_window(w, acc):
+    window_lists = [jax.lax.dynamic_index_in_dim(x, w, axis=1, keepdims=False).reshape(-1) for x in lists]
+    return call(*window_lists, q_rows, do_rows, lse_rows, delta_rows, keys_row, bits, kv, acc)
+  acc = jax.lax.fori_loop(0, busy_windows, one_window, jnp.zeros(kv.shape, jnp.float32))
   return acc[:, :g.tk]
 
 
@@ -577,11 +678,14 @@ def _sparse_bwd(v_dim, scale, options, teacher, residuals, cotangents):
   do_rows = _tile_rows(g, jnp.pad(dout.astype(q.dtype), [(0, 0), (0, 0), (0, 0), (0, g.dk - v_dim)]))
   delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), -1)                # [B, NT, R]
   delta_rows = delta[:, :, None, :]
-  dq_rows, = _walk_call(g, _dq_kernel, [g.dk, g.dk, None, None], [(g.dk, q.dtype)],
-                        [pltpu.VMEM((g.rows, g.dk), jnp.float32)],
-                        _walk_cost(g, 3, 6 * g.dk + 8))(sel, bits, q_rows, do_rows, lse_rows, delta_rows,
-                                                        gather_rows(kv))
-  dkv = _dkv(g, keys_row, bits, count, q_rows, do_rows, lse_rows, delta_rows, kv)
+  if g.options.dsa_dkv == "rows":
+    dq_rows, dkv = _dq_dkv(g, sel, bits, q_rows, do_rows, lse_rows, delta_rows, kv)
+  else:
+    dq_rows, = _walk_call(g, _dq_kernel, [g.dk, g.dk, None, None], [(g.dk, q.dtype)],
+                          [pltpu.VMEM((g.rows, g.dk), jnp.float32)],
+                          _walk_cost(g, 3, 6 * g.dk + 8))(sel, bits, q_rows, do_rows, lse_rows, delta_rows,
+                                                          gather_rows(kv))
+    dkv = _dkv(g, keys_row, bits, count, q_rows, do_rows, lse_rows, delta_rows, kv)
   return _untile_rows(g, dq_rows, q.shape[1]), dkv.astype(kv.dtype), None, None, None, None
 
 

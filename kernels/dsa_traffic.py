@@ -14,10 +14,14 @@ last chunk's padding slots repeat the last key and are DMA'd too).
            dv columns, written at Dk) and lse R fp32. FLOPs 2 matmuls of width Dk per walked
            (row, key).
   dq       the same walk; q, dO (zero-padded to Dk), lse, delta in; dq R x Dk out. 3 matmuls.
-  dkv      KV-stationary over the pair list: per tile one (key tile, query tile) pair per run of its
+  dq+dkv   the default backward (dsa_dkv="rows"): dq's walk, plus each walked row's fp32 kv
+           gradient read (Dk x 4 B) and each union row's written back; 5 matmuls. Minimum: dq's
+           plus the kv gradient written once.
+  dkv      dsa_dkv="tiles": KV-stationary over the pair list: per tile one (key tile, query tile) pair per run of its
            union keys in one KEY_TILE-key tile, plus a work-free pair per key tile; the list has
-           NT*U + key-tiles entries (unused union slots become work-free steps at the end) cut into
-           windows of prefetch_bytes / (12 B) pairs, one pallas_call each. Per pair: q and dO
+           NT*U + key-tiles entries (unused union slots sort last) cut into windows of
+           prefetch_bytes / (12 B) pairs, one pallas_call each, run up to the window holding the
+           last real entry. Per pair: q and dO
            (R x Dk each), lse, delta (R fp32 each) and the keys and bits rows (the whole U + KC row
            each: that is the BlockSpec; the kernel then slices a 256-slot window from it); per key
            tile and window: kv (KT x Dk) and the fp32 accumulator in and out. FLOPs per pair
@@ -108,7 +112,7 @@ def sparse_traffic(indices, *, heads: int, dk: int, dv: int, q_offset=0, itemsiz
   (DeepSeek-V3: 192, 128); `dense_mqa_flops` is dense causal attention in the kernels' absorbed
   form (widths Dk, dv).
 
-  Returns per kernel ("forward", "dq", "dkv") a dict: in, out, min_in, min_out (bytes), flops
+  Returns per kernel ("forward", "dq", "dkv", "dq+dkv") a dict: in, out, min_in, min_out (bytes), flops
   (executed), dense_mha_flops, dense_mqa_flops, row_fill, intensity (flops / (in + out)),
   grid_steps, work_steps; and the selection's totals (union_rows, walked_rows, selected_pairs,
   pairs, ...). Totals are over the whole (scaled) sequence and batch."""
@@ -144,7 +148,7 @@ def sparse_traffic(indices, *, heads: int, dk: int, dv: int, q_offset=0, itemsiz
   num_key_tiles = -(-tk // KEY_TILE)
   length = nt_total * union_slots + num_key_tiles
   window = max(1, min(length, prefetch // (4 * 3 * b)))
-  windows = -(-length // window)
+  windows = -(-(int(round(pairs / b)) + num_key_tiles) // window)    # only windows holding real entries run
   kv_runs = b * (num_key_tiles + windows - 1)          # a key tile's kv / accumulator per window
   row_copies = pairs + b * (num_key_tiles + windows)    # upper bound (see the module docstring)
 
@@ -198,6 +202,17 @@ def sparse_traffic(indices, *, heads: int, dk: int, dv: int, q_offset=0, itemsiz
           "row_fill": chosen_cells / max(pair_cells, 1),
           "grid_steps": b * windows * window, "work_steps": pairs, "pallas_calls": windows},
   }
+  # The default backward (options.dsa_dkv = "rows"): dq's walk also reads each walked row's fp32
+  # gradient (padding slots too) and writes the union's real rows back.
+  out["dq+dkv"] = {
+      "in": out["dq"]["in"] + walked_rows * dk * f32,
+      "out": out["dq"]["out"] + union_rows * dk * f32,
+      "min_in": out["dq"]["min_in"],
+      "min_out": out["dq"]["min_out"] + out["dkv"]["min_out"],
+      "flops": 5 * 2 * dk * walk_cells,
+      "row_fill": chosen_cells / max(walk_cells, 1),
+      "grid_steps": tiles, "work_steps": walked_rows / KEY_CHUNK}
+  mha["dq+dkv"], mqa["dq+dkv"] = mha["dq"] + mha["dkv"], mqa["dq"] + mqa["dkv"]
   for name, kernel in out.items():
     kernel["dense_mha_flops"] = mha[name]
     kernel["dense_mqa_flops"] = mqa[name]

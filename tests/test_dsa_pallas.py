@@ -64,16 +64,16 @@ def test_index_scores_skip_the_future():
 SPARSE_CASES = [
     # t, heads, dk, v_dim, k, dtype, tol, kernel options (TPU interpret mode unless "interpret")
     (45, 16, 48, 32, 12, jnp.float32, 2e-5, {}),          # 8 queries a tile; T not a multiple of it
-    (70, 4, 40, 24, 90, jnp.float32, 2e-5,                # k > T; 32 queries a tile; dkv in 8-pair windows
-     {"prefetch_bytes": 96, "pallas_mode": "interpret"}),
+    (70, 4, 40, 24, 90, jnp.float32, 2e-5,                # k > T; 32 queries a tile; KV-stationary dkv
+     {"prefetch_bytes": 96, "pallas_mode": "interpret", "dsa_dkv": "tiles"}),    # in 8-pair windows
     (6, 128, 576, 512, 8, jnp.bfloat16, 3e-2, {}),        # the V3.2 head shape, one query a tile
-    (160, 4, 64, 32, 150, jnp.bfloat16, 3e-2,             # unions of 2 gathered chunks; 2 dkv key tiles
-     {"pallas_mode": "interpret"}),
+    (300, 4, 64, 32, 150, jnp.bfloat16, 3e-2,             # unions of 3 gathered chunks (dkv rows:
+     {"pallas_mode": "interpret"}),                       # a slot's writes drained before its refill)
 ]
 
 
 @pytest.mark.parametrize("t,heads,dk,v_dim,k,dtype,tol,options", SPARSE_CASES,
-                         ids=["H16", "k-over-T-windows", "V3.2-heads-bf16", "two-chunks-bf16"])
+                         ids=["H16", "k-over-T-windows-tiles", "V3.2-heads-bf16", "three-chunks-bf16"])
 def test_sparse_attention_matches_xla_forward_and_gradients(t, heads, dk, v_dim, k, dtype, tol, options):
   """Index lists with -1, repeated, future and out-of-range entries and a row that sees nothing
   (0 output, 0 gradient): outputs and the q and kv gradients equal the reference's."""
@@ -99,8 +99,9 @@ def test_sparse_attention_matches_xla_forward_and_gradients(t, heads, dk, v_dim,
   assert not np.asarray(grads[0][:, 0]).any()
 
 
-@pytest.mark.parametrize("b,t,heads,k,options", [(1, 45, 16, 12, {}), (2, 70, 4, 90, {"pallas_mode": "interpret"})],
-                         ids=["H16-8-queries-a-tile", "H4-k-over-T-batch2"])
+@pytest.mark.parametrize("b,t,heads,k,options", [(1, 45, 16, 12, {"dsa_dkv": "tiles"}),
+                                                 (2, 70, 4, 90, {"pallas_mode": "interpret"})],
+                         ids=["H16-8-queries-a-tile-dkv-tiles", "H4-k-over-T-batch2"])
 def test_indexer_loss_teacher_from_the_kernels(b, t, heads, k, options):
   """The sparse stage's attention and indexer loss in one pass, the teacher from the Pallas
   forward's lse: output, loss and the gradients of every input equal the reference's (the loss

@@ -28,6 +28,10 @@ def test_shared_selection_reads_each_row_once_per_tile():
   assert fwd["row_fill"] == 1.0 and r["dq"]["row_fill"] == 1.0
   assert fwd["flops"] == 2 * 2 * dk * 128 * 8 * k and r["dq"]["flops"] == 3 * fwd["flops"] / 2
   assert fwd["intensity"] == pytest.approx(fwd["flops"] / (fwd["in"] + fwd["out"]))
+  # dq+dkv (the default backward): dq's walk plus each union row's fp32 gradient read and written.
+  both = r["dq+dkv"]
+  assert both["in"] == r["dq"]["in"] + 8 * k * dk * 4 and both["out"] == r["dq"]["out"] + 8 * k * dk * 4
+  assert both["flops"] == 5 * fwd["flops"] / 2 and both["min_out"] == r["dq"]["min_out"] + 320 * dk * 2
   # dkv: keys 0..127 are one key tile: one pair per query tile.
   assert r["pairs"] == 8 and r["dkv"]["work_steps"] == 8
   assert r["dkv"]["flops"] == 2 * 128 * KEY_TILE * (5 * dk + 2 * KEY_CHUNK) * 8
