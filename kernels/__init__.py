@@ -41,6 +41,8 @@ class KernelOptions:
   prefetch_bytes: int = 256 * 1024   # NSA selection: union lists per pallas_call (SMEM ~1 MiB)
   key_tile: int = 128             # NSA compressed: compressed keys per attention step
   score_blocks: int = 128         # NSA block scores: selection blocks per score step
+  dsa_tile_rows: int = 128        # DSA sparse attention: matmul rows per tile (queries x heads); 256
+                                  # fills v6e's MXU (two V3.2 queries, one union: fewer bytes if they overlap)
   dsa_dkv: str = "rows"           # DSA's kv gradient: rows (added per chosen row in the dq walk) or
                                   # tiles (KV-stationary over the inverted selection)
   topk_recall: float = 1.0        # DSA indexer_topk on Pallas: 1 exact; < 1 an approximate top-k with
@@ -49,6 +51,8 @@ class KernelOptions:
   def __post_init__(self):
     if self.pallas_mode not in PALLAS_MODES:
       raise ValueError(f"pallas_mode={self.pallas_mode!r}: allowed values are {', '.join(PALLAS_MODES)}")
+    if self.dsa_tile_rows not in (128, 256):
+      raise ValueError(f"dsa_tile_rows={self.dsa_tile_rows}: allowed values are 128, 256")
     if self.dsa_dkv not in DSA_DKV:
       raise ValueError(f"dsa_dkv={self.dsa_dkv!r}: allowed values are {', '.join(DSA_DKV)}")
     if not 0.0 < self.topk_recall <= 1.0:

@@ -14,7 +14,8 @@ Indexer scores, I[t, s] = sum_j w[t, j] relu(q_I[t, j] . k_I[s]):
            ties to the lower s), so memory stays O(T*k).
 
 Sparse attention (MQA: every head of query t over the rows kv[s], s in S_t):
-  rows     a tile is qpt = min(32, 128 / H) queries x their H heads (H=128: one query, H=16: 8),
+  rows     a tile is qpt = min(32, rows / H) queries x their H heads, rows = options.dsa_tile_rows
+           (128: H=128 one query, H=16 8; 256 fills v6e's MXU: two V3.2 queries share a union),
            R rows (32 queries at most: a key's choosers are the bits of one int32).
   union    per tile, the sorted distinct keys any of its queries may read (valid: >= 0, < Tk,
            <= the query's position; repeats dropped) with a bitmask per key of the queries that
@@ -25,17 +26,28 @@ Sparse attention (MQA: every head of query t over the rows kv[s], s in S_t):
            flight while chunk c computes); per chunk s = q rows^T [R, KC] masked by the bits,
            an fp32 online softmax, out and lse. Chunks past the union's count are not run.
            Bytes: q R*Dk, each union row once (count * Dk), out R*Dk, lse R fp32.
-  dq       the same walk: p = exp(s - lse), dS = p (dO V^T - delta), dq += scale dS rows.
-  dkv      KV-stationary over the inverted selection: every (key tile j of BK = 128 keys, query
-           tile i) pair with a key of tile j in tile i's union, sorted by j, plus a work-free pair
-           per key tile (so every tile is written): a key tile's gradient accumulates in VMEM and
-           is written once, no scatter-add. Per pair, which (row, key) pairs were chosen comes
-           from a 256-entry window of tile i's union (its keys in tile j are consecutive) as one
-           0/1 MXU product. Bytes per pair: the query tile's q and dO rows (R*Dk each), lse and
-           delta, its union window; per key tile its kv rows once and the fp32 gradient in and
-           out once per window. The value is the first v_dim columns of each row: out and the dO
-           products run at the full width Dk with dO zero-padded (12% more MXU work at
-           576/512, no unaligned lane slices).
+  dq+dkv   (options.dsa_dkv = "rows", the default) the same walk: p = exp(s - lse),
+           dS = p (dO V^T - delta), dq += scale dS rows; and per chunk the chosen rows' kv gradient
+           scale dS^T q + p^T dO, added to their fp32 rows in HBM: read by DMA with the kv rows,
+           written back after the chunk (a batch row's tiles run in order on one core, a union's
+           keys are distinct, a slot's writes finish before it is refilled: no races, no atomics).
+           Bytes: dq's plus 8*Dk per union row (fp32 in and out).
+  teacher  (the indexer loss, sparse stage) the forward's walk with its lse: p = exp(s - lse),
+           its mean over each query's H heads as one [qpt, R] x [R, KC] product, [qpt, U] fp32
+           per tile. Half the forward's FLOPs, its bytes.
+  dkv      (dsa_dkv = "tiles") KV-stationary over the inverted selection: every (key tile j of
+           BK = 128 keys, query tile i) pair with a key of tile j in tile i's union, sorted by j,
+           plus a work-free pair per key tile (so every tile is written): a key tile's gradient
+           accumulates in VMEM and is written once. Per pair, which (row, key) pairs were chosen
+           comes from a 256-entry window of tile i's union (its keys in tile j are consecutive)
+           as one 0/1 MXU product. Bytes per pair: the query tile's q and dO rows (R*Dk each),
+           lse and delta, its union row; per key tile its kv rows once and the fp32 gradient in
+           and out once per window. Only the windows holding real pairs run. At H=128 a pair
+           loads 295 KB of q and dO for the few keys one query chose in one key tile, so a
+           token-level selection over a long sequence moves far more than "rows"
+           (kernels/dsa_traffic.py); it pays only where selections cluster densely.
+  value    the first v_dim columns of each row: out and the dO products run at the full width Dk
+           with dO zero-padded (12% more MXU work at 576/512, no unaligned lane slices).
 """
 import functools
 import math
@@ -47,7 +59,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported, chunking
-from kernels.pallas_common import (LANES, cost, inverted_pairs, pair_windows, probs, probs_and_dscores, softmax_finish,
+from kernels.pallas_common import (LANES, ROWS, cost, inverted_pairs, pair_windows, probs, probs_and_dscores, softmax_finish,
                                    softmax_init, softmax_step)
 
 KEY_CHUNK = 128        # union rows gathered per chunk (forward, dq)
@@ -169,10 +181,11 @@ class _Geometry(NamedTuple):
     return self.options.interpret_params()
 
 
-def queries_per_tile(heads: int) -> int:
-  """Queries whose heads fill one tile's 128 matmul rows (1 when H >= 128 or H does not divide
-  128), at most 32: a union key's choosers are the bits of one int32."""
-  return min(32, 128 // heads) if 128 % heads == 0 else 1
+def queries_per_tile(heads: int, rows: int = ROWS) -> int:
+  """Queries whose heads fill one tile's `rows` matmul rows (options.dsa_tile_rows: 128, or 256
+  for v6e's MXU) -- 1 when H >= rows or H does not divide them -- at most 32: a union key's
+  choosers are the bits of one int32."""
+  return min(32, rows // heads) if rows % heads == 0 else 1
 
 
 def check_supported(n_heads: int) -> None:
@@ -185,10 +198,11 @@ def check_supported(n_heads: int) -> None:
 def _geometry(q, kv, topk: int, v_dim, scale, options) -> _Geometry:
   b, t, heads, dk = q.shape
   check_supported(heads)
-  qpt = queries_per_tile(heads)
+  options = options or DEFAULT_OPTIONS
+  qpt = queries_per_tile(heads, options.dsa_tile_rows)
   union = _round_up(min(qpt * topk, kv.shape[1]), KEY_CHUNK)
   return _Geometry(b, _round_up(t, qpt), heads, dk, v_dim, kv.shape[1], qpt, union,
-                   dk ** -0.5 if scale is None else scale, options or DEFAULT_OPTIONS, kv.dtype)
+                   dk ** -0.5 if scale is None else scale, options, kv.dtype)
 
 
 def tile_selection(indices, q_offset, *, num_keys: int, queries_per_tile: int, slots: int):
@@ -626,7 +640,7 @@ def _dkv(g: _Geometry, keys_row, bits, count, q_rows, do_rows, lse_rows, delta_r
 
 class Teacher(NamedTuple):
   """The indexer loss's teacher in union space (kernels.dsa.indexer_loss, sparse stage): per
-  query tile of `queries_per_tile(H)` queries, its union keys [B, NT, U] (sorted, distinct,
+  query tile of `queries_per_tile(H, options.dsa_tile_rows)` queries, its union keys [B, NT, U] (sorted, distinct,
   padding repeats the last), the queries that chose each (bits [B, NT, U], bit i = tile query i)
   and probs [B, NT, qpt, U] float32, the head-averaged attention probability of each chosen key
   (each query's row sums to 1 over its chosen keys, or is 0 if it has none). Tile query i is

@@ -17,6 +17,9 @@ last chunk's padding slots repeat the last key and are DMA'd too).
   dq+dkv   the default backward (dsa_dkv="rows"): dq's walk, plus each walked row's fp32 kv
            gradient read (Dk x 4 B) and each union row's written back; 5 matmuls. Minimum: dq's
            plus the kv gradient written once.
+  teacher  the indexer loss's teacher (sparse stage): the forward's walk with its lse, the QK
+           product and the head mean; out [qpt, U] fp32 per tile. Minimum: the forward's rows,
+           one fp32 per selected key.
   dkv      dsa_dkv="tiles": KV-stationary over the pair list: per tile one (key tile, query tile) pair per run of its
            union keys in one KEY_TILE-key tile, plus a work-free pair per key tile; the list has
            NT*U + key-tiles entries (unused union slots sort last) cut into windows of
@@ -112,7 +115,7 @@ def sparse_traffic(indices, *, heads: int, dk: int, dv: int, q_offset=0, itemsiz
   (DeepSeek-V3: 192, 128); `dense_mqa_flops` is dense causal attention in the kernels' absorbed
   form (widths Dk, dv).
 
-  Returns per kernel ("forward", "dq", "dkv", "dq+dkv") a dict: in, out, min_in, min_out (bytes), flops
+  Returns per kernel ("forward", "dq", "dkv", "dq+dkv", "teacher") a dict: in, out, min_in, min_out (bytes), flops
   (executed), dense_mha_flops, dense_mqa_flops, row_fill, intensity (flops / (in + out)),
   grid_steps, work_steps; and the selection's totals (union_rows, walked_rows, selected_pairs,
   pairs, ...). Totals are over the whole (scaled) sequence and batch."""
@@ -213,6 +216,17 @@ def sparse_traffic(indices, *, heads: int, dk: int, dv: int, q_offset=0, itemsiz
       "row_fill": chosen_cells / max(walk_cells, 1),
       "grid_steps": tiles, "work_steps": walked_rows / KEY_CHUNK}
   mha["dq+dkv"], mqa["dq+dkv"] = mha["dq"] + mha["dkv"], mqa["dq"] + mqa["dkv"]
+  # The indexer loss's teacher (sparse stage): the forward's walk with its lse, the QK product
+  # and the head mean ([qpt, R] x [R, KC]); out the fp32 union-space probabilities.
+  out["teacher"] = {
+      "in": out["forward"]["in"] + tiles * stats,
+      "out": tiles * qpt * union_slots * f32,
+      "min_in": out["forward"]["min_in"],
+      "min_out": selected * f32,
+      "flops": 2 * (dk + qpt) * walk_cells,
+      "row_fill": chosen_cells / max(walk_cells, 1),
+      "grid_steps": tiles, "work_steps": walked_rows / KEY_CHUNK}
+  mha["teacher"], mqa["teacher"] = mha["forward"] / 2, mqa["forward"] / 2
   for name, kernel in out.items():
     kernel["dense_mha_flops"] = mha[name]
     kernel["dense_mqa_flops"] = mqa[name]

@@ -248,7 +248,7 @@ def dsa_traffic_tables(args):
                           seq_len=seq_len if sampled else None)
     results.append((name, seq_len, k, idx, positions, r))
     head = f"{name:>10} {seq_len:>7} {k:>5} {r['sampled_fraction']:7.1%}"
-    for kernel in ("forward", "dq+dkv", "dq", "dkv"):
+    for kernel in ("forward", "dq+dkv", "teacher", "dq", "dkv"):
       x = r[kernel]
       bound = "/".join("C" if x["intensity"] > dt.ridge(c) else "M" for c in chips)
       print(f"{head if kernel == 'forward' else '':<{len(head)}} | {kernel:>7} {x['in'] / 1e9:9.2f} "
@@ -259,8 +259,9 @@ def dsa_traffic_tables(args):
     print(f"{'':<{len(head)}} | dkv: {r['pairs'] / r['queries']:.1f} (key tile, query) pairs per query, "
           f"{r['dkv']['pallas_calls']} pallas_calls of {r['dkv_window']} pairs; kv relayout "
           f"{r['kv_relayout_bytes'] / 1e9:.3f} GB per walk kernel (not above)")
-  print("dq+dkv: the default backward (kernels.dsa_dkv=rows), one walk; dq and dkv: kernels.dsa_dkv=tiles "
-        "(dq's walk, then the KV-stationary dkv)")
+  print("dq+dkv: the default backward (kernels.dsa_dkv=rows), one walk; teacher: the indexer loss's teacher "
+        "(sparse stage; dense: half the forward); dq and dkv: kernels.dsa_dkv=tiles (dq's walk, then the "
+        "KV-stationary dkv)")
   print("in/out: bytes per layer, batch 1; min: forward/dq each selected row once per query, dkv each operand once; "
         "dense: causal MLA in MHA form (qk 192, v 128), the same kernel's share; "
         "C/M: compute- or memory-bound at that FLOP/B; grid steps: B x steps run, work: chunks (forward, dq) "

@@ -137,6 +137,9 @@ def test_bad_cluster_flags_exit_2_with_one_line(tmp_path, args, expected):
 @pytest.mark.parametrize("overrides,expected", [
     ({"kernels.pallas_mode": "fast"}, "config error: kernels.pallas_mode='fast': allowed values are auto, compiled"),
     ({"kernels.query_chunk": 0}, "config error: kernels.query_chunk=0: must be a positive number"),
+    ({"kernels.dsa_dkv": "scatter"}, "config error: kernels.dsa_dkv='scatter': allowed values are rows, tiles"),
+    ({"kernels.dsa_tile_rows": 64}, "config error: kernels.dsa_tile_rows=64: allowed values are 128, 256"),
+    ({"kernels.topk_recall": 1.5}, "config error: kernels.topk_recall=1.5: must be in (0, 1]"),
     ({"profile.start_step": -1}, "config error: profile.start_step=-1: must be >= 0"),
 ])
 def test_bad_kernel_and_profile_options_are_refused(overrides, expected):

@@ -53,6 +53,34 @@ def test_dsa_with_every_key_selected_is_dense_mla():
 
 
 @pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
+def test_dsa_layer_on_pallas_matches_xla(stage):
+  """The whole layer, impl=pallas (Pallas's interpreter) against impl=xla, fp32: its output, the
+  indexer loss it sows and the gradients of every parameter (through output and loss)."""
+  t = 128 if stage == "dense_warmup" else 40          # dense Pallas attention: whole 128-row tiles
+  layers = {impl: _layer("dsa", t=t, **{"dsa.stage": stage, "dsa.index_topk": 8, "attention.impl": impl,
+                                          "kernels.pallas_mode": "interpret"}) for impl in ("pallas", "xla")}
+  _, params, x, pos = layers["xla"]
+  cot = jax.random.normal(jax.random.key(2), x.shape)
+
+  def objective(layer):
+    def f(p):
+      out, sown = layer.apply(p, x, pos, mutable=["aux_loss", "metrics"])
+      loss = sown["metrics"]["indexer_loss"][0]
+      return jnp.sum(out * cot) + 10.0 * sown["aux_loss"]["indexer_loss"][0], (out, loss)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+  (_, (out, loss)), grads = objective(layers["pallas"][0])
+  (_, (out_want, loss_want)), grads_want = objective(layers["xla"][0])
+  np.testing.assert_allclose(out, out_want, atol=3e-5, rtol=3e-5)
+  np.testing.assert_allclose(loss, loss_want, rtol=1e-5)
+  assert float(loss_want) > 0.01
+  grads, grads_want = flatten_dict(grads, sep="/"), flatten_dict(grads_want, sep="/")
+  assert any("indexer" in path for path in grads)
+  for path, g in grads.items():
+    scale = float(jnp.abs(grads_want[path]).max()) or 1.0
+    np.testing.assert_allclose(g / scale, grads_want[path] / scale, atol=1e-4, err_msg=path)
+
+
+@pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
 def test_lm_loss_never_reaches_the_indexer_and_the_indexer_loss_only_reaches_it(stage):
   config = small_config(**DSA_SMALL, **{"dsa.stage": stage})
   model = transformer.build(config)

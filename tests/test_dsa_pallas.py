@@ -67,13 +67,15 @@ SPARSE_CASES = [
     (70, 4, 40, 24, 90, jnp.float32, 2e-5,                # k > T; 32 queries a tile; KV-stationary dkv
      {"prefetch_bytes": 96, "pallas_mode": "interpret", "dsa_dkv": "tiles"}),    # in 8-pair windows
     (6, 128, 576, 512, 8, jnp.bfloat16, 3e-2, {}),        # the V3.2 head shape, one query a tile
+    (7, 128, 576, 512, 8, jnp.bfloat16, 3e-2,             # two a tile (v6e's 256 rows), T odd
+     {"pallas_mode": "interpret", "dsa_tile_rows": 256}),
     (300, 4, 64, 32, 150, jnp.bfloat16, 3e-2,             # unions of 3 gathered chunks (dkv rows:
      {"pallas_mode": "interpret"}),                       # a slot's writes drained before its refill)
 ]
 
 
 @pytest.mark.parametrize("t,heads,dk,v_dim,k,dtype,tol,options", SPARSE_CASES,
-                         ids=["H16", "k-over-T-windows-tiles", "V3.2-heads-bf16", "three-chunks-bf16"])
+                         ids=["H16", "k-over-T-windows-tiles", "V3.2-heads-bf16", "V3.2-256-rows", "three-chunks-bf16"])
 def test_sparse_attention_matches_xla_forward_and_gradients(t, heads, dk, v_dim, k, dtype, tol, options):
   """Index lists with -1, repeated, future and out-of-range entries and a row that sees nothing
   (0 output, 0 gradient): outputs and the q and kv gradients equal the reference's."""
@@ -167,7 +169,7 @@ def test_dsa_forward_and_backward_compile_for_tpu(chip):
   spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharded)
   lowered = jax.jit(grads).lower(spec(b, t, h, dk), spec(b, t, dk), spec(b, t, hi, di), spec(b, t, di),
                                  spec(b, t, hi, dtype=jnp.float32))
-  assert lowered.as_text().count("tpu_custom_call") >= 5      # index scores, forward, teacher, dq, dkv
+  assert lowered.as_text().count("tpu_custom_call") >= 4      # index scores, forward, teacher, dq+dkv
   mem = lowered.compile().memory_analysis()
   print(f"{chip}: args {mem.argument_size_in_bytes / 2**20:.0f} MiB, out {mem.output_size_in_bytes / 2**20:.0f} MiB, "
         f"temp {mem.temp_size_in_bytes / 2**20:.0f} MiB")

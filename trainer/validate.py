@@ -70,6 +70,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice(config, "attention.impl", IMPLS)
   _choice(config, "kernels.pallas_mode", PALLAS_MODES)
   _choice(config, "kernels.dsa_dkv", kernels.DSA_DKV)
+  _choice(config, "kernels.dsa_tile_rows", (128, 256))
   _positive(config, *(f"kernels.{f.name}" for f in dataclasses.fields(kernels.KernelOptions) if f.type is int))
   _require(("kernels.topk_recall", config.kernels.topk_recall, 0 < config.kernels.topk_recall <= 1,
             "must be in (0, 1] (1: DSA's exact top-k)"))
