@@ -1,0 +1,146 @@
+"""Long-context evaluation of a run's checkpoint: eval loss by position and passkey retrieval.
+
+  python scripts/evaluate.py --workdir runs/tiny [--step N] [--seq-len T] [--passkey-trials 10]
+      [--passkey-lengths 256,1024] [--batch-size B] [--eval-batches K] [--seed S] [--output DIR]
+
+The run's config comes from the checkpoint (step N, default the newest); --seq-len sets the length
+evaluated (default the trained one; longer is allowed: how RoPE extrapolates is what it measures).
+- Loss by position: the mean loss of the validation rows (the run's packing, --eval-batches x
+  --batch-size rows of T tokens) in position buckets [0, 256), [256, 1k), [1k, 4k), ... up to T.
+- Passkey: a random 5-digit key hidden at depths 0, 25, 50, 75, 100% of validation-split filler,
+  prompts of each --passkey-lengths (default 256, 1k, 4k, ... up to T); the model answers greedily
+  after a fixed question; a cell is the exact-match accuracy over --passkey-trials keys.
+Markdown tables go to stdout (last line: `passkey accuracy X.XXX`), and with CSVs, PNGs and
+summary.json to WORKDIR/eval/step_N (or --output). Exit code 2 with one line for bad input.
+One process (the devices of this host); the run's mesh without context parallelism.
+"""
+import functools
+import logging
+import os
+import sys
+
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import ConfigError  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "the run's workdir (or its checkpoints/ directory)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+_SEQ_LEN = flags.DEFINE_integer("seq-len", None, "tokens per evaluated row (default: the run's seq_len)")
+_BATCH = flags.DEFINE_integer("batch-size", None, "rows per forward pass (default: the run's batch_size)")
+_EVAL_BATCHES = flags.DEFINE_integer("eval-batches", None, "validation batches for the loss (default: the run's)")
+_TRIALS = flags.DEFINE_integer("passkey-trials", 10, "keys per depth x length cell")
+_LENGTHS = flags.DEFINE_list("passkey-lengths", None, "prompt lengths (default: 256, 1k, 4k, ... up to seq-len)")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the passkey keys and filler offsets")
+_OUTPUT = flags.DEFINE_string("output", None, "output directory (default: WORKDIR/eval/step_N)")
+
+
+def read_config(directory, step: int | None):
+  """(config, step) saved with checkpoint `step` (default the newest) under `directory`."""
+  import ml_collections
+  import orbax.checkpoint as ocp
+  from configs import base
+  if not directory.is_dir():
+    raise ConfigError("workdir", str(directory.parent if directory.name == "checkpoints" else directory),
+                      "is not a run's directory (no checkpoints/ in it)")
+  with ocp.CheckpointManager(directory, item_handlers={"config": ocp.JsonCheckpointHandler()}) as manager:
+    available = sorted(manager.all_steps())
+    if not available:
+      raise ConfigError("workdir", str(directory), "holds no finished checkpoint")
+    step = available[-1] if step is None else step
+    if step not in available:
+      raise ConfigError("step", step, f"no finished checkpoint at this step; available: "
+                        f"{', '.join(map(str, available))}")
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  config = base.get_config()             # fields added since the run keep their defaults
+  config.update(ml_collections.ConfigDict(saved))
+  return config, step
+
+
+def read_params(directory, step: int, abstract_params):
+  """The parameters of checkpoint `step`, placed as `abstract_params` say (optimizer state unread)."""
+  import jax
+  import orbax.checkpoint as ocp
+  target = {"params": abstract_params}
+  with ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+        partial_restore=True)))
+  return restored["state"]["params"]
+
+
+def main(workdir: str) -> int:
+  import jax
+  import numpy as np
+
+  from data import pipeline, sources
+  from data.tokenizer import Tokenizer
+  from model import transformer
+  from trainer import checkpoint, eval_report, evaluation, optim, sharding, steps, validate
+
+  directory = checkpoint.checkpoint_dir(workdir)
+  config, step = read_config(directory, _STEP.value)
+  trained_seq_len = config.seq_len
+  for field, value in (("seq_len", _SEQ_LEN.value), ("batch_size", _BATCH.value), ("eval_batches", _EVAL_BATCHES.value)):
+    if value is not None:                 # validate() below names a bad one
+      config[field] = value
+  if config.mesh.context != 1:             # no load-balanced layout here: its devices go to fsdp
+    config.mesh.update(context=1, fsdp=-1, data=1)
+  validate.validate(config, num_devices=jax.device_count())
+  lengths = [int(n) for n in _LENGTHS.value] if _LENGTHS.value else evaluation.default_lengths(config.seq_len)
+  for n in lengths:
+    if not 64 <= n <= config.seq_len:
+      raise ConfigError("passkey-lengths", n, f"each must be in [64, seq-len={config.seq_len}]")
+  if _TRIALS.value < 1:
+    raise ConfigError("passkey-trials", _TRIALS.value, "must be >= 1")
+
+  mesh = sharding.make_mesh(config.mesh)
+  model = transformer.build(config)
+  abstract, _ = steps.state_shardings(config, model, optim.make_optimizer(config), mesh)
+  params = read_params(directory, step, abstract.params)
+  data_sources = sources.open_sources(config)
+  tokenizer = Tokenizer(config.data.tokenizer)
+
+  # Loss by position on the validation rows, at the evaluated length.
+  losses_fn = functools.partial(evaluation.jit_token_losses(model, mesh), params)
+  rows = pipeline.sharded_rows(sharding.batch_sharding(mesh), config.batch_size)
+  parts = [evaluation.batch_token_losses(b, losses_fn)
+           for b in pipeline.eval_batches(config, data_sources, rows=rows)]
+  losses, positions, weights = (np.concatenate(x) for x in zip(*parts))
+  buckets = evaluation.loss_by_position(losses, positions, weights, evaluation.bucket_edges(config.seq_len))
+
+  logits_fn = functools.partial(evaluation.jit_apply(model, mesh), params)
+  filler = evaluation.filler_tokens(data_sources, 4 * max(lengths))
+  passkey = evaluation.passkey_eval(logits_fn, tokenizer, filler, lengths, trials=_TRIALS.value,
+                                    seed=_SEED.value, batch_size=config.batch_size)
+
+  meta = {"workdir": str(workdir), "step": step, "seq_len": config.seq_len, "trained_seq_len": trained_seq_len,
+          "seed": _SEED.value, "loss_tokens": int(weights.sum()), "attention": config.attention.kind}
+  eval_report.write(_OUTPUT.value or checkpoint.workdir_path(workdir) / "eval" / f"step_{step}", meta, buckets, passkey)
+  print(eval_report.report(meta, buckets, passkey), flush=True)
+  return 0
+
+
+def run(argv) -> int:
+  try:
+    flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  if not _WORKDIR.value:
+    print("error: --workdir is required, e.g. python scripts/evaluate.py --workdir runs/tiny", file=sys.stderr)
+    return 2
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  try:
+    return main(_WORKDIR.value)
+  except ConfigError as e:
+    print(str(e), file=sys.stderr)
+    return 2
+  except FileNotFoundError as e:         # e.g. the run's tokenizer is not on this machine
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(run(sys.argv))

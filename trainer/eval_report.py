@@ -1,0 +1,110 @@
+"""What scripts/evaluate.py shows and writes: markdown tables, CSVs, PNGs and summary.json."""
+import csv
+import io
+import json
+
+from etils import epath
+
+from trainer.evaluation import KEY_DIGITS, short
+
+
+def markdown(headers, rows) -> str:
+  lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+  return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def loss_table(buckets) -> str:
+  return markdown(["positions", "eval loss", "tokens"],
+                  [("[" + short(b["lo"]) + ", " + short(b["hi"]) + ")", f"{b['loss']:.4f}", b["tokens"]) for b in buckets])
+
+
+def _grid(cells, field):
+  """(depths, lengths, {(depth, length): value})."""
+  depths = sorted({c["depth"] for c in cells})
+  lengths = sorted({c["length"] for c in cells})
+  return depths, lengths, {(c["depth"], c["length"]): c[field] for c in cells}
+
+
+def passkey_table(cells, field="accuracy") -> str:
+  """Rows: needle depth; columns: prompt length."""
+  depths, lengths, value = _grid(cells, field)
+  return markdown(["depth \\ length", *map(short, lengths)],
+                  [(f"{d:.0%}", *(f"{value[d, n]:.3f}" for n in lengths)) for d in depths])
+
+
+def report(meta: dict, buckets, passkey) -> str:
+  """The markdown stdout shows; its last line is `passkey accuracy X.XXX`."""
+  trials = passkey["cells"][0]["trials"] if passkey["cells"] else 0
+  return "\n".join([
+      f"# {meta['workdir']} step {meta['step']}, seq_len {meta['seq_len']} (trained at {meta['trained_seq_len']})",
+      "", f"## Eval loss by position ({meta['loss_tokens']:,} validation tokens)", "", loss_table(buckets),
+      "", f"## Passkey retrieval: exact {KEY_DIGITS}-digit match, keys per cell {trials}, seed {meta['seed']}",
+      "", passkey_table(passkey["cells"]), "",
+      f"per-digit accuracy {passkey['digit_accuracy']:.3f}", f"passkey accuracy {passkey['accuracy']:.3f}"])
+
+
+def _csv(rows: list[dict]) -> str:
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows(rows)
+  return buffer.getvalue()
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save(fig, path: epath.Path) -> None:
+  buffer = io.BytesIO()            # through etils: the workdir may be gs://
+  fig.tight_layout()
+  fig.savefig(buffer, format="png", dpi=120)
+  _pyplot().close(fig)
+  path.write_bytes(buffer.getvalue())
+
+
+def plot_loss(buckets, path, title: str) -> None:
+  """Eval loss per bucket against position (log scale): a step curve over the buckets' spans."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  xs = [max(b["lo"], 1) for b in buckets] + [buckets[-1]["hi"]]
+  ys = [b["loss"] for b in buckets]
+  ax.stairs(ys, xs, baseline=None, lw=2)
+  ax.plot([(max(b["lo"], 1) * b["hi"]) ** 0.5 for b in buckets], ys, "o")
+  ax.set(xscale="log", xlabel="position (log scale)", ylabel="eval loss", title=title)
+  ax.grid(alpha=0.3)
+  _save(fig, path)
+
+
+def plot_passkey(cells, path, title: str) -> None:
+  """Heatmap of exact-match accuracy, depth x length, each cell annotated."""
+  plt = _pyplot()
+  depths, lengths, value = _grid(cells, "accuracy")
+  fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 3, 4))
+  image = ax.imshow([[value[d, n] for n in lengths] for d in depths], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+  for i, d in enumerate(depths):
+    for j, n in enumerate(lengths):
+      ax.text(j, i, f"{value[d, n]:.2f}", ha="center", va="center")
+  ax.set_xticks(range(len(lengths)), [short(n) for n in lengths])
+  ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+  ax.set(xlabel="prompt length (tokens)", ylabel="needle depth", title=title)
+  fig.colorbar(image, ax=ax, label="passkey accuracy")
+  _save(fig, path)
+
+
+def write(outdir, meta: dict, buckets, passkey) -> epath.Path:
+  """outdir/{report.md, loss_by_position.csv/.png, passkey.csv/.png, summary.json}."""
+  outdir = epath.Path(outdir)
+  outdir.mkdir(parents=True, exist_ok=True)
+  title = f"step {meta['step']}, seq_len {meta['seq_len']}"
+  (outdir / "report.md").write_text(report(meta, buckets, passkey) + "\n")
+  (outdir / "loss_by_position.csv").write_text(_csv(buckets))
+  (outdir / "passkey.csv").write_text(_csv(passkey["cells"]))
+  plot_loss(buckets, outdir / "loss_by_position.png", f"eval loss by position, {title}")
+  plot_passkey(passkey["cells"], outdir / "passkey.png", f"passkey retrieval, {title}")
+  (outdir / "summary.json").write_text(json.dumps(
+      {**meta, "loss_by_position": buckets, "passkey": passkey}, indent=1, default=str) + "\n")
+  return outdir

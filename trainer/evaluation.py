@@ -1,0 +1,204 @@
+"""Long-context evaluation (issue 16): eval loss by position bucket and passkey retrieval.
+
+The harness takes a `logits_fn(tokens int32 [B, T]) -> logits [B, T, V]`: the model's
+(`functools.partial(jit_apply(model, mesh), params)`), or in tests a rigged retriever or a guesser,
+so the scoring is checked without training anything. Every number is deterministic: the loss reads
+the validation rows in their fixed order, and each passkey trial draws its key and filler from its
+own seed (seed, length, depth index, trial).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from trainer import sharding
+
+FIRST_EDGE = 256            # buckets [0, 256), [256, 1k), [1k, 4k), [4k, 16k), ... each 4x the last
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+KEY_DIGITS = 5
+NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\nWhat is the pass key? The pass key is"
+ANSWER_TOKENS = KEY_DIGITS + 1   # " 12345": at worst a space and one token per digit
+
+
+# ---- Loss by position ----
+
+def bucket_edges(seq_len: int) -> list[int]:
+  """[0, 256, 1024, 4096, ..., seq_len]: bucket i holds positions [edges[i], edges[i+1])."""
+  edges, edge = [0], FIRST_EDGE
+  while edge < seq_len:
+    edges.append(edge)
+    edge *= 4
+  return edges + [seq_len]
+
+
+def short(n: int) -> str:
+  """1024 -> '1k', 1536 -> '1536' (table labels)."""
+  return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def token_losses(logits_BTV, targets_BT):
+  """Per-token next-token cross-entropy in float32 [B, T] (steps.cross_entropy before its mean)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+
+
+def loss_by_position(losses_BT, positions_BT, weights_BT, edges) -> list[dict]:
+  """[{lo, hi, loss, tokens}] per bucket: the weighted mean loss of the predictions made at
+  positions [lo, hi) (the input's position: a prediction there saw position + 1 tokens of its
+  document or row). Targets of weight 0 (padding, cross-document in pack mode) do not count."""
+  losses, positions, weights = (np.asarray(x, np.float64).ravel() for x in (losses_BT, positions_BT, weights_BT))
+  bucket = np.searchsorted(edges, positions, side="right") - 1
+  keep = (weights > 0) & (bucket >= 0) & (bucket < len(edges) - 1)
+  n = len(edges) - 1
+  sums = np.bincount(bucket[keep], weights=(losses * weights)[keep], minlength=n)
+  counts = np.bincount(bucket[keep], weights=weights[keep], minlength=n)
+  return [{"lo": int(edges[i]), "hi": int(edges[i + 1]), "tokens": int(counts[i]),
+           "loss": float(sums[i] / counts[i]) if counts[i] else float("nan")} for i in range(n)]
+
+
+def batch_token_losses(batch: dict, losses_fn) -> tuple:
+  """(losses, positions, weights) [B, T] of one eval batch, positions and weights filled in for
+  concat rows (position = index in the row, every target counts)."""
+  inputs = np.asarray(batch["inputs"])
+  positions = batch.get("positions")
+  if positions is None:
+    positions = np.broadcast_to(np.arange(inputs.shape[1]), inputs.shape)
+  weights = batch.get("weights")
+  if weights is None:
+    weights = np.ones(inputs.shape, np.float32)
+  return np.asarray(losses_fn(batch)), np.asarray(positions), np.asarray(weights)
+
+
+# ---- The model as the harness calls it ----
+
+def jit_apply(model, mesh):
+  """jit(params, tokens [B, T]) -> logits [B, T, V] on `mesh` (B divisible by the batch axes)."""
+  fn = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens),
+               in_shardings=(None, sharding.batch_sharding(mesh)))
+  def apply(params, tokens):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      return fn(params, tokens)
+  return apply
+
+
+def jit_token_losses(model, mesh):
+  """jit(params, batch) -> per-token losses [B, T] (positions and segments as the batch says)."""
+  def losses(params, batch):
+    logits = model.apply({"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+    return token_losses(logits, batch["targets"])
+  fn = jax.jit(losses, in_shardings=(None, sharding.batch_sharding(mesh)))
+  def apply(params, batch):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      return fn(params, batch)
+  return apply
+
+
+# ---- Passkey retrieval ----
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  tokens: np.ndarray   # int32 [length - ANSWER_TOKENS]: filler with the needle at `depth`, then QUESTION
+  key: str
+  needle_at: int       # index of the needle's first token
+
+
+def prompt_parts(tokenizer, key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(needle, question) token ids; each text is encoded on its own, so it tokenizes the same
+  wherever it lands in the filler."""
+  needle, question = tokenizer.encode([NEEDLE.format(key=key), QUESTION], num_threads=1)
+  return needle, question
+
+
+def make_prompt(tokenizer, filler: np.ndarray, length: int, depth: float, seed) -> Prompt:
+  """A prompt that, with ANSWER_TOKENS generated, is exactly `length` tokens: filler read from a
+  random offset of `filler` (cyclically), the needle with a random 5-digit key at `depth` of it
+  (0: first, 1: right before the question), then the question."""
+  rng = np.random.default_rng(seed)
+  key = str(rng.integers(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS))
+  needle, question = prompt_parts(tokenizer, key)
+  n = length - ANSWER_TOKENS - len(needle) - len(question)
+  if n < 0:
+    raise ValueError(f"passkey length {length} is too short: the needle, question and answer take "
+                     f"{length - n} tokens")
+  text = np.take(filler, rng.integers(len(filler)) + np.arange(n), mode="wrap")
+  at = int(round(depth * n))
+  tokens = np.concatenate([text[:at], needle, text[at:], question]).astype(np.int32)
+  return Prompt(tokens, key, at)
+
+
+_argmax_at = jax.jit(lambda logits, pos: jnp.argmax(
+    jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0], axis=-1))
+
+
+def greedy_decode(logits_fn, prompts: list[np.ndarray], length: int, num_tokens: int, batch_size: int) -> np.ndarray:
+  """int32 [len(prompts), num_tokens]: greedy continuations. Each row is right-padded to `length`
+  (a causal model never sees the padding) and the whole prefix is re-run per token: no KV cache,
+  one shape per length, so a jitted logits_fn compiles once. A short last chunk repeats row 0."""
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start:start + batch_size]
+    rows = chunk + [chunk[0]] * (batch_size - len(chunk))
+    if max(map(len, rows)) + num_tokens > length:
+      raise ValueError(f"a prompt of {max(map(len, rows))} tokens + {num_tokens} does not fit {length}")
+    tokens = np.zeros((batch_size, length), np.int32)
+    for i, p in enumerate(rows):
+      tokens[i, :len(p)] = p
+    last = np.array([len(p) - 1 for p in rows], np.int32)
+    generated = np.zeros((batch_size, num_tokens), np.int32)
+    for j in range(num_tokens):
+      generated[:, j] = np.asarray(_argmax_at(logits_fn(tokens), last + j))
+      tokens[np.arange(batch_size), last + j + 1] = generated[:, j]   # inside: len(p) + num_tokens <= length
+    out.append(generated[:len(chunk)])
+  return np.concatenate(out)
+
+
+def score(text: str, key: str) -> tuple[bool, int]:
+  """(exact, digits right): the first KEY_DIGITS characters of the answer, leading space dropped."""
+  answer = text.lstrip()[:KEY_DIGITS]
+  return answer == key, sum(a == b for a, b in zip(answer, key))
+
+
+def default_lengths(seq_len: int) -> list[int]:
+  """The bucket edges up to seq_len: 256, 1k, 4k, 16k, ..., seq_len."""
+  return bucket_edges(seq_len)[1:]
+
+
+def passkey_eval(logits_fn, tokenizer, filler: np.ndarray, lengths, *, trials: int = 10, seed: int = 0,
+                 depths=DEPTHS, batch_size: int = 8) -> dict:
+  """{"cells": [{length, depth, accuracy, digit_accuracy, trials}], "accuracy", "digit_accuracy"}:
+  exact-match accuracy per depth x length over `trials` keys, trial t of cell (length, depth i)
+  drawn from seed (seed, length, i, t)."""
+  cells, exact_all, digits_all = [], [], []
+  for length in lengths:
+    prompts = [make_prompt(tokenizer, filler, length, depth, (seed, length, i, t))
+               for i, depth in enumerate(depths) for t in range(trials)]
+    generated = greedy_decode(logits_fn, [p.tokens for p in prompts], length, ANSWER_TOKENS, batch_size)
+    scores = [score(tokenizer.decode(g), p.key) for g, p in zip(generated, prompts)]
+    for i, depth in enumerate(depths):
+      exact, digits = zip(*scores[i * trials:(i + 1) * trials])
+      cells.append({"length": int(length), "depth": float(depth), "trials": trials,
+                    "accuracy": float(np.mean(exact)), "digit_accuracy": float(np.sum(digits) / (KEY_DIGITS * trials))})
+      exact_all += exact
+      digits_all += digits
+  return {"cells": cells, "accuracy": float(np.mean(exact_all)),
+          "digit_accuracy": float(np.sum(digits_all) / (KEY_DIGITS * len(digits_all)))}
+
+
+def passkey_accuracy(logits_fn, tokenizer, filler: np.ndarray, lengths, seed: int = 0, **kwargs) -> float:
+  """The overall exact-match accuracy: one number for a training run's metrics."""
+  return passkey_eval(logits_fn, tokenizer, filler, lengths, seed=seed, **kwargs)["accuracy"]
+
+
+def filler_tokens(sources, num_tokens: int) -> np.ndarray:
+  """At least `num_tokens` tokens of the validation split, its documents in order (EOS-separated,
+  as in training; cycled if the split is smaller)."""
+  from data import pipeline
+  docs = pipeline.documents(sources, "validation", seed=0, shuffle=False)
+  parts, total = [], 0
+  while total < num_tokens:
+    parts.append(np.asarray(docs[len(parts)], np.int32))
+    total += len(parts[-1])
+  return np.concatenate(parts)
