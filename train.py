@@ -55,7 +55,8 @@ def main(config, workdir: str) -> int:
     state, start_step = checkpoint.restore_or_init(config, program, mesh, ckpt, data_iter)
     writer = MetricsWriter(workdir, config, start_step=start_step, is_main=is_main)
     writer.print(f"data: {sources.describe(data_sources)}, packing {config.data.packing}")
-    writer.print(f"{transformer.count_params(state.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+    num_params = transformer.count_params(state.params)
+    writer.print(f"{num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
                  f"{jax.process_count()} process(es), attention {config.attention.kind}/{config.attention.impl}, "
                  + (f"resumed from step {start_step}" if start_step else
                     f"parameters from {config.init_from}" if config.init_from else "starting from scratch"))
@@ -83,7 +84,7 @@ def main(config, workdir: str) -> int:
         timer.restart(step)
       writer.step_done()
       if log:
-        metrics = {**summarize(interval, diagnostics), **timer.rates(step)}
+        metrics = {**summarize(interval, diagnostics), **timer.rates(step), "params": num_params}
         if (epoch := pipeline.epoch(data_iter, data_sources, host[1])) is not None:
           metrics["epoch"] = epoch
         if evaluate:

@@ -118,6 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.wandb.mode = "offline"          # offline | online | disabled
   c.wandb.project = "sparse-attention-pretraining"
   c.wandb.name = ""
+  c.wandb.group = ""                # runs of one sweep share a group (scripts/sweep.py sets it)
   return c
 
 

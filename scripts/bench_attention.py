@@ -33,6 +33,16 @@ sampled: --dsa-samples runs of 16 consecutive queries spread over T, scaled to a
 validation sequence of the embedded corpus, the model's seq_len and index_topk) with the same
 V3.2 head shapes, next to a random selection of the same T and k.
 
+  python scripts/bench_attention.py --sweep nsa.slc_block=32,64,128 --sweep nsa.num_selected=8,16,32 \
+      --seq-lens 65536 [--heads 64 --kv-heads 4 --head-dim 192] [--plot out.png]
+  python scripts/bench_attention.py --sweep dsa.index_topk=512,1024,2048 --seq-lens 32768
+
+prints what each point of a grid costs, to pick block sizes (or top-k) before training: the
+traffic model's bytes (forward + backward kernels) against the minimum, the MXU row fill, one
+layer's compiled memory and FLOPs (--impl), and its time where a TPU is present; and plots each
+against each swept field (--plot, default bench_nsa_sweep.png / bench_dsa_sweep.png). --no-compile:
+the traffic model only (seconds; compiling a layer at 64k takes minutes on a CPU).
+
 Per (kind, T): wall time (median of --repeats runs after a warm-up), compiled FLOPs
 (`cost_analysis`) and memory (`memory_analysis`: arguments + outputs + temporaries). XLA counts a
 while loop's body once, so FLOPs are read from the same layer compiled with one query chunk (the
@@ -55,9 +65,10 @@ from flax import linen as nn  # noqa: E402
 
 from configs import base  # noqa: E402
 from model.attention import ATTENTION_KINDS  # noqa: E402
+from trainer import sweep_grid  # noqa: E402
 
 
-def layer_config(kind: str, seq_len: int, args) -> ml_collections.FrozenConfigDict:
+def layer_config(kind: str, seq_len: int, args, overrides=None) -> ml_collections.FrozenConfigDict:
   c = base.get_config()
   c.seq_len = seq_len
   c.attention.kind = kind
@@ -66,7 +77,7 @@ def layer_config(kind: str, seq_len: int, args) -> ml_collections.FrozenConfigDi
                  d_model=args.heads * args.head_dim, dtype=args.dtype)
   c.mla.update(q_lora_rank=384, kv_lora_rank=128, qk_nope_dim=32, qk_rope_dim=16, v_head_dim=32)
   c.dsa.update(stage="sparse", index_heads=16, index_head_dim=32, index_topk=args.topk)
-  return ml_collections.FrozenConfigDict(c)
+  return ml_collections.FrozenConfigDict(sweep_grid.apply(c, overrides or {}))
 
 
 def compile_step(config, batch: int):
@@ -84,8 +95,10 @@ def compile_step(config, batch: int):
   return step, step.lower(params, x, pos).compile(), (params, x, pos)
 
 
-def measure(kind, seq_len, args):
-  config = layer_config(kind, seq_len, args)
+def measure(kind, seq_len, args, overrides=None, run=True):
+  """Compiled FLOPs and memory of one layer's fwd+bwd, and its time (unless `run` is False or it
+  does not fit --max-gb)."""
+  config = layer_config(kind, seq_len, args, overrides)
   # XLA counts a loop body once: for FLOPs, compile (never run) with one query chunk where the
   # chunk size does not change the math, and the window's chunk loop unrolled.
   whole = ml_collections.ConfigDict(config)
@@ -95,7 +108,7 @@ def measure(kind, seq_len, args):
   mem = compiled.memory_analysis()
   gb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**30
   row = {"kind": kind, "T": seq_len, "gflops": flops / 1e9, "mem_gb": gb, "ms": float("nan")}
-  if gb <= args.max_gb:
+  if run and gb <= args.max_gb:
     params, x, pos = (jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype) * 0.02, a) for a in shapes)
     pos = jnp.broadcast_to(jnp.arange(seq_len), pos.shape)
     jax.block_until_ready(compiled(params, x, pos))
@@ -130,7 +143,8 @@ def synthetic_selection(seq_len, kv_heads, *, realistic, block=64, n=16, seed=0,
       scores = np.where((j == 0) | ((current - j >= 0) & (current - j < 2)), np.inf, scores)
       scores = np.where(j <= current, scores, -np.inf)
       top = np.argsort(-scores, axis=1, kind="stable")[:, :n]
-      out[t0:t0 + current.size, h] = np.where(np.take_along_axis(scores, top, 1) == -np.inf, -1, top)
+      top = np.where(np.take_along_axis(scores, top, 1) == -np.inf, -1, top)
+      out[t0:t0 + current.size, h] = np.pad(top, ((0, 0), (0, n - top.shape[1])), constant_values=-1)  # n > blocks
   return out[None]
 
 
@@ -283,6 +297,81 @@ def dsa_traffic_tables(args):
           f"g={g} " + " ".join(f"{o[g]['union_over_sum']:.3f}" for o in per_layer) for g in (2, 4, 16)))
 
 
+def sweep_bench(args, parser):
+  """--sweep: what each point of a grid of NSA (or DSA) fields costs per T, before training with
+  it: the Pallas kernels' HBM<->VMEM bytes (traffic model, forward + backward, against the
+  minimum) and MXU row fill, one layer's compiled memory and FLOPs, and its time on a TPU."""
+  from trainer import sweep_report
+  try:
+    points = sweep_grid.product([sweep_grid.parse_axis(a) for a in args.sweep])
+    fields = sweep_grid.fields_of(points)
+    kind = "dsa" if any(f.startswith("dsa.") for f in fields) else "nsa"
+    sweep_grid.check_fields(layer_config(kind, args.seq_lens[0], args), points, {})
+  except sweep_grid.SweepError as e:
+    parser.error(str(e))
+  on_tpu = jax.default_backend() == "tpu"
+  if kind == "nsa":
+    shape = f"HQ={args.heads} HKV={args.kv_heads} Dk={args.head_dim} Dv={args.v_dim or args.head_dim}"
+  else:
+    shape = (f"traffic at V3.2's H={args.dsa_heads} Dk={DSA_DK} dv={DSA_DV} ({args.dsa_samples} x 16 queries "
+             f"sampled per T); compiled: the MLA layer of --kinds mla/dsa (4x smaller dims)")
+  print(f"{kind} sweep, one layer fwd+bwd, B={args.batch} {shape} {args.dtype}, realistic synthetic selection; "
+        f"compiled on {jax.devices()[0].device_kind}" + ("" if on_tpu else " (time: TPU only)"))
+  head = " ".join(f"{f.rsplit('.', 1)[-1]:>12}" for f in fields)
+  print(f"{head} {'T':>7} {'traffic GB':>10} {'x min':>6} {'MXU fill':>8} {'memory GB':>9} {'GFLOP':>10} {'ms':>8}")
+  show = lambda v, fmt, width: f"{v:{width}{fmt}}" if v is not None and v == v else f"{'-':>{width}}"
+  rows = []
+  for seq_len in args.seq_lens:
+    for point in points:
+      config = layer_config(kind, seq_len, args, point)
+      r = {**point, "T": seq_len, **point_traffic(kind, config, seq_len, args), "mem_gb": None, "gflops": None,
+           "ms": None}
+      if not args.no_compile:
+        cost = measure(kind, seq_len, args, point, run=on_tpu)
+        r.update(mem_gb=cost["mem_gb"], gflops=cost["gflops"], ms=cost["ms"] if on_tpu else None)
+      rows.append(r)
+      print(" ".join(f"{point[f]!s:>12}" for f in fields) + f" {seq_len:>7} {r['traffic_gb']:10.3f} "
+            f"{r['traffic_gb'] / r['min_gb']:6.2f} {r['mxu_fill']:8.1%} {show(r['mem_gb'], '.3f', 9)} "
+            f"{show(r['gflops'], '.1f', 10)} {show(r['ms'], '.2f', 8)}", flush=True)
+  print("traffic: bytes in + out of the attention kernels (NSA: selection forward, dq, dK/dV; DSA: forward, "
+        "dq+dkv, indexer-loss teacher) per layer, batch 1; x min: against each selected block/row moved once")
+  metrics = [("traffic_gb", "traffic GB"), ("mxu_fill", "MXU row fill")]
+  metrics += [] if args.no_compile else [("mem_gb", "compiled memory GB"), ("gflops", "GFLOP")]
+  metrics += [("ms", "time ms")] if on_tpu and not args.no_compile else []
+  path = args.plot or f"bench_{kind}_sweep.png"
+  plt = sweep_report._pyplot()
+  fig, axes = plt.subplots(len(metrics), len(fields), figsize=(4.5 * len(fields) + 1, 3 * len(metrics)),
+                           squeeze=False)
+  for ax_row, (key, label) in zip(axes, metrics):
+    sweep_report.against_fields(ax_row, rows, fields, key, label, extra=("T",))
+  fig.suptitle(f"{kind}: cost per point (one layer, fwd+bwd)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  print(f"wrote {path}")
+  return rows
+
+
+def point_traffic(kind, config, seq_len, args) -> dict:
+  """Traffic model of a point's kernels: GB moved, the minimum GB, MXU row fill."""
+  if kind == "nsa":
+    from kernels import nsa_traffic
+    c = config.nsa
+    idx = synthetic_selection(seq_len, args.kv_heads, realistic=True, block=c.slc_block, n=c.num_selected)
+    r = nsa_traffic.selection_traffic(idx, block_size=c.slc_block, hq=args.heads, dk=args.head_dim,
+                                      dv=args.v_dim or args.head_dim)
+    kernels, fill = [r[k] for k in ("forward", "dq", "dkv")], r["mxu_row_fill"]
+    return {"traffic_gb": sum(k["in"] + k["out"] for k in kernels) / 1e9,
+            "min_gb": sum(k["min_in"] + k["out"] for k in kernels) / 1e9, "mxu_fill": fill}
+  from kernels import dsa_traffic as dt
+  positions = dt.sample_positions(seq_len, args.dsa_samples)
+  idx = dt.synthetic_selection(seq_len, config.dsa.index_topk, positions, realistic=True)
+  r = dt.sparse_traffic(idx, heads=args.dsa_heads, dk=DSA_DK, dv=DSA_DV, q_offset=positions,
+                        seq_len=seq_len if len(positions) < seq_len else None)
+  kernels = [r[k] for k in ("forward", "dq+dkv", "teacher")]
+  return {"traffic_gb": sum(k["in"] + k["out"] for k in kernels) / 1e9,
+          "min_gb": sum(k["min_in"] + k["min_out"] for k in kernels) / 1e9, "mxu_fill": r["forward"]["row_fill"]}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
@@ -305,7 +394,13 @@ def main():
                       help="--impl pallas, dsa: runs of 16 consecutive queries sampled per T")
   parser.add_argument("--dsa-trained-run", default="",
                       help="--impl pallas, dsa: also a trained DSA run's selection (its workdir)")
+  parser.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2,...",
+                      help="a grid of nsa.* (or dsa.*) fields (repeat: the product): a row per point and T")
+  parser.add_argument("--no-compile", action="store_true",
+                      help="--sweep: the traffic model only (no compiled memory, FLOPs or time; fast)")
   args = parser.parse_args()
+  if args.sweep:
+    return sweep_bench(args, parser)
   if args.impl == "pallas" and jax.default_backend() != "tpu":
     return traffic(args)     # off TPU the kernels would only be interpreted: their traffic model
 

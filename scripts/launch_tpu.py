@@ -2,9 +2,11 @@ r"""Launch train.py on a Cloud TPU VM pod slice (or on GKE through xpk) with one
 
   python scripts/launch_tpu.py [run|status|logs|delete] --name my-run --tpu v5p-64 --zone us-east5-a \
       [--project P] --config configs/1b.py --workdir gs://BUCKET/runs/1b-nsa [--spot | --reserved] \
-      [--via gcloud|xpk] [--cluster C] [--num-slices S] [--dry-run] \
+      [--via gcloud|xpk] [--cluster C] [--num-slices S] [--dry-run] [--sweep FIELD=V1,V2,... ...] \
       [-- --config.attention.kind=nsa --config.seq_len=32768 ...]
 
+--sweep FIELD=V1,V2,... (repeat; or --sweep alone for the config file's sweep()) runs scripts/sweep.py
+  instead of train.py: the points one after another, each on the whole slice, in WORKDIR/<point>.
 run (the default): create the slice through a queued resource and wait until it is ACTIVE, copy the
   code (git ls-files: tracked and untracked files, not ignored ones) to every worker, install
   Python 3.11, requirements.txt and the TPU jax build (versions read from requirements*.txt), then
@@ -46,9 +48,11 @@ TPU_TYPES = ("v4-N, v5p-N (N TensorCores, a multiple of 8), v5litepod-N or v5e-N
 # Queued-resource and TPU VM states that mean gone for good (preempted or failed): delete, create again.
 DEAD = {"FAILED", "SUSPENDING", "SUSPENDED"}
 NODE_DEAD = {"PREEMPTED", "TERMINATED"}
-# Prints "train.py running (pid N) on HOST" or "train.py not running on HOST". A pid file, not
-# `pgrep -f train.py`: the remote shell running this line has "train.py" in its own command line.
-CHECK = (f'p=$(cat {REMOTE}/train.pid 2>/dev/null); if [ -n "$p" ] && grep -qa train.py /proc/$p/cmdline 2>/dev/null; '
+# Prints "train.py running (pid N) on HOST" (train.py, or a sweep.py running train.py) or "train.py not
+# running on HOST". A pid file, not `pgrep -f train.py`: the remote shell running this line has
+# "train.py" in its own command line.
+CHECK = (f'p=$(cat {REMOTE}/train.pid 2>/dev/null); '
+         f'if [ -n "$p" ] && grep -qaE "train.py|sweep.py" /proc/$p/cmdline 2>/dev/null; '
          f'then echo "train.py running (pid $p) on $(hostname)"; else echo "train.py not running on $(hostname)"; fi')
 
 
@@ -313,9 +317,10 @@ def start_script(train, env):
   return "; ".join([
       f"R={REMOTE}", 'p=$(cat $R/train.pid 2>/dev/null)',
       # A stale copy (worker 0 died, this one hangs in a collective) holds the TPU: SIGTERM, then SIGKILL.
-      'if [ -n "$p" ] && grep -qa train.py /proc/$p/cmdline 2>/dev/null; then echo "stopping train.py '
+      'if [ -n "$p" ] && grep -qaE "train.py|sweep.py" /proc/$p/cmdline 2>/dev/null; then echo "stopping train.py '
       '(pid $p) on $(hostname)"; kill $p; for i in $(seq 240); do '
-      'grep -qa train.py /proc/$p/cmdline 2>/dev/null || break; sleep 0.5; done; kill -9 $p 2>/dev/null || true; fi',
+      'grep -qaE "train.py|sweep.py" /proc/$p/cmdline 2>/dev/null || break; sleep 0.5; done; '
+      'kill -9 $p 2>/dev/null || true; fi',
       "mkdir -p $R/logs", "cd $R/code || exit 1",
       'echo "=== $(date -u +%FT%TZ) launch_tpu.py starts train.py ===" >> $R/logs/train.log',
       # setsid + nohup: train.py outlives this ssh session; $! is its pid (no job control, no fork).
@@ -325,7 +330,12 @@ def start_script(train, env):
 
 
 def train_args(args, overrides):
-  return shlex.join(["train.py", "--config", args.config, "--workdir", args.workdir, *overrides])
+  """train.py's command line; with --sweep, scripts/sweep.py's: its points one after another, each
+  a train.py on the whole slice (every host runs the same sweep, in step)."""
+  if args.sweep is None:
+    return shlex.join(["train.py", "--config", args.config, "--workdir", args.workdir, *overrides])
+  grid = [a for spec in args.sweep if spec for a in ("--sweep", spec)]
+  return shlex.join(["scripts/sweep.py", "--config", args.config, "--workdir", args.workdir, *grid, *overrides])
 
 
 def gcloud_run(args, tpu, overrides, sh):
@@ -435,6 +445,9 @@ def parse(argv):
   p.add_argument("--via", choices=("gcloud", "xpk"), default="gcloud",
                  help="gcloud: a TPU VM slice of your own (default); xpk: a workload on a GKE cluster")
   p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+  p.add_argument("--sweep", action="append", nargs="?", const="", metavar="FIELD=V1,V2,...",
+                 help="run scripts/sweep.py instead of train.py: this grid (repeat), or with no value the "
+                      "config file's sweep(); the points run one after another, each on the whole slice")
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of train.py (repeat)")
   cap = p.add_mutually_exclusive_group()
   cap.add_argument("--spot", action="store_true", help="Spot TPU VMs (cheaper, preemptible)")

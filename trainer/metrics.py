@@ -113,8 +113,8 @@ def _start_wandb(workdir: str, config):
   id_file.write_text(run_id)
   # wandb writes its offline files locally: into the workdir, or ./wandb for a remote workdir.
   local = str(workdir) if "://" not in str(workdir) else os.path.abspath("wandb")
-  return wandb.init(project=config.wandb.project, name=config.wandb.name or None, id=run_id,
-                    resume="allow", dir=local, mode=config.wandb.mode, config=config.to_dict())
+  return wandb.init(project=config.wandb.project, name=config.wandb.name or None, group=config.wandb.group or None,
+                    id=run_id, resume="allow", dir=local, mode=config.wandb.mode, config=config.to_dict())
 
 
 def summarize(interval: list, step_metrics: dict) -> dict:
