@@ -33,7 +33,7 @@ def main(config, workdir: str) -> int:
 
   from data import pipeline, sources
   from model import transformer
-  from trainer import checkpoint, sharding, steps, validate
+  from trainer import checkpoint, divergence, evaluation, sharding, steps, validate
   from trainer.metrics import MetricsWriter, Profiler, Throughput, summarize
 
   validate.validate(config, num_devices=jax.device_count())
@@ -49,6 +49,9 @@ def main(config, workdir: str) -> int:
   data_iter = pipeline.train_iterator(config, data_sources, *host, rows=rows)
   eval_data = pipeline.eval_batches(config, data_sources, *host, rows=rows) if config.eval_every else []
   program = steps.build(config, mesh)
+  passkey = evaluation.passkey_probe(config, program.model, mesh, data_sources, validate.passkey_lengths(
+      config, jax.device_count())) if config.eval_passkey else None
+  guard = divergence.Monitor(config)
   ckpt = checkpoint.Checkpointer(workdir, config)
   writer, profiler = None, Profiler(config, workdir, is_main=is_main)
   try:
@@ -89,11 +92,19 @@ def main(config, workdir: str) -> int:
           metrics["epoch"] = epoch
         if evaluate:
           metrics["eval_loss"] = float(np.mean([program.eval_step(state.params, to_global(b)) for b in eval_data]))
+          if passkey:
+            metrics["passkey_acc"] = passkey(state.params)
         writer.write(step, metrics)
+        guard.saw(step, interval)
         interval = []
         timer.restart(step)
       preempted = _agree(bool(stop_signal))
-      ckpt.save(step, state, data_iter, force=preempted or step == config.steps)
+      save = ckpt.due(step, force=preempted or step == config.steps)
+      # Too many non-finite steps in a row: stop before saving (checked only where a sync happens anyway).
+      if (log or save) and (stop := guard.check(step, state, interval, ckpt)):
+        writer.print(stop)
+        return divergence.EXIT_CODE
+      ckpt.save(step, state, data_iter, force=save)
       if _KILL_AT_STEP == step:
         ckpt.wait()
         os.kill(os.getpid(), signal.SIGKILL)

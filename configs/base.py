@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 100        # 0 disables evaluation
   c.eval_batches = 4
+  # Passkey retrieval (trainer/evaluation.py) at every eval step: passkey_acc in metrics.jsonl, over
+  # eval_passkey_trials keys per depth x length (lengths 256, 1k, 4k, ... up to seq_len).
+  c.eval_passkey = False
+  c.eval_passkey_trials = 2
   c.checkpoint_every = 100
   c.keep_checkpoints = 3
   c.init_from = ""          # a checkpoint directory (or a run's workdir) to take parameters from
@@ -90,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.1
   c.optimizer.grad_clip = 1.0       # global norm; 0 disables
+  c.optimizer.max_skipped_steps = 5   # non-finite steps in a row (each skipped) before the run stops (exit 3)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1

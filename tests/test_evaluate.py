@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE, REPO, run_train
+from conftest import FAST_COMPILE, REPO, run_train, small_config
 from configs.base import EMBEDDED_TOKENIZER
 from data.tokenizer import Tokenizer
 from trainer import evaluation as ev
@@ -129,6 +129,17 @@ def test_passkey_is_chance_without_retrieval(tokenizer, filler):
   result = ev.passkey_eval(guesser, tokenizer, filler, [128, 256], trials=10, batch_size=25)
   assert result["accuracy"] == 0.0                            # 1e-5 per key
   assert 0.06 < result["digit_accuracy"] < 0.14, result       # 0.1 per digit, 500 digits
+
+
+def test_training_passkey_lengths_are_those_the_config_takes():
+  """eval_passkey's lengths (trainer/validate.py): 256, 1k, ... up to seq_len, less those the
+  model's shape rules refuse (here NSA's selection blocks in context-parallel chunks)."""
+  from trainer import validate
+  nsa = {"attention.kind": "nsa", "seq_len": 1024}
+  assert validate.passkey_lengths(small_config(**nsa), num_devices=1) == [256, 1024]
+  # 8 devices, context 4: 256 tokens split in 8 chunks of 32 hold no whole 64-token selection block
+  assert validate.passkey_lengths(small_config(**nsa, **{"mesh.context": 4, "mesh.fsdp": 2}), num_devices=8) == [1024]
+  assert validate.passkey_lengths(small_config(seq_len=64), num_devices=1) == [64]
 
 
 def evaluate(*args):

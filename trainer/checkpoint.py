@@ -3,24 +3,31 @@ and the config, saved asynchronously every `checkpoint_every` steps under WORKDI
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
 leaves no step that looks finished. Restoring walks the finished steps newest first and falls back
-to an older one (with a warning) when a step cannot be read.
+to an older one (with a warning) when a step cannot be read. A state with a non-finite parameter is
+never saved (trainer/divergence.py): the last good checkpoint stays the newest.
 """
+import dataclasses
 import json
 import logging
 import time
 
 import grain
 import jax
+import jax.numpy as jnp
 from etils import epath
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from configs import ConfigError
+from trainer import divergence
 
 # Fields that change the parameters' shapes, structure or meaning: a checkpoint made with other
 # values cannot be resumed. (Compute dtype and remat may change between runs.)
 ARCHITECTURE_FIELDS = ("model", "attention.kind", "nsa", "mla", "dsa")
 RESUMABLE_CHANGES = ("model.dtype", "model.remat", "dsa.indexer_loss_coef")
+# TrainState fields added after checkpoints were being written, with the value a checkpoint made
+# before them restores with.
+ADDED_STATE_FIELDS = {"skips": 0}
 
 
 def workdir_path(path: str) -> epath.Path:
@@ -71,9 +78,19 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()})
 
+  def due(self, step: int, force: bool = False) -> bool:
+    """Whether save(step, ..., force) saves (unless the parameters are not finite)."""
+    return force or step % self.every == 0
+
   def save(self, step: int, state, data_iter, force: bool = False) -> bool:
-    """Starts an async save if `step` is a multiple of checkpoint_every (or `force`)."""
-    if not force and step % self.every:
+    """Starts an async save if `step` is a multiple of checkpoint_every (or `force`), unless a
+    parameter is not finite: then it warns and saves nothing (the last good checkpoint stays)."""
+    if not self.due(step, force):
+      return False
+    if not divergence.params_finite(state.params):
+      latest = self.latest_step()
+      logging.warning("not saving step %d: a parameter is not finite; %s", step,
+                      f"the newest checkpoint stays step {latest}" if latest else "no checkpoint yet")
       return False
     return self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self.config_dict),
@@ -91,20 +108,50 @@ class Checkpointer:
         continue
       check_compatible(saved_config, self.config_dict, where)
       try:
+        target, added = self._state_target(step, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
+            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
       except Exception as e:  # noqa: BLE001
         logging.warning("checkpoint %s is incomplete or corrupt (%s: %s); moved to %s, trying an older one",
                         where, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
                         self._quarantine(step))
         continue
-      return restored["state"], step
+      state = restored["state"]
+      if added:
+        state = abstract_state.replace(**state, **added)
+      return state, step
     return None, 0
 
-  def _quarantine(self, step: int) -> str:
-    """Moves an unreadable step out of the way (kept for inspection, never deleted): later saves
-    of the same step number would otherwise collide with it."""
-    target = self.directory.parent / "checkpoints_corrupt" / f"{step}-{int(time.time())}"
+  def _state_target(self, step: int, abstract_state):
+    """(restore target, {field: value}): abstract_state itself, or for a checkpoint made before
+    some ADDED_STATE_FIELDS, a dict of the fields it holds and the added fields' initial values."""
+    saved = set(self.manager.item_metadata(step)["state"].keys())
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    missing = set(fields) - saved
+    if not missing or not missing <= set(ADDED_STATE_FIELDS):
+      return abstract_state, {}
+    added = {name: jax.jit(lambda v=ADDED_STATE_FIELDS[name], a=fields[name]: jnp.full(a.shape, v, a.dtype),
+                           out_shardings=fields[name].sharding)() for name in missing}
+    return {k: v for k, v in fields.items() if k not in missing}, added
+
+  def latest_step(self) -> int | None:
+    """The newest finished checkpoint's step (saves in flight finish first), or None."""
+    self.manager.wait_until_finished()
+    return self.manager.latest_step()
+
+  def set_aside(self, first_step: int) -> list[int]:
+    """Moves the finished checkpoints of steps >= first_step to WORKDIR/checkpoints_diverged/
+    (kept, never deleted), so that a re-run resumes from the one before them; their steps."""
+    self.manager.wait_until_finished()
+    moved = sorted(s for s in self.manager.all_steps() if s >= first_step)
+    for step in moved:
+      self._quarantine(step, "checkpoints_diverged")
+    return moved
+
+  def _quarantine(self, step: int, folder: str = "checkpoints_corrupt") -> str:
+    """Moves a step out of the way (kept for inspection, never deleted): later saves of the same
+    step number would otherwise collide with it."""
+    target = self.directory.parent / folder / f"{step}-{int(time.time())}"
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
       (self.directory / str(step)).rename(target)

@@ -5,16 +5,23 @@ The harness takes a `logits_fn(tokens int32 [B, T]) -> logits [B, T, V]`: the mo
 so the scoring is checked without training anything. Every number is deterministic: the loss reads
 the validation rows in their fixed order, and each passkey trial draws its key and filler from its
 own seed (seed, length, depth index, trial).
+
+train.py runs a small passkey eval at its eval steps with `eval_passkey` (`passkey_probe`). Every
+host of a multi-host run computes the same prompts and answers: the tokens enter the jitted model
+as one global array and the answers come back to every host.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
-from trainer import sharding
+from kernels import partition
+from trainer import sharding, steps
 
 FIRST_EDGE = 256            # buckets [0, 256), [256, 1k), [1k, 4k), [4k, 16k), ... each 4x the last
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -22,6 +29,7 @@ KEY_DIGITS = 5
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 ANSWER_TOKENS = KEY_DIGITS + 1   # " 12345": at worst a space and one token per digit
+MIN_PASSKEY_LENGTH = 64          # room for the needle, the question and the answer
 
 
 # ---- Loss by position ----
@@ -75,10 +83,18 @@ def batch_token_losses(batch: dict, losses_fn) -> tuple:
 # ---- The model as the harness calls it ----
 
 def jit_apply(model, mesh):
-  """jit(params, tokens [B, T]) -> logits [B, T, V] on `mesh` (B divisible by the batch axes)."""
-  fn = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens),
-               in_shardings=(None, sharding.batch_sharding(mesh)))
+  """jit(params, tokens [B, T]) -> logits [B, T, V] on `mesh` (B divisible by the batch axes).
+  Under context parallelism the rows go through the train step's load-balanced layout
+  (steps.to_layout) and the logits come back in natural order. `tokens` may be a numpy array
+  that every host holds alike."""
+  def logits(params, tokens):
+    batch = steps.to_layout({"inputs": tokens})
+    out = model.apply({"params": params}, batch["inputs"], batch.get("positions"))
+    return partition.from_layout(out, 1, partition.context_size())
+  fn = jax.jit(logits, in_shardings=(None, sharding.batch_sharding(mesh)))
   def apply(params, tokens):
+    if jax.process_count() > 1 and isinstance(tokens, np.ndarray):   # jit takes no host-local numpy here
+      tokens = jax.make_array_from_callback(tokens.shape, sharding.batch_sharding(mesh), lambda i: tokens[i])
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       return fn(params, tokens)
   return apply
@@ -133,6 +149,13 @@ _argmax_at = jax.jit(lambda logits, pos: jnp.argmax(
     jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0], axis=-1))
 
 
+def _to_host(x) -> np.ndarray:
+  """x as numpy on this host, gathered from the others when they hold parts of it."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
 def greedy_decode(logits_fn, prompts: list[np.ndarray], length: int, num_tokens: int, batch_size: int) -> np.ndarray:
   """int32 [len(prompts), num_tokens]: greedy continuations. Each row is right-padded to `length`
   (a causal model never sees the padding) and the whole prefix is re-run per token: no KV cache,
@@ -149,7 +172,7 @@ def greedy_decode(logits_fn, prompts: list[np.ndarray], length: int, num_tokens:
     last = np.array([len(p) - 1 for p in rows], np.int32)
     generated = np.zeros((batch_size, num_tokens), np.int32)
     for j in range(num_tokens):
-      generated[:, j] = np.asarray(_argmax_at(logits_fn(tokens), last + j))
+      generated[:, j] = _to_host(_argmax_at(logits_fn(tokens), last + j))
       tokens[np.arange(batch_size), last + j + 1] = generated[:, j]   # inside: len(p) + num_tokens <= length
     out.append(generated[:len(chunk)])
   return np.concatenate(out)
@@ -190,6 +213,20 @@ def passkey_eval(logits_fn, tokenizer, filler: np.ndarray, lengths, *, trials: i
 def passkey_accuracy(logits_fn, tokenizer, filler: np.ndarray, lengths, seed: int = 0, **kwargs) -> float:
   """The overall exact-match accuracy: one number for a training run's metrics."""
   return passkey_eval(logits_fn, tokenizer, filler, lengths, seed=seed, **kwargs)["accuracy"]
+
+
+def passkey_probe(config, model, mesh, sources, lengths):
+  """params -> passkey accuracy, for train.py's eval steps: `config.eval_passkey_trials` keys per
+  depth x length of `lengths`, drawn from config.seed (the same prompts at every eval), decoded
+  in batches no larger than the prompts need (a multiple of the mesh's batch shards)."""
+  from data.tokenizer import Tokenizer
+  tokenizer, trials = Tokenizer(config.data.tokenizer), config.eval_passkey_trials
+  filler = filler_tokens(sources, 4 * max(lengths))
+  apply = jit_apply(model, mesh)
+  shards = config.batch_size // sharding.batch_sharding(mesh).shard_shape((config.batch_size, config.seq_len))[0]
+  batch_size = min(config.batch_size, -(-len(DEPTHS) * trials // shards) * shards)
+  return lambda params: passkey_accuracy(functools.partial(apply, params), tokenizer, filler, lengths,
+                                         seed=config.seed, trials=trials, batch_size=batch_size)
 
 
 def filler_tokens(sources, num_tokens: int) -> np.ndarray:

@@ -117,12 +117,18 @@ def _start_wandb(workdir: str, config):
                     id=run_id, resume="allow", dir=local, mode=config.wandb.mode, config=config.to_dict())
 
 
+LAST, SUMMED = ("grad_norm", "lr"), ("skipped_steps",)
+
+
 def summarize(interval: list, step_metrics: dict) -> dict:
   """One log line from the device-side metrics of the steps since the last one (fetched together
-  here: no per-step sync): grad_norm and lr of the last step, every other value averaged."""
+  here: no per-step sync): grad_norm and lr of the last step; skipped_steps summed (steps of the
+  interval skipped for a non-finite loss, gradient norm or update, trainer/divergence.py); every
+  other value averaged over all its steps, skipped ones included (a NaN loss makes the mean NaN)."""
   interval = jax.device_get(interval)
   last = interval[-1]
-  return {**last, **{k: float(np.mean([m[k] for m in interval])) for k in last if k not in ("grad_norm", "lr")},
+  return {**last, **{k: float(np.mean([m[k] for m in interval])) for k in last if k not in LAST + SUMMED},
+          **{k: int(np.sum([m[k] for m in interval])) for k in SUMMED if k in last},
           **jax.device_get(step_metrics)}
 
 

@@ -10,7 +10,7 @@ from flax import linen as nn
 from kernels import partition
 from model import transformer
 from model.attention import ATTENTION_KINDS
-from trainer import optim, sharding
+from trainer import divergence, optim, sharding
 
 
 @flax.struct.dataclass
@@ -19,6 +19,7 @@ class TrainState:
   params: Any              # float32 pytree, logical axes -> mesh via sharding.LOGICAL_AXIS_RULES
   opt_state: Any
   rng: jax.Array           # uint32 raw key data, carried for stochastic layers and saved with the rest
+  skips: jax.Array         # int32 scalar: non-finite steps in a row, skipped (trainer/divergence.py)
 
 
 def _init_fn(config, model, tx):
@@ -27,7 +28,7 @@ def _init_fn(config, model, tx):
     tokens = jnp.zeros((1, config.seq_len), jnp.int32)
     params = model.init(param_rng, tokens)["params"]          # boxed with logical axis names
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=_unbox_masked(tx.init(params)),
-                      rng=jax.random.key_data(state_rng))
+                      rng=jax.random.key_data(state_rng), skips=jnp.zeros((), jnp.int32))
   return init
 
 
@@ -105,7 +106,10 @@ def batch_loss(model, params, batch, collections=()):
 
 def make_train_step(model, tx, schedule, mesh, shardings, trainable=None):
   """jit(state, batch) -> (state, metrics); the old state's buffers are donated. `trainable`
-  (a params-shaped pytree of bools) limits grad_norm to the parameters the optimizer updates."""
+  (a params-shaped pytree of bools) limits grad_norm to the parameters the optimizer updates.
+  A step with a non-finite loss or grad_norm, or an update that would make a parameter
+  non-finite, keeps the parameters and optimizer state as they were (trainer/divergence.py):
+  metrics["skipped_steps"] is 1 and state.skips counts such steps in a row."""
 
   def train_step(state: TrainState, batch):
     with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -113,8 +117,12 @@ def make_train_step(model, tx, schedule, mesh, shardings, trainable=None):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     counted = grads if trainable is None else jax.tree.map(lambda g, t: g if t else None, grads, trainable)
-    metrics.update(grad_norm=optax.tree.norm(counted), lr=schedule(state.step))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grad_norm = optax.tree.norm(counted)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & divergence.all_finite(params)
+    metrics.update(grad_norm=grad_norm, lr=schedule(state.step), skipped_steps=(~ok).astype(jnp.int32))
+    return state.replace(step=state.step + 1, params=divergence.keep_if(ok, params, state.params),
+                         opt_state=divergence.keep_if(ok, opt_state, state.opt_state),
+                         skips=jnp.where(ok, 0, state.skips + 1)), metrics
 
   step = jax.jit(train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

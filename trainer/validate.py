@@ -14,6 +14,7 @@ import kernels
 from kernels import IMPLS, PALLAS_MODES, dense, dsa_pallas, nsa as nsa_kernels, options_from_config, resolve_impl
 from model.attention import ATTENTION_KINDS
 from model.transformer import REMAT_POLICIES
+from trainer import evaluation
 from trainer.sharding import MESH_AXES, SHARDED_DIMS, mesh_shape
 
 
@@ -53,6 +54,7 @@ def validate(config, num_devices: int | None = None) -> None:
   )
   if config.eval_every < 0:
     raise ConfigError("eval_every", config.eval_every, "must be >= 0 (0 disables evaluation)")
+  _validate_passkey(config)
 
   m = config.model
   _positive(config, "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
@@ -95,6 +97,8 @@ def validate(config, num_devices: int | None = None) -> None:
       ("optimizer.b2", o.b2, 0 <= o.b2 < 1, "must be in [0, 1)"),
       ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be >= 0"),
       ("optimizer.grad_clip", o.grad_clip, o.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
+      ("optimizer.max_skipped_steps", o.max_skipped_steps, _is_int(o.max_skipped_steps) and o.max_skipped_steps >= 1,
+       "must be an integer >= 1 (non-finite steps in a row, each skipped, before the run stops)"),
   )
 
   for spec, _ in sources.source_specs(config):     # also checks data.mixture's syntax
@@ -116,6 +120,42 @@ def _require(*rules) -> None:
   for field, value, ok, allowed in rules:
     if not ok:
       raise ConfigError(field, value, allowed)
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_passkey(config) -> None:
+  _require(
+      ("eval_passkey", config.eval_passkey, isinstance(config.eval_passkey, bool), "must be True or False"),
+      ("eval_passkey_trials", config.eval_passkey_trials,
+       _is_int(config.eval_passkey_trials) and config.eval_passkey_trials >= 1,
+       "must be an integer >= 1 (keys per depth x length)"),
+  )
+  if config.eval_passkey:
+    _require(
+        ("eval_passkey", True, config.eval_every > 0, "runs at eval steps: needs eval_every > 0"),
+        ("eval_passkey", True, bool(config.data.tokenizer), "needs data.tokenizer (the prompts are text)"),
+        ("seq_len", config.seq_len, config.seq_len >= evaluation.MIN_PASSKEY_LENGTH,
+         f"must be >= {evaluation.MIN_PASSKEY_LENGTH} with eval_passkey (room for the needle, question and answer)"),
+    )
+
+
+def passkey_lengths(config, num_devices: int) -> list[int]:
+  """eval_passkey's prompt lengths: evaluation.default_lengths (256, 1k, 4k, ... up to seq_len)
+  that this config also accepts as its seq_len (Pallas tiles, NSA blocks, context-parallel
+  chunks, the passkey minimum); seq_len itself always is one."""
+  lengths = []
+  for n in evaluation.default_lengths(config.seq_len):
+    shorter = config.copy_and_resolve_references()
+    shorter.seq_len = n
+    try:
+      validate(shorter, num_devices)
+    except ConfigError:
+      continue
+    lengths.append(n)
+  return lengths
 
 
 def _validate_nsa(config) -> None:
