@@ -110,6 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = EMBEDDED_TOKENIZER
   c.data.packing = "concat"         # concat (join + split) | pack (whole documents, segment ids)
   c.data.pack_bins = 8              # rows first-fit packed at once per row stream in pack mode
+  c.data.max_docs_per_row = 0       # pack mode: documents per row at most (0: NSA max(4, seq_len/(8 l')),
+                                    # the aligned row it runs on (model/packing.py); others no limit)
   c.data.num_threads = 2            # threads reading a host's row streams
   c.data.prefetch = 4               # batches prefetched
 

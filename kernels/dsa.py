@@ -14,7 +14,10 @@ tensor is the [T, D] gradient of kv itself (the gather's transpose adds rows int
 
 Shapes: q [B,T,H,Dk] (absorbed queries), kv [B,T,Dk] (the one key row per token, its first v_dim
 columns are the value), q_idx [B,T,H_I,D_I], k_idx [B,T,D_I], weights [B,T,H_I], indices int32
-[B,T,k]. Key s is visible to query t iff s <= t (positions are sequence indices).
+[B,T,k]. Key s is visible to query t iff s <= t (positions are sequence indices) and, for packed
+documents, s >= doc_start[t] (int32 [B, T]: where t's document starts; a padding token's is t).
+The sparse attention and the sparse stage's loss need no doc_start: the top-k already holds
+only the query's own document.
 
 Under context parallelism each function runs per device (kernels/partition.py): a device's
 queries (global positions q_offset + i) against every key, the small key-side tensors k_idx
@@ -51,6 +54,15 @@ def _causal(t0, num_queries: int, num_keys: int):
   return jnp.arange(num_keys)[None, :] <= (t0 + jnp.arange(num_queries))[:, None]
 
 
+def _visible(t0, num_keys: int, doc_chunk, batch: int, num_queries: int):
+  """[B, Qc, S] bool: _causal, and with packed documents (doc_chunk = (doc_start [B, Qc],))
+  only keys of the query's own document."""
+  visible = _causal(t0, num_queries, num_keys)[None]
+  if doc_chunk:
+    visible = visible & (jnp.arange(num_keys)[None, None, :] >= doc_chunk[0][:, :, None])
+  return jnp.broadcast_to(visible, (batch, num_queries, num_keys))
+
+
 def _index_scores(q_idx, weights, k_idx):
   """I[b, q, s] = sum_j w[b, q, j] * relu(q_idx[b, q, j] . k_idx[b, s]) in float32.
   k_idx is [B, S, D_I] (all keys) or [B, Qc, K, D_I] (each query's own rows)."""
@@ -78,34 +90,36 @@ def _gather_rows(x_BSD, indices_BQK):
   return rows.reshape(b, qc, k, x_BSD.shape[-1])
 
 
-def indexer_topk(q_idx, k_idx, weights, *, topk: int, impl="auto", options=None):
-  """int32 [B, T, topk]: per query t, the keys s <= t with the highest index scores I[t, s],
-  best first (ties: the lower s). Fewer than topk visible keys: all of them, then -1.
-  No gradient (the choice is discrete)."""
+def indexer_topk(q_idx, k_idx, weights, *, topk: int, impl="auto", options=None, doc_start=None):
+  """int32 [B, T, topk]: per query t, the visible keys s (s <= t, in t's document when doc_start
+  is given) with the highest index scores I[t, s], best first (ties: the lower s). Fewer than
+  topk visible keys: all of them, then -1. No gradient (the choice is discrete)."""
   options = options or DEFAULT_OPTIONS
   q_idx, k_idx, weights = (jax.lax.stop_gradient(x) for x in (q_idx, k_idx, weights))
   pallas = _pallas(impl, options)
   if pallas:
-    local = lambda q_idx, k_idx, weights, q_offset: dsa_pallas.indexer_topk(q_idx, k_idx, weights, q_offset,
-                                                                            topk=topk, options=options)
+    local = lambda q_idx, k_idx, weights, doc=None, *, q_offset: dsa_pallas.indexer_topk(
+        q_idx, k_idx, weights, q_offset, topk=topk, options=options, doc_start=doc)
   else:
     local = functools.partial(indexer_topk_local, topk=topk, options=options)
-  return _per_device(local, (partition.QUERY_HEADS, partition.KEY_ROW, partition.QUERY_ROWS),
-                     partition.QUERY_ROWS, pallas)(q_idx, k_idx, weights)
+  args, axes = partition.with_doc_start(
+      (q_idx, k_idx, weights), (partition.QUERY_HEADS, partition.KEY_ROW, partition.QUERY_ROWS), doc_start)
+  return _per_device(local, axes, partition.QUERY_ROWS, pallas)(*args)
 
 
-def indexer_topk_local(q_idx, k_idx, weights, *, q_offset, topk, options):
+def indexer_topk_local(q_idx, k_idx, weights, doc_start=None, *, q_offset, topk, options):
   """One device's indexer_topk: queries at global positions q_offset + [0, Tq), all keys."""
   num_keys = k_idx.shape[1]
 
-  def chunk_fn(q_chunk, t0, w_chunk):
+  def chunk_fn(q_chunk, t0, w_chunk, *doc):
     scores = _index_scores(q_chunk, w_chunk, k_idx)                    # [B, Qc, T]
-    scores = jnp.where(_causal(t0, q_chunk.shape[1], num_keys)[None], scores, -jnp.inf)
+    scores = jnp.where(_visible(t0, num_keys, doc, *scores.shape[:2]), scores, -jnp.inf)
     if num_keys < topk:
       scores = jnp.pad(scores, [(0, 0), (0, 0), (0, topk - num_keys)], constant_values=-jnp.inf)
     values, index = jax.lax.top_k(scores, topk)
     return jnp.where(values == -jnp.inf, -1, index).astype(jnp.int32)
-  return map_query_chunks(chunk_fn, q_idx, weights, options=options, offset=q_offset)
+  per_query = () if doc_start is None else (doc_start,)
+  return map_query_chunks(chunk_fn, q_idx, weights, *per_query, options=options, offset=q_offset)
 
 
 def sparse_attention(q, kv, indices, *, v_dim: int, scale=None, impl="auto", options=None):
@@ -153,13 +167,15 @@ def _teacher(logits_BQHS, support_BQS):
   return p.mean(axis=2)      # every head's row sums to 1, so the head mean is the L1-normalised sum
 
 
-def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl="auto", options=None):
+def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl="auto", options=None,
+                 doc_start=None):
   """mean over queries of KL(teacher_t || softmax(I[t, support])), DESIGN §5.
 
-  Support: every key s <= t (indices None: the dense warm-up) or the set indices[t] (the sparse
-  stage). Teacher: the main attention's probabilities (q, kv as in sparse_attention) restricted
-  to the support, per head renormalised, summed over heads and L1-normalised; it is a constant
-  (stop-gradient), so only q_idx, k_idx and weights receive gradients. On Pallas the sparse
+  Support: every visible key (indices None: the dense warm-up; s <= t, in t's document with
+  doc_start) or the set indices[t] (the sparse stage). Teacher: the main attention's
+  probabilities (q, kv as in sparse_attention) restricted to the support, per head
+  renormalised, summed over heads and L1-normalised; it is a constant (stop-gradient), so only
+  q_idx, k_idx and weights receive gradients. On Pallas the sparse
   stage's teacher comes from the attention kernels (training calls
   sparse_attention_and_indexer_loss, which shares the attention's forward); the dense warm-up's
   loss is the reference on every backend."""
@@ -175,6 +191,10 @@ def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl
   if indices is not None:
     axes.append(partition.QUERY_ROWS)
     args.append(jnp.sort(indices, axis=-1))
+  elif doc_start is not None:
+    local = lambda q, kv, q_idx, k_idx, weights, doc, *, q_offset: indexer_loss_local(
+        q, kv, q_idx, k_idx, weights, None, doc, q_offset=q_offset, scale=scale, options=options)
+    args, axes = partition.with_doc_start(args, axes, doc_start)
   return _per_device(local, tuple(axes), partition.ROWS)(*args).mean()
 
 
@@ -227,12 +247,12 @@ def union_kl(teacher, q_idx, k_idx, weights, *, options):
   return kl.reshape(b, nt * qpt)[:, :tq]
 
 
-def indexer_loss_local(q, kv, q_idx, k_idx, weights, indices=None, *, q_offset, scale, options):
+def indexer_loss_local(q, kv, q_idx, k_idx, weights, indices=None, doc_start=None, *, q_offset, scale, options):
   """Per query [B, Tq]: KL(teacher || student) over its support."""
   t = kv.shape[1]
 
-  def dense_chunk(q_chunk, t0, qi_chunk, w_chunk):
-    support = jnp.broadcast_to(_causal(t0, q_chunk.shape[1], t)[None], (q.shape[0], q_chunk.shape[1], t))
+  def dense_chunk(q_chunk, t0, qi_chunk, w_chunk, *doc):
+    support = _visible(t0, t, doc, q.shape[0], q_chunk.shape[1])
     logits = jnp.einsum("bqhd,bsd->bqhs", q_chunk, kv, preferred_element_type=jnp.float32) * scale
     return _kl(_teacher(logits, support), _index_scores(qi_chunk, w_chunk, k_idx), support)
 
@@ -244,14 +264,15 @@ def indexer_loss_local(q, kv, q_idx, k_idx, weights, indices=None, *, q_offset, 
     return _kl(_teacher(logits, support), student, support)
 
   if indices is None:
-    return map_query_chunks(dense_chunk, q, q_idx, weights, options=options, offset=q_offset)
+    per_query = () if doc_start is None else (doc_start,)
+    return map_query_chunks(dense_chunk, q, q_idx, weights, *per_query, options=options, offset=q_offset)
   return map_query_chunks(sparse_chunk, q, q_idx, weights, indices, options=options, offset=q_offset)
 
 
-def indexer_recall(q, kv, indices, *, topk: int, scale=None, options=None):
-  """(recall, rows): the mean over queries with more than `topk` visible keys of
-  |indices[t] ∩ true top-k of the head-summed attention at t| / topk, and how many such
-  queries there were (recall is 1 when there are none: every key is selected)."""
+def indexer_recall(q, kv, indices, *, topk: int, scale=None, options=None, doc_start=None):
+  """(recall, rows): the mean over queries with more than `topk` visible keys (s <= t, in t's
+  document with doc_start) of |indices[t] ∩ true top-k of the head-summed attention at t| / topk,
+  and how many such queries there were (recall is 1 when there are none: every key is selected)."""
   options = options or DEFAULT_OPTIONS
   q, kv = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kv)
   t = kv.shape[1]
@@ -259,23 +280,25 @@ def indexer_recall(q, kv, indices, *, topk: int, scale=None, options=None):
   if t <= topk:
     return jnp.float32(1.0), jnp.int32(0)
   local = functools.partial(recall_local, topk=topk, scale=scale, options=options)
-  recall, counted = _per_device(local, (partition.Q, partition.KEY_ROW, partition.QUERY_ROWS),
-                                [partition.ROWS, partition.ROWS])(q, kv, jnp.sort(indices, axis=-1))
+  args, axes = partition.with_doc_start((q, kv, jnp.sort(indices, axis=-1)), (partition.Q, partition.KEY_ROW,
+                                                                      partition.QUERY_ROWS), doc_start)
+  recall, counted = _per_device(local, axes, [partition.ROWS, partition.ROWS])(*args)
   rows = counted.sum()
   return recall.sum() / jnp.maximum(rows, 1), rows
 
 
-def recall_local(q, kv, indices, *, q_offset, topk, scale, options):
+def recall_local(q, kv, indices, doc_start=None, *, q_offset, topk, scale, options):
   """Per query [B, Tq]: (recall, counted)."""
   t = kv.shape[1]
 
-  def chunk_fn(q_chunk, t0, idx):
+  def chunk_fn(q_chunk, t0, idx, *doc):
     qc = q_chunk.shape[1]
-    causal = jnp.broadcast_to(_causal(t0, qc, t)[None], (q.shape[0], qc, t))
+    visible = _visible(t0, t, doc, q.shape[0], qc)
     logits = jnp.einsum("bqhd,bsd->bqhs", q_chunk, kv, preferred_element_type=jnp.float32) * scale
-    teacher = jnp.where(causal, _teacher(logits, causal), -1.0)
+    teacher = jnp.where(visible, _teacher(logits, visible), -1.0)
     kth = jax.lax.top_k(teacher, topk)[0][..., -1:]                  # the k-th largest per row
     hits = _valid(idx, t0, t) & (jnp.take_along_axis(teacher, jnp.clip(idx, 0, t - 1), axis=-1) >= kth)
-    counted = (t0 + jnp.arange(qc) + 1 > topk)[None, :]
-    return jnp.where(counted, hits.sum(-1) / topk, 0.0), jnp.broadcast_to(counted, hits.shape[:2])
-  return map_query_chunks(chunk_fn, q, indices, options=options, offset=q_offset)
+    counted = visible.sum(-1) > topk
+    return jnp.where(counted, hits.sum(-1) / topk, 0.0), counted
+  per_query = () if doc_start is None else (doc_start,)
+  return map_query_chunks(chunk_fn, q, indices, *per_query, options=options, offset=q_offset)

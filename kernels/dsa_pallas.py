@@ -79,7 +79,7 @@ def _score_queries(index_heads: int) -> int:
   return max(8, 128 // math.gcd(index_heads, 128))
 
 
-def _scores_kernel(offset_ref, q_ref, w_ref, k_ref, o_ref, *, bq, bk, heads, num_keys):
+def _scores_kernel(offset_ref, q_ref, w_ref, doc_ref, k_ref, o_ref, *, bq, bk, heads, num_keys):
   i, j = pl.program_id(1), pl.program_id(2)
   first_query = offset_ref[0] + i * bq
   visible = j * bk <= first_query + bq - 1
@@ -95,15 +95,16 @@ def _scores_kernel(offset_ref, q_ref, w_ref, k_ref, o_ref, *, bq, bk, heads, num
     scores = jnp.dot(weights, jnp.maximum(dots, 0.0), preferred_element_type=jnp.float32)
     query = first_query + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     key = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    o_ref[...] = jnp.where((key <= query) & (key < num_keys), scores, -jnp.inf)
+    o_ref[...] = jnp.where((key <= query) & (key < num_keys) & (key >= doc_ref[...]), scores, -jnp.inf)
 
   @pl.when(jnp.logical_not(visible))
   def _future():
     o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
 
 
-def index_scores(q_idx, weights, k_idx, q_offset, *, options=None):
-  """I [B, Tq, Tk] float32 for queries at global positions q_offset + [0, Tq): -inf where s > t."""
+def index_scores(q_idx, weights, k_idx, q_offset, *, options=None, doc_start=None):
+  """I [B, Tq, Tk] float32 for queries at global positions q_offset + [0, Tq): -inf where s > t
+  or, with packed documents, s < doc_start [B, Tq] (a [bq, 1] int32 column per tile)."""
   options = options or DEFAULT_OPTIONS
   b, tq, heads, d = q_idx.shape
   tk = k_idx.shape[1]
@@ -113,6 +114,8 @@ def index_scores(q_idx, weights, k_idx, q_offset, *, options=None):
   q_rows = jnp.pad(q_idx, [(0, 0), (0, tq_pad - tq), (0, 0), (0, 0)]).reshape(b, tq_pad * heads, d)
   w_row = jnp.pad(weights, [(0, 0), (0, tq_pad - tq), (0, 0)]).reshape(b, 1, tq_pad * heads)
   keys = jnp.pad(k_idx, [(0, 0), (0, tk_pad - tk), (0, 0)])
+  doc = jnp.zeros((b, tq), jnp.int32) if doc_start is None else doc_start.astype(jnp.int32)
+  doc = jnp.pad(doc, [(0, 0), (0, tq_pad - tq)])[:, :, None]
   nk = tk_pad // bk
   last_tile = lambda i, offset: jnp.minimum((offset[0] + (i + 1) * bq - 1) // bk, nk - 1)
   rows = bq * heads
@@ -120,6 +123,7 @@ def index_scores(q_idx, weights, k_idx, q_offset, *, options=None):
       num_scalar_prefetch=1, grid=(b, tq_pad // bq, nk),
       in_specs=[pl.BlockSpec((None, rows, d), lambda bi, i, j, off: (bi, i, 0)),
                 pl.BlockSpec((None, 1, rows), lambda bi, i, j, off: (bi, 0, i)),
+                pl.BlockSpec((None, bq, 1), lambda bi, i, j, off: (bi, i, 0)),
                 pl.BlockSpec((None, bk, d), lambda bi, i, j, off: (bi, jnp.minimum(j, last_tile(i, off)), 0))],
       out_specs=pl.BlockSpec((None, bq, bk), lambda bi, i, j, off: (bi, i, j)))
   itemsize = q_idx.dtype.itemsize
@@ -131,26 +135,28 @@ def index_scores(q_idx, weights, k_idx, q_offset, *, options=None):
                          b * (tq_pad * heads * (d * itemsize + 4) + tq_pad // bq * tk_pad * d * itemsize // 2
                               + tq_pad * tk_pad * 4)),
       interpret=options.interpret_params(),
-  )(jnp.asarray(q_offset, jnp.int32).reshape(1), q_rows, w_row, keys)
+  )(jnp.asarray(q_offset, jnp.int32).reshape(1), q_rows, w_row, doc, keys)
   return out[:, :tq, :tk]
 
 
-def indexer_topk(q_idx, k_idx, weights, q_offset, *, topk: int, options=None):
+def indexer_topk(q_idx, k_idx, weights, q_offset, *, topk: int, options=None, doc_start=None):
   """The contract of kernels.dsa.indexer_topk for queries at q_offset + [0, Tq): int32
   [B, Tq, topk], best first, ties to the lower s, -1 padding. Scores come from the Pallas
   kernel one chunk of queries at a time; lax.top_k ranks them exactly (options.topk_recall < 1:
-  chunking.top_k's approximate top-k, still best first, -1 where it found fewer keys)."""
+  chunking.top_k's approximate top-k, still best first, -1 where it found fewer keys).
+  doc_start [B, Tq] (packed documents): the score kernel masks keys before it."""
   options = options or DEFAULT_OPTIONS
   num_keys = k_idx.shape[1]
 
-  def chunk_fn(q_chunk, t0, w_chunk):
-    scores = index_scores(q_chunk, w_chunk, k_idx, t0, options=options)
+  def chunk_fn(q_chunk, t0, w_chunk, *doc):
+    scores = index_scores(q_chunk, w_chunk, k_idx, t0, options=options, doc_start=doc[0] if doc else None)
     if num_keys < topk:
       scores = jnp.pad(scores, [(0, 0), (0, 0), (0, topk - num_keys)], constant_values=-jnp.inf)
     values, index = chunking.top_k(scores, topk, options.topk_recall)
     return jnp.where(values == -jnp.inf, -1, index).astype(jnp.int32)
   chunk = max(options.select_chunk, _score_queries(q_idx.shape[2]))
-  return chunking.map_query_chunks(chunk_fn, q_idx, weights, chunk=chunk, remat=False, offset=q_offset)
+  per_query = () if doc_start is None else (doc_start,)
+  return chunking.map_query_chunks(chunk_fn, q_idx, weights, *per_query, chunk=chunk, remat=False, offset=q_offset)
 
 
 # ---- the selection per query tile ----

@@ -54,18 +54,30 @@ def _grouped(q_BTHD, hkv: int):
 
 # ---- compressed attention ----
 
-def _compressed_probs(q_chunk, t0, k_cmp, *, block_len, stride, scale):
+def _from_doc(doc_start_chunk, key_start):
+  """[B, Qc, K] bool: key_start [K] (a key's or compressed token's first position) is in the
+  query's document (doc_start [B, Qc], see compressed_attention); True everywhere for None."""
+  if doc_start_chunk is None:
+    return jnp.ones((1, 1, key_start.shape[0]), bool)
+  return key_start[None, None, :] >= doc_start_chunk[:, :, None]
+
+
+def _compressed_probs(q_chunk, t0, k_cmp, doc_start_chunk=None, *, block_len, stride, scale):
   """p_cmp [B, Qc, HKV, G, C] (float32) and lse [B, Qc, HKV, G] for one query chunk."""
   hkv, c = k_cmp.shape[2], k_cmp.shape[1]
   qg = _grouped(q_chunk, hkv)
   logits = jnp.einsum("bqhgd,bchd->bqhgc", qg, k_cmp, preferred_element_type=jnp.float32) * scale
   t = t0 + jnp.arange(q_chunk.shape[1])
   visible = (jnp.arange(c) * stride + block_len - 1)[None, :] <= t[:, None]        # [Qc, C]
-  return masked_softmax(logits, visible[None, :, None, None, :])
+  visible = visible[None] & _from_doc(doc_start_chunk, jnp.arange(c) * stride)      # [B|1, Qc, C]
+  return masked_softmax(logits, visible[:, :, None, None, :])
 
 
-def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, impl="auto", options=None):
-  """Query t attends to compressed token i iff i*stride + block_len - 1 <= t.
+def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, impl="auto", options=None,
+                         doc_start=None):
+  """Query t attends to compressed token i iff i*stride + block_len - 1 <= t and, with packed
+  documents, i*stride >= doc_start[t] (int32 [B, T]: where t's document starts, a multiple of
+  the selection block as model/packing.py lays rows out; t itself for padding).
   Returns (out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] float32; -inf where nothing is visible).
   impl="pallas": kernels/nsa_compressed_pallas.py (forward, dq, dK/dV)."""
   options = options or DEFAULT_OPTIONS
@@ -76,22 +88,24 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, impl
   pallas = _pallas(impl, options)
   local = functools.partial(compressed_local, block_len=block_len, stride=stride, scale=scale, pallas=pallas,
                             options=options)
-  return partition.per_device(local, (partition.Q, partition.CMP, partition.CMP), [partition.Q, partition.STATS],
-                              pallas=pallas)(q, k_cmp, v_cmp)
+  args, axes = partition.with_doc_start((q, k_cmp, v_cmp), (partition.Q, partition.CMP, partition.CMP), doc_start)
+  return partition.per_device(local, axes, [partition.Q, partition.STATS], pallas=pallas)(*args)
 
 
-def compressed_local(q, k_cmp, v_cmp, *, q_offset, block_len, stride, scale, pallas, options):
+def compressed_local(q, k_cmp, v_cmp, doc_start=None, *, q_offset, block_len, stride, scale, pallas, options):
   """One device's compressed_attention: queries at global positions q_offset + [0, Tq)."""
   if pallas:
     from kernels import nsa_compressed_pallas
-    return nsa_compressed_pallas.compressed_attention(q, k_cmp, v_cmp, q_offset, block_len, stride, scale, options)
+    return nsa_compressed_pallas.compressed_attention(q, k_cmp, v_cmp, q_offset, block_len, stride, scale, options,
+                                                      doc_start=doc_start)
   hq = q.shape[2]
 
-  def chunk_fn(q_chunk, t0):
-    p, lse = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
+  def chunk_fn(q_chunk, t0, *doc_chunk):
+    p, lse = _compressed_probs(q_chunk, t0, k_cmp, *doc_chunk, block_len=block_len, stride=stride, scale=scale)
     out = jnp.einsum("bqhgc,bchd->bqhgd", p.astype(v_cmp.dtype), v_cmp, preferred_element_type=jnp.float32)
     return out.reshape(*out.shape[:2], hq, -1).astype(q.dtype), lse.reshape(*lse.shape[:2], hq)
-  return map_query_chunks(chunk_fn, q, chunk=options.query_chunk, options=options, offset=q_offset)
+  per_query = () if doc_start is None else (doc_start,)
+  return map_query_chunks(chunk_fn, q, *per_query, chunk=options.query_chunk, options=options, offset=q_offset)
 
 
 # ---- block selection ----
@@ -118,16 +132,21 @@ def block_scores(p_cmp_BQHC, num_blocks: int, *, block_len, stride, select_block
   return sum(float(w[k]) * p[..., k:k + (num_blocks - 1) * r + 1:r] for k in range(len(w)))
 
 
-def rank_blocks(scores, t0, *, select_block, num_selected, num_initial, num_local):
+def rank_blocks(scores, t0, doc_start_chunk=None, *, select_block, num_selected, num_initial, num_local):
   """int32 [B, Qc, HKV, n] from block scores [B, Qc, HKV, NB] of queries t0 + [0, Qc): the forced
-  blocks first (score +inf), then the highest scores among blocks j <= t // l'; -1 in free slots."""
+  blocks first (score +inf), then the highest scores among blocks j <= t // l'; -1 in free slots.
+  With doc_start [B, Qc] blocks count from the document's first one (ceil(doc_start / l')): the
+  blocks before it are never chosen and the initial blocks are the document's."""
   qc, num_blocks = scores.shape[1], scores.shape[-1]
   current = (t0 + jnp.arange(qc)) // select_block
   j = jnp.arange(num_blocks)
-  back = current[:, None] - j[None, :]
-  forced = (j[None, :] < num_initial) | ((back >= 0) & (back < num_local))
-  scores = jnp.where(forced[None, :, None, :], jnp.inf, scores)
-  scores = jnp.where((back >= 0)[None, :, None, :], scores, -jnp.inf)
+  first = jnp.zeros((1, 1), jnp.int32) if doc_start_chunk is None else -(-doc_start_chunk // select_block)
+  back = (current[:, None] - j[None, :])[None]                                   # [1, Qc, NB]
+  own = j[None, None, :] - first[:, :, None]                                     # [B|1, Qc, NB]
+  forced = ((own >= 0) & (own < num_initial)) | ((back >= 0) & (back < num_local))
+  eligible = (back >= 0) & (own >= 0)
+  scores = jnp.where(forced[:, :, None, :], jnp.inf, scores)
+  scores = jnp.where(eligible[:, :, None, :], scores, -jnp.inf)
   if num_blocks < num_selected:
     scores = jnp.pad(scores, [(0, 0)] * 3 + [(0, num_selected - num_blocks)], constant_values=-jnp.inf)
   values, index = jax.lax.top_k(scores, num_selected)            # ties: the lower block index
@@ -135,10 +154,12 @@ def rank_blocks(scores, t0, *, select_block, num_selected, num_initial, num_loca
 
 
 def select_blocks(q, k_cmp, *, block_len, stride, select_block, num_selected, num_initial=1,
-                  num_local=2, scale=None, lse=None, impl="auto", options=None):
+                  num_local=2, scale=None, lse=None, impl="auto", options=None, doc_start=None):
   """int32 [B, T, HKV, n]: per query and KV group, the forced blocks (the first `num_initial`,
   the `num_local` ending at t // l') and the highest group-summed importance scores among the
   eligible blocks j <= t // l'. Free slots are -1. No gradient flows through the choice.
+  doc_start [B, T] (packed documents, see compressed_attention): blocks and scores count from
+  the query's document only.
   impl="pallas": scores tile by tile in a Pallas kernel from q, k_cmp and the compressed branch's
   `lse` [B,T,HQ] (computed here when not given), top-n in XLA per chunk of options.select_chunk
   queries."""
@@ -149,40 +170,44 @@ def select_blocks(q, k_cmp, *, block_len, stride, select_block, num_selected, nu
   pallas = _pallas(impl, options) and k_cmp.shape[1] > 0
   if pallas and lse is None:
     lse = compressed_attention(q, k_cmp, k_cmp, block_len=block_len, stride=stride, scale=scale, impl=impl,
-                               options=options)[1]
+                               options=options, doc_start=doc_start)[1]
   if lse is None:
     lse = jnp.zeros(q.shape[:3], jnp.float32)          # unused by the XLA reference
   local = functools.partial(select_local, num_blocks=-(-q.shape[1] // select_block), block_len=block_len,
                             stride=stride, select_block=select_block, num_selected=num_selected,
                             num_initial=num_initial, num_local=num_local, scale=scale, pallas=pallas,
                             options=options)
-  return partition.per_device(local, (partition.Q, partition.CMP, partition.STATS), partition.SELECTED,
-                              pallas=pallas)(q, k_cmp, jax.lax.stop_gradient(lse))
+  args, axes = partition.with_doc_start(
+      (q, k_cmp, jax.lax.stop_gradient(lse)), (partition.Q, partition.CMP, partition.STATS), doc_start)
+  return partition.per_device(local, axes, partition.SELECTED, pallas=pallas)(*args)
 
 
-def select_local(q, k_cmp, lse, *, q_offset, num_blocks, block_len, stride, select_block, num_selected,
+def select_local(q, k_cmp, lse, doc_start=None, *, q_offset, num_blocks, block_len, stride, select_block, num_selected,
                  num_initial, num_local, scale, pallas, options):
   """One device's select_blocks: queries at global positions q_offset + [0, Tq) of a sequence of
   num_blocks selection blocks, with their compressed branch's lse (Pallas only)."""
   rank = functools.partial(rank_blocks, select_block=select_block, num_selected=num_selected,
                            num_initial=num_initial, num_local=num_local)
   b, hkv = q.shape[0], k_cmp.shape[2]
+  per_query = () if doc_start is None else (doc_start,)
   if not k_cmp.shape[1]:
-    return map_query_chunks(lambda q_chunk, t0: rank(jnp.zeros((b, q_chunk.shape[1], hkv, num_blocks)), t0),
-                            q, chunk=options.query_chunk, options=options, offset=q_offset)
+    return map_query_chunks(lambda q_chunk, t0, *doc: rank(jnp.zeros((b, q_chunk.shape[1], hkv, num_blocks)), t0, *doc),
+                            q, *per_query, chunk=options.query_chunk, options=options, offset=q_offset)
   if pallas:
     from kernels import nsa_compressed_pallas
     scores = functools.partial(nsa_compressed_pallas.block_scores, k_cmp=k_cmp, block_len=block_len,
                                stride=stride, select_block=select_block, num_blocks=num_blocks, scale=scale,
                                options=options)
-    return map_query_chunks(lambda q_chunk, t0, lse_chunk: rank(scores(q_chunk, lse_chunk, chunk_start=t0), t0),
-                            q, lse, chunk=options.select_chunk, remat=False, options=options, offset=q_offset)
+    def pallas_chunk(q_chunk, t0, lse_chunk, *doc):
+      return rank(scores(q_chunk, lse_chunk, chunk_start=t0, doc_start=doc[0] if doc else None), t0, *doc)
+    return map_query_chunks(pallas_chunk, q, lse, *per_query, chunk=options.select_chunk, remat=False, options=options,
+                            offset=q_offset)
 
-  def chunk_fn(q_chunk, t0):
-    p, _ = _compressed_probs(q_chunk, t0, k_cmp, block_len=block_len, stride=stride, scale=scale)
+  def chunk_fn(q_chunk, t0, *doc):
+    p, _ = _compressed_probs(q_chunk, t0, k_cmp, *doc, block_len=block_len, stride=stride, scale=scale)
     return rank(block_scores(p.sum(axis=3), num_blocks, block_len=block_len, stride=stride,
-                             select_block=select_block), t0)              # [B, Qc, HKV, NB] scores
-  return map_query_chunks(chunk_fn, q, chunk=options.query_chunk, options=options, offset=q_offset)
+                             select_block=select_block), t0, *doc)        # [B, Qc, HKV, NB] scores
+  return map_query_chunks(chunk_fn, q, *per_query, chunk=options.query_chunk, options=options, offset=q_offset)
 
 
 # ---- selected-block attention ----
@@ -241,9 +266,11 @@ def selection_local(q, k, v, block_indices, *, q_offset, block_size, scale, pall
 
 # ---- sliding window ----
 
-def window_attention(q, k, v, *, window, scale=None, impl="auto", options=None):
-  """Query t attends to keys s with t - window < s <= t (`window` keys including itself).
-  impl="pallas": jax's splash-attention kernels (forward and backward) with a local mask."""
+def window_attention(q, k, v, *, window, scale=None, impl="auto", options=None, doc_start=None):
+  """Query t attends to keys s with t - window < s <= t (`window` keys including itself) and,
+  with packed documents, s >= doc_start[t] (int32 [B, T], see compressed_attention).
+  impl="pallas": jax's splash-attention kernels (forward and backward) with a local mask, and
+  doc_start as segment ids (a document's tokens share it; padding's are its own positions)."""
   options = options or DEFAULT_OPTIONS
   pallas = _pallas(impl, options)
   if pallas:
@@ -251,15 +278,20 @@ def window_attention(q, k, v, *, window, scale=None, impl="auto", options=None):
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   local = functools.partial(window_local, window=window, scale=scale, pallas=pallas, options=options)
   kv_axes = partition.KV if k.shape[2] > 1 else partition.MQA
-  return partition.per_device(local, (partition.Q, kv_axes, kv_axes), partition.Q, pallas=pallas)(q, k, v)
+  args, axes = (q, k, v), (partition.Q, kv_axes, kv_axes)
+  if doc_start is not None:
+    args, axes = (*args, doc_start, doc_start), (*axes, partition.ROWS, partition.KEY_ROWS)
+  return partition.per_device(local, axes, partition.Q, pallas=pallas)(*args)
 
 
-def window_local(q, k, v, *, q_offset, window, scale, pallas, options):
-  """One device's window_attention: queries at q_offset + [0, Tq) against all keys k, v."""
+def window_local(q, k, v, q_doc=None, kv_doc=None, *, q_offset, window, scale, pallas, options):
+  """One device's window_attention: queries at q_offset + [0, Tq) against all keys k, v; q_doc,
+  kv_doc: the queries' and keys' doc_start."""
   if pallas:
-    no_segments = jnp.zeros(q.shape[:2], jnp.int32), jnp.zeros(k.shape[:2], jnp.int32)
-    return dense.local_attention(q, k, v, *no_segments, q_offset=q_offset, scale=scale, window=window,
-                                 pallas=True, options=options)
+    if q_doc is None:
+      q_doc, kv_doc = jnp.zeros(q.shape[:2], jnp.int32), jnp.zeros(k.shape[:2], jnp.int32)
+    return dense.local_attention(q, k, v, q_doc.astype(jnp.int32), kv_doc.astype(jnp.int32), q_offset=q_offset,
+                                 scale=scale, window=window, pallas=True, options=options)
   b, tq, hq, _ = q.shape
   t, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   w = min(window, t)
@@ -269,7 +301,7 @@ def window_local(q, k, v, *, q_offset, window, scale, pallas, options):
   k_pad = jnp.pad(k, [(0, 0), (w - 1, tail), (0, 0), (0, 0)])
   v_pad = jnp.pad(v, [(0, 0), (w - 1, tail), (0, 0), (0, 0)])
 
-  def chunk_fn(q_chunk, t0):
+  def chunk_fn(q_chunk, t0, *doc):
     qc = q_chunk.shape[1]
     span = qc + w - 1
     k_win = jax.lax.dynamic_slice_in_dim(k_pad, t0, span, axis=1)
@@ -279,7 +311,9 @@ def window_local(q, k, v, *, q_offset, window, scale, pallas, options):
     t_q = t0 + jnp.arange(qc)
     s = t0 - (w - 1) + jnp.arange(span)
     visible = (s[None, :] >= 0) & (s[None, :] <= t_q[:, None]) & (s[None, :] > t_q[:, None] - w)
-    p, _ = masked_softmax(logits, visible[None, :, None, None, :])
+    visible = visible[None] & _from_doc(doc[0] if doc else None, s)               # [B|1, Qc, span]
+    p, _ = masked_softmax(logits, visible[:, :, None, None, :])
     out = jnp.einsum("bqhgs,bshd->bqhgd", p.astype(v.dtype), v_win, preferred_element_type=jnp.float32)
     return out.reshape(b, qc, hq, dv).astype(q.dtype)
-  return map_query_chunks(chunk_fn, q, chunk=chunk, options=options, offset=q_offset)
+  per_query = () if q_doc is None else (q_doc,)
+  return map_query_chunks(chunk_fn, q, *per_query, chunk=chunk, options=options, offset=q_offset)

@@ -1,6 +1,9 @@
 """Pallas TPU kernels for NSA's compressed branch (DESIGN.md §4, §7): attention over the compressed
 keys (forward with lse, dq, dK/dV behind a custom_vjp) and the group-summed, overlap-mapped block
-scores that select_blocks ranks. Query t sees compressed token c iff c*d + l - 1 <= t.
+scores that select_blocks ranks. Query t sees compressed token c iff c*d + l - 1 <= t and
+c >= first[t], the first compressed token of t's document (0 for one document per row; packed
+documents: ceil(doc_start[t] / d)). first travels as one int32 column per tile ([128, 1] rows of
+[B, 1, T*G, 1], shared by the KV heads: 512 bytes per tile step).
 
 rows    as in the selection kernels (kernels/nsa_pallas.py): a tile is bq = 128 // G query
         positions x the G heads of one KV group, 128 matmul rows whatever G is.
@@ -83,13 +86,25 @@ def _geometry(q, k_cmp, v_cmp, block_len, stride, scale, options) -> _Cmp:
               dk ** -0.5 if scale is None else scale, options or DEFAULT_OPTIONS)
 
 
-def _scores(g: _Cmp, q, k, query_tile, key_tile):
-  """scale * q k^T [128, keys] fp32, -inf where the row's query cannot see the compressed token."""
+def _scores(g: _Cmp, q, k, first, query_tile, key_tile):
+  """scale * q k^T [128, keys] fp32, -inf where the row's query cannot see the compressed token
+  (in its future, or before `first` [128, 1], its document's first)."""
   rows, keys = q.shape[0], k.shape[0]
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * g.scale
   query_pos = query_tile * g.queries_per_tile + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // g.group
   token = key_tile * keys + jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1)
-  return jnp.where(token * g.stride + g.block_len - 1 <= query_pos, s, -jnp.inf)
+  return jnp.where((token * g.stride + g.block_len - 1 <= query_pos) & (token >= first), s, -jnp.inf)
+
+
+def first_rows(doc_start, b: int, t: int, group: int, stride: int):
+  """int32 [B, 1, T*G, 1]: per row (query t, head g) the first compressed token of its document."""
+  first = jnp.zeros((b, t), jnp.int32) if doc_start is None else -(-doc_start.astype(jnp.int32) // stride)
+  return to_rows(jnp.broadcast_to(first[:, :, None, None], (b, t, group, 1)), 1)
+
+
+def first_spec(index_map):
+  """BlockSpec of one tile's [128, 1] column of first_rows; index_map gives (b, h, tile)."""
+  return pl.BlockSpec((None, None, ROWS, 1), lambda *a: (index_map(*a)[0], 0, index_map(*a)[2], 0))
 
 
 def _attention_cost(g: _Cmp, *, matmul_width: int, row_bytes: int, kv_passes: int = 1, row_passes: int = 1):
@@ -109,7 +124,8 @@ def _pad_keys(x_t, multiple):
 
 # ---- attention: forward and dq (query-stationary), dK/dV (KV-stationary) ----
 
-def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, g):
+def _forward_kernel(offset_ref, q_ref, first_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch,
+                    *, g):
   i, kb = offset_ref[0] + pl.program_id(2), pl.program_id(3)
 
   @pl.when(kb == 0)
@@ -118,14 +134,15 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, 
 
   @pl.when(kb < g.key_tiles(i))
   def _step():
-    softmax_step(_scores(g, q_ref[...], k_ref[...], i, kb), v_ref[...], m_scratch, l_scratch, acc_scratch)
+    softmax_step(_scores(g, q_ref[...], k_ref[...], first_ref[...], i, kb), v_ref[...], m_scratch, l_scratch,
+                 acc_scratch)
 
   @pl.when(kb == pl.num_programs(3) - 1)
   def _finish():
     softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
 
 
-def _dq_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, acc_scratch, *, g):
+def _dq_kernel(offset_ref, q_ref, first_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, acc_scratch, *, g):
   i, kb = offset_ref[0] + pl.program_id(2), pl.program_id(3)
 
   @pl.when(kb == 0)
@@ -134,7 +151,7 @@ def _dq_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_r
 
   @pl.when(kb < g.key_tiles(i))
   def _step():
-    s = _scores(g, q_ref[...], k_ref[...], i, kb)
+    s = _scores(g, q_ref[...], k_ref[...], first_ref[...], i, kb)
     _accumulate_dq(s, do_ref[...], k_ref[...], v_ref[...], lse_ref, delta_ref, acc_scratch, g.scale)
 
   @pl.when(kb == pl.num_programs(3) - 1)
@@ -142,7 +159,7 @@ def _dq_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_r
     dq_ref[...] = acc_scratch[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dk_scratch,
+def _dkv_kernel(offset_ref, q_ref, first_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dk_scratch,
                 dv_scratch, *, g):
   kb, local = pl.program_id(2), pl.program_id(3)
   i = offset_ref[0] + local                     # the query tile's global index
@@ -155,7 +172,7 @@ def _dkv_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_
   @pl.when(i >= g.first_query_tile(kb))
   def _step():
     q = q_ref[...]
-    _accumulate_dkv(_scores(g, q, k_ref[...], i, kb), q, do_ref[...], v_ref[...], lse_ref, delta_ref,
+    _accumulate_dkv(_scores(g, q, k_ref[...], first_ref[...], i, kb), q, do_ref[...], v_ref[...], lse_ref, delta_ref,
                     dk_scratch, dv_scratch, g.scale)
 
   @pl.when(local == pl.num_programs(3) - 1)
@@ -167,10 +184,11 @@ def _dkv_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_
 def _query_stationary_call(g: _Cmp, kernel, row_inputs, row_outputs, scratch, num_key_tiles, estimate):
   """pallas_call over grid (B, HKV, T/bq, key tiles), the query tiles' global offset in scalar
   prefetch. row_inputs / row_outputs: per-row arrays as ("rows", width, dtype) ([B, HKV, T*G,
-  width]) or ("tile_row", 1, dtype) ([B, HKV, NQ, 1, 128]); K and V tiles come after the row
-  inputs, clamped to the query tile's last needed one."""
+  width]), ("tile_row", 1, dtype) ([B, HKV, NQ, 1, 128]) or ("first", 1, None) (first_rows);
+  K and V tiles come after the row inputs, clamped to the query tile's last needed one."""
   tile = lambda b, h, i, kb, offset: (b, h, i)
-  spec = lambda kind, width: tile_row_spec(tile) if kind == "tile_row" else row_spec(tile, width)
+  spec = lambda kind, width: {"tile_row": tile_row_spec, "first": first_spec}.get(
+      kind, lambda t: row_spec(t, width))(tile)
   def shape(kind, width, dtype):
     dims = (g.num_tiles, 1, ROWS) if kind == "tile_row" else (g.t * g.group, width)
     return jax.ShapeDtypeStruct((g.b, g.hkv, *dims), dtype)
@@ -194,40 +212,45 @@ def _offset_tiles(g: _Cmp, q_offset):
   return (jnp.asarray(q_offset, jnp.int32) // g.queries_per_tile).reshape(1)
 
 
-def _forward_rows(g: _Cmp, offset, q_rows, k_t, v_t):
+def _forward_rows(g: _Cmp, offset, q_rows, first, k_t, v_t):
   """(out rows [B,HKV,T*G,Dv], lse tile rows [B,HKV,NQ,1,128] fp32); k_t, v_t padded to g.key_tile."""
   return _query_stationary_call(
-      g, _forward_kernel, [("rows", g.dk, None)], [("rows", g.dv, q_rows.dtype), ("tile_row", 1, jnp.float32)],
+      g, _forward_kernel, [("rows", g.dk, None), ("first", 1, None)],
+      [("rows", g.dv, q_rows.dtype), ("tile_row", 1, jnp.float32)],
       [(ROWS, LANES), (ROWS, LANES), (ROWS, g.dv)], k_t.shape[2] // g.key_tile,
-      _attention_cost(g, matmul_width=g.dk + g.dv, row_bytes=2 * (g.dk + g.dv) + 4))(offset, q_rows, k_t, v_t)
+      _attention_cost(g, matmul_width=g.dk + g.dv, row_bytes=2 * (g.dk + g.dv) + 8))(offset, q_rows, first, k_t, v_t)
 
 
 def _keys_t(g: _Cmp, k_cmp, v_cmp):
   return (_pad_keys(k_cmp.transpose(0, 2, 1, 3), g.key_tile), _pad_keys(v_cmp.transpose(0, 2, 1, 3), g.key_tile))
 
 
-def compressed_attention(q, k_cmp, v_cmp, q_offset, block_len: int, stride: int, scale=None, options=None):
+def compressed_attention(q, k_cmp, v_cmp, q_offset, block_len: int, stride: int, scale=None, options=None,
+                         doc_start=None):
   """(out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] fp32, -inf where nothing is visible): the contract
   of kernels.nsa.compressed_attention for queries at global positions q_offset + [0, T) (an int
-  or traced int32, a multiple of 128/G); forward, dq and dK/dV are Pallas kernels. Needs C >= 1."""
-  return _compressed(q, k_cmp, v_cmp, jnp.asarray(q_offset, jnp.int32), block_len, stride, scale, options)
+  or traced int32, a multiple of 128/G), doc_start [B, T] of packed documents or None; forward,
+  dq and dK/dV are Pallas kernels. Needs C >= 1."""
+  b, t, hq, _ = q.shape
+  first = first_rows(doc_start, b, t, hq // k_cmp.shape[2], stride)
+  return _compressed(q, k_cmp, v_cmp, jnp.asarray(q_offset, jnp.int32), first, block_len, stride, scale, options)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _compressed(q, k_cmp, v_cmp, q_offset, block_len, stride, scale, options):
-  return _compressed_fwd(q, k_cmp, v_cmp, q_offset, block_len, stride, scale, options)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _compressed(q, k_cmp, v_cmp, q_offset, first, block_len, stride, scale, options):
+  return _compressed_fwd(q, k_cmp, v_cmp, q_offset, first, block_len, stride, scale, options)[0]
 
 
-def _compressed_fwd(q, k_cmp, v_cmp, q_offset, block_len, stride, scale, options):
+def _compressed_fwd(q, k_cmp, v_cmp, q_offset, first, block_len, stride, scale, options):
   g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, options)
   offset = _offset_tiles(g, q_offset)
-  out_rows, lse_rows = _forward_rows(g, offset, to_rows(q, g.hkv), *_keys_t(g, k_cmp, v_cmp))
+  out_rows, lse_rows = _forward_rows(g, offset, to_rows(q, g.hkv), first, *_keys_t(g, k_cmp, v_cmp))
   result = (from_rows(out_rows, g.t), from_tile_rows(lse_rows, g.t))
-  return result, (q, k_cmp, v_cmp, offset, out_rows, lse_rows)
+  return result, (q, k_cmp, v_cmp, offset, first, out_rows, lse_rows)
 
 
 def _compressed_bwd(block_len, stride, scale, options, residuals, cotangents):
-  q, k_cmp, v_cmp, offset, out_rows, lse_rows = residuals
+  q, k_cmp, v_cmp, offset, first, out_rows, lse_rows = residuals
   dout, dlse = cotangents
   g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, options)
   k_t, v_t = _keys_t(g, k_cmp, v_cmp)
@@ -237,10 +260,11 @@ def _compressed_bwd(block_len, stride, scale, options, residuals, cotangents):
   delta_rows = delta - to_tile_rows(dlse.astype(jnp.float32), g.hkv)
   num_key_tiles = k_t.shape[2] // g.key_tile
   dq_rows, = _query_stationary_call(
-      g, _dq_kernel, [("rows", g.dk, None), ("rows", g.dv, None), ("tile_row", 1, None), ("tile_row", 1, None)],
+      g, _dq_kernel, [("rows", g.dk, None), ("first", 1, None), ("rows", g.dv, None), ("tile_row", 1, None),
+                      ("tile_row", 1, None)],
       [("rows", g.dk, q.dtype)], [(ROWS, g.dk)], num_key_tiles,
-      _attention_cost(g, matmul_width=2 * g.dk + g.dv, row_bytes=2 * (2 * g.dk + g.dv) + 8),
-  )(offset, q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
+      _attention_cost(g, matmul_width=2 * g.dk + g.dv, row_bytes=2 * (2 * g.dk + g.dv) + 12),
+  )(offset, q_rows, first, do_rows, lse_rows, delta_rows, k_t, v_t)
 
   last = g.num_tiles - 1
   # Local query tile i is global tile offset + i; tiles before a key tile's first reader are
@@ -249,7 +273,7 @@ def _compressed_bwd(block_len, stride, scale, options, residuals, cotangents):
   key_map = lambda b, h, kb, i, offset: (b, h, kb, 0)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1, grid=(g.b, g.hkv, num_key_tiles, g.num_tiles),
-      in_specs=[row_spec(tile, w) for w in (g.dk, g.dv)]
+      in_specs=[row_spec(tile, g.dk), first_spec(tile), row_spec(tile, g.dv)]
                + [tile_row_spec(tile), tile_row_spec(tile)]
                + [pl.BlockSpec((None, None, g.key_tile, w), key_map) for w in (g.dk, g.dv)],
       out_specs=[pl.BlockSpec((None, None, g.key_tile, w), key_map) for w in (g.dk, g.dv)],
@@ -258,11 +282,11 @@ def _compressed_bwd(block_len, stride, scale, options, residuals, cotangents):
       functools.partial(_dkv_kernel, g=g), grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(k_t.shape, k_cmp.dtype), jax.ShapeDtypeStruct(v_t.shape, v_cmp.dtype)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      cost_estimate=_attention_cost(g, matmul_width=2 * (g.dk + g.dv), row_bytes=2 * (g.dk + g.dv) + 8,
+      cost_estimate=_attention_cost(g, matmul_width=2 * (g.dk + g.dv), row_bytes=2 * (g.dk + g.dv) + 12,
                                     row_passes=max(1, num_key_tiles // 2), kv_passes=2),
-      interpret=g.interpret)(offset, q_rows, do_rows, lse_rows, delta_rows, k_t, v_t)
+      interpret=g.interpret)(offset, q_rows, first, do_rows, lse_rows, delta_rows, k_t, v_t)
   unpad = lambda x: x[:, :, :g.c].transpose(0, 2, 1, 3)
-  return from_rows(dq_rows, g.t), unpad(dk_t), unpad(dv_t), None
+  return from_rows(dq_rows, g.t), unpad(dk_t), unpad(dv_t), None, None
 
 
 _compressed.defvjp(_compressed_fwd, _compressed_bwd)
@@ -283,7 +307,7 @@ def overlap_tiles(block_len: int, stride: int, select_block: int, blocks_per_til
   return w[keys:].astype(np.float32), w[:keys].astype(np.float32)
 
 
-def _scores_kernel(chunk_ref, q_ref, lse_ref, k_ref, own_ref, prev_ref, out_ref, sums_scratch, *, g, keys):
+def _scores_kernel(chunk_ref, q_ref, first_ref, lse_ref, k_ref, own_ref, prev_ref, out_ref, sums_scratch, *, g, keys):
   i, kb = pl.program_id(2), pl.program_id(3)
   query_tile = chunk_ref[0] + i
   needed = g.key_tiles(query_tile, keys)
@@ -295,7 +319,7 @@ def _scores_kernel(chunk_ref, q_ref, lse_ref, k_ref, own_ref, prev_ref, out_ref,
 
   @pl.when(kb < needed)
   def _step():
-    s = _scores(g, q_ref[...], k_ref[...], query_tile, kb)
+    s = _scores(g, q_ref[...], k_ref[...], first_ref[...], query_tile, kb)
     p = probs(s, lse_ref)                                                      # [128, BKS]
     if g.group > 1:   # sum each query's G heads: [bq, 128] 0/1 matrix times p
       rows = jax.lax.broadcasted_iota(jnp.int32, (g.queries_per_tile, ROWS), 1) // g.group
@@ -319,11 +343,12 @@ def _scores_cost(g: _Cmp, keys: int, nbt: int, num_tiles: int):
 
 
 def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stride: int, select_block: int,
-                 num_blocks: int, scale=None, options=None):
+                 num_blocks: int, scale=None, options=None, doc_start=None):
   """float32 [B, Qc, HKV, num_blocks]: for queries chunk_start + [0, Qc) the selection-block
   importance sum_{g, c} w(c, j) p_cmp[g, c] of NSA (the XLA reference's block_scores of the
   group-summed compressed probabilities), with p_cmp = exp(s - lse) from the compressed
-  attention's lse. chunk_start (traced int32) must be a multiple of 128/G, as must Qc."""
+  attention's lse. chunk_start (traced int32) must be a multiple of 128/G, as must Qc. doc_start
+  [B, Qc]: packed documents (a document's tokens count from its first compressed token)."""
   g = _geometry(q_chunk, k_cmp, k_cmp, block_len, stride, scale, options)
   nbt = min(g.options.score_blocks, num_blocks)
   num_tiles = -(-num_blocks // nbt)
@@ -339,7 +364,7 @@ def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stri
   fixed = lambda b, h, i, kb, start: (0, 0)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_tiles, num_tiles),
-      in_specs=[row_spec(row_map, g.dk), tile_row_spec(row_map),
+      in_specs=[row_spec(row_map, g.dk), first_spec(row_map), tile_row_spec(row_map),
                 pl.BlockSpec((None, None, keys, g.dk), key_map),
                 pl.BlockSpec((keys, nbt), fixed), pl.BlockSpec((keys, nbt), fixed)],
       out_specs=pl.BlockSpec((None, None, None, g.queries_per_tile, nbt), lambda b, h, i, kb, start: (b, h, i, 0, kb)),
@@ -349,5 +374,5 @@ def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stri
       out_shape=jax.ShapeDtypeStruct((g.b, g.hkv, g.num_tiles, g.queries_per_tile, num_tiles * nbt), jnp.float32),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=_scores_cost(g, keys, nbt, num_tiles), interpret=g.interpret,
-  )(start_tile, to_rows(q_chunk, g.hkv), lse_rows, k_t, own, prev)
+  )(start_tile, to_rows(q_chunk, g.hkv), first_rows(doc_start, g.b, g.t, g.group, stride), lse_rows, k_t, own, prev)
   return out.reshape(g.b, g.hkv, g.t, -1)[..., :num_blocks].transpose(0, 2, 1, 3)

@@ -124,6 +124,14 @@ def layout_index(natural_positions, seq_len: int, shards: int) -> np.ndarray:
 
 # ---- per-device execution ----
 
+def with_doc_start(args, axes, doc_start):
+  """per_device arguments and their axes, plus packed documents' doc_start [B, T] int32 (one
+  value per query: ROWS) when it is given."""
+  if doc_start is None:
+    return args, axes
+  return (*args, doc_start.astype(jnp.int32)), (*axes, ROWS)
+
+
 def _specs(mesh, rules, args, in_axes):
   """{logical name: mesh axes} usable for these arguments: a mesh axis that does not divide every
   dimension it would split is dropped from all of them."""

@@ -17,6 +17,7 @@ import ml_collections
 from flax import linen as nn
 
 from kernels import dsa as dsa_kernels
+from model import packing
 from model.layers import LayerNorm, Projection, apply_rope
 from model.mla import MLAAttention
 
@@ -50,17 +51,22 @@ class DSAAttention(MLAAttention):
     self.indexer = LightningIndexer(self.config)
 
   def __call__(self, x_BTE, positions_BT, segment_ids_BT=None):
-    del segment_ids_BT   # packed documents are rejected for DSA at start-up (trainer/validate.py)
+    """Packed documents (segment_ids): the indexer's scores, its top-k and the warm-up's loss and
+    recall see only the query's own document (doc_start), so the sparse attention does too; the
+    dense warm-up masks by segment; padding (segment 0) gets zeros."""
     c, kernel_args = self.config.dsa, self.kernel_args
+    doc_start = None if segment_ids_BT is None else packing.doc_starts(segment_ids_BT)
     p = self.project(x_BTE, positions_BT)
     q_idx, k_idx, w_idx = self.indexer(x_BTE, p.c_q, positions_BT)
     q_mqa, kv = self.mqa_inputs(p)
-    topk = lambda: dsa_kernels.indexer_topk(q_idx, k_idx, w_idx, topk=c.index_topk, **kernel_args)
+    topk = lambda: dsa_kernels.indexer_topk(q_idx, k_idx, w_idx, topk=c.index_topk, doc_start=doc_start,
+                                            **kernel_args)
     with_loss = not self.is_initializing()
     if c.stage == "dense_warmup":
-      indices, out = None, self.mha(p)
+      indices, out = None, self.mha(p, segment_ids_BT)
       if with_loss:
-        loss = dsa_kernels.indexer_loss(q_mqa, kv, q_idx, k_idx, w_idx, scale=self.scale, **kernel_args)
+        loss = dsa_kernels.indexer_loss(q_mqa, kv, q_idx, k_idx, w_idx, scale=self.scale, doc_start=doc_start,
+                                        **kernel_args)
     else:
       indices = topk()
       v_dim = self.config.mla.kv_lora_rank
@@ -76,9 +82,10 @@ class DSAAttention(MLAAttention):
       if self.is_mutable_collection("diagnostics"):
         recall, _ = dsa_kernels.indexer_recall(q_mqa, kv, topk() if indices is None else indices,
                                                topk=c.index_topk, scale=self.scale,
-                                               options=kernel_args["options"])
+                                               options=kernel_args["options"], doc_start=doc_start)
         self.sow("diagnostics", "indexer_recall", recall)
-    return self.o(out)
+    out = self.o(out)
+    return out if segment_ids_BT is None else jnp.where((segment_ids_BT > 0)[..., None], out, 0).astype(out.dtype)
 
   @staticmethod
   def flops_per_token(config) -> float:

@@ -12,6 +12,7 @@ import numpy as np
 from flax import linen as nn
 
 from kernels import nsa as nsa_kernels, options_from_config, partition
+from model import packing
 from model.layers import Projection, apply_rope, param_with_axes
 
 
@@ -55,8 +56,16 @@ class NSAAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTE, positions_BT, segment_ids_BT=None):
-    del segment_ids_BT   # packed documents are rejected for NSA at start-up (trainer/validate.py)
+    """Packed documents (segment_ids): every document gets what it would get alone in its own
+    row. The layer runs on the row re-laid so that each document starts on a selection-block
+    boundary (model/packing.py), each query limited to its own document (doc_start); padding
+    (segment 0) gets zeros."""
     m, c = self.config.model, self.config.nsa
+    doc_start, layout = None, None
+    if segment_ids_BT is not None:
+      layout = packing.AlignedRows.build(segment_ids_BT, block=c.slc_block,
+                                         max_docs=packing.max_docs_per_row(self.config))
+      x_BTE, positions_BT, doc_start = layout.scatter(x_BTE), layout.scatter(positions_BT), layout.doc_start
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     kernel_args = dict(impl=self.config.attention.impl, options=options_from_config(self.config))
     proj = lambda name, shape, axes, **kw: Projection(shape, axes, dtype, param_dtype, name=name, **kw)
@@ -75,9 +84,15 @@ class NSAAttention(nn.Module):
     k_raw, v_raw = kv.get("cmp", kv.get("all"))
     compress = lambda name: Compress(c.cmp_block, c.cmp_stride, dtype, param_dtype, name=name)
     k_cmp, v_cmp = compress("compress_k")(k_raw), compress("compress_v")(v_raw)
+    # Rotated at the last token each covers, counted in its document (packed rows: from the
+    # document's start, which a window of the aligned row never precedes).
     cmp_positions = jnp.broadcast_to(jnp.arange(k_cmp.shape[1]) * c.cmp_stride + c.cmp_block - 1,
                                      k_cmp.shape[:2])
+    if doc_start is not None:
+      cmp_positions = cmp_positions - doc_start[:, ::c.cmp_stride][:, :k_cmp.shape[1]]
     k_cmp = rope(k_cmp, cmp_positions)
+    if doc_start is not None:
+      kernel_args["doc_start"] = doc_start
 
     o_cmp, lse_cmp = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len=c.cmp_block,
                                                       stride=c.cmp_stride, **kernel_args)
@@ -87,13 +102,17 @@ class NSAAttention(nn.Module):
         **kernel_args)
     k_slc, v_slc = kv.get("slc", kv.get("all"))
     o_slc = nsa_kernels.selection_attention(q, rope(k_slc, positions_BT), v_slc, block_indices,
-                                            block_size=c.slc_block, **kernel_args)
+                                            block_size=c.slc_block, impl=kernel_args["impl"],
+                                            options=kernel_args["options"])
     k_win, v_win = kv.get("win", kv.get("all"))
     o_win = nsa_kernels.window_attention(q, rope(k_win, positions_BT), v_win, window=c.window, **kernel_args)
 
     gates = jax.nn.sigmoid(proj("gate", (m.n_heads, 3), ("embed", "heads", None))(x_BTE).astype(jnp.float32))
     out = (gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win).astype(dtype)
-    return proj("o", (m.d_model,), ("heads", "head_dim", "embed"), in_axes=2)(out)
+    out = proj("o", (m.d_model,), ("heads", "head_dim", "embed"), in_axes=2)(out)
+    if layout is None:
+      return out
+    return jnp.where((segment_ids_BT > 0)[..., None], layout.gather(out), 0).astype(dtype)
 
   @staticmethod
   def flops_per_token(config) -> float:

@@ -1,7 +1,8 @@
 """One attention layer, forward + backward, for several sequence lengths: dense (GQA) vs NSA, and
 dense MLA vs DSA (MLA + lightning indexer, sparse stage, indexer loss included).
 
-  python scripts/bench_attention.py [--kinds dense nsa mla dsa] [--seq-lens 4096 8192 16384 32768] [--plot out.png]
+  python scripts/bench_attention.py [--kinds dense nsa mla dsa] [--seq-lens 4096 8192 16384 32768] [--plot out.png] \
+      [--packing concat pack] [--doc-len 2048]
 
 MLA/DSA use DeepSeek-V3.2's attention dims scaled down 4x (q_lora 384, kv_lora 128, nope 32,
 rope 16, v 32; indexer 16 heads x 32) with --heads heads and --topk keys per query.
@@ -80,42 +81,66 @@ def layer_config(kind: str, seq_len: int, args, overrides=None) -> ml_collection
   return ml_collections.FrozenConfigDict(sweep_grid.apply(c, overrides or {}))
 
 
-def compile_step(config, batch: int):
-  """jit(grad of the layer) lowered and compiled for [batch, T, d_model] bf16 input."""
+def compile_step(config, batch: int, packed: bool = False):
+  """jit(grad of the layer) lowered and compiled for [batch, T, d_model] bf16 input (and packed
+  documents: [batch, T] segment ids)."""
   layer = ATTENTION_KINDS[config.attention.kind](config)
   x = jax.ShapeDtypeStruct((batch, config.seq_len, config.model.d_model), jnp.dtype(config.model.dtype))
   pos = jax.ShapeDtypeStruct((batch, config.seq_len), jnp.int32)
+  seg = pos if packed else None
   params = jax.eval_shape(lambda: nn.unbox(layer.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype),
                                                        jnp.zeros(pos.shape, pos.dtype))))
 
-  def loss(params, x, pos):   # + the layer's auxiliary losses (DSA's indexer loss), as in training
-    y, aux = layer.apply(params, x, pos, mutable=["aux_loss"])
+  def loss(params, x, pos, seg):   # + the layer's auxiliary losses (DSA's indexer loss), as in training
+    y, aux = layer.apply(params, x, pos, seg, mutable=["aux_loss"])
     return jnp.sum(y.astype(jnp.float32) ** 2) + sum(jnp.sum(a) for a in jax.tree.leaves(aux))
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  return step, step.lower(params, x, pos).compile(), (params, x, pos)
+  return step, step.lower(params, x, pos, seg).compile(), (params, x, pos, seg)
 
 
-def measure(kind, seq_len, args, overrides=None, run=True):
+def packed_documents(seq_len: int, batch: int, mean_len: int, max_docs: int | None, seed: int = 0):
+  """(segment ids, positions) int32 [batch, T]: documents of exponentially distributed lengths
+  (mean mean_len, deterministic) packed end to end, at most max_docs per row (the last one takes
+  the rest of the row)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  seg, pos = np.zeros((batch, seq_len), np.int32), np.zeros((batch, seq_len), np.int32)
+  for r in range(batch):
+    start, doc = 0, 1
+    while start < seq_len:
+      n = seq_len - start if doc == max_docs else max(1, int(rng.exponential(mean_len)))
+      n = min(n, seq_len - start)
+      seg[r, start:start + n], pos[r, start:start + n] = doc, np.arange(n)
+      start, doc = start + n, doc + 1
+  return seg, pos
+
+
+def measure(kind, seq_len, args, overrides=None, run=True, packing="concat"):
   """Compiled FLOPs and memory of one layer's fwd+bwd, and its time (unless `run` is False or it
-  does not fit --max-gb)."""
+  does not fit --max-gb); packing "pack": on packed documents (--doc-len)."""
   config = layer_config(kind, seq_len, args, overrides)
+  packed = packing == "pack"
   # XLA counts a loop body once: for FLOPs, compile (never run) with one query chunk where the
   # chunk size does not change the math, and the window's chunk loop unrolled.
   whole = ml_collections.ConfigDict(config)
   whole.kernels.update(query_chunk=1 << 30, dsa_query_chunk=1 << 30, unroll_chunks=True)
-  flops = compile_step(ml_collections.FrozenConfigDict(whole), args.batch)[1].cost_analysis().get("flops", float("nan"))
-  step, compiled, shapes = compile_step(config, args.batch)
+  flops = compile_step(ml_collections.FrozenConfigDict(whole), args.batch, packed)[1].cost_analysis().get(
+      "flops", float("nan"))
+  step, compiled, shapes = compile_step(config, args.batch, packed)
   mem = compiled.memory_analysis()
   gb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**30
-  row = {"kind": kind, "T": seq_len, "gflops": flops / 1e9, "mem_gb": gb, "ms": float("nan")}
+  row = {"kind": kind, "T": seq_len, "packing": packing, "gflops": flops / 1e9, "mem_gb": gb, "ms": float("nan")}
   if run and gb <= args.max_gb:
-    params, x, pos = (jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype) * 0.02, a) for a in shapes)
-    pos = jnp.broadcast_to(jnp.arange(seq_len), pos.shape)
-    jax.block_until_ready(compiled(params, x, pos))
+    params, x = (jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype) * 0.02, a) for a in shapes[:2])
+    pos, seg = jnp.broadcast_to(jnp.arange(seq_len), shapes[2].shape), None
+    if packed:
+      from model import packing as packing_lib
+      seg, pos = packed_documents(seq_len, args.batch, args.doc_len, packing_lib.max_docs_per_row(config))
+    jax.block_until_ready(compiled(params, x, pos, seg))
     times = []
     for _ in range(args.repeats):
       start = time.perf_counter()
-      jax.block_until_ready(compiled(params, x, pos))
+      jax.block_until_ready(compiled(params, x, pos, seg))
       times.append(time.perf_counter() - start)
     row["ms"] = 1e3 * statistics.median(times)
   return row
@@ -383,6 +408,9 @@ def main():
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--topk", type=int, default=512, help="DSA keys per query")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--packing", nargs="+", default=["concat"], choices=["concat", "pack"],
+                      help="concat: one document per row; pack: packed documents (segment ids), --doc-len")
+  parser.add_argument("--doc-len", type=int, default=2048, help="--packing pack: mean document length")
   parser.add_argument("--max-gb", type=float, default=16.0, help="run only configs compiled to fit this")
   parser.add_argument("--plot", default="", help="write a PNG of time and memory against T")
   parser.add_argument("--impl", default="xla", choices=["xla", "pallas"],
@@ -407,16 +435,20 @@ def main():
   print(f"one layer fwd+bwd, B={args.batch} HQ={args.heads} HKV={args.kv_heads} D={args.head_dim} "
         f"{args.dtype}, NSA paper defaults, DSA top-{args.topk}; {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPUs")
-  print(f"{'kind':>6} {'T':>7} {'time ms':>10} {'GFLOP':>10} {'memory GB':>10}")
+  if "pack" in args.packing:
+    print(f"pack: documents of exponentially distributed lengths, mean {args.doc_len} tokens (at most "
+          f"data.max_docs_per_row per row); NSA runs on its block-aligned row (model/packing.py)")
+  print(f"{'kind':>6} {'T':>7} {'packing':>8} {'time ms':>10} {'GFLOP':>10} {'memory GB':>10}")
   rows = []
   for seq_len in args.seq_lens:
     for kind in args.kinds:
-      r = measure(kind, seq_len, args)
-      rows.append(r)
-      ms = f"{r['ms']:10.0f}" if r["ms"] == r["ms"] else f"{'not run':>10}"
-      print(f"{kind:>6} {seq_len:>7} {ms} {r['gflops']:10.1f} {r['mem_gb']:10.2f}", flush=True)
+      for packing in args.packing:
+        r = measure(kind, seq_len, args, packing=packing)
+        rows.append(r)
+        ms = f"{r['ms']:10.0f}" if r["ms"] == r["ms"] else f"{'not run':>10}"
+        print(f"{kind:>6} {seq_len:>7} {packing:>8} {ms} {r['gflops']:10.1f} {r['mem_gb']:10.2f}", flush=True)
   for kind in args.kinds:
-    by_t = {r["T"]: r for r in rows if r["kind"] == kind}
+    by_t = {r["T"]: r for r in rows if r["kind"] == kind and r["packing"] == args.packing[0]}
     if 8192 in by_t and 32768 in by_t:
       import math
       exponent = math.log(by_t[32768]["gflops"] / by_t[8192]["gflops"]) / math.log(4)
@@ -434,10 +466,11 @@ def plot(rows, kinds, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-  for kind in kinds:
-    rs = [r for r in rows if r["kind"] == kind]
-    ax_t.plot([r["T"] for r in rs], [r["ms"] for r in rs], "o-", label=kind)
-    ax_m.plot([r["T"] for r in rs], [r["mem_gb"] for r in rs], "o-", label=kind)
+  for kind, packing in dict.fromkeys((r["kind"], r["packing"]) for r in rows if r["kind"] in kinds):
+    rs = [r for r in rows if (r["kind"], r["packing"]) == (kind, packing)]
+    label = kind if packing == "concat" else f"{kind} ({packing})"
+    ax_t.plot([r["T"] for r in rs], [r["ms"] for r in rs], "o-", label=label)
+    ax_m.plot([r["T"] for r in rs], [r["mem_gb"] for r in rs], "o-", label=label)
   for ax, label in ((ax_t, "fwd+bwd time (ms)"), (ax_m, "compiled memory (GB)")):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -55,7 +55,7 @@ NSA_BAD = [
     ({"nsa.num_selected": 2}, "nsa.num_selected"),                  # < 1 initial + 2 local
     ({"nsa.window": 0}, "nsa.window"),
     ({"seq_len": 16}, "seq_len"),                                   # shorter than one compression block
-    ({"data.packing": "pack"}, "data.packing"),
+    ({"data.packing": "pack", "data.max_docs_per_row": -1}, "data.max_docs_per_row"),
     ({"attention.impl": "pallas", "seq_len": 320}, "seq_len"),      # splash tiles: 128 | T
     ({"attention.impl": "pallas", "seq_len": 384, "nsa.slc_block": 256}, "seq_len"),   # l' | T
     ({"attention.impl": "pallas", "model.n_heads": 12}, "model.n_heads"),   # G=6 does not divide 128
@@ -76,7 +76,6 @@ DSA_BAD = [
     ({"dsa.index_topk": 0}, "dsa.index_topk"),
     ({"dsa.index_head_dim": 8}, "dsa.index_head_dim"),              # < qk_rope_dim=16
     ({"dsa.indexer_loss_coef": -1.0}, "dsa.indexer_loss_coef"),
-    ({"data.packing": "pack"}, "data.packing"),
     ({"attention.impl": "pallas", "model.n_heads": 12}, "model.n_heads"),   # Pallas tiles: divides 128 or 8k
 ]
 
@@ -87,6 +86,15 @@ def test_bad_dsa_value_names_its_field(overrides, field):
   with pytest.raises(ConfigError) as e:
     validate.validate(small_config(**{"attention.kind": "dsa", **overrides}), num_devices=1)
   assert e.value.field == field
+
+
+@pytest.mark.parametrize("kind", ["nsa", "dsa"])
+def test_packed_sparse_attention_is_accepted_without_context_parallelism(kind):
+  validate.validate(small_config(**{"attention.kind": kind, "data.packing": "pack"}), num_devices=1)
+  with pytest.raises(ConfigError) as e:
+    validate.validate(small_config(**{"attention.kind": kind, "data.packing": "pack", "mesh.context": 2,
+                                      "mesh.fsdp": 1}), num_devices=2)
+  assert e.value.field == "data.packing" and "mesh.context=1" in str(e.value)
 
 
 MESH_CASES = [

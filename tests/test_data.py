@@ -102,6 +102,19 @@ def test_pack_mode_keeps_documents_whole_and_marks_them():
   assert set(np.arange(1000, 1040)) - set(long_doc.tolist()) <= set(range(1000 + 15, 1040, 16))
 
 
+def test_pack_mode_holds_at_most_max_docs_per_row():
+  """NSA's aligned row has room for data.max_docs_per_row documents: the packer never puts more
+  in a row (here 2 of the many short documents that would otherwise share a 32-token row)."""
+  lengths = [3, 4, 2, 5, 3, 6, 2, 4] * 4
+  counts = {}
+  for limit in (0, 2):
+    config = small_config(batch_size=2, seq_len=32, **{"data.packing": "pack", "data.max_docs_per_row": limit})
+    it = pipeline.train_iterator(config, [(ListSource(lengths), 1.0)])
+    segments = np.concatenate([next(it)["segment_ids"] for _ in range(4)])
+    counts[limit] = max(len(set(row[row > 0].tolist())) for row in segments)
+  assert counts[2] == 2 < counts[0]
+
+
 def test_same_seed_same_batches_other_seed_other_batches(embedded):
   a = _take(pipeline.train_iterator(small_config(), embedded), 3)
   b = _take(pipeline.train_iterator(small_config(), embedded), 3)

@@ -8,6 +8,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kernels import KernelOptions, chunking, dsa, dsa_pallas
+from model import packing
 from test_dsa_kernels import SCALE, _indexer_inputs, _indices, _rand
 
 
@@ -26,6 +27,22 @@ def test_indexer_topk_rows_are_the_reference_rows(t, hi, di, topk, offset):
   if offset == 0:
     np.testing.assert_array_equal(np.asarray(dsa.indexer_topk(q_idx, k_idx, w, topk=topk, impl="pallas")),
                                   np.asarray(want))
+
+
+def test_indexer_topk_stays_in_each_document():
+  """Packed documents (doc_start, ties and -1 padding included): the Pallas top-k equals the
+  reference row for row, and every chosen key lies in the query's own document."""
+  t, topk = 200, 16
+  q_idx, k_idx, w = _indexer_inputs(2, t, 2, 16, seed=4, integer=True)
+  seg = jnp.asarray([[1] * 70 + [2] * 5 + [3] * 100 + [0] * 25, [1] * 9 + [2] * 1 + [3] * 190])
+  doc_start = packing.doc_starts(seg)
+  want = dsa.indexer_topk(q_idx, k_idx, w, topk=topk, impl="xla", doc_start=doc_start)
+  got = dsa.indexer_topk(q_idx, k_idx, w, topk=topk, impl="pallas", doc_start=doc_start)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  chosen, start = np.asarray(got), np.asarray(doc_start)[..., None]
+  assert ((chosen == -1) | ((chosen >= start) & (chosen <= np.arange(t)[None, :, None]))).all()
+  assert (chosen[0, 70:75] >= 0).sum(-1).tolist() == [1, 2, 3, 4, 5]     # a 5-token document: its keys only
+  assert (chosen[0, 175:] >= 0).sum(-1).tolist() == [1] * 25             # padding: itself
 
 
 def test_approximate_top_k_meets_its_recall():

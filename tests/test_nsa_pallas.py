@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kernels
 from kernels import KernelOptions, nsa, nsa_compressed_pallas, nsa_pallas, nsa_traffic
+from model import packing
 
 
 def _options(dtype, **kw) -> KernelOptions:
@@ -180,6 +181,33 @@ def test_compressed_attention_pallas_matches_xla(t, hq, hkv, dk, dv, l, d, key_t
   got = jax.grad(loss(attend("pallas")), argnums=(0, 1, 2))(q, kc, vc)
   _assert_grads_close(got, jax.grad(loss(attend("xla")), argnums=(0, 1, 2))(q, kc, vc), tol)
   assert not np.asarray(got[0][:, :l - 1]).any()
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_compressed_attention_and_block_scores_with_documents_match_xla(dtype, tol):
+  """Packed documents on model/packing.py's aligned row (doc_start): compressed attention (out,
+  lse, gradients) and the block scores and choices of select_blocks, Pallas against XLA."""
+  t, hq, hkv, dk, dv, l, d, lp = 256, 8, 2, 64, 64, 32, 16, 64
+  seg = jnp.asarray([[1] * 30 + [2] * 5 + [3] * 61 + [0] * 32, [1] * 1 + [2] * 95 + [3] * 32])   # T = 128
+  doc_start = packing.AlignedRows.build(seg, block=lp, max_docs=2).doc_start      # T' = 256
+  q, kc, vc = _compressed_inputs(2, t, hq, hkv, dk, dv, l, d, dtype, seed=11)
+  options = _options(dtype)
+  attend = lambda impl: lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl=impl,
+                                                                   options=options, doc_start=doc_start)
+  (out, lse), (ref, ref_lse) = attend("pallas")(q, kc, vc), attend("xla")(q, kc, vc)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=1e-5, rtol=1e-5)
+  plain = nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl="xla")[0]
+  assert not np.allclose(np.asarray(ref[0, 130:], np.float32), np.asarray(plain[0, 130:], np.float32), atol=1e-2)
+  cot = jax.random.normal(jax.random.key(1), out.shape)
+  loss = lambda f: lambda *a: jnp.sum(f(*a)[0].astype(jnp.float32) * cot)
+  _assert_grads_close(jax.grad(loss(attend("pallas")), argnums=(0, 1, 2))(q, kc, vc),
+                      jax.grad(loss(attend("xla")), argnums=(0, 1, 2))(q, kc, vc), tol)
+  kw = dict(block_len=l, stride=d, select_block=lp, num_selected=3, options=options, doc_start=doc_start)
+  got, want = nsa.select_blocks(q, kc, impl="pallas", **kw), nsa.select_blocks(q, kc, impl="xla", **kw)
+  assert (np.asarray(got) == np.asarray(want)).mean() >= (1.0 if dtype == jnp.float32 else 0.98)
+  first_block = -(-np.asarray(doc_start) // lp)[..., None, None]
+  assert ((np.asarray(want) == -1) | (np.asarray(want) >= first_block)).all()   # never before the document
 
 
 def test_overlap_tiles_map_tokens_to_blocks():

@@ -11,6 +11,7 @@ import pytest
 from jax.experimental import topologies
 
 from conftest import read_metrics, run_train, small_config
+from model import packing as packing_lib
 from test_model import NSA_SMALL
 
 pytestmark = pytest.mark.slow
@@ -41,11 +42,11 @@ def test_sharded_pallas_train_step_matches_one_device(tmp_path):
 BATCH, SEQ = 8, 256     # distinct from every parameter dimension of the small model below
 
 
-def _compiled_train_step(kind, chip, mesh_axes):
+def _compiled_train_step(kind, chip, mesh_axes, packing="concat"):
   """(lowered HLO text, compiled HLO text) of train.py's train step for `chip` (4 chips)."""
   from trainer import sharding, steps, validate
   overrides = {"batch_size": BATCH, "seq_len": SEQ, "attention.impl": "pallas", "kernels.pallas_mode": "compiled",
-               "mesh.fsdp": mesh_axes[0], "mesh.tensor": mesh_axes[1]}
+               "mesh.fsdp": mesh_axes[0], "mesh.tensor": mesh_axes[1], "data.packing": packing}
   if kind == "nsa":
     overrides.update(NSA_SMALL)
   config = small_config(**overrides)
@@ -58,20 +59,23 @@ def _compiled_train_step(kind, chip, mesh_axes):
   return lowered.as_text(), lowered.compile().as_text()
 
 
-@pytest.mark.parametrize("kind,min_kernels,chip,mesh_axes", [("dense", 2, "v5e:2x2", (4, 1)),
-                                                           ("nsa", 9, "v5p:2x2x1", (2, 2))],
-                         ids=["dense-v5e-fsdp4", "nsa-v5p-fsdp2xtensor2"])
-def test_real_train_step_compiles_for_tpu_slices(chip, kind, min_kernels, mesh_axes):
+@pytest.mark.parametrize("kind,min_kernels,chip,mesh_axes,packing", [("dense", 2, "v5e:2x2", (4, 1), "concat"),
+                                                                   ("nsa", 9, "v5p:2x2x1", (2, 2), "concat"),
+                                                                   ("nsa", 9, "v6e:2x2", (2, 2), "pack")],
+                         ids=["dense-v5e-fsdp4", "nsa-v5p-fsdp2xtensor2", "nsa-packed-v6e-fsdp2xtensor2"])
+def test_real_train_step_compiles_for_tpu_slices(chip, kind, min_kernels, mesh_axes, packing):
   """Mosaic compiles every kernel of the step for the chip; the kernels sit in the trainer's
   shard_map, and no all-gather brings the whole batch's activations ([B=8, T=256, ...]) to a
-  device: each device attends over its own rows and heads."""
-  lowered, compiled = _compiled_train_step(kind, chip, mesh_axes)
+  device: each device attends over its own rows and heads (packed documents too: NSA's aligned
+  rows are built and read back per row)."""
+  lowered, compiled = _compiled_train_step(kind, chip, mesh_axes, packing)
   assert lowered.count("tpu_custom_call") >= min_kernels      # dense: splash fwd + bwd; NSA: 9+
   gathers = re.findall(r"= (\w+)\[([\d,]+)\]\{[^}]*\} all-gather\(", compiled)
   assert gathers                                                # the regex reads this HLO (fsdp weights)
   # (the embedding gradient gathers the int32 token ids [B, T, 1]: indices, not activations)
+  lengths = {str(SEQ), str(packing_lib.aligned_length(SEQ, NSA_SMALL["nsa.slc_block"], 4))}   # and NSA's aligned row
   whole_batch = [(dtype, dims) for dtype, dims in gathers
-                 if dtype in ("bf16", "f32") and {str(BATCH), str(SEQ)} <= set(dims.split(","))]
+                 if dtype in ("bf16", "f32") and str(BATCH) in dims.split(",") and lengths & set(dims.split(","))]
   assert not whole_batch, whole_batch
 
 

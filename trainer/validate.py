@@ -107,6 +107,9 @@ def validate(config, num_devices: int | None = None) -> None:
                         "must be 'embedded', 'tfds:NAME' or a directory written by scripts/prepare_data.py")
   _choice(config, "data.packing", ("concat", "pack"))
   _positive(config, "data.num_threads", "data.prefetch", "data.pack_bins")
+  if not isinstance(config.data.max_docs_per_row, int) or config.data.max_docs_per_row < 0:
+    raise ConfigError("data.max_docs_per_row", config.data.max_docs_per_row,
+                      "must be an integer >= 1, or 0 (auto: a limit for NSA only)")
   _choice(config, "wandb.mode", ("offline", "online", "disabled"))
   if config.init_from and not epath.Path(config.init_from).is_dir():
     raise ConfigError("init_from", config.init_from, "must be a checkpoint directory or a run's workdir")
@@ -175,8 +178,6 @@ def _validate_nsa(config) -> None:
        f"must be >= nsa.num_initial + nsa.num_local = {c.num_initial + c.num_local} (forced blocks count)"),
       ("seq_len", config.seq_len, config.seq_len >= c.cmp_block,
        f"must be >= nsa.cmp_block={c.cmp_block}, or the compressed branch sees nothing"),
-      ("data.packing", config.data.packing, config.data.packing == "concat",
-       "NSA does not mask packed documents yet: use concat"),
   )
 
 
@@ -220,8 +221,6 @@ def _validate_dsa(config) -> None:
       ("dsa.index_head_dim", c.index_head_dim, c.index_head_dim >= config.mla.qk_rope_dim,
        f"must be >= mla.qk_rope_dim={config.mla.qk_rope_dim} (RoPE on its first qk_rope_dim dims)"),
       ("dsa.indexer_loss_coef", c.indexer_loss_coef, c.indexer_loss_coef >= 0, "must be >= 0"),
-      ("data.packing", config.data.packing, config.data.packing == "concat",
-       "DSA does not mask packed documents yet: use concat"),
   )
 
 
@@ -254,6 +253,9 @@ def _validate_context(config, context: int) -> None:
     raise ConfigError("seq_len", config.seq_len, f"must be divisible by 2 x mesh.context = {2 * context} "
                       "(context parallelism splits the sequence into 2 x context chunks)")
   chunk = config.seq_len // (2 * context)
+  if config.attention.kind in ("nsa", "dsa") and config.data.packing == "pack":
+    raise ConfigError("data.packing", "pack", f"{config.attention.kind} attention masks packed documents without "
+                      "context parallelism only: use concat, or mesh.context=1")
   if config.attention.kind == "nsa" and chunk % config.nsa.slc_block:
     raise ConfigError("mesh.context", context, f"seq_len / (2 x mesh.context) = {chunk} must be a multiple of "
                       f"nsa.slc_block={config.nsa.slc_block} (each chunk holds whole selection blocks)")
