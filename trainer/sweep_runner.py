@@ -123,10 +123,12 @@ class Runner:
       else:
         pending.append((i, p))
     running, statuses, interrupted = [], [], False
-    try:       # SIGTERM stops the sweep like Ctrl-C (only the main thread may set a handler)
-      previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM stops the sweep like Ctrl-C. Both are set here: a process started in the background
+    # of a script (or by a pytest-xdist worker) inherits SIGINT ignored. Only the main thread may.
+    try:
+      previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:
-      previous = None
+      previous = {}
     try:
       while pending or running:
         while pending and len(running) < self.parallel:
@@ -157,8 +159,8 @@ class Runner:
       for r in running:
         statuses.append(self._finish(r, total, interrupted=True))
     finally:
-      if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
     return interrupted, statuses
 
   def _start(self, index: int, point: Point, total: int) -> _Running:
