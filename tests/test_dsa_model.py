@@ -157,12 +157,16 @@ def _params(workdir, config):
 
 def test_two_stage_recipe_end_to_end(tmp_path):
   """dense MLA -> dense warm-up (indexer only; its loss falls) -> sparse (all train; LM loss
-  falls), each stage taking the previous one's parameters with --config.init_from."""
+  falls), each stage taking the previous one's parameters with --config.init_from. The DSA
+  stages read packed documents (data.packing=pack: the indexer, its loss and recall stay in each
+  document), and the sparse stage, killed (kill -9) after step 20, resumes from its step-15
+  checkpoint to the same losses, bitwise."""
   small = {**DSA_SMALL, "log_every": 5, "model.n_layers": 1}
+  packed = {**small, "data.packing": "pack"}
   mla_dir, warm_dir, sparse_dir = tmp_path / "mla", tmp_path / "warmup", tmp_path / "sparse"
   result = run_train(mla_dir, {**small, "attention.kind": "mla", "steps": 3}, config="configs/dsa_tiny.py")
   assert result.returncode == 0, result.stderr
-  result = run_train(warm_dir, {**small, "steps": 30, "init_from": mla_dir},
+  result = run_train(warm_dir, {**packed, "steps": 30, "init_from": mla_dir},
                      config="configs/dsa_tiny.py:dense_warmup")
   assert result.returncode == 0, result.stderr
   assert "freshly initialised: layers/attn/indexer" in result.stderr
@@ -177,9 +181,15 @@ def test_two_stage_recipe_end_to_end(tmp_path):
   for path, value in mla_params.items():
     np.testing.assert_array_equal(warm_params[path], value, err_msg=path)
 
-  result = run_train(sparse_dir, {**small, "steps": 30, "init_from": warm_dir}, config="configs/dsa_tiny.py:sparse")
+  sparse_run = {**packed, "steps": 30, "init_from": warm_dir, "checkpoint_every": 15}
+  result = run_train(sparse_dir, sparse_run, config="configs/dsa_tiny.py:sparse", env={"TRAIN_KILL_AT_STEP": "20"})
+  assert result.returncode == -9, result.stderr
+  killed = read_metrics(sparse_dir)
+  result = run_train(sparse_dir, sparse_run, config="configs/dsa_tiny.py:sparse")
   assert result.returncode == 0, result.stderr
+  assert "resumed from step 15" in result.stderr and "packing pack" in result.stderr
   sparse = read_metrics(sparse_dir)
+  assert sparse[20]["loss"] == killed[20]["loss"]
   assert (sparse[25]["loss"] + sparse[30]["loss"]) / 2 < sparse[5]["loss"] - 0.5, sparse
   assert abs(sparse[5]["indexer_loss"]) < 10 and np.isfinite(sparse[30]["indexer_loss"])
 

@@ -191,7 +191,7 @@ def test_compressed_attention_and_block_scores_with_documents_match_xla(dtype, t
   seg = jnp.asarray([[1] * 30 + [2] * 5 + [3] * 61 + [0] * 32, [1] * 1 + [2] * 95 + [3] * 32])   # T = 128
   doc_start = packing.AlignedRows.build(seg, block=lp, max_docs=2).doc_start      # T' = 256
   q, kc, vc = _compressed_inputs(2, t, hq, hkv, dk, dv, l, d, dtype, seed=11)
-  options = _options(dtype)
+  options = KernelOptions(pallas_mode="interpret")     # (the kernels' own tests run TPU interpret mode)
   attend = lambda impl: lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl=impl,
                                                                    options=options, doc_start=doc_start)
   (out, lse), (ref, ref_lse) = attend("pallas")(q, kc, vc), attend("xla")(q, kc, vc)
