@@ -117,7 +117,8 @@ class NSAAttention(nn.Module):
   @staticmethod
   def flops_per_token(config) -> float:
     """Forward FLOPs per token of the layer: projections, compression MLPs (run once per stride
-    d, not per token) and the three branches over the keys each query sees on average."""
+    d, not per token) and the three branches over the keys each query sees on average; packed
+    documents: times T'/T of the aligned row."""
     m, c, t = config.model, config.nsa, config.seq_len
     hq, hkv, d = m.n_heads, m.n_kv_heads, m.head_dim
     kv_sets = 3 if c.separate_kv else 1
@@ -126,4 +127,7 @@ class NSAAttention(nn.Module):
     seen_cmp = max(0, (t - c.cmp_block) / c.cmp_stride + 1) / 2
     seen_slc = min(c.num_selected * c.slc_block, (t + 1) / 2)
     seen_win = min(c.window, (t + 1) / 2)
-    return projections + compression + 2 * 2 * hq * d * (seen_cmp + seen_slc + seen_win)
+    flops = projections + compression + 2 * 2 * hq * d * (seen_cmp + seen_slc + seen_win)
+    if config.data.packing == "pack":    # the layer runs on the aligned row, T' for T tokens
+      flops *= packing.aligned_length(t, c.slc_block, packing.max_docs_per_row(config)) / t
+    return flops
