@@ -84,12 +84,13 @@ class NSAAttention(nn.Module):
     k_raw, v_raw = kv.get("cmp", kv.get("all"))
     compress = lambda name: Compress(c.cmp_block, c.cmp_stride, dtype, param_dtype, name=name)
     k_cmp, v_cmp = compress("compress_k")(k_raw), compress("compress_v")(v_raw)
-    # Rotated at the last token each covers, counted in its document (packed rows: from the
-    # document's start, which a window of the aligned row never precedes).
-    cmp_positions = jnp.broadcast_to(jnp.arange(k_cmp.shape[1]) * c.cmp_stride + c.cmp_block - 1,
-                                     k_cmp.shape[:2])
-    if doc_start is not None:
-      cmp_positions = cmp_positions - doc_start[:, ::c.cmp_stride][:, :k_cmp.shape[1]]
+    # Rotated at the last token each covers: its index, or in a packed row the position given
+    # for that token (restarting per document or not: RoPE sees only the query-key offset).
+    last_token = jnp.arange(k_cmp.shape[1]) * c.cmp_stride + c.cmp_block - 1
+    if doc_start is None:
+      cmp_positions = jnp.broadcast_to(last_token, k_cmp.shape[:2])
+    else:
+      cmp_positions = jnp.take(positions_BT, last_token, axis=1)
     k_cmp = rope(k_cmp, cmp_positions)
     if doc_start is not None:
       kernel_args["doc_start"] = doc_start

@@ -89,9 +89,12 @@ def test_packed_row_is_each_document_alone(case):
 
 
 def test_without_doc_masks_the_packed_row_differs():
-  """The test above can fail: the same packed row read as one document is not the documents alone."""
+  """The test above can fail: the same packed row read as one document is not the documents alone.
+  (Positions that do not restart per document give the same outputs: RoPE is relative.)"""
   layer, params, x, seg, pos, docs = _layer(NSA)
   out = layer.apply(params, x, pos, seg)
+  row_positions = jnp.broadcast_to(jnp.arange(T), pos.shape)
+  np.testing.assert_allclose(np.asarray(layer.apply(params, x, row_positions, seg)), np.asarray(out), atol=2e-5)
   as_one = layer.apply(params, x, pos, None)
   r, s, n = docs[1]
   assert not np.allclose(np.asarray(out[r, s:s + n]), np.asarray(as_one[r, s:s + n]), atol=1e-3)
