@@ -3,7 +3,10 @@ keys (forward with lse, dq, dK/dV behind a custom_vjp) and the group-summed, ove
 scores that select_blocks ranks. Query t sees compressed token c iff c*d + l - 1 <= t and
 c >= first[t], the first compressed token of t's document (0 for one document per row; packed
 documents: ceil(doc_start[t] / d)). first travels as one int32 column per tile ([128, 1] rows of
-[B, 1, T*G, 1], shared by the KV heads: 512 bytes per tile step).
+[B, 1, T*G, 1], shared by the KV heads): 512 bytes from HBM per query tile (its index map ignores
+the key axis, so it is fetched once per tile), a lane-padded 64 KiB buffer in VMEM. Key tiles
+wholly before a tile's documents are still walked (masked): packed rows cost what one document
+of T costs.
 
 rows    as in the selection kernels (kernels/nsa_pallas.py): a tile is bq = 128 // G query
         positions x the G heads of one KV group, 128 matmul rows whatever G is.
