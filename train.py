@@ -50,7 +50,7 @@ def main(config, workdir: str) -> int:
   eval_data = pipeline.eval_batches(config, data_sources, *host, rows=rows) if config.eval_every else []
   program = steps.build(config, mesh)
   passkey = evaluation.passkey_probe(config, program.model, mesh, data_sources, validate.passkey_lengths(
-      config, jax.device_count())) if config.eval_passkey else None
+      config, jax.device_count())) if config.eval.passkey else None
   guard = divergence.Monitor(config)
   ckpt = checkpoint.Checkpointer(workdir, config)
   writer, profiler = None, Profiler(config, workdir, is_main=is_main)

@@ -24,9 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 100        # 0 disables evaluation
   c.eval_batches = 4
   # Passkey retrieval (trainer/evaluation.py) at every eval step: passkey_acc in metrics.jsonl, over
-  # eval_passkey_trials keys per depth x length (lengths 256, 1k, 4k, ... up to seq_len).
-  c.eval_passkey = False
-  c.eval_passkey_trials = 2
+  # eval.passkey_trials keys per depth x length (lengths 256, 1k, 4k, ... up to seq_len).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.passkey = False
+  c.eval.passkey_trials = 2
   c.checkpoint_every = 100
   c.keep_checkpoints = 3
   c.init_from = ""          # a checkpoint directory (or a run's workdir) to take parameters from

@@ -34,9 +34,9 @@ BAD_CONFIGS = [
     ({"data.packing": "zip"}, "data.packing"),
     ({"init_from": "/no/such/run"}, "init_from"),
     ({"optimizer.max_skipped_steps": 0}, "optimizer.max_skipped_steps"),
-    ({"eval_passkey_trials": 0}, "eval_passkey_trials"),
-    ({"eval_passkey": True, "eval_every": 0}, "eval_passkey"),
-    ({"eval_passkey": True, "eval_every": 10, "seq_len": 32}, "seq_len"),
+    ({"eval.passkey_trials": 0}, "eval.passkey_trials"),
+    ({"eval.passkey": True, "eval_every": 0}, "eval.passkey"),
+    ({"eval.passkey": True, "eval_every": 10, "seq_len": 32}, "seq_len"),
 ]
 
 

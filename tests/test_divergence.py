@@ -89,7 +89,7 @@ def test_diverging_run_stops_with_exit_3_and_a_sane_lr_resumes_it_with_passkey_e
   are NaN from step 3 on (measured). With max_skipped_steps=2 the run stops after step 4 with one
   line; every checkpoint written is finite; those of step 2's parameters (2, 3) are set aside, and
   the same command with a sane lr resumes from step 1 and finishes. The resumed run also has
-  eval_passkey on (one train.py run less for the suite): passkey_acc in [0, 1] at its eval steps."""
+  eval.passkey on (one train.py run less for the suite): passkey_acc in [0, 1] at its eval steps."""
   diverging = {"steps": 6, "checkpoint_every": 1, "optimizer.lr": 1e6, "optimizer.grad_clip": 0,
                "optimizer.max_skipped_steps": 2}
   result = run_train(tmp_path, diverging)
@@ -111,7 +111,7 @@ def test_diverging_run_stops_with_exit_3_and_a_sane_lr_resumes_it_with_passkey_e
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), directory
 
   resumed = run_train(tmp_path, {**diverging, "optimizer.lr": 1e-3, "eval_every": 3, "eval_batches": 1,
-                                 "eval_passkey": True, "eval_passkey_trials": 1})
+                                 "eval.passkey": True, "eval.passkey_trials": 1})
   assert resumed.returncode == 0, resumed.stderr
   assert "resumed from step 1" in resumed.stderr
   metrics = read_metrics(tmp_path)

@@ -132,7 +132,7 @@ def test_passkey_is_chance_without_retrieval(tokenizer, filler):
 
 
 def test_training_passkey_lengths_are_those_the_config_takes():
-  """eval_passkey's lengths (trainer/validate.py): 256, 1k, ... up to seq_len, less those the
+  """eval.passkey's lengths (trainer/validate.py): 256, 1k, ... up to seq_len, less those the
   model's shape rules refuse (here NSA's selection blocks in context-parallel chunks)."""
   from trainer import validate
   nsa = {"attention.kind": "nsa", "seq_len": 1024}

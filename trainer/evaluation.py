@@ -6,7 +6,7 @@ so the scoring is checked without training anything. Every number is determinist
 the validation rows in their fixed order, and each passkey trial draws its key and filler from its
 own seed (seed, length, depth index, trial).
 
-train.py runs a small passkey eval at its eval steps with `eval_passkey` (`passkey_probe`). Every
+train.py runs a small passkey eval at its eval steps with `eval.passkey` (`passkey_probe`). Every
 host of a multi-host run computes the same prompts and answers: the tokens enter the jitted model
 as one global array and the answers come back to every host.
 """
@@ -216,11 +216,11 @@ def passkey_accuracy(logits_fn, tokenizer, filler: np.ndarray, lengths, seed: in
 
 
 def passkey_probe(config, model, mesh, sources, lengths):
-  """params -> passkey accuracy, for train.py's eval steps: `config.eval_passkey_trials` keys per
+  """params -> passkey accuracy, for train.py's eval steps: `config.eval.passkey_trials` keys per
   depth x length of `lengths`, drawn from config.seed (the same prompts at every eval), decoded
   in batches no larger than the prompts need (a multiple of the mesh's batch shards)."""
   from data.tokenizer import Tokenizer
-  tokenizer, trials = Tokenizer(config.data.tokenizer), config.eval_passkey_trials
+  tokenizer, trials = Tokenizer(config.data.tokenizer), config.eval.passkey_trials
   filler = filler_tokens(sources, 4 * max(lengths))
   apply = jit_apply(model, mesh)
   shards = config.batch_size // sharding.batch_sharding(mesh).shard_shape((config.batch_size, config.seq_len))[0]

@@ -131,22 +131,22 @@ def _is_int(v) -> bool:
 
 def _validate_passkey(config) -> None:
   _require(
-      ("eval_passkey", config.eval_passkey, isinstance(config.eval_passkey, bool), "must be True or False"),
-      ("eval_passkey_trials", config.eval_passkey_trials,
-       _is_int(config.eval_passkey_trials) and config.eval_passkey_trials >= 1,
+      ("eval.passkey", config.eval.passkey, isinstance(config.eval.passkey, bool), "must be True or False"),
+      ("eval.passkey_trials", config.eval.passkey_trials,
+       _is_int(config.eval.passkey_trials) and config.eval.passkey_trials >= 1,
        "must be an integer >= 1 (keys per depth x length)"),
   )
-  if config.eval_passkey:
+  if config.eval.passkey:
     _require(
-        ("eval_passkey", True, config.eval_every > 0, "runs at eval steps: needs eval_every > 0"),
-        ("eval_passkey", True, bool(config.data.tokenizer), "needs data.tokenizer (the prompts are text)"),
+        ("eval.passkey", True, config.eval_every > 0, "runs at eval steps: needs eval_every > 0"),
+        ("eval.passkey", True, bool(config.data.tokenizer), "needs data.tokenizer (the prompts are text)"),
         ("seq_len", config.seq_len, config.seq_len >= evaluation.MIN_PASSKEY_LENGTH,
-         f"must be >= {evaluation.MIN_PASSKEY_LENGTH} with eval_passkey (room for the needle, question and answer)"),
+         f"must be >= {evaluation.MIN_PASSKEY_LENGTH} with eval.passkey (room for the needle, question and answer)"),
     )
 
 
 def passkey_lengths(config, num_devices: int) -> list[int]:
-  """eval_passkey's prompt lengths: evaluation.default_lengths (256, 1k, 4k, ... up to seq_len)
+  """eval.passkey's prompt lengths: evaluation.default_lengths (256, 1k, 4k, ... up to seq_len)
   that this config also accepts as its seq_len (Pallas tiles, NSA blocks, context-parallel
   chunks, the passkey minimum); seq_len itself always is one."""
   lengths = []
