@@ -1,6 +1,18 @@
 """Configs are code: base.py holds every field; presets (tiny, small, 1b, 7b) override a few."""
 
 
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+
+
+def usage(argv, doc: str) -> str | None:
+  """The script's help (its docstring and its own flags) when argv asks for it (-h, --help), else
+  None. absl's flag parser alone would call --help an unknown flag."""
+  from absl import flags
+  if not any(a in HELP_FLAGS for a in argv[1:]):
+    return None
+  return f"{doc.strip()}\n\nflags:\n{flags.FLAGS.main_module_help()}"
+
+
 def parse_flags(argv, config_flag) -> str | None:
   """Parses absl flags (with an ml_collections `config_flag`); returns the one-line error for an
   unknown flag or config field, a bad value or a config file that cannot be loaded, else None."""

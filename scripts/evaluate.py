@@ -23,7 +23,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import ConfigError  # noqa: E402
+from configs import ConfigError, usage  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's workdir (or its checkpoints/ directory)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
@@ -123,6 +123,9 @@ def main(workdir: str) -> int:
 
 
 def run(argv) -> int:
+  if help_text := usage(argv, __doc__):
+    print(help_text)
+    return 0
   try:
     flags.FLAGS(argv)
   except flags.Error as e:

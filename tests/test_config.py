@@ -1,6 +1,8 @@
 """Config validation: bad values stop the run with one line naming field, value and what is allowed;
 the presets build and validate."""
 import importlib.util
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -144,6 +146,16 @@ def test_train_py_exits_2_with_one_line(tmp_path, overrides, expected):
 ])
 def test_bad_cluster_flags_exit_2_with_one_line(tmp_path, args, expected):
   _exits_2_with_one_line(run_train(tmp_path, args=args), expected)
+
+
+@pytest.mark.parametrize("script,flag", [("train.py", "--workdir"), ("scripts/evaluate.py", "--passkey-trials"),
+                                         ("scripts/aot_compile.py", "--topology")])
+def test_help_prints_the_usage_and_the_flags(script, flag):
+  """--help (absl alone would call it an unknown flag) prints the docstring and the script's flags."""
+  result = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"python {script}" in result.stdout and f"{flag}:" in result.stdout
 
 
 @pytest.mark.parametrize("overrides,expected", [
