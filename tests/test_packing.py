@@ -72,6 +72,8 @@ CASES = {
     "nsa-pallas": {**NSA, "attention.impl": "pallas", "kernels.pallas_mode": "interpret"},
     "dsa-sparse-pallas": {**DSA_SMALL, "dsa.index_topk": 8, "attention.impl": "pallas",
                           "kernels.pallas_mode": "interpret"},
+    "dsa-warmup-pallas": {**DSA_SMALL, "dsa.index_topk": 8, "dsa.stage": "dense_warmup", "attention.impl": "pallas",
+                          "kernels.pallas_mode": "interpret"},
 }
 
 
