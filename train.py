@@ -15,7 +15,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from configs import ConfigError, parse_flags, usage
+from configs import ConfigError, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl and logs go (local or gs://)")
@@ -130,9 +130,6 @@ def _agree(flag: bool) -> bool:
 
 
 def run(argv) -> int:
-  if help_text := usage(argv, __doc__):
-    print(help_text)
-    return 0
   if error := parse_flags(argv, _CONFIG):
     print(error, file=sys.stderr)
     return 2

@@ -4,22 +4,19 @@
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 
 
-def usage(argv, doc: str) -> str | None:
-  """The script's help (its docstring and its own flags) when argv asks for it (-h, --help), else
-  None. absl's flag parser alone would call --help an unknown flag."""
+def parse_flags(argv, config_flag=None) -> str | None:
+  """Parses absl flags (with an ml_collections `config_flag`, if the script has one); returns the
+  one-line error for an unknown flag or config field, a bad value or a config file that cannot be
+  loaded, else None. -h/--help prints the script's docstring and flags and exits 0 (absl's parser
+  alone would call it an unknown flag)."""
+  import sys
   from absl import flags
-  if not any(a in HELP_FLAGS for a in argv[1:]):
-    return None
-  return f"{doc.strip()}\n\nflags:\n{flags.FLAGS.main_module_help()}"
-
-
-def parse_flags(argv, config_flag) -> str | None:
-  """Parses absl flags (with an ml_collections `config_flag`); returns the one-line error for an
-  unknown flag or config field, a bad value or a config file that cannot be loaded, else None."""
-  from absl import flags
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print(f"{(sys.modules['__main__'].__doc__ or '').strip()}\n\nflags:\n{flags.FLAGS.main_module_help()}")
+    sys.exit(0)
   try:
     flags.FLAGS(argv)
-    if config_flag.value is not None:
+    if config_flag is not None and config_flag.value is not None:
       config_flag.value.to_dict()   # config_flags defers a bad --config path until first use
   except (AttributeError, KeyError) as e:
     return f"error: unknown config field {str(e).strip(chr(34))} on the command line"

@@ -28,7 +28,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # nothing to share: no TPU is attached
 
-from configs import ConfigError, parse_flags, usage  # noqa: E402
+from configs import ConfigError, parse_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/1b.py")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "accelerator type (v5p-64, v6e-64, ...) or topology (v5p:2x4x4)")
@@ -302,9 +302,6 @@ def main(config, topology: str, num_slices: int, seq_lens, scale: bool) -> int:
 
 
 def run(argv) -> int:
-  if help_text := usage(argv, __doc__):
-    print(help_text)
-    return 0
   if error := parse_flags(argv, _CONFIG):
     print(error, file=sys.stderr)
     return 2

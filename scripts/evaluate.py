@@ -23,7 +23,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import ConfigError, usage  # noqa: E402
+from configs import ConfigError, parse_flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's workdir (or its checkpoints/ directory)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
@@ -123,13 +123,8 @@ def main(workdir: str) -> int:
 
 
 def run(argv) -> int:
-  if help_text := usage(argv, __doc__):
-    print(help_text)
-    return 0
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+  if error := parse_flags(argv):
+    print(error, file=sys.stderr)
     return 2
   if not _WORKDIR.value:
     print("error: --workdir is required, e.g. python scripts/evaluate.py --workdir runs/tiny", file=sys.stderr)
