@@ -8,7 +8,6 @@ runs this same command; the hosts find each other by themselves. Elsewhere (CPU 
 tests) name the cluster: --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 import logging
-import os
 import signal
 import sys
 
@@ -23,8 +22,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for a multi-process run off Cloud TPU")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes (hosts) in the run")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
-# Fault injection for tests: SIGKILL this process right after the given step (like a lost host).
-_KILL_AT_STEP = int(os.environ.get("TRAIN_KILL_AT_STEP", "0"))
 
 
 def main(config, workdir: str) -> int:
@@ -32,30 +29,34 @@ def main(config, workdir: str) -> int:
   import numpy as np
 
   from data import pipeline, sources
+  from evaluation import passkey
   from model import transformer
-  from trainer import checkpoint, divergence, evaluation, sharding, steps, validate
+  from parallel.mesh import batch_sharding, make_mesh, num_slices
+  from trainer import checkpoint, divergence, steps, validate
   from trainer.metrics import MetricsWriter, Profiler, Throughput, summarize
+  from trainer.state import restore_or_init
 
-  validate.validate(config, num_devices=jax.device_count())
+  slices = num_slices(jax.devices())
+  validate.validate(config, num_devices=jax.device_count(), num_slices=slices)
   validate.validate_workdir(workdir)
   is_main = jax.process_index() == 0
 
   # Data before the model: a tokenizer or dataset that does not fit fails before any compile.
   # This host feeds the global batch rows its devices hold (the same rows for any host count).
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = make_mesh(config.mesh)
   host = (jax.process_index(), jax.process_count())
-  rows = pipeline.sharded_rows(sharding.batch_sharding(mesh), config.batch_size)
+  rows = pipeline.sharded_rows(batch_sharding(mesh), config.batch_size)
   data_sources = sources.open_sources(config)
   data_iter = pipeline.train_iterator(config, data_sources, *host, rows=rows)
   eval_data = pipeline.eval_batches(config, data_sources, *host, rows=rows) if config.eval_every else []
   program = steps.build(config, mesh)
-  passkey = evaluation.passkey_probe(config, program.model, mesh, data_sources, validate.passkey_lengths(
-      config, jax.device_count())) if config.eval.passkey else None
+  passkey_probe = passkey.passkey_probe(config, program.model, mesh, data_sources, validate.passkey_lengths(
+      config, jax.device_count(), slices)) if config.eval.passkey else None
   guard = divergence.Monitor(config)
   ckpt = checkpoint.Checkpointer(workdir, config)
   writer, profiler = None, Profiler(config, workdir, is_main=is_main)
   try:
-    state, start_step = checkpoint.restore_or_init(config, program, mesh, ckpt, data_iter)
+    state, start_step = restore_or_init(config, program, mesh, ckpt, data_iter)
     writer = MetricsWriter(workdir, config, start_step=start_step, is_main=is_main)
     writer.print(f"data: {sources.describe(data_sources)}, packing {config.data.packing}")
     num_params = transformer.count_params(state.params)
@@ -63,7 +64,7 @@ def main(config, workdir: str) -> int:
                  f"{jax.process_count()} process(es), attention {config.attention.kind}/{config.attention.impl}, "
                  + (f"resumed from step {start_step}" if start_step else
                     f"parameters from {config.init_from}" if config.init_from else "starting from scratch"))
-    to_global = lambda b: {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), v)
+    to_global = lambda b: {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v)
                            for k, v in b.items()}
     stop_signal = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,8 +93,8 @@ def main(config, workdir: str) -> int:
           metrics["epoch"] = epoch
         if evaluate:
           metrics["eval_loss"] = float(np.mean([program.eval_step(state.params, to_global(b)) for b in eval_data]))
-          if passkey:
-            metrics["passkey_acc"] = passkey(state.params)
+          if passkey_probe:
+            metrics["passkey_acc"] = passkey_probe(state.params)
         writer.write(step, metrics)
         guard.saw(step, interval)
         interval = []
@@ -105,9 +106,6 @@ def main(config, workdir: str) -> int:
         writer.print(stop)
         return divergence.EXIT_CODE
       ckpt.save(step, state, data_iter, force=save)
-      if _KILL_AT_STEP == step:
-        ckpt.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
       if preempted:
         writer.print(f"stopped by signal at step {step}; checkpoint saved, re-run the command to resume")
         return 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)

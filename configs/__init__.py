@@ -10,6 +10,7 @@ def parse_flags(argv, config_flag=None) -> str | None:
   loaded, else None. -h/--help prints the script's docstring and flags and exits 0 (absl's parser
   alone would call it an unknown flag)."""
   import sys
+
   from absl import flags
   if any(a in HELP_FLAGS for a in argv[1:]):
     print(f"{(sys.modules['__main__'].__doc__ or '').strip()}\n\nflags:\n{flags.FLAGS.main_module_help()}")
@@ -33,3 +34,15 @@ class ConfigError(ValueError):
   def __init__(self, field: str, value, allowed: str):
     super().__init__(f"config error: {field}={value!r}: {allowed}")
     self.field = field
+
+
+def max_docs_per_row(config) -> int | None:
+  """The documents a packed row may hold, resolved from the config: data.max_docs_per_row, or
+  when it is 0 (auto) for NSA max(4, seq_len / (8 slc_block)), so that NSA's block-aligned row
+  (model/packing.py) is at most ~1/8 longer; None: no limit. The data pipeline packs to it and
+  the model lays rows out for it, so both read it here."""
+  if config.data.max_docs_per_row:
+    return config.data.max_docs_per_row
+  if config.attention.kind == "nsa":
+    return max(4, config.seq_len // (8 * config.nsa.slc_block))
+  return None

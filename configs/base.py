@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the chunk and tile sizes of the XLA references and Pallas kernels.
   c.kernels = ml_collections.ConfigDict(dataclasses.asdict(KernelOptions()))
 
-  # NSA (attention.kind = "nsa"); paper defaults. DESIGN.md §4.
+  # NSA (attention.kind = "nsa"); paper defaults. docs/design.md §4.
   c.nsa = ml_collections.ConfigDict()
   c.nsa.cmp_block = 32              # l: tokens summarised by one compressed token
   c.nsa.cmp_stride = 16             # d: distance between compressed tokens (d | l, d | l')
@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.nsa.window = 512                # w: sliding-window keys, the query included
   c.nsa.separate_kv = False         # independent K/V per branch (the paper's choice)
 
-  # MLA (attention.kind = "mla" or "dsa"): DeepSeek-V2/V3 latent attention. DESIGN.md §5.
+  # MLA (attention.kind = "mla" or "dsa"): DeepSeek-V2/V3 latent attention. docs/design.md §5.
   # model.n_heads heads; model.head_dim and model.n_kv_heads are not used by MLA.
   c.mla = ml_collections.ConfigDict()
   c.mla.q_lora_rank = 128
@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mla.qk_rope_dim = 16
   c.mla.v_head_dim = 32
 
-  # DSA (attention.kind = "dsa"): lightning indexer + top-k sparse MLA. DESIGN.md §5.
+  # DSA (attention.kind = "dsa"): lightning indexer + top-k sparse MLA. docs/design.md §5.
   c.dsa = ml_collections.ConfigDict()
   c.dsa.stage = "sparse"            # dense_warmup (only the indexer trains) | sparse (all train)
   c.dsa.index_heads = 4

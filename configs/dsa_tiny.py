@@ -1,7 +1,7 @@
 """dsa_tiny: the tiny model (configs/tiny.py) with DeepSeek Sparse Attention on MLA at seq_len
 512; trains on a 2-core CPU.
 
-The two-stage recipe (DESIGN.md §5), the stage named after the config file:
+The two-stage recipe (docs/design.md §5), the stage named after the config file:
   python train.py --config configs/dsa_tiny.py:dense_warmup --workdir runs/dsa_warmup
   python train.py --config configs/dsa_tiny.py:sparse --workdir runs/dsa_sparse \\
       --config.init_from=runs/dsa_warmup

@@ -32,8 +32,7 @@ import grain
 import numpy as np
 from grain.experimental import FirstFitPackIterDataset, FlatMapTransform, ThreadPrefetchIterDataset
 
-from configs import ConfigError
-from model import packing
+from configs import ConfigError, max_docs_per_row
 
 
 def documents(sources, split: str, seed: int, shuffle: bool = True) -> grain.MapDataset:
@@ -129,7 +128,7 @@ def _row_stream(docs: grain.MapDataset, config) -> grain.IterDataset:
   it = grain.experimental.FlatMapIterDataset(it, _SplitLong(row))
   # NSA runs packed rows re-laid with room for at most this many documents (model/packing.py).
   return FirstFitPackIterDataset(it, length_struct={"tokens": row}, num_packing_bins=config.data.pack_bins,
-                                 max_sequences_per_bin=packing.max_docs_per_row(config),
+                                 max_sequences_per_bin=max_docs_per_row(config),
                                  seed=config.seed, shuffle_bins=True)
 
 

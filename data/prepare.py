@@ -18,9 +18,9 @@ import os
 import zlib
 
 import numpy as np
-from etils import epath
 import tensorflow_datasets as tfds
 import tqdm
+from etils import epath
 
 from data import corpus
 from data.tokenizer import Tokenizer

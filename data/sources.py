@@ -7,7 +7,7 @@
 A mixture (`data.mixture = "SRC=WEIGHT,SRC=WEIGHT"`) draws documents from several by weight.
 """
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from etils import epath

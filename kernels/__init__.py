@@ -5,7 +5,7 @@ Every public function takes `impl = "xla" | "pallas" | "auto"` and `options` (a 
 the TPU kernel in TPU interpret mode (simulated VMEM, SMEM, DMAs and semaphores; seconds per tiny
 train step), in Pallas's plain interpreter with `options.pallas_mode="interpret"` (the same
 numbers, looser checks, milliseconds per step), or compiles it for TPU chips with
-`pallas_mode="compiled"` (ahead-of-time compiles from any host, DESIGN.md §8).
+`pallas_mode="compiled"` (ahead-of-time compiles from any host, docs/design.md §8).
 
 How the kernels run is an explicit, hashable value, never a module-level switch: a jitted
 function that closes over other options is another function and traces again.

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from kernels import DEFAULT_OPTIONS, Unsupported, partition, resolve_impl
+from kernels import DEFAULT_OPTIONS, Unsupported, resolve_impl
+from parallel import placement
 
 TILE = 128   # splash blocks are multiples of it
 
@@ -27,7 +28,7 @@ def attention(q_BTHD, k_BTKD, v_BTKD, *, segment_ids=None, scale=None, window=No
   """Causal softmax attention. q/k [B,T,HQ|HKV,Dk], v [B,T,HKV,Dv] -> [B,T,HQ,Dv] in q's dtype.
   segment_ids int32 [B,T] (optional): a query sees only keys of its own segment.
   window (optional): query t sees only keys t - window < s <= t (NSA's sliding window).
-  Runs per device (kernels/partition.py) under the caller's mesh: always for Pallas, and for both
+  Runs per device (kernels/placement.py) under the caller's mesh: always for Pallas, and for both
   impls under context parallelism (each device's queries against all keys)."""
   options = options or DEFAULT_OPTIONS
   scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
@@ -37,9 +38,9 @@ def attention(q_BTHD, k_BTKD, v_BTKD, *, segment_ids=None, scale=None, window=No
   if segment_ids is None:
     segment_ids = jnp.zeros(q_BTHD.shape[:2], jnp.int32)
   local = functools.partial(local_attention, scale=scale, window=window, pallas=pallas, options=options)
-  kv_axes = partition.KV if k_BTKD.shape[2] > 1 else partition.MQA   # one KV head: every device needs it
-  return partition.per_device(local, (partition.Q, kv_axes, kv_axes, partition.ROWS, partition.KEY_ROWS),
-                              partition.Q, pallas=pallas)(q_BTHD, k_BTKD, v_BTKD, segment_ids, segment_ids)
+  kv_axes = placement.KV if k_BTKD.shape[2] > 1 else placement.MQA   # one KV head: every device needs it
+  return placement.per_device(local, (placement.Q, kv_axes, kv_axes, placement.PER_QUERY, placement.PER_KEY),
+                              placement.Q, pallas=pallas)(q_BTHD, k_BTKD, v_BTKD, segment_ids, segment_ids)
 
 
 def local_attention(q, k, v, q_segments, kv_segments, *, q_offset, scale, window, pallas, options):

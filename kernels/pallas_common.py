@@ -1,4 +1,4 @@
-"""What NSA's and DSA's Pallas TPU kernels share (DESIGN.md §7): the fp32 online softmax with
+"""What NSA's and DSA's Pallas TPU kernels share (docs/design.md §7): the fp32 online softmax with
 lane-replicated statistics, per-row statistics as lane-dense tile rows, cost estimates, and the
 inverted selection that makes a KV-stationary backward possible without scatter-adds.
 """

@@ -10,12 +10,12 @@ Collections a layer may sow into (DSA does): "aux_loss" (terms added to the trai
 the caller makes the collection mutable).
 """
 import jax.numpy as jnp
-from flax import linen as nn
 import ml_collections
+from flax import linen as nn
 
 from kernels import dense, options_from_config
-from model.layers import Projection, apply_rope
 from model.dsa import DSAAttention
+from model.layers import Projection, apply_rope
 from model.mla import MLAAttention
 from model.nsa import NSAAttention
 

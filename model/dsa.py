@@ -1,4 +1,4 @@
-"""DeepSeek Sparse Attention on MLA (DESIGN.md §5): the lightning indexer picks index_topk past
+"""DeepSeek Sparse Attention on MLA (docs/design.md §5): the lightning indexer picks index_topk past
 tokens per query and MLA in MQA form attends only to them.
 
 Two stages (`dsa.stage`):

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2/V3, DESIGN.md §5), in its two equivalent forms.
+"""Multi-head Latent Attention (DeepSeek-V2/V3, docs/design.md §5), in its two equivalent forms.
 
   c_q = RMSNorm(W_dq x)                      [q_lora_rank]
   q   = W_uq c_q -> per head [q_nope | q_rope]   (q_rope RoPE'd)

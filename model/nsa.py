@@ -1,4 +1,4 @@
-"""The NSA attention layer (DESIGN.md §4): compressed, selected and sliding-window branches, gated.
+"""The NSA attention layer (docs/design.md §4): compressed, selected and sliding-window branches, gated.
 
 RoPE: queries are rotated at their positions. The compression MLPs read *un-rotated* keys (so a
 block's summary does not depend on where the block sits), and each compressed key k_cmp[i] is
@@ -11,15 +11,18 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from kernels import nsa as nsa_kernels, options_from_config, partition
+import configs
+from kernels import nsa as nsa_kernels
+from kernels import options_from_config
 from model import packing
 from model.layers import Projection, apply_rope, param_with_axes
+from parallel import context
 
 
 class Compress(nn.Module):
   """phi(x[i*d : i*d + l] + pe): an MLP from l * D to D per compressed token, shared by heads.
 
-  Under context parallelism x is in the load-balanced layout (kernels/partition.py): the windows
+  Under context parallelism x is in the load-balanced layout (kernels/placement.py): the windows
   read their tokens where the layout put them, and the compressed tokens are split over the
   context axis (`act_cmp`), so each device runs the MLP on its share only and the attention
   kernels gather the small [C, H, D] result."""
@@ -32,12 +35,12 @@ class Compress(nn.Module):
   def __call__(self, x_BTHD):
     b, t, h, dim = x_BTHD.shape
     c = nsa_kernels.num_compressed(t, self.block_len, self.stride)
-    shards = partition.context_size()
+    shards = context.context_size()
     padded = -(-c // shards) * shards           # whole shares per device (extra windows are dropped)
     pe = param_with_axes(self, "pos_emb", nn.initializers.normal(0.02), (self.block_len, dim),
                          ("cmp_block", "head_dim"), self.param_dtype)
     windows = np.minimum(np.arange(padded)[:, None] * self.stride + np.arange(self.block_len), t - 1)   # [C, l]
-    windows = partition.layout_index(windows, t, shards)
+    windows = context.layout_index(windows, t, shards)
     # Every device reads the whole sequence (one all-gather over context), each gathers only its
     # share of the windows.
     x_BTHD = nn.with_logical_constraint(x_BTHD, ("act_batch", None, "act_kv_heads", None))
@@ -64,7 +67,7 @@ class NSAAttention(nn.Module):
     doc_start, layout = None, None
     if segment_ids_BT is not None:
       layout = packing.AlignedRows.build(segment_ids_BT, block=c.slc_block,
-                                         max_docs=packing.max_docs_per_row(self.config))
+                                         max_docs=configs.max_docs_per_row(self.config))
       x_BTE, positions_BT, doc_start = layout.scatter(x_BTE), layout.scatter(positions_BT), layout.doc_start
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     kernel_args = dict(impl=self.config.attention.impl, options=options_from_config(self.config))
@@ -98,12 +101,12 @@ class NSAAttention(nn.Module):
     o_cmp, lse_cmp = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len=c.cmp_block,
                                                       stride=c.cmp_stride, **kernel_args)
     block_indices = nsa_kernels.select_blocks(      # the Pallas path reuses the branch's lse
-        q, k_cmp, block_len=c.cmp_block, stride=c.cmp_stride, select_block=c.slc_block,
+        q, k_cmp, block_len=c.cmp_block, stride=c.cmp_stride, slc_block=c.slc_block,
         num_selected=c.num_selected, num_initial=c.num_initial, num_local=c.num_local, lse=lse_cmp,
         **kernel_args)
     k_slc, v_slc = kv.get("slc", kv.get("all"))
     o_slc = nsa_kernels.selection_attention(q, rope(k_slc, positions_BT), v_slc, block_indices,
-                                            block_size=c.slc_block, impl=kernel_args["impl"],
+                                            slc_block=c.slc_block, impl=kernel_args["impl"],
                                             options=kernel_args["options"])
     k_win, v_win = kv.get("win", kv.get("all"))
     o_win = nsa_kernels.window_attention(q, rope(k_win, positions_BT), v_win, window=c.window, **kernel_args)
@@ -130,5 +133,5 @@ class NSAAttention(nn.Module):
     seen_win = min(c.window, (t + 1) / 2)
     flops = projections + compression + 2 * 2 * hq * d * (seen_cmp + seen_slc + seen_win)
     if config.data.packing == "pack":    # the layer runs on the aligned row, T' for T tokens
-      flops *= packing.aligned_length(t, c.slc_block, packing.max_docs_per_row(config)) / t
+      flops *= packing.aligned_length(t, c.slc_block, configs.max_docs_per_row(config)) / t
     return flops

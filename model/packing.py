@@ -77,13 +77,3 @@ class AlignedRows(NamedTuple):
     token that did not fit: more documents in the row than max_docs)."""
     fill = jnp.nan if jnp.issubdtype(y_BT.dtype, jnp.floating) else 0
     return jax.vmap(lambda y, i: jnp.take(y, i, axis=0, mode="fill", fill_value=fill))(y_BT, self.dest)
-
-
-def max_docs_per_row(config) -> int | None:
-  """The documents a packed row may hold: data.max_docs_per_row, or for NSA when it is 0 (auto)
-  max(4, seq_len / (8 l')), so that the aligned row is at most ~1/8 longer; None: no limit."""
-  if config.data.max_docs_per_row:
-    return config.data.max_docs_per_row
-  if config.attention.kind == "nsa":
-    return max(4, config.seq_len // (8 * config.nsa.slc_block))
-  return None

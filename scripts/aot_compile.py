@@ -25,10 +25,11 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # nothing to share: no TPU is attached
 
 from configs import ConfigError, parse_flags  # noqa: E402
+from parallel.mesh import make_mesh  # noqa: E402
+from perf.chips import ALLOWED, Accelerator, parse_accelerator  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/1b.py")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "accelerator type (v5p-64, v6e-64, ...) or topology (v5p:2x4x4)")
@@ -36,74 +37,22 @@ _NUM_SLICES = flags.DEFINE_integer("num-slices", 1, "slices connected over DCN")
 _SEQ_LENS = flags.DEFINE_list("seq-lens", [], "sequence lengths to compile (default: the config's seq_len)")
 _SCALE = flags.DEFINE_boolean("scale-layers", True, "compile 2 unrolled layers to count XLA's cost per layer")
 
-# Per chip: HBM GiB, peak dense bf16 TFLOP/s, HBM TB/s, bidirectional ICI GB/s. Source: the Cloud
-# TPU docs' system architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
-CHIPS = {"v4": (32, 275, 1.2, 300), "v5e": (16, 197, 0.82, 400), "v5p": (95, 459, 2.76, 1200),
-         "v6e": (32, 918, 1.64, 800)}
-ALIASES = {"v5litepod": "v5e", "v5": "v5p"}
-ALLOWED = ("v4-N or v5p-N (N TensorCores: 8, 16, 32, ...), v5litepod-N, v5e-N or v6e-N (N chips: 1, 4, 8, "
-           "..., 256), or a topology such as v5p:2x4x4 or v5e:2x2")
 GIB = 2 ** 30
 
 
-class Topology:
-  def __init__(self, chip: str, dims: list[int]):
-    self.chip, self.dims, self.name = chip, dims, f"{chip}:{'x'.join(map(str, dims))}"
-    self.hbm_gib, self.peak_tflops, self.hbm_tbs, self.ici_gbs = CHIPS[chip]
-
-
-def parse_topology(name: str) -> Topology | None:
-  """'v5p-64' -> v5p:2x4x4 (32 chips), 'v6e-64' -> v6e:8x8, 'v5e:2x2' as is; None if unknown."""
-  if m := re.fullmatch(r"(v4|v5p|v5|v5litepod|v5e|v6e):(\d+(?:x\d+)*)", name):
-    chip, dims = ALIASES.get(m[1], m[1]), [int(d) for d in m[2].split("x")]
-    ok = len(dims) == (3 if chip in ("v4", "v5p") else 2) and min(dims) >= 1
-    return Topology(chip, dims) if ok else None
-  if not (m := re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name)):
-    return None
-  chip, n = ALIASES.get(m[1], m[1]), int(m[2])
-  three_d = chip in ("v4", "v5p")
-  chips = n // 2 if three_d else n                   # v4 and v5p names count TensorCores
-  if chips == 1 and not three_d:
-    return Topology(chip, [1, 1])
-  if chips < 4 or chips & (chips - 1) or (three_d and n % 2) or (not three_d and chips > 256):
-    return None
-  # The shapes Cloud TPU offers (as MaxText's accelerator_to_spec_map lists them): from 2x2(x1),
-  # double the smallest axis, the last of equals: v5p 2x2x2, 2x2x4, 2x4x4, 4x4x4; v6e 2x4, 4x4, 4x8.
-  dims = [2, 2, 1] if three_d else [2, 2]
-  while math.prod(dims) < chips:
-    i = max(i for i, d in enumerate(dims) if d == min(dims))
-    dims[i] *= 2
-  return Topology(chip, dims)
-
-
-def topology_devices(topo: Topology, num_slices: int):
+def topology_devices(acc: Accelerator, num_slices: int):
+  """TPU devices of `num_slices` such slices (a device per chip; slice_index tells the slice)."""
   from jax.experimental import topologies
   return topologies.get_topology_desc(
-      platform="tpu", topology_name=topo.name, num_slices=num_slices,
-      chips_per_host_bounds=(min(2, topo.dims[0]), min(2, topo.dims[1]), 1),
-      chip_config_name="megacore" if topo.chip in ("v4", "v5p") else "default").devices   # a device per chip
-
-
-def make_mesh(config, devices, num_slices: int):
-  """trainer.sharding.make_mesh; over several slices (which jax.make_mesh refuses) a hybrid mesh
-  whose data axis spans the slices: data = num_slices (DCN) x data per slice (ICI)."""
-  import numpy as np
-  from jax.experimental import mesh_utils
-  from jax.sharding import AxisType, Mesh
-  from trainer import sharding
-  if num_slices == 1:
-    return sharding.make_mesh(config.mesh, devices=devices)
-  sizes = sharding.mesh_shape(config.mesh, len(devices))
-  per_slice = [sizes["data"] // num_slices, sizes["fsdp"], sizes["context"], sizes["tensor"]]
-  grid = mesh_utils.create_hybrid_device_mesh(per_slice, [num_slices, 1, 1, 1], devices)
-  slice_of = np.vectorize(lambda d: d.slice_index)(grid)
-  assert (slice_of == (np.arange(sizes["data"]) // per_slice[0])[:, None, None, None]).all(), slice_of
-  return Mesh(grid, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
+      platform="tpu", topology_name=acc.topology, num_slices=num_slices,
+      chips_per_host_bounds=(min(2, acc.dims[0]), min(2, acc.dims[1]), 1),
+      chip_config_name="megacore" if acc.facts.cores == 2 else "default").devices
 
 
 def lower(config, mesh):
   """(the Program train.py runs, its train_step lowered for the global batch, argument bytes per chip)."""
   import jax
+
   from trainer import steps
   program = steps.build(config, mesh)
   args = (program.abstract_state, steps.abstract_batch(config, mesh))
@@ -175,7 +124,7 @@ def context_gathers(hlo: str, seq_sizes: set, widths: set, shards: int) -> tuple
   return forward, backward, shapes
 
 
-def compile_row(config, mesh, topo: Topology, scale: bool) -> dict:
+def compile_row(config, mesh, acc: Accelerator, scale: bool) -> dict:
   from model import transformer
   m, chips, tokens = config.model, mesh.size, config.batch_size * config.seq_len
   start = time.time()
@@ -222,16 +171,16 @@ def compile_row(config, mesh, topo: Topology, scale: bool) -> dict:
       print(f"  gathered over context per layer: {', '.join(shapes) or 'none found'}")
       from model.attention import ATTENTION_KINDS
       attention = ATTENTION_KINDS[config.attention.kind].flops_per_token(config) * tokens / chips
-      r.update(gather_mb=fwd / 1e6, gather_bwd_mb=bwd / 1e6, gather_ms=fwd / (topo.ici_gbs * 1e9) * 1e3,
-               attention_ms=attention / (topo.peak_tflops * 1e12) * 1e3)
+      r.update(gather_mb=fwd / 1e6, gather_bwd_mb=bwd / 1e6, gather_ms=fwd / (acc.facts.ici_gbs * 1e9) * 1e3,
+               attention_ms=attention / (acc.facts.peak_tflops * 1e12) * 1e3)
       print(f"  context={shards}: per layer and chip the forward all-gathers bring {r['gather_mb']:.1f} MB "
-            f"({r['gather_ms']:.2f} ms at {topo.ici_gbs} GB/s ICI), the backward's {r['gather_bwd_mb']:.1f} MB; "
+            f"({r['gather_ms']:.2f} ms at {acc.facts.ici_gbs} GB/s ICI), the backward's {r['gather_bwd_mb']:.1f} MB; "
             f"the layer's attention forward is {attention:.3g} FLOPs ({r['attention_ms']:.2f} ms at peak): "
             f"{'compute-bound (the gather can hide under it)' if r['gather_ms'] < r['attention_ms'] else 'communication-bound'}",
             flush=True)
     flops, nbytes, r["how"] = xla_cost(config, mesh, compiled, scale)
     r["xla"], r["xla_bytes"] = flops * chips + r["splash"], nbytes * chips
-  peak, bandwidth = chips * topo.peak_tflops * 1e12, chips * topo.hbm_tbs * 1e12
+  peak, bandwidth = chips * acc.facts.peak_tflops * 1e12, chips * acc.facts.hbm_tbs * 1e12
   r["compute_s"], r["memory_s"] = r["executed"] / peak, r["xla_bytes"] / bandwidth
   r["step_s"] = r["compute_s"] if math.isnan(r["memory_s"]) else max(r["compute_s"], r["memory_s"])
   r["mfu"] = r["model"] / (r["step_s"] * peak)
@@ -240,8 +189,8 @@ def compile_row(config, mesh, topo: Topology, scale: bool) -> dict:
 
 def main(config, topology: str, num_slices: int, seq_lens, scale: bool) -> int:
   from trainer import validate
-  topo = parse_topology(topology)
-  if topo is None:
+  acc = parse_accelerator(topology)
+  if acc is None:
     print(f"error: --topology={topology}: allowed are {ALLOWED}", file=sys.stderr)
     return 2
   if num_slices < 1:
@@ -251,28 +200,24 @@ def main(config, topology: str, num_slices: int, seq_lens, scale: bool) -> int:
     print(f"error: --seq-lens={','.join(seq_lens)}: must be integers, e.g. 8192,32768", file=sys.stderr)
     return 2
   config.kernels.pallas_mode = "compiled"     # Mosaic compiles the kernels for the chip
-  if num_slices > 1 and config.mesh.data == 1:
-    config.mesh.data = num_slices             # the data axis spans the slices (DCN)
-  if config.mesh.data % num_slices:
-    raise ConfigError("mesh.data", config.mesh.data, f"must be a multiple of --num-slices={num_slices}")
   # validate() checks that the data exists; the compile reads none: a gs:// or remote data.source
   # passes as the embedded corpus would (packing, which shapes the batch, is kept).
   config.data.update(source="embedded", mixture="")
-  devices = topology_devices(topo, num_slices)
+  devices = topology_devices(acc, num_slices)
   configs = []
   for seq_len in [int(s) for s in seq_lens] or [config.seq_len]:
     configs.append(c := config.copy_and_resolve_references())
     c.seq_len = seq_len
-    validate.validate(c, num_devices=len(devices))
-  mesh = make_mesh(config, devices, num_slices)
-  print(f"{topology}: {topo.name} x {num_slices} slice(s) = {len(devices)} chips ({devices[0].device_kind}: "
-        f"{topo.hbm_gib} GiB HBM, {topo.peak_tflops} TFLOP/s bf16, {topo.hbm_tbs} TB/s each)")
+    validate.validate(c, num_devices=len(devices), num_slices=num_slices)
+  mesh = make_mesh(config.mesh, devices)   # what train.py builds from these devices
+  print(f"{topology}: {acc.topology} x {num_slices} slice(s) = {len(devices)} chips ({devices[0].device_kind}: "
+        f"{acc.facts.hbm_gib} GiB HBM, {acc.facts.peak_tflops} TFLOP/s bf16, {acc.facts.hbm_tbs} TB/s each)")
   print(f"mesh: {', '.join(f'{a}={s}' for a, s in mesh.shape.items())}; {config.attention.kind} attention "
         f"(impl {config.attention.impl}), batch {config.batch_size}, remat {config.model.remat}")
   rows = []
   for c in configs:
     print(f"seq_len {c.seq_len}: lowering train_step (compiling takes minutes for big configs) ...", flush=True)
-    rows.append(compile_row(c, mesh, topo, scale))
+    rows.append(compile_row(c, mesh, acc, scale))
 
   print("\nFLOPs per step: model = analytical (model.transformer.flops_per_token x tokens, 3 x forward): "
         "what MFU counts;\n  executed = model + the forward that remat=full recomputes (x4/3): the roofline's "
@@ -289,15 +234,15 @@ def main(config, topology: str, num_slices: int, seq_lens, scale: bool) -> int:
   g = lambda x: "-" if math.isnan(x) else f"{x:.3g}"
   for r in rows:
     xla = g(r["xla"]) + ("*" if r["splash"] and not math.isnan(r["xla"]) else "")
-    print(f"{r['seq_len']:>8} {r['total']:>9.2f} {'yes' if r['total'] <= topo.hbm_gib else 'no':>4} "
+    print(f"{r['seq_len']:>8} {r['total']:>9.2f} {'yes' if r['total'] <= acc.facts.hbm_gib else 'no':>4} "
           f"{g(r['model']):>9} {g(r['executed']):>9} {xla:>10} {g(r['xla_bytes']):>9} {r['how']:>21} "
           f"{g(r['compute_s']):>9} {g(r['memory_s']):>9} {g(r['step_s']):>9} {r['mfu']:>6.1%}"
           + (f"  context all-gather/layer {r['gather_mb']:.1f} MB = {r['gather_ms']:.2f} ms vs attention "
              f"{r['attention_ms']:.2f} ms" if "gather_mb" in r else ""))
   worst = max((r["total"] for r in rows), key=lambda gib: math.inf if math.isnan(gib) else gib)
-  fits = all(r["total"] <= topo.hbm_gib for r in rows)   # nan (an out-of-memory message not understood): no
+  fits = all(r["total"] <= acc.facts.hbm_gib for r in rows)   # nan (an out-of-memory message not understood): no
   name = config_flags.get_config_filename(flags.FLAGS["config"])
-  print(f"{topology} {name}: {'fits' if fits else 'does not fit'} ({worst:.1f} of {topo.hbm_gib} GiB HBM per chip)")
+  print(f"{topology} {name}: {'fits' if fits else 'does not fit'} ({worst:.1f} of {acc.facts.hbm_gib} GiB HBM per chip)")
   return 0 if fits else 1
 
 

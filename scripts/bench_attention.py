@@ -54,19 +54,17 @@ and memory against T.
 import argparse
 import os
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
+import configs  # noqa: E402
 from configs import base  # noqa: E402
 from model.attention import ATTENTION_KINDS  # noqa: E402
-from trainer import sweep_grid  # noqa: E402
+from sweeps import grid as sweep_grid  # noqa: E402
 
 
 def layer_config(kind: str, seq_len: int, args, overrides=None) -> ml_collections.FrozenConfigDict:
@@ -134,8 +132,7 @@ def measure(kind, seq_len, args, overrides=None, run=True, packing="concat"):
     params, x = (jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype) * 0.02, a) for a in shapes[:2])
     pos, seg = jnp.broadcast_to(jnp.arange(seq_len), shapes[2].shape), None
     if packed:
-      from model import packing as packing_lib
-      seg, pos = packed_documents(seq_len, args.batch, args.doc_len, packing_lib.max_docs_per_row(config))
+      seg, pos = packed_documents(seq_len, args.batch, args.doc_len, configs.max_docs_per_row(config))
     jax.block_until_ready(compiled(params, x, pos, seg))
     times = []
     for _ in range(args.repeats):
@@ -181,8 +178,8 @@ def traffic(args):
 
 
 def nsa_traffic_table(args):
-  from kernels import nsa_traffic
   from kernels.pallas_common import ROWS
+  from perf import nsa_traffic
   dv = args.v_dim or args.head_dim
   gb = lambda x: f"{x / 1e9:.2f}"
   print(f"NSA selection kernels (Pallas), HBM<->VMEM traffic model: HQ={args.heads} HKV={args.kv_heads} "
@@ -193,7 +190,7 @@ def nsa_traffic_table(args):
   for seq_len in args.seq_lens:
     for realistic in (False, True):
       idx = synthetic_selection(seq_len, args.kv_heads, realistic=realistic)
-      r = nsa_traffic.selection_traffic(idx, block_size=64, hq=args.heads, dk=args.head_dim, dv=dv)
+      r = nsa_traffic.selection_traffic(idx, slc_block=64, hq=args.heads, dk=args.head_dim, dv=dv)
       head = (f"{'realistic' if realistic else 'random':>10} {seq_len:>7} {gb(r['kv_bytes']):>10} "
               f"{gb(r['min_kv_bytes']):>7} {r['kv_bytes'] / r['min_kv_bytes']:6.2f} {gb(r['per_query_kv_bytes']):>13} "
               f"{r['executed_steps'] / r['grid_steps']:10.0%} {r['mxu_row_fill']:9.1%}")
@@ -220,7 +217,8 @@ def trained_selection(run_dir: str):
   from kernels import dsa as dsa_kernels
   from model import transformer
   from model.dsa import LightningIndexer
-  from trainer import checkpoint, sharding, steps
+  from parallel.mesh import make_mesh
+  from trainer import checkpoint, steps
   directory = checkpoint.checkpoint_dir(run_dir)
   with ocp.CheckpointManager(directory, item_handlers={"config": ocp.JsonCheckpointHandler()}) as manager:
     step = manager.latest_step()
@@ -228,7 +226,7 @@ def trained_selection(run_dir: str):
   config = ml_collections.ConfigDict(saved)
   if config.attention.kind != "dsa":
     raise SystemExit(f"--dsa-trained-run {run_dir}: attention.kind is {config.attention.kind}, not dsa")
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  mesh = make_mesh(config.mesh, jax.devices()[:1])
   abstract = steps.build(config, mesh).abstract_state.params
   params, step, _ = checkpoint.load_params(run_dir, abstract)
   # One layer per module (no scan), so that the indexers' outputs can be captured.
@@ -258,8 +256,8 @@ def trained_selection(run_dir: str):
 
 
 def dsa_traffic_tables(args):
-  from kernels import dsa_traffic as dt
-  from kernels.dsa_pallas import queries_per_tile
+  from kernels.dsa.pallas import queries_per_tile
+  from perf import dsa_traffic as dt
   chips = ("v5e", "v5p", "v6e")
   heads, topk = args.dsa_heads, args.dsa_topk
   ridges = ", ".join(f"{c} {dt.ridge(c):.0f}" for c in chips)
@@ -379,15 +377,15 @@ def sweep_bench(args, parser):
 def point_traffic(kind, config, seq_len, args) -> dict:
   """Traffic model of a point's kernels: GB moved, the minimum GB, MXU row fill."""
   if kind == "nsa":
-    from kernels import nsa_traffic
+    from perf import nsa_traffic
     c = config.nsa
     idx = synthetic_selection(seq_len, args.kv_heads, realistic=True, block=c.slc_block, n=c.num_selected)
-    r = nsa_traffic.selection_traffic(idx, block_size=c.slc_block, hq=args.heads, dk=args.head_dim,
+    r = nsa_traffic.selection_traffic(idx, slc_block=c.slc_block, hq=args.heads, dk=args.head_dim,
                                       dv=args.v_dim or args.head_dim)
     kernels, fill = [r[k] for k in ("forward", "dq", "dkv")], r["mxu_row_fill"]
     return {"traffic_gb": sum(k["in"] + k["out"] for k in kernels) / 1e9,
             "min_gb": sum(k["min_in"] + k["out"] for k in kernels) / 1e9, "mxu_fill": fill}
-  from kernels import dsa_traffic as dt
+  from perf import dsa_traffic as dt
   positions = dt.sample_positions(seq_len, args.dsa_samples)
   idx = dt.synthetic_selection(seq_len, config.dsa.index_topk, positions, realistic=True)
   r = dt.sparse_traffic(idx, heads=args.dsa_heads, dk=DSA_DK, dv=DSA_DV, q_offset=positions,

@@ -7,10 +7,7 @@ warm-up, then time `--batches` batches. Prints a table.
 """
 import argparse
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import base  # noqa: E402
 from data import pipeline, sources  # noqa: E402

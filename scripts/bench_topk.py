@@ -9,11 +9,7 @@ measured against the exact top-k on two kinds of scores:
   python scripts/bench_topk.py [--seq-lens 32768 131072] [--topk 2048] [--recalls 1 0.99 0.95 0.9]
 """
 import argparse
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

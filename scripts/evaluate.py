@@ -16,12 +16,9 @@ One process (the devices of this host); the run's mesh without context paralleli
 """
 import functools
 import logging
-import os
 import sys
 
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import ConfigError, parse_flags  # noqa: E402
 
@@ -40,6 +37,7 @@ def read_config(directory, step: int | None):
   """(config, step) saved with checkpoint `step` (default the newest) under `directory`."""
   import ml_collections
   import orbax.checkpoint as ocp
+
   from configs import base
   if not directory.is_dir():
     raise ConfigError("workdir", str(directory.parent if directory.name == "checkpoints" else directory),
@@ -76,8 +74,10 @@ def main(workdir: str) -> int:
 
   from data import pipeline, sources
   from data.tokenizer import Tokenizer
+  from evaluation import passkey, positions, report
   from model import transformer
-  from trainer import checkpoint, eval_report, evaluation, optim, sharding, steps, validate
+  from parallel.mesh import batch_sharding, make_mesh
+  from trainer import checkpoint, optim, steps, validate
 
   directory = checkpoint.checkpoint_dir(workdir)
   config, step = read_config(directory, _STEP.value)
@@ -88,14 +88,14 @@ def main(workdir: str) -> int:
   if config.mesh.context != 1:             # no load-balanced layout here: its devices go to fsdp
     config.mesh.update(context=1, fsdp=-1, data=1)
   validate.validate(config, num_devices=jax.device_count())
-  lengths = [int(n) for n in _LENGTHS.value] if _LENGTHS.value else evaluation.default_lengths(config.seq_len)
+  lengths = [int(n) for n in _LENGTHS.value] if _LENGTHS.value else passkey.default_lengths(config.seq_len)
   for n in lengths:
     if not 64 <= n <= config.seq_len:
       raise ConfigError("passkey-lengths", n, f"each must be in [64, seq-len={config.seq_len}]")
   if _TRIALS.value < 1:
     raise ConfigError("passkey-trials", _TRIALS.value, "must be >= 1")
 
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = make_mesh(config.mesh)
   model = transformer.build(config)
   abstract, _ = steps.state_shardings(config, model, optim.make_optimizer(config), mesh)
   params = read_params(directory, step, abstract.params)
@@ -103,22 +103,22 @@ def main(workdir: str) -> int:
   tokenizer = Tokenizer(config.data.tokenizer)
 
   # Loss by position on the validation rows, at the evaluated length.
-  losses_fn = functools.partial(evaluation.jit_token_losses(model, mesh), params)
-  rows = pipeline.sharded_rows(sharding.batch_sharding(mesh), config.batch_size)
-  parts = [evaluation.batch_token_losses(b, losses_fn)
+  losses_fn = functools.partial(positions.jit_token_losses(model, mesh), params)
+  rows = pipeline.sharded_rows(batch_sharding(mesh), config.batch_size)
+  parts = [positions.batch_token_losses(b, losses_fn)
            for b in pipeline.eval_batches(config, data_sources, rows=rows)]
   losses, positions, weights = (np.concatenate(x) for x in zip(*parts))
-  buckets = evaluation.loss_by_position(losses, positions, weights, evaluation.bucket_edges(config.seq_len))
+  buckets = positions.loss_by_position(losses, positions, weights, positions.bucket_edges(config.seq_len))
 
-  logits_fn = functools.partial(evaluation.jit_apply(model, mesh), params)
-  filler = evaluation.filler_tokens(data_sources, 4 * max(lengths))
-  passkey = evaluation.passkey_eval(logits_fn, tokenizer, filler, lengths, trials=_TRIALS.value,
+  logits_fn = functools.partial(passkey.jit_apply(model, mesh), params)
+  filler = passkey.filler_tokens(data_sources, 4 * max(lengths))
+  passkey = passkey.passkey_eval(logits_fn, tokenizer, filler, lengths, trials=_TRIALS.value,
                                     seed=_SEED.value, batch_size=config.batch_size)
 
   meta = {"workdir": str(workdir), "step": step, "seq_len": config.seq_len, "trained_seq_len": trained_seq_len,
           "seed": _SEED.value, "loss_tokens": int(weights.sum()), "attention": config.attention.kind}
-  eval_report.write(_OUTPUT.value or checkpoint.workdir_path(workdir) / "eval" / f"step_{step}", meta, buckets, passkey)
-  print(eval_report.report(meta, buckets, passkey), flush=True)
+  report.write(_OUTPUT.value or checkpoint.workdir_path(workdir) / "eval" / f"step_{step}", meta, buckets, passkey)
+  print(report.report(meta, buckets, passkey), flush=True)
   return 0
 
 

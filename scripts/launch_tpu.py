@@ -34,7 +34,8 @@ import sys
 import tarfile
 import tempfile
 import time
-from typing import NamedTuple
+
+from perf.chips import ALLOWED, parse_accelerator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ("run", "status", "logs", "delete")
@@ -43,8 +44,6 @@ PYTHON = "python3.11"            # requirements.txt is pinned for Python 3.11; t
 # The TPU software version for JAX of each generation (cloud.google.com/tpu/docs/runtimes).
 RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite",
            "v6e": "v2-alpha-tpuv6e"}
-TPU_TYPES = ("v4-N, v5p-N (N TensorCores, a multiple of 8), v5litepod-N or v5e-N, v6e-N "
-             "(N chips: 1, 4, 8, 16, ..., 256)")
 # Queued-resource and TPU VM states that mean gone for good (preempted or failed): delete, create again.
 DEAD = {"FAILED", "SUSPENDING", "SUSPENDED"}
 NODE_DEAD = {"PREEMPTED", "TERMINATED"}
@@ -54,30 +53,6 @@ NODE_DEAD = {"PREEMPTED", "TERMINATED"}
 CHECK = (f'p=$(cat {REMOTE}/train.pid 2>/dev/null); '
          f'if [ -n "$p" ] && grep -qaE "train.py|sweep.py" /proc/$p/cmdline 2>/dev/null; '
          f'then echo "train.py running (pid $p) on $(hostname)"; else echo "train.py not running on $(hostname)"; fi')
-
-
-class Tpu(NamedTuple):
-  name: str        # the gcloud accelerator type, e.g. v5p-64
-  generation: str  # v4 | v5p | v5litepod | v6e
-  chips: int
-  hosts: int       # TPU VMs (workers) in the slice
-
-
-def parse_tpu(name: str):
-  """'v5p-64' -> Tpu('v5p-64', 'v5p', 32, 8); 'v5e-16' -> v5litepod-16; None if not a TPU type."""
-  m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name)
-  if not m:
-    return None
-  generation, n = ("v5litepod" if m[1] == "v5e" else m[1]), int(m[2])
-  if generation in ("v4", "v5p"):      # N counts TensorCores: 2 per chip, 4 chips per host
-    if n < 8 or n % 8:
-      return None
-    chips, hosts = n // 2, max(1, n // 8)
-  else:                                # N counts chips: up to 8 on one host, else 4 per host
-    if n not in (1, 4, 8, 16, 32, 64, 128, 256):
-      return None
-    chips, hosts = n, (1 if n <= 8 else n // 4)
-  return Tpu(f"{generation}-{n}", generation, chips, hosts)
 
 
 def pinned(filename: str, package: str):
@@ -437,7 +412,7 @@ def parse(argv):
   p = Parser(prog="launch_tpu.py", allow_abbrev=False, description=__doc__,
              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--name", help="queued resource, TPU VM and xpk workload name (lower case, digits, -)")
-  p.add_argument("--tpu", help=f"accelerator type: {TPU_TYPES}")
+  p.add_argument("--tpu", help=f"accelerator type: {ALLOWED}")
   p.add_argument("--zone", help="e.g. us-east5-a (needed with --via gcloud)")
   p.add_argument("--project", help="GCP project (default: gcloud config)")
   p.add_argument("--config", help="config file in this repository, e.g. configs/1b.py (or configs/dsa_v32.py:sparse)")
@@ -490,9 +465,9 @@ def parse(argv):
   args.tpu_info = None
   if command == "run" or args.tpu:
     need("tpu")
-    args.tpu_info = parse_tpu(args.tpu)
+    args.tpu_info = parse_accelerator(args.tpu)
     if args.tpu_info is None:
-      usage_error(f"--tpu={args.tpu}: not a TPU accelerator type; use {TPU_TYPES}, e.g. v5p-64")
+      usage_error(f"--tpu={args.tpu}: not a TPU accelerator type; use {ALLOWED}, e.g. v5p-64")
   if args.worker != "all":
     if not args.worker.isdigit() or (args.tpu_info and int(args.worker) >= args.tpu_info.hosts):
       usage_error(f"--worker={args.worker}: a worker index" + (f" below {args.tpu_info.hosts}" if args.tpu_info else "")

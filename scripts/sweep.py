@@ -31,11 +31,10 @@ import sys
 
 from etils import epath
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer import sweep_grid, sweep_report  # noqa: E402
-from trainer.sweep_grid import SweepError  # noqa: E402
-from trainer.sweep_runner import Point, Runner, read_status  # noqa: E402
+from sweeps import grid as sweep_grid  # noqa: E402
+from sweeps import report as sweep_report
+from sweeps.grid import SweepError  # noqa: E402
+from sweeps.runner import Point, Runner, read_status  # noqa: E402
 
 
 class Parser(argparse.ArgumentParser):

@@ -12,8 +12,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import sentencepiece as spm  # noqa: E402
 
 from data import corpus  # noqa: E402

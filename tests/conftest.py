@@ -49,9 +49,11 @@ def small_config(preset=None, **overrides):
 
 
 def run_train(workdir, overrides=None, *, devices=1, env=None, timeout=600, wait=True, config="configs/tiny.py",
-              args=()):
-  """Runs `python train.py --config CONFIG` with SMALL_OVERRIDES + overrides (+ more flags `args`)."""
-  args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / config),
+              args=(), kill_after_step=None):
+  """Runs `python train.py --config CONFIG` with SMALL_OVERRIDES + overrides (+ more flags `args`);
+  with kill_after_step, through tests/kill_after.py: SIGKILLed right after that step."""
+  killer = [str(REPO / "tests" / "kill_after.py"), str(kill_after_step)] if kill_after_step else []
+  args = [sys.executable, *killer, str(REPO / "train.py"), "--config", str(REPO / config),
           "--workdir", str(workdir), *args]
   args += [f"--config.{k}={v}" for k, v in {**SMALL_OVERRIDES, **(overrides or {})}.items()]
   full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",

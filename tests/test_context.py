@@ -7,25 +7,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_model import NSA_SMALL
 
 from configs import ConfigError
 from conftest import read_metrics, run_train, small_config
-from kernels import KernelOptions, dense, dsa, dsa_pallas, nsa, partition
-from test_model import NSA_SMALL
+from kernels import KernelOptions, dense, dsa, nsa
+from kernels.dsa import pallas as dsa_pallas
+from parallel import context
 from trainer import steps, validate
 
 
 def test_layout_puts_chunks_i_and_mirror_on_device_i():
   """T=16 over cp=2: four chunks of 4; device 0 holds chunks 0 and 3, device 1 chunks 1 and 2."""
-  np.testing.assert_array_equal(partition.layout_positions(16, 2),
+  np.testing.assert_array_equal(context.layout_positions(16, 2),
                                 [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11])
   x = jax.random.normal(jax.random.key(0), (3, 48, 5))
   for cp in (1, 2, 3, 4):
-    y = partition.to_layout(x, 1, cp)
-    np.testing.assert_array_equal(y, x[:, partition.layout_positions(48, cp)])
-    np.testing.assert_array_equal(partition.from_layout(y, 1, cp), x)
+    y = context.to_layout(x, 1, cp)
+    np.testing.assert_array_equal(y, x[:, context.layout_positions(48, cp)])
+    np.testing.assert_array_equal(context.from_layout(y, 1, cp), x)
   # causal work per device (sum of visible keys over its queries) is balanced exactly
-  pos = partition.layout_positions(64, 4).reshape(4, -1)
+  pos = context.layout_positions(64, 4).reshape(4, -1)
   assert len(set((pos + 1).sum(1))) == 1
 
 
@@ -36,9 +38,9 @@ def test_reordered_batch_gives_the_same_loss():
   logits = jax.random.normal(ks[0], (2, 32, 11))
   targets = jax.random.randint(ks[1], (2, 32), 0, 11)
   weights = (jax.random.uniform(ks[2], (2, 32)) > 0.3).astype(jnp.float32)
-  moved = [partition.to_layout(x, 1, 4) for x in (logits, targets, weights)]
+  moved = [context.to_layout(x, 1, 4) for x in (logits, targets, weights)]
   assert steps.cross_entropy(*moved) == pytest.approx(float(steps.cross_entropy(logits, targets, weights)), rel=1e-6)
-  np.testing.assert_array_equal(partition.from_layout(moved[0], 1, 4), logits)
+  np.testing.assert_array_equal(context.from_layout(moved[0], 1, 4), logits)
   batch = {"inputs": targets, "targets": targets}
   with jax.set_mesh(jax.make_mesh((1,), ("context",))):
     assert steps.to_layout(batch) is batch       # one device: nothing moves
@@ -103,7 +105,7 @@ def test_nsa_functions_on_a_chunk_at_its_offset(pallas, offset):
   _compare_chunk(lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, impl=impl, **cmp),
                  functools.partial(nsa.compressed_local, pallas=pallas, **cmp), [q], [kc, vc], offset, rtol=1e-4)
 
-  sel = dict(block_len=32, stride=16, select_block=32, num_selected=4, num_initial=1, num_local=2, **common)
+  sel = dict(block_len=32, stride=16, slc_block=32, num_selected=4, num_initial=1, num_local=2, **common)
   _, lse = nsa.compressed_attention(q, kc, kc, block_len=32, stride=16, impl=impl, **common)
   idx = nsa.select_blocks(q, kc, lse=lse, impl=impl, **sel)
   _compare_chunk(lambda q, lse, kc: nsa.select_blocks(q, kc, lse=lse, impl=impl, **sel),
@@ -111,8 +113,8 @@ def test_nsa_functions_on_a_chunk_at_its_offset(pallas, offset):
                                                                pallas=pallas, **sel),
                  [q, lse], [kc], offset, rtol=0, grads=False)
 
-  _compare_chunk(lambda q, idx, k, v: nsa.selection_attention(q, k, v, idx, block_size=32, impl=impl, **common),
-                 lambda q, idx, k, v, q_offset: nsa.selection_local(q, k, v, idx, q_offset=q_offset, block_size=32,
+  _compare_chunk(lambda q, idx, k, v: nsa.selection_attention(q, k, v, idx, slc_block=32, impl=impl, **common),
+                 lambda q, idx, k, v, q_offset: nsa.selection_local(q, k, v, idx, q_offset=q_offset, slc_block=32,
                                                                     pallas=pallas, **common),
                  [q, idx], [k, v], offset, rtol=1e-4)
   _compare_chunk(lambda q, k, v: nsa.window_attention(q, k, v, window=48, impl=impl, **common),

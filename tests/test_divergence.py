@@ -11,7 +11,8 @@ import pytest
 from flax import linen as nn
 
 from conftest import read_metrics, run_train, small_config
-from trainer import checkpoint, divergence, optim, sharding, steps
+from parallel.mesh import make_mesh
+from trainer import checkpoint, divergence, optim, steps
 
 
 class _Toy(nn.Module):
@@ -28,7 +29,7 @@ class _Toy(nn.Module):
 def _toy_program(**overrides):
   """(config, abstract state, shardings, train_step, fresh state): steps.build's parts on _Toy."""
   config = small_config(**{"model.vocab_size": 64, "seq_len": 8, "batch_size": 2, **overrides})
-  model, tx, mesh = _Toy(config.model.vocab_size), optim.make_optimizer(config), sharding.make_mesh(config.mesh)
+  model, tx, mesh = _Toy(config.model.vocab_size), optim.make_optimizer(config), make_mesh(config.mesh)
   abstract, shardings = steps.state_shardings(config, model, tx, mesh)
   train_step = steps.make_train_step(model, tx, optim.learning_rate(config), mesh, shardings,
                                      trainable=optim.trainable(config, abstract.params))

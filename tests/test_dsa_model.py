@@ -8,11 +8,12 @@ import pytest
 from flax import linen as nn
 from flax.traverse_util import flatten_dict
 
-from conftest import read_metrics, run_train, small_config
 from configs import dsa_tiny, dsa_v32
+from conftest import read_metrics, run_train, small_config
 from model import transformer
 from model.attention import ATTENTION_KINDS
-from trainer import checkpoint, optim, sharding, steps, validate
+from parallel.mesh import make_mesh
+from trainer import checkpoint, optim, steps, validate
 
 DSA_SMALL = {"attention.kind": "dsa", "mla.q_lora_rank": 32, "mla.kv_lora_rank": 16, "mla.qk_nope_dim": 8,
              "mla.qk_rope_dim": 8, "mla.v_head_dim": 8, "dsa.index_heads": 2, "dsa.index_head_dim": 16,
@@ -109,7 +110,7 @@ def test_lm_loss_never_reaches_the_indexer_and_the_indexer_loss_only_reaches_it(
 def test_warmup_step_changes_only_the_indexer():
   config = small_config(**DSA_SMALL, **{"dsa.stage": "dense_warmup"})
   model, tx = transformer.build(config), optim.make_optimizer(config)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = make_mesh(config.mesh)
   _, shardings = steps.state_shardings(config, model, tx, mesh)
   state = steps.init_state(config, model, tx, mesh, shardings)
   before = flatten_dict(jax.device_get(state.params), sep="/")
@@ -150,7 +151,7 @@ def test_v32_config_has_deepseek_v32_attention_shapes():
 
 def _params(workdir, config):
   abstract = steps.state_shardings(config, transformer.build(config), optim.make_optimizer(config),
-                                   sharding.make_mesh(config.mesh))[0].params
+                                   make_mesh(config.mesh))[0].params
   params, _, fresh = checkpoint.load_params(str(workdir), abstract)
   return flatten_dict(jax.device_get(params), sep="/"), fresh
 
@@ -182,7 +183,7 @@ def test_two_stage_recipe_end_to_end(tmp_path):
     np.testing.assert_array_equal(warm_params[path], value, err_msg=path)
 
   sparse_run = {**packed, "steps": 30, "init_from": warm_dir, "checkpoint_every": 15}
-  result = run_train(sparse_dir, sparse_run, config="configs/dsa_tiny.py:sparse", env={"TRAIN_KILL_AT_STEP": "20"})
+  result = run_train(sparse_dir, sparse_run, config="configs/dsa_tiny.py:sparse", kill_after_step=20)
   assert result.returncode == -9, result.stderr
   killed = read_metrics(sparse_dir)
   result = run_train(sparse_dir, sparse_run, config="configs/dsa_tiny.py:sparse")

@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import topologies
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-from kernels import KernelOptions, chunking, dsa, dsa_pallas
-from model import packing
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from test_dsa_kernels import SCALE, _indexer_inputs, _indices, _rand
+
+from kernels import KernelOptions, chunking, dsa
+from kernels.dsa import pallas as dsa_pallas
+from model import packing
 
 
 @pytest.mark.parametrize("t,hi,di,topk,offset", [(100, 2, 16, 32, 0), (300, 64, 32, 512, 0), (200, 3, 8, 16, 256)],

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import dsa_traffic as dt
-from kernels.dsa_pallas import KEY_CHUNK, KEY_TILE, tile_selection
+from kernels.dsa.pallas import KEY_CHUNK, KEY_TILE, tile_selection
+from perf import dsa_traffic as dt
 
 
 def _same_keys(t, keys):

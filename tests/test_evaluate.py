@@ -1,4 +1,4 @@
-"""Long-context evaluation (trainer/evaluation.py, scripts/evaluate.py): the position buckets agree
+"""Long-context evaluation (trainer/passkey.py, scripts/evaluate.py): the position buckets agree
 with a direct loss, the passkey harness scores 1 with a model that retrieves and chance without,
 and the CLI evaluates a tiny run end to end."""
 import json
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE, REPO, run_train, small_config
 from configs.base import EMBEDDED_TOKENIZER
+from conftest import FAST_COMPILE, REPO, run_train, small_config
 from data.tokenizer import Tokenizer
 from trainer import evaluation as ev
 from trainer.steps import cross_entropy

@@ -14,9 +14,7 @@ import time
 import pytest
 
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-import launch_tpu  # noqa: E402
+from scripts import launch_tpu
 
 SCRIPT = str(REPO / "scripts" / "launch_tpu.py")
 JOB = ["--name", "my-run", "--tpu", "v5p-64", "--zone", "us-east5-a", "--project", "proj",

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from kernels import KernelOptions, nsa
+from kernels.nsa import reference as nsa_reference
 
 CHUNKED = KernelOptions(query_chunk=16, window_chunk=16)   # several chunks, the last one partial
 
-# ---- oracles: one query position at a time, straight from DESIGN.md §4 ----
+# ---- oracles: one query position at a time, straight from docs/design.md §4 ----
 
 
 def naive_attend(q_t, keys, values, visible, scale):
@@ -162,16 +163,16 @@ def test_selection_attention(shape, dtype):
   idx = idx.at[:, 5, 0, 1].set(idx[:, 5, 0, 0])                               # a repeat
   scale = dk ** -0.5
   clean = jnp.where((idx <= (jnp.arange(t) // block)[None, :, None, None]) & (idx < num_blocks), idx, -1)
-  out = nsa.selection_attention(q, k, v, idx, block_size=block, impl="xla", options=CHUNKED)
+  out = nsa.selection_attention(q, k, v, idx, slc_block=block, impl="xla", options=CHUNKED)
   _close(out, naive_selection(q, k, v, clean, block, scale), TOL[dtype])
-  _grads_close(lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=block, impl="xla", options=CHUNKED),
+  _grads_close(lambda q, k, v: nsa.selection_attention(q, k, v, idx, slc_block=block, impl="xla", options=CHUNKED),
                lambda q, k, v: naive_selection(q, k, v, clean, block, scale), (q, k, v), TOL[dtype])
 
 
 def test_selection_attention_with_nothing_selected_is_zero_with_zero_gradients():
   q, k, v, _, _ = _inputs(3, 1, 12, 2, 1, 8, 8, 0, jnp.float32)
   idx = jnp.full((1, 12, 1, 2), -1, jnp.int32).at[:, 6:, :, 0].set(5)       # -1, then future only
-  f = lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=4, impl="xla", options=CHUNKED)
+  f = lambda q, k, v: nsa.selection_attention(q, k, v, idx, slc_block=4, impl="xla", options=CHUNKED)
   assert np.all(f(q, k, v) == 0)
   grads = jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(q, k, v)
   assert all(np.all(g == 0) for g in grads)
@@ -192,10 +193,10 @@ def test_window_attention(shape, dtype, window):
 
 
 def test_overlap_weights_by_hand():
-  np.testing.assert_array_equal(nsa.overlap_weights(32, 16, 64), [1, 2, 2, 2, 1])    # paper defaults
-  np.testing.assert_array_equal(nsa.overlap_weights(16, 16, 64), [1, 1, 1, 1])       # l = d
-  np.testing.assert_array_equal(nsa.overlap_weights(64, 16, 64), [1, 2, 3, 4, 3, 2, 1])
-  np.testing.assert_array_equal(nsa.overlap_weights(32, 8, 32), [1, 2, 3, 4, 3, 2, 1])
+  np.testing.assert_array_equal(nsa_reference.overlap_weights(32, 16, 64), [1, 2, 2, 2, 1])    # paper defaults
+  np.testing.assert_array_equal(nsa_reference.overlap_weights(16, 16, 64), [1, 1, 1, 1])       # l = d
+  np.testing.assert_array_equal(nsa_reference.overlap_weights(64, 16, 64), [1, 2, 3, 4, 3, 2, 1])
+  np.testing.assert_array_equal(nsa_reference.overlap_weights(32, 8, 32), [1, 2, 3, 4, 3, 2, 1])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -204,7 +205,7 @@ def test_select_blocks_matches_the_definition(shape, l, d, lp, n):
   t, hq, hkv, dk, _ = shape
   c = nsa.num_compressed(t, l, d)
   q, _, _, kc, _ = _inputs(t + 3, 2, t, hq, hkv, dk, dk, c, jnp.float32)
-  got = np.asarray(nsa.select_blocks(q, kc, block_len=l, stride=d, select_block=lp, num_selected=n,
+  got = np.asarray(nsa.select_blocks(q, kc, block_len=l, stride=d, slc_block=lp, num_selected=n,
                                      num_initial=1, num_local=2, impl="xla", options=CHUNKED))
   want = naive_select(q, kc, l, d, lp, n, 1, 2, dk ** -0.5)
   assert got.dtype == np.int32 and got.shape == (2, t, hkv, n)
@@ -217,7 +218,7 @@ def test_select_blocks_ties_take_the_lower_block_and_forced_blocks_count():
   t, l, d, lp = 64, 8, 4, 8
   q = jnp.ones((1, t, 2, 8))
   kc = jnp.ones((1, nsa.num_compressed(t, l, d), 1, 8))
-  got = np.asarray(nsa.select_blocks(q, kc, block_len=l, stride=d, select_block=lp, num_selected=4,
+  got = np.asarray(nsa.select_blocks(q, kc, block_len=l, stride=d, slc_block=lp, num_selected=4,
                                      num_initial=1, num_local=2, impl="xla", options=CHUNKED))
   assert sorted(got[0, 63, 0]) == [0, 1, 6, 7]      # forced 0, 7, 6; then the lowest tied block
   assert sorted(got[0, 3, 0]) == [-1, -1, -1, 0]    # only block 0 exists yet
@@ -226,6 +227,6 @@ def test_select_blocks_ties_take_the_lower_block_and_forced_blocks_count():
 
 def test_select_blocks_sends_no_gradient():
   q, _, _, kc, _ = _inputs(5, 1, 32, 2, 1, 8, 8, 7, jnp.float32)
-  f = lambda q, kc: nsa.select_blocks(q, kc, block_len=8, stride=4, select_block=8, num_selected=2,
+  f = lambda q, kc: nsa.select_blocks(q, kc, block_len=8, stride=4, slc_block=8, num_selected=2,
                                       impl="xla", options=CHUNKED).astype(jnp.float32).sum()
   assert all(np.all(g == 0) for g in jax.grad(f, argnums=(0, 1))(q, kc))

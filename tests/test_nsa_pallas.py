@@ -1,5 +1,5 @@
 """NSA's Pallas TPU kernels against the XLA reference on CPU, and ahead-of-time compiles for real
-TPU chips (libtpu, DESIGN.md §8). fp32 cases run in TPU interpret mode (DMAs, SMEM, VMEM and
+TPU chips (libtpu, docs/design.md §8). fp32 cases run in TPU interpret mode (DMAs, SMEM, VMEM and
 semaphores simulated); bf16 cases, the same kernel code for its numerics, in Pallas's faster
 plain interpreter."""
 import jax
@@ -7,11 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import topologies
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import kernels
-from kernels import KernelOptions, nsa, nsa_compressed_pallas, nsa_pallas, nsa_traffic
+from kernels import KernelOptions, nsa
+from kernels.nsa import compressed_pallas, selection_pallas
+from kernels.nsa import reference as nsa_reference
 from model import packing
+from perf import nsa_traffic
 
 
 def _options(dtype, **kw) -> KernelOptions:
@@ -39,8 +43,8 @@ def _inputs(b, t, hq, hkv, dk, dv, block, n, dtype, seed=0, local=False):
 ])
 def test_selection_forward_matches_xla(t, hq, hkv, dk, dv, block, n, dtype, tol):
   q, k, v, idx = _inputs(1, t, hq, hkv, dk, dv, block, n, dtype, seed=t, local=True)
-  out, lse = nsa_pallas.selection_forward(q, k, v, idx, block_size=block, options=_options(dtype))
-  ref = nsa.selection_attention(q, k, v, idx, block_size=block, impl="xla")
+  out, lse = selection_pallas.selection_forward(q, k, v, idx, slc_block=block, options=_options(dtype))
+  ref = nsa.selection_attention(q, k, v, idx, slc_block=block, impl="xla")
   assert out.dtype == dtype and lse.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
   assert np.isfinite(np.asarray(lse)).all()       # every query chose its own block
@@ -51,15 +55,15 @@ def test_selection_forward_rows_with_nothing_and_split_prefetch():
   pallas_call per query tile (the split used for long sequences)."""
   q, k, v, idx = _inputs(2, 128, 4, 2, 32, 16, 16, 3, jnp.float32, seed=3)
   idx = idx.at[:, 40:].set(-1)
-  out, lse = nsa_pallas.selection_forward(q, k, v, idx, block_size=16, options=KernelOptions(prefetch_bytes=1))
-  ref = nsa.selection_attention(q, k, v, idx, block_size=16, impl="xla")
+  out, lse = selection_pallas.selection_forward(q, k, v, idx, slc_block=16, options=KernelOptions(prefetch_bytes=1))
+  ref = nsa.selection_attention(q, k, v, idx, slc_block=16, impl="xla")
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
   assert not np.asarray(out[:, 40:]).any() and np.isneginf(np.asarray(lse[:, 40:])).all()
 
 
 def test_tile_unions_are_sorted_distinct_and_padded_by_repeats():
   idx = jnp.array([[5, 1, -1], [1, 9, 0], [3, 3, 2], [-1, -1, -1]], jnp.int32)   # 4 queries, n=3
-  union, count = nsa_pallas.tile_unions(idx.reshape(1, 4, 1, 3), block_size=1, seq_len=8,
+  union, count = selection_pallas.tile_unions(idx.reshape(1, 4, 1, 3), slc_block=1, seq_len=8,
                                         queries_per_tile=2)
   # tile 0 (queries 0-1): {0, 1} (5 is after its last query, 9 out of range, -1 empty);
   # tile 1 (queries 2-3): {2, 3}.
@@ -70,10 +74,10 @@ def test_tile_unions_are_sorted_distinct_and_padded_by_repeats():
 def test_selection_shape_errors_say_what_is_needed():
   q, k, v, idx = _inputs(1, 100, 16, 1, 32, 32, 32, 2, jnp.float32)
   with pytest.raises(kernels.Unsupported, match="seq_len=100: must be a multiple of 8"):
-    nsa_pallas.selection_forward(q, k, v, idx, block_size=32)
+    selection_pallas.selection_forward(q, k, v, idx, slc_block=32)
   q, k, v, idx = _inputs(1, 96, 3, 1, 32, 32, 32, 2, jnp.float32)
   with pytest.raises(kernels.Unsupported, match="HQ/HKV=3 must divide 128"):
-    nsa_pallas.selection_forward(q, k, v, idx, block_size=32)
+    selection_pallas.selection_forward(q, k, v, idx, slc_block=32)
 
 
 @pytest.mark.parametrize("t,hq,hkv,dk,dv,block,n,dtype,tol", [
@@ -86,7 +90,7 @@ def test_selection_gradients_match_xla(t, hq, hkv, dk, dv, block, n, dtype, tol)
   idx = idx.at[:, 3].set(-1)                      # a query that sees nothing: zero gradient
   cot = jax.random.normal(jax.random.key(9), (1, t, hq, dv))
   loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * cot)
-  attend = lambda impl: lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=block, impl=impl,
+  attend = lambda impl: lambda q, k, v: nsa.selection_attention(q, k, v, idx, slc_block=block, impl=impl,
                                                                 options=_options(dtype))
   got = jax.grad(loss(attend("pallas")), argnums=(0, 1, 2))(q, k, v)    # the contract's Pallas path
   ref = jax.grad(loss(attend("xla")), argnums=(0, 1, 2))(q, k, v)
@@ -103,9 +107,9 @@ def test_selection_gradients_with_split_prefetch_windows():
   options = KernelOptions(prefetch_bytes=256)
   q, k, v, idx = _inputs(2, 128, 4, 2, 32, 16, 16, 3, jnp.float32, seed=4)
   loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) ** 2)
-  got = jax.grad(loss(lambda q, k, v: nsa_pallas.selection_attention(q, k, v, idx, 0, 16, None, options)),
+  got = jax.grad(loss(lambda q, k, v: selection_pallas.selection_attention(q, k, v, idx, 0, 16, None, options)),
                  argnums=(0, 1, 2))(q, k, v)
-  ref = jax.grad(loss(lambda q, k, v: nsa.selection_attention(q, k, v, idx, block_size=16, impl="xla")),
+  ref = jax.grad(loss(lambda q, k, v: nsa.selection_attention(q, k, v, idx, slc_block=16, impl="xla")),
                  argnums=(0, 1, 2))(q, k, v)
   for g, r in zip(got, ref):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-4)
@@ -133,7 +137,7 @@ def test_window_attention_pallas_matches_xla(t, hq, hkv, dk, dv, window, dtype, 
 def test_block_pairs_invert_the_unions():
   union = jnp.array([[[[0, 2, 2], [1, 2, 2]]]], jnp.int32)       # tile 0: {0, 2}; tile 1: {1, 2}
   count = jnp.array([[[2, 2]]], jnp.int32)
-  block, tile = nsa_pallas.block_pairs(union, count, num_blocks=4)
+  block, tile = selection_pallas.block_pairs(union, count, num_blocks=4)
   real = [(int(b), int(t)) for b, t in zip(block[0, 0], tile[0, 0]) if t >= 0]
   assert real == [(0, 0), (1, 1), (2, 0), (2, 1)]
   assert sorted(set(np.asarray(block[0, 0]).tolist())) == [0, 1, 2, 3]      # every block written
@@ -203,7 +207,7 @@ def test_compressed_attention_and_block_scores_with_documents_match_xla(dtype, t
   loss = lambda f: lambda *a: jnp.sum(f(*a)[0].astype(jnp.float32) * cot)
   _assert_grads_close(jax.grad(loss(attend("pallas")), argnums=(0, 1, 2))(q, kc, vc),
                       jax.grad(loss(attend("xla")), argnums=(0, 1, 2))(q, kc, vc), tol)
-  kw = dict(block_len=l, stride=d, select_block=lp, num_selected=3, options=options, doc_start=doc_start)
+  kw = dict(block_len=l, stride=d, slc_block=lp, num_selected=3, options=options, doc_start=doc_start)
   got, want = nsa.select_blocks(q, kc, impl="pallas", **kw), nsa.select_blocks(q, kc, impl="xla", **kw)
   assert (np.asarray(got) == np.asarray(want)).mean() >= (1.0 if dtype == jnp.float32 else 0.98)
   first_block = -(-np.asarray(doc_start) // lp)[..., None, None]
@@ -213,7 +217,7 @@ def test_compressed_attention_and_block_scores_with_documents_match_xla(dtype, t
 def test_overlap_tiles_map_tokens_to_blocks():
   """l=32, d=16, l'=64, 2 blocks per tile: 8 tokens per key tile; token c covers [16c, 16c+32).
   Own tile: tokens 0-2 lie in block 0 (weights 2, 2, and 1+1 split with block 1 for token 3)."""
-  own, prev = nsa_compressed_pallas.overlap_tiles(32, 16, 64, 2)
+  own, prev = compressed_pallas.overlap_tiles(32, 16, 64, 2)
   np.testing.assert_array_equal(own, [[2, 0], [2, 0], [2, 0], [1, 1], [0, 2], [0, 2], [0, 2], [0, 1]])
   np.testing.assert_array_equal(prev[-1], [1, 0])            # the previous tile's last token spills
   assert not prev[:-1].any()
@@ -229,11 +233,11 @@ def test_block_scores_match_xla(t, hq, hkv, dk, l, d, lp, blocks_per_tile, start
   q, kc, _ = _compressed_inputs(1, t, hq, hkv, dk, 1, l, d, jnp.float32, seed=t)
   _, lse = nsa.compressed_attention(q, kc, kc, block_len=l, stride=d, impl="xla")
   nb = t // lp
-  got = nsa_compressed_pallas.block_scores(q[:, start:], lse[:, start:], kc, start, block_len=l, stride=d,
-                                           select_block=lp, num_blocks=nb,
+  got = compressed_pallas.block_scores(q[:, start:], lse[:, start:], kc, start, block_len=l, stride=d,
+                                           slc_block=lp, num_blocks=nb,
                                            options=KernelOptions(score_blocks=blocks_per_tile))
-  p, _ = nsa._compressed_probs(q[:, start:], start, kc, block_len=l, stride=d, scale=dk ** -0.5)
-  ref = nsa.block_scores(p.sum(axis=3), nb, block_len=l, stride=d, select_block=lp)
+  p, _ = nsa_reference.compressed_probs(q[:, start:], start, kc, block_len=l, stride=d, scale=dk ** -0.5)
+  ref = nsa_reference.block_scores(p.sum(axis=3), nb, block_len=l, stride=d, slc_block=lp)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
@@ -241,7 +245,7 @@ def test_block_scores_match_xla(t, hq, hkv, dk, l, d, lp, blocks_per_tile, start
 def test_select_blocks_pallas_picks_the_xla_blocks(dtype):
   """Several select chunks (the last one padded), lse computed inside or passed in."""
   q, kc, _ = _compressed_inputs(2, 384, 8, 2, 64, 1, 32, 16, dtype, seed=5)
-  kw = dict(block_len=32, stride=16, select_block=32, num_selected=5)
+  kw = dict(block_len=32, stride=16, slc_block=32, num_selected=5)
   ref = nsa.select_blocks(q, kc, impl="xla", **kw)
   np.testing.assert_array_equal(np.asarray(nsa.select_blocks(q, kc, impl="pallas", **kw)), np.asarray(ref))
   _, lse = nsa.compressed_attention(q, kc, kc, block_len=32, stride=16, impl="pallas")
@@ -261,9 +265,9 @@ def _nsa_layer(q, k, v, k_cmp, v_cmp, gates, *, window=512, num_selected=16, imp
   settings: l=32, d=16, l'=64, n=16, w=512): the three branches, gated."""
   kw = dict(impl=impl, options=options)
   o_cmp, lse = nsa.compressed_attention(q, k_cmp, v_cmp, block_len=32, stride=16, **kw)
-  idx = nsa.select_blocks(q, k_cmp, block_len=32, stride=16, select_block=64, num_selected=num_selected, lse=lse,
+  idx = nsa.select_blocks(q, k_cmp, block_len=32, stride=16, slc_block=64, num_selected=num_selected, lse=lse,
                           **kw)
-  o_slc = nsa.selection_attention(q, k, v, idx, block_size=64, **kw)
+  o_slc = nsa.selection_attention(q, k, v, idx, slc_block=64, **kw)
   o_win = nsa.window_attention(q, k, v, window=window, **kw)
   g = jax.nn.sigmoid(gates.astype(jnp.float32))
   return g[..., :1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:] * o_win
@@ -321,7 +325,7 @@ def test_traffic_model_counts_copies_from_the_index_maps():
   t = 16
   own = jnp.arange(t, dtype=jnp.int32) // 4
   idx = jnp.stack([jnp.zeros(t, jnp.int32), own], -1)[None, :, None, :]
-  r = nsa_traffic.selection_traffic(idx, block_size=4, hq=16, dk=8, dv=8, itemsize=2)
+  r = nsa_traffic.selection_traffic(idx, slc_block=4, hq=16, dk=8, dv=8, itemsize=2)
   block_bytes, f32_block = 4 * (8 + 8) * 2, 4 * (8 + 8) * 4
   assert r["kv_bytes"] == r["min_kv_bytes"] == 5 * block_bytes
   assert r["executed_steps"] == 5 and r["grid_steps"] == 2 * 4

@@ -7,12 +7,12 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import linen as nn
+from test_dsa_model import DSA_SMALL
+from test_model import NSA_SMALL
 
 from conftest import small_config
 from model import packing
 from model.attention import ATTENTION_KINDS
-from test_dsa_model import DSA_SMALL
-from test_model import NSA_SMALL
 
 T = 256
 # Two packed rows: documents of 100, 37 and 119 tokens (boundaries 100 and 137: no block edge);
@@ -129,8 +129,8 @@ def test_nsa_trains_packed_and_resumes_after_kill_9_exactly(tmp_path):
             "optimizer.lr": 1e-2}
   kinds = {"nsa": {**NSA, "seq_len": 256}}
   killed = {}
-  for phase, env in (("killed", {"TRAIN_KILL_AT_STEP": "6"}), ("resumed", {})):
-    procs = {kind: run_train(tmp_path / kind, {**common, **overrides}, env=env, wait=False)
+  for phase, kill_after_step in (("killed", 6), ("resumed", None)):
+    procs = {kind: run_train(tmp_path / kind, {**common, **overrides}, kill_after_step=kill_after_step, wait=False)
              for kind, overrides in kinds.items()}
     for kind, proc in procs.items():
       _, stderr = proc.communicate(timeout=600)

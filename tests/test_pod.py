@@ -5,14 +5,13 @@ import re
 import signal
 import socket
 
-import jax
 import numpy as np
 import pytest
 from jax.experimental import topologies
+from test_model import NSA_SMALL
 
 from conftest import read_metrics, run_train, small_config
 from model import packing as packing_lib
-from test_model import NSA_SMALL
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +43,8 @@ BATCH, SEQ = 8, 256     # distinct from every parameter dimension of the small m
 
 def _compiled_train_step(kind, chip, mesh_axes, packing="concat"):
   """(lowered HLO text, compiled HLO text) of train.py's train step for `chip` (4 chips)."""
-  from trainer import sharding, steps, validate
+  from parallel.mesh import make_mesh
+  from trainer import steps, validate
   overrides = {"batch_size": BATCH, "seq_len": SEQ, "attention.impl": "pallas", "kernels.pallas_mode": "compiled",
                "mesh.fsdp": mesh_axes[0], "mesh.tensor": mesh_axes[1], "data.packing": packing}
   if kind == "nsa":
@@ -53,7 +53,7 @@ def _compiled_train_step(kind, chip, mesh_axes, packing="concat"):
   topology = topologies.get_topology_desc(platform="tpu", topology_name=chip, chip_config_name="default",
                                           chips_per_host_bounds=(2, 2, 1), num_slices=1)
   validate.validate(config, num_devices=len(topology.devices))
-  mesh = sharding.make_mesh(config.mesh, devices=topology.devices)
+  mesh = make_mesh(config.mesh, devices=topology.devices)
   program = steps.build(config, mesh)
   lowered = program.train_step.lower(program.abstract_state, steps.abstract_batch(config, mesh))
   return lowered.as_text(), lowered.compile().as_text()
@@ -78,6 +78,27 @@ def test_real_train_step_compiles_for_tpu_slices(chip, kind, min_kernels, mesh_a
   assert not whole_batch, whole_batch
 
 
+def test_two_slice_train_step_compiles_on_train_pys_mesh():
+  """Multislice: 2 x v5e:2x2 over DCN. parallel.mesh.make_mesh (train.py's own builder, given the
+  topology's devices) puts the data axis across the slices and keeps fsdp inside each; the real
+  train step (NSA on Pallas) compiles for that mesh, and its gradient all-reduce crosses the slices."""
+  from parallel.mesh import make_mesh, num_slices
+  from trainer import steps, validate
+  config = small_config(**{"batch_size": BATCH, "seq_len": SEQ, "attention.impl": "pallas",
+                           "kernels.pallas_mode": "compiled", "mesh.fsdp": -1, **NSA_SMALL})
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
+                                         chips_per_host_bounds=(2, 2, 1), num_slices=2).devices
+  assert num_slices(devices) == 2
+  validate.validate(config, num_devices=len(devices), num_slices=2)
+  mesh = make_mesh(config.mesh, devices)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+  slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert (slice_of == np.arange(2)[:, None, None, None]).all()       # data index i = slice i, fsdp within it
+  program = steps.build(config, mesh)
+  compiled = program.train_step.lower(program.abstract_state, steps.abstract_batch(config, mesh)).compile()
+  assert compiled.as_text().count("all-reduce") > 0
+
+
 # ---- several processes train as one ----
 
 def _free_port() -> int:
@@ -86,10 +107,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_hosts(workdir, overrides, env=None):
+def _two_hosts(workdir, overrides, kill_after_step=None):
   """train.py as 2 processes x 2 CPU devices on this machine, joined through gloo: [(rc, stderr)]."""
   port = _free_port()
-  procs = [run_train(workdir, overrides, devices=2, wait=False, env=env,
+  procs = [run_train(workdir, overrides, devices=2, wait=False, kill_after_step=kill_after_step,
                      args=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"])
            for i in range(2)]
   return [(p.communicate(timeout=600)[1], p.returncode)[::-1] for p in procs]
@@ -104,7 +125,7 @@ def test_two_processes_train_like_one_and_resume_after_kill_9(tmp_path):
   one = run_train(tmp_path / "one", overrides, devices=4)
   assert one.returncode == 0, one.stderr
 
-  killed = _two_hosts(tmp_path / "two", overrides, env={"TRAIN_KILL_AT_STEP": "6"})
+  killed = _two_hosts(tmp_path / "two", overrides, kill_after_step=6)
   assert [code for code, _ in killed] == [-signal.SIGKILL] * 2, killed
   before_kill = _losses(tmp_path / "two", range(1, 7))
   resumed = _two_hosts(tmp_path / "two", overrides)

@@ -216,7 +216,7 @@ def test_killed_run_on_prepared_data_resumes_on_the_same_batches(prepared, tmp_p
   overrides = {"steps": 16, "data.source": str(out), "data.packing": "pack"}
   straight = run_train(tmp_path / "straight", overrides)
   assert straight.returncode == 0, straight.stderr
-  killed = run_train(tmp_path / "killed", overrides, env={"TRAIN_KILL_AT_STEP": "7"})
+  killed = run_train(tmp_path / "killed", overrides, kill_after_step=7)
   assert killed.returncode == -signal.SIGKILL
   resumed = run_train(tmp_path / "killed", overrides)
   assert resumed.returncode == 0 and "resumed from step 5" in resumed.stderr, resumed.stderr

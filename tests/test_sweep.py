@@ -13,11 +13,11 @@ import time
 import types
 
 import pytest
+from test_model import NSA_SMALL
 
 from conftest import FAST_COMPILE, REPO, SMALL_OVERRIDES, read_metrics
-from test_model import NSA_SMALL
+from sweeps.runner import Point, Runner, error_line, read_status
 from trainer import sweep_report, sweep_runner
-from trainer.sweep_runner import Point, Runner, error_line, read_status
 
 SWEEP = str(REPO / "scripts" / "sweep.py")
 # The training tests' shrunk tiny NSA model, one layer.

@@ -37,7 +37,7 @@ def _losses(workdir, steps):
 
 
 def test_resume_after_kill_9_is_exact(tmp_path, reference_run):
-  killed = run_train(tmp_path, {"steps": 20}, env={"TRAIN_KILL_AT_STEP": "12"})
+  killed = run_train(tmp_path, {"steps": 20}, kill_after_step=12)
   assert killed.returncode == -signal.SIGKILL
   resumed = run_train(tmp_path, {"steps": 20})
   assert resumed.returncode == 0, resumed.stderr

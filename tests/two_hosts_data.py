@@ -11,9 +11,10 @@ def main(process_id: int, port: int, dataset: str, tokenizer: str, out: str):
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
   import numpy as np
   from jax.experimental import multihost_utils
+
   from conftest import small_config
   from data import pipeline, sources
-  from trainer import sharding
+  from parallel.mesh import batch_sharding, make_mesh
   config = small_config(**{"data.source": dataset, "data.tokenizer": tokenizer})
   src = sources.open_sources(config)
   index, count = jax.process_index(), jax.process_count()
@@ -32,7 +33,7 @@ def main(process_id: int, port: int, dataset: str, tokenizer: str, out: str):
                         ("concat", dict(data=1, fsdp=1, tensor=4))):
     config = small_config(**{"data.source": dataset, "data.tokenizer": tokenizer, "data.packing": packing,
                              **{f"mesh.{k}": v for k, v in mesh.items()}})
-    batch_sharding = sharding.batch_sharding(sharding.make_mesh(config.mesh))
+    batch_sharding = batch_sharding(make_mesh(config.mesh))
     held = pipeline.sharded_rows(batch_sharding, batch)
     local = pipeline.train_iterator(config, src, index, count, rows=held)
     single = pipeline.train_iterator(config, src)

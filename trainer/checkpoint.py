@@ -14,9 +14,9 @@ import time
 import grain
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
-import orbax.checkpoint as ocp
 
 from configs import ConfigError
 from trainer import divergence
@@ -166,23 +166,6 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def restore_or_init(config, program, mesh, ckpt: Checkpointer, data_iter):
-  """(state, start_step): the newest readable checkpoint of this run (data_iter restored with it),
-  else a fresh state, with init_from's parameters when set (start_step 0)."""
-  from trainer import steps
-  state, start_step = ckpt.restore_latest(program.abstract_state, data_iter)
-  if state is not None:
-    return state, start_step
-  state = steps.init_state(config, program.model, program.tx, mesh, program.shardings)
-  if config.init_from:
-    params, from_step, fresh = load_params(config.init_from, program.abstract_state.params)
-    state = state.replace(params=jax.tree.map(lambda new, old: old if new is None else new,
-                                              params, state.params, is_leaf=lambda x: x is None))
-    logging.info("parameters from %s (step %d)%s", config.init_from, from_step,
-                 f"; not in that checkpoint, freshly initialised: {', '.join(fresh)}" if fresh else "")
-  return state, 0
 
 
 def load_params(path: str, abstract_params):

@@ -3,7 +3,7 @@
 On a Cloud TPU slice (queued resources or GKE) the hosts are found by jax itself: the same command
 runs on every worker and `jax.distributed.initialize()` reads the slice's metadata. Elsewhere the
 cluster is named on the command line (--coordinator_address, --num_processes, --process_id); on
-CPU that selects gloo collectives, so N processes on one machine are N hosts (DESIGN.md §8).
+CPU that selects gloo collectives, so N processes on one machine are N hosts (docs/design.md §8).
 """
 import jax
 
@@ -12,7 +12,7 @@ from configs import ConfigError
 
 def on_cloud_tpu() -> bool:
   """A Cloud TPU VM of a queued resource or a GKE TPU node pool (jax's own detection)."""
-  from jax._src.clusters import cloud_tpu_cluster    # no public API names these checks
+  from jax._src.clusters import cloud_tpu_cluster  # no public API names these checks
   return cloud_tpu_cluster.GceTpuCluster.is_env_present() or cloud_tpu_cluster.GkeTpuCluster.is_env_present()
 
 

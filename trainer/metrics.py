@@ -107,7 +107,7 @@ def _truncate_after(path: epath.Path, step: int) -> list[str]:
 
 
 def _start_wandb(workdir: str, config):
-  import wandb   # imported lazily: it is slow to import and optional at run time
+  import wandb  # imported lazily: it is slow to import and optional at run time
   id_file = epath.Path(workdir) / "wandb_run_id"
   run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
   id_file.write_text(run_id)

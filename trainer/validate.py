@@ -8,14 +8,17 @@ import uuid
 import jax.numpy as jnp
 from etils import epath
 
+import kernels
 from configs import ConfigError
 from data import sources
-import kernels
-from kernels import IMPLS, PALLAS_MODES, dense, dsa_pallas, nsa as nsa_kernels, options_from_config, resolve_impl
+from evaluation import passkey
+from kernels import IMPLS, PALLAS_MODES, dense, options_from_config, resolve_impl
+from kernels import dsa as dsa_kernels
+from kernels import nsa as nsa_kernels
 from model.attention import ATTENTION_KINDS
 from model.transformer import REMAT_POLICIES
-from trainer import evaluation
-from trainer.sharding import MESH_AXES, SHARDED_DIMS, mesh_shape
+from parallel.mesh import MESH_AXES, mesh_shape
+from parallel.rules import SHARDED_DIMS
 
 
 def _get(config, field: str):
@@ -43,8 +46,9 @@ def _dtype(config, field, allowed=("float32", "bfloat16", "float16")):
   return jnp.dtype(_get(config, field))
 
 
-def validate(config, num_devices: int | None = None) -> None:
-  """Raises ConfigError on the first bad value. `num_devices` enables the mesh checks."""
+def validate(config, num_devices: int | None = None, num_slices: int = 1) -> None:
+  """Raises ConfigError on the first bad value. `num_devices` (over `num_slices` slices) enables
+  the mesh checks."""
   _positive(config, "steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
             "keep_checkpoints", "eval_batches")
   _require(
@@ -115,7 +119,7 @@ def validate(config, num_devices: int | None = None) -> None:
     raise ConfigError("init_from", config.init_from, "must be a checkpoint directory or a run's workdir")
 
   if num_devices is not None:
-    _validate_mesh(config, num_devices)
+    _validate_mesh(config, num_devices, num_slices)
 
 
 def _require(*rules) -> None:
@@ -140,21 +144,21 @@ def _validate_passkey(config) -> None:
     _require(
         ("eval.passkey", True, config.eval_every > 0, "runs at eval steps: needs eval_every > 0"),
         ("eval.passkey", True, bool(config.data.tokenizer), "needs data.tokenizer (the prompts are text)"),
-        ("seq_len", config.seq_len, config.seq_len >= evaluation.MIN_PASSKEY_LENGTH,
-         f"must be >= {evaluation.MIN_PASSKEY_LENGTH} with eval.passkey (room for the needle, question and answer)"),
+        ("seq_len", config.seq_len, config.seq_len >= passkey.MIN_PASSKEY_LENGTH,
+         f"must be >= {passkey.MIN_PASSKEY_LENGTH} with eval.passkey (room for the needle, question and answer)"),
     )
 
 
-def passkey_lengths(config, num_devices: int) -> list[int]:
-  """eval.passkey's prompt lengths: evaluation.default_lengths (256, 1k, 4k, ... up to seq_len)
+def passkey_lengths(config, num_devices: int, num_slices: int = 1) -> list[int]:
+  """eval.passkey's prompt lengths: passkey.default_lengths (256, 1k, 4k, ... up to seq_len)
   that this config also accepts as its seq_len (Pallas tiles, NSA blocks, context-parallel
   chunks, the passkey minimum); seq_len itself always is one."""
   lengths = []
-  for n in evaluation.default_lengths(config.seq_len):
+  for n in passkey.default_lengths(config.seq_len):
     shorter = config.copy_and_resolve_references()
     shorter.seq_len = n
     try:
-      validate(shorter, num_devices)
+      validate(shorter, num_devices, num_slices)
     except ConfigError:
       continue
     lengths.append(n)
@@ -162,7 +166,7 @@ def passkey_lengths(config, num_devices: int) -> list[int]:
 
 
 def _validate_nsa(config) -> None:
-  c, m = config.nsa, config.model
+  c = config.nsa
   _positive(config, "nsa.cmp_block", "nsa.cmp_stride", "nsa.slc_block", "nsa.num_selected",
             "nsa.window")
   _require(
@@ -194,7 +198,7 @@ def _kernel_shapes(config, context: int = 1) -> None:
     if kind in ("dense", "mla") or (kind == "dsa" and config.dsa.stage == "dense_warmup"):
       dense.check_supported(seq_len=seq_len)
     elif kind == "dsa":
-      dsa_pallas.check_supported(n_heads=m.n_heads)
+      dsa_kernels.check_supported(n_heads=m.n_heads)
     elif kind == "nsa":
       nsa_kernels.check_supported(seq_len=seq_len, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
                                   slc_block=config.nsa.slc_block)
@@ -224,14 +228,17 @@ def _validate_dsa(config) -> None:
   )
 
 
-def _validate_mesh(config, num_devices: int) -> None:
+def _validate_mesh(config, num_devices: int, num_slices: int) -> None:
   raw = {a: config.mesh[a] for a in MESH_AXES}
   for a, s in raw.items():
     if not isinstance(s, int) or (s < 1 and s != -1):
       raise ConfigError(f"mesh.{a}", s, "must be a positive integer or -1 (fill with the devices left)")
   if sum(s == -1 for s in raw.values()) > 1:
     raise ConfigError("mesh", dict(raw), "at most one axis may be -1")
-  sizes = mesh_shape(config.mesh, num_devices)
+  sizes = mesh_shape(config.mesh, num_devices, num_slices)
+  if sizes["data"] % num_slices:
+    raise ConfigError("mesh.data", raw["data"], f"must be a multiple of the {num_slices} slices (the data axis spans "
+                      "them over DCN; 1 means one replica per slice)")
   if any(s == -1 for s in sizes.values()) or math.prod(sizes.values()) != num_devices:
     raise ConfigError("mesh", dict(raw), f"the axis sizes must multiply to the {num_devices} devices")
   for axis, fields in SHARDED_DIMS.items():

@@ -1,4 +1,4 @@
-"""Pallas TPU kernels for NSA's compressed branch (DESIGN.md §4, §7): attention over the compressed
+"""Pallas TPU kernels for NSA's compressed branch (docs/design.md §4, §7): attention over the compressed
 keys (forward with lse, dq, dK/dV behind a custom_vjp) and the group-summed, overlap-mapped block
 scores that select_blocks ranks. Query t sees compressed token c iff c*d + l - 1 <= t and
 c >= first[t], the first compressed token of t's document (0 for one document per row; packed
@@ -8,7 +8,7 @@ the key axis, so it is fetched once per tile), a lane-padded 64 KiB buffer in VM
 wholly before a tile's documents are still walked (masked): packed rows cost what one document
 of T costs.
 
-rows    as in the selection kernels (kernels/nsa_pallas.py): a tile is bq = 128 // G query
+rows    as in the selection kernels (kernels/selection_pallas.py): a tile is bq = 128 // G query
         positions x the G heads of one KV group, 128 matmul rows whatever G is.
 Attention, forward and dq: grid (B, HKV, T/bq, Cp/BK), BK = 128 compressed keys per step, an
         online softmax over the key axis. Query tile i needs only its first n_i key tiles (the
@@ -38,8 +38,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions
-from kernels.nsa_pallas import (_Shape, _accumulate_dkv, _accumulate_dq, check_rows, from_rows, from_tile_rows,
-                                row_spec, tile_row_spec, to_rows, to_tile_rows)
+from kernels.nsa.selection_pallas import (
+  _accumulate_dkv,
+  _accumulate_dq,
+  _Shape,
+  check_rows,
+  from_rows,
+  from_tile_rows,
+  row_spec,
+  tile_row_spec,
+  to_rows,
+  to_tile_rows,
+)
 from kernels.pallas_common import LANES, ROWS, cost, probs, softmax_finish, softmax_init, softmax_step
 
 
@@ -297,16 +307,16 @@ _compressed.defvjp(_compressed_fwd, _compressed_bwd)
 
 # ---- block scores for select_blocks ----
 
-@functools.lru_cache(maxsize=None)
-def overlap_tiles(block_len: int, stride: int, select_block: int, blocks_per_tile: int):
+@functools.cache
+def overlap_tiles(block_len: int, stride: int, slc_block: int, blocks_per_tile: int):
   """(own [BKS, nbt], previous [BKS, nbt]) float32: |tokens of compressed c ∩ selection block j| / d
   for c in the current key tile and in the one before, j in the current tile of blocks. Every tile
   pair looks the same because a key tile covers exactly its blocks' span (BKS*d = nbt*l')."""
-  keys = blocks_per_tile * select_block // stride
+  keys = blocks_per_tile * slc_block // stride
   c = np.arange(-keys, keys)[:, None]
   j = np.arange(blocks_per_tile)[None, :]
-  w = np.maximum(0, np.minimum(c * stride + block_len, (j + 1) * select_block)
-                 - np.maximum(c * stride, j * select_block)) / stride
+  w = np.maximum(0, np.minimum(c * stride + block_len, (j + 1) * slc_block)
+                 - np.maximum(c * stride, j * slc_block)) / stride
   return w[keys:].astype(np.float32), w[:keys].astype(np.float32)
 
 
@@ -345,7 +355,7 @@ def _scores_cost(g: _Cmp, keys: int, nbt: int, num_tiles: int):
               tiles * (ROWS * g.dk * 2 + ROWS * 4 + bq * num_tiles * nbt * 4 + seen * g.dk * 2))
 
 
-def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stride: int, select_block: int,
+def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stride: int, slc_block: int,
                  num_blocks: int, scale=None, options=None, doc_start=None):
   """float32 [B, Qc, HKV, num_blocks]: for queries chunk_start + [0, Qc) the selection-block
   importance sum_{g, c} w(c, j) p_cmp[g, c] of NSA (the XLA reference's block_scores of the
@@ -355,8 +365,8 @@ def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stri
   g = _geometry(q_chunk, k_cmp, k_cmp, block_len, stride, scale, options)
   nbt = min(g.options.score_blocks, num_blocks)
   num_tiles = -(-num_blocks // nbt)
-  keys = nbt * select_block // stride
-  own, prev = (jnp.asarray(w) for w in overlap_tiles(block_len, stride, select_block, nbt))
+  keys = nbt * slc_block // stride
+  own, prev = (jnp.asarray(w) for w in overlap_tiles(block_len, stride, slc_block, nbt))
   k_t = k_cmp.transpose(0, 2, 1, 3)
   k_t = jnp.pad(k_t, [(0, 0), (0, 0), (0, max(0, num_tiles * keys - g.c)), (0, 0)])[:, :, :num_tiles * keys]
   lse_rows = to_tile_rows(lse_chunk, g.hkv)

@@ -1,4 +1,4 @@
-"""Pallas TPU kernels for DSA (DESIGN.md §5-§7): the lightning indexer's scores (for an exact
+"""Pallas TPU kernels for DSA (docs/design.md §5-§7): the lightning indexer's scores (for an exact
 top-k) and sparse MLA attention in MQA form, forward, dq and dkv, behind a custom_vjp.
 
 Indexer scores, I[t, s] = sum_j w[t, j] relu(q_I[t, j] . k_I[s]):
@@ -59,8 +59,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported, chunking
-from kernels.pallas_common import (LANES, ROWS, cost, inverted_pairs, pair_windows, probs, probs_and_dscores, softmax_finish,
-                                   softmax_init, softmax_step)
+from kernels.pallas_common import (
+  LANES,
+  ROWS,
+  cost,
+  inverted_pairs,
+  pair_windows,
+  probs,
+  probs_and_dscores,
+  softmax_finish,
+  softmax_init,
+  softmax_step,
+)
 
 KEY_CHUNK = 128        # union rows gathered per chunk (forward, dq)
 KEY_TILE = 128         # keys per dkv tile

@@ -1,10 +1,8 @@
-"""Kernels run per device: the one place that puts attention inside `jax.shard_map`, and the
-load-balanced sequence layout of context parallelism.
+"""Kernels run per device: the one place that puts attention inside `jax.shard_map`.
 
 XLA cannot partition a Mosaic kernel ("Mosaic kernels cannot be automatically partitioned"), so
-every Pallas call the model makes goes through `per_device`. It reads the mesh the caller set
-(`jax.set_mesh`, as the trainer's steps do) and the logical-axis rules in force
-(`nn.logical_axis_rules`, trainer/sharding.py's table), and maps each argument's logical axes
+every Pallas call the model makes goes through `per_device`. It reads the mesh and the
+logical-axis rules in force (parallel.rules.use_mesh) and maps each argument's logical axes
 (`act_batch`, `act_heads`, ...) to mesh axes exactly as the model's own activation constraints
 do: the batch splits over the batch axes and heads over `tensor`, so the kernel reads the blocks
 each device already holds (no all-gather of activations) and its outputs stay where they are.
@@ -15,121 +13,47 @@ correct, only redundant). That keeps whole GQA groups together (HQ and HKV split
 model.init trace a one-row batch. trainer/validate.py refuses, at start-up, training layouts that
 would fall back this way.
 
-Context parallelism (`act_seq` mapped to the `context` mesh axis, cp devices). The sequence is
-stored in a load-balanced layout (`to_layout`): T splits into 2*cp chunks of c = T/(2cp) and
-device i holds chunks i and 2cp-1-i, so every device has the same causal attention work (the
-last device would otherwise do ~2x the average). Attention then runs per device for the XLA
-references too: each device keeps its own queries (`act_seq` dims) and sees every key-side
-array (`KEYS` dims) whole, in natural order. The shard_map's input specs ask XLA for the
-all-gather over `context`; the transpose of that (the gradients of the gathered keys) is the
-reduce-scatter of the per-device contributions. The kernel function runs once per local chunk
-with `q_offset`, the global position of the chunk's first query: causality, compressed
-visibility, forced blocks, the window and top-k all use global positions.
+Under context parallelism (parallel/context.py) attention runs per device for the XLA references
+too: each device keeps its own queries (`act_seq` dims) and sees every key-side array (`KEYS`
+dims) whole, in natural order. The shard_map's input specs ask XLA for the all-gather over
+`context`; the transpose of that (the gradients of the gathered keys) is the reduce-scatter of
+the per-device contributions. The kernel function runs once per local chunk with `q_offset`, the
+global position of the chunk's first query: causality, compressed visibility, forced blocks, the
+window and top-k all use global positions.
 """
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-SEQ = "act_seq"
+from parallel import rules
+from parallel.context import SEQ, context_axes, from_layout
+
 KEYS = "act_keys"     # a key-side sequence dim: every device sees all T positions, natural order
 
-# Logical axes of the kernels' arguments ([batch, seq, heads, dim] layout, DESIGN.md §3).
+# Logical axes of the kernels' arguments ([batch, seq, heads, head_dim] layout, docs/design.md §3).
 Q = ("act_batch", SEQ, "act_heads", None)                # q, out [B, T, HQ, D]
 KV = ("act_batch", KEYS, "act_kv_heads", None)           # k, v [B, T, HKV, D]
 SELECTED = ("act_batch", SEQ, "act_kv_heads", None)      # NSA block indices [B, T, HKV, n]
 MQA = ("act_batch", KEYS, None, None)                    # the one K/V head of MQA [B, T, 1, D]
 CMP = ("act_batch", None, "act_kv_heads", None)          # k_cmp, v_cmp [B, C, HKV, D]
 STATS = ("act_batch", SEQ, "act_heads")                  # lse [B, T, HQ]
-ROWS = ("act_batch", SEQ)                                # query segment ids, per-query values [B, T]
-KEY_ROWS = ("act_batch", KEYS)                           # key segment ids [B, T]
+PER_QUERY = ("act_batch", SEQ)                           # query segment ids, per-query values [B, T]
+PER_KEY = ("act_batch", KEYS)                            # key segment ids [B, T]
 QUERY_ROWS = ("act_batch", SEQ, None)                    # DSA weights, indices [B, T, *]
 QUERY_HEADS = ("act_batch", SEQ, None, None)             # DSA indexer queries [B, T, H_I, D_I]
 KEY_ROW = ("act_batch", KEYS, None)                      # DSA k_idx, kv [B, T, D]
 
 
-def _mesh_axes(name, rules):
-  """Mesh axes of one logical axis name under `rules` (a tuple, maybe empty)."""
-  for logical, mesh_axes in rules:
-    if logical == name:
-      if mesh_axes is None:
-        return ()
-      return tuple(mesh_axes) if isinstance(mesh_axes, (tuple, list)) else (mesh_axes,)
-  return ()
-
-
-def _auto_axes(mesh, name, rules):
-  return tuple(a for a in _mesh_axes(name, rules) if a in mesh.shape and a not in mesh.manual_axes)
-
-
-def context_axes() -> tuple:
-  """The mesh axes the sequence is split over (the `context` axis) under the current mesh and
-  rules, or () when it is not split (no mesh, size 1, or inside a shard_map already)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return ()
-  axes = _auto_axes(mesh, SEQ, nn.get_logical_axis_rules())
-  return axes if math.prod(mesh.shape[a] for a in axes) > 1 else ()
-
-
-def context_size() -> int:
-  """cp: how many devices one sequence is split over (1: no context parallelism)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return math.prod(mesh.shape[a] for a in context_axes())
-
-
-# ---- the load-balanced layout: device i holds chunks i and 2cp-1-i of 2cp ----
-
-def _xp(x):
-  return np if isinstance(x, np.ndarray) else jnp     # numpy for static index tables
-
-
-def to_layout(x, axis: int, shards: int):
-  """Natural order -> load-balanced layout along `axis` (length divisible by 2 * shards): slices
-  and a reversal, no gather."""
-  if shards == 1:
-    return x
-  xp = _xp(x)
-  x = xp.moveaxis(x, axis, 0)
-  chunks = x.reshape(2, shards, -1, *x.shape[1:])               # [2, cp, c, ...]: chunk j = [j//cp, j%cp]
-  pairs = xp.stack([chunks[0], xp.flip(chunks[1], 0)], 1)        # [cp, 2, c, ...]: chunks i, 2cp-1-i
-  return xp.moveaxis(pairs.reshape(x.shape), 0, axis)
-
-
-def from_layout(x, axis: int, shards: int):
-  """Load-balanced layout -> natural order along `axis`: the inverse of to_layout."""
-  if shards == 1:
-    return x
-  xp = _xp(x)
-  x = xp.moveaxis(x, axis, 0)
-  pairs = x.reshape(shards, 2, -1, *x.shape[1:])
-  natural = xp.concatenate([pairs[:, 0], xp.flip(pairs[:, 1], 0)], 0)
-  return xp.moveaxis(natural.reshape(x.shape), 0, axis)
-
-
-def layout_positions(seq_len: int, shards: int) -> np.ndarray:
-  """int32 [T]: the natural position stored at each index of the layout."""
-  return to_layout(np.arange(seq_len, dtype=np.int32), 0, shards)
-
-
-def layout_index(natural_positions, seq_len: int, shards: int) -> np.ndarray:
-  """Where natural positions (any int array) sit in the layout (static numpy)."""
-  where = np.argsort(layout_positions(seq_len, shards)).astype(np.int32)
-  return where[np.asarray(natural_positions)]
-
-
-# ---- per-device execution ----
-
 def with_doc_start(args, axes, doc_start):
   """per_device arguments and their axes, plus packed documents' doc_start [B, T] int32 (one
-  value per query: ROWS) when it is given."""
+  value per query: PER_QUERY) when it is given."""
   if doc_start is None:
     return args, axes
-  return (*args, doc_start.astype(jnp.int32)), (*axes, ROWS)
+  return (*args, doc_start.astype(jnp.int32)), (*axes, PER_QUERY)
 
 
 def _specs(mesh, rules, args, in_axes):
@@ -141,7 +65,7 @@ def _specs(mesh, rules, args, in_axes):
     for dim, name in zip(x.shape, axes or ()):
       if name is None or name == KEYS:
         continue
-      mesh_axes = _auto_axes(mesh, name, rules)
+      mesh_axes = rules.auto_axes(mesh, name, rules)
       usable[name] = mesh_axes
       size = 1
       for a in mesh_axes:
@@ -204,7 +128,7 @@ def split_axes(name: str) -> tuple:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
-  return tuple(a for a in _mesh_axes(name, nn.get_logical_axis_rules()) if a in mesh.shape and mesh.shape[a] > 1)
+  return tuple(a for a in rules.mesh_axes_of(name, nn.get_logical_axis_rules()) if a in mesh.shape and mesh.shape[a] > 1)
 
 
 def per_device(fn, in_axes, out_axes, *, pallas: bool = True):

@@ -1,6 +1,6 @@
-"""Pallas TPU kernels for NSA's selection branch (DESIGN.md §7): forward, dq and dK/dV behind a
+"""Pallas TPU kernels for NSA's selection branch (docs/design.md §7): forward, dq and dK/dV behind a
 custom_vjp (`kernels.nsa.selection_attention(impl="pallas")`) and the GQA row layout the
-compressed kernels share (kernels/nsa_compressed_pallas.py). The online softmax and the inverted
+compressed kernels share (kernels/compressed_pallas.py). The online softmax and the inverted
 selection are kernels/pallas_common.py's (shared with DSA); the traffic model of the three
 kernels is kernels/nsa_traffic.py. The window branch runs on splash attention (kernels/dense.py).
 
@@ -23,25 +23,35 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported
-from kernels.pallas_common import (LANES, ROWS, cost, inverted_pairs, pair_windows, probs, probs_and_dscores,
-                                   softmax_finish, softmax_init, softmax_step, window_share)
+from kernels.pallas_common import (
+  LANES,
+  ROWS,
+  cost,
+  inverted_pairs,
+  pair_windows,
+  probs_and_dscores,
+  softmax_finish,
+  softmax_init,
+  softmax_step,
+  window_share,
+)
 
-def tile_unions(block_indices, *, block_size: int, seq_len: int, queries_per_tile: int, first_tile=0):
+
+def tile_unions(block_indices, *, slc_block: int, seq_len: int, queries_per_tile: int, first_tile=0):
   """(union [B, HKV, NQ, U] int32, count [B, HKV, NQ] int32): per query tile, the sorted distinct
   valid blocks its queries selected (-1, out-of-range and wholly-future blocks dropped), padded
   by repeating the last entry (0 when the tile selected nothing). seq_len: the keys' length;
   first_tile (traced int32 ok): the global index of the first query tile."""
   b, t, hkv, n = block_indices.shape
-  num_blocks = -(-seq_len // block_size)
+  num_blocks = -(-seq_len // slc_block)
   nq = t // queries_per_tile
   idx = block_indices.reshape(b, nq, queries_per_tile, hkv, n).transpose(0, 3, 1, 2, 4)
   idx = idx.reshape(b, hkv, nq, queries_per_tile * n)
-  last_block = ((first_tile + jnp.arange(nq) + 1) * queries_per_tile - 1) // block_size         # [NQ]
+  last_block = ((first_tile + jnp.arange(nq) + 1) * queries_per_tile - 1) // slc_block         # [NQ]
   valid = (idx >= 0) & (idx < num_blocks) & (idx <= last_block[None, None, :, None])
   big = jnp.iinfo(jnp.int32).max
   s = jnp.sort(jnp.where(valid, idx, big), axis=-1)
@@ -54,14 +64,14 @@ def tile_unions(block_indices, *, block_size: int, seq_len: int, queries_per_til
   return union.astype(jnp.int32), count
 
 
-def _masked_scores(q, k, idx, j, tile, *, scale, block_size, group):
+def _masked_scores(q, k, idx, j, tile, *, scale, slc_block, group):
   """scale * q k^T [R, l'] in fp32 for KV block j, -inf where a row's query did not choose block
   j or the key is in its future. Row r is query tile*(R/G) + r//G."""
   rows = q.shape[0]
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
   chosen = jnp.max(jnp.where(idx == j, 1, 0), axis=1, keepdims=True) > 0                # [R, 1]
   query_pos = tile * (rows // group) + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group
-  key_pos = j * block_size + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+  key_pos = j * slc_block + jax.lax.broadcasted_iota(jnp.int32, (1, slc_block), 1)
   return jnp.where(chosen & (key_pos <= query_pos), s, -jnp.inf)
 
 
@@ -74,7 +84,7 @@ def _union_position(group_ref, grid_shape):
 
 
 def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, k_ref, v_ref, o_ref, lse_ref,
-                          m_scratch, l_scratch, acc_scratch, *, scale, block_size, group, num_union,
+                          m_scratch, l_scratch, acc_scratch, *, scale, slc_block, group, num_union,
                           grid_shape):
   tile, u, query_tile = _union_position(group_ref, grid_shape)
 
@@ -86,7 +96,7 @@ def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, k_ref
   def _step():
     j = union_ref[tile * num_union + u]
     s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, query_tile,
-                       scale=scale, block_size=block_size, group=group)
+                       scale=scale, slc_block=slc_block, group=group)
     softmax_step(s, v_ref[...], m_scratch, l_scratch, acc_scratch)
 
   @pl.when(u == num_union - 1)
@@ -139,14 +149,14 @@ class _Shape(NamedTuple):
   dk: int
   dv: int
   n: int
-  block_size: int
+  slc_block: int
   scale: float
   options: KernelOptions
   tk: int = 0             # keys (0: t); more than t when the queries are a chunk of the sequence
 
   @property
   def num_blocks(self):
-    return (self.tk or self.t) // self.block_size
+    return (self.tk or self.t) // self.slc_block
 
   @property
   def interpret(self):
@@ -178,20 +188,20 @@ def check_rows(t: int, hq: int, hkv: int) -> int:
   return group
 
 
-def check_supported(t: int, hq: int, hkv: int, block_size: int) -> int:
+def check_supported(t: int, hq: int, hkv: int, slc_block: int) -> int:
   """The selection kernels' rules: the row tiling's, and T a multiple of the block size."""
   group = check_rows(t, hq, hkv)
-  if t % block_size:
-    raise Unsupported("seq_len", t, f"must be a multiple of the selection block size {block_size}")
+  if t % slc_block:
+    raise Unsupported("seq_len", t, f"must be a multiple of the selection block size {slc_block}")
   return group
 
 
-def _shape(q, k, v, block_indices, block_size, scale, options) -> _Shape:
+def _shape(q, k, v, block_indices, slc_block, scale, options) -> _Shape:
   b, t, hq, dk = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
-  group = check_supported(t, hq, hkv, block_size)
-  check_supported(k.shape[1], hq, hkv, block_size)
-  return _Shape(b, t, hkv, group, dk, dv, block_indices.shape[-1], block_size,
+  group = check_supported(t, hq, hkv, slc_block)
+  check_supported(k.shape[1], hq, hkv, slc_block)
+  return _Shape(b, t, hkv, group, dk, dv, block_indices.shape[-1], slc_block,
                 dk ** -0.5 if scale is None else scale, options or DEFAULT_OPTIONS, k.shape[1])
 
 
@@ -204,8 +214,8 @@ def _selection_cost(sh: _Shape, tiles: int, num_union: int, *, matmul_width: int
   traffic model measures 1.6n for realistic selections at 64k: scripts/bench_attention.py),
   `kv_passes` times (dK/dV: K/V in bf16, the fp32 accumulators in and out: 5)."""
   rows = sh.b * sh.hkv * tiles * ROWS
-  keys = sh.n * sh.block_size
-  kv = sh.b * sh.hkv * tiles * min(num_union, 2 * sh.n) * sh.block_size * (sh.dk + sh.dv) * 2
+  keys = sh.n * sh.slc_block
+  kv = sh.b * sh.hkv * tiles * min(num_union, 2 * sh.n) * sh.slc_block * (sh.dk + sh.dv) * 2
   return cost(2 * rows * keys * matmul_width, rows * keys, rows * row_bytes + kv_passes * kv)
 
 
@@ -239,17 +249,17 @@ def _forward_rows(sh: _Shape, first_tile, q_rows, k_t, v_t, idx_rows, union, cou
 def _unions(sh: _Shape, block_indices, q_offset):
   """(first tile: the global index of query tile 0, union, count)."""
   first_tile = jnp.asarray(q_offset, jnp.int32) // sh.queries_per_tile
-  union, count = tile_unions(block_indices, block_size=sh.block_size, seq_len=sh.tk,
+  union, count = tile_unions(block_indices, slc_block=sh.slc_block, seq_len=sh.tk,
                              queries_per_tile=sh.queries_per_tile, first_tile=first_tile)
   return first_tile, union, count
 
 
-def selection_forward(q, k, v, block_indices, *, block_size: int, scale=None, options=None, q_offset=0):
+def selection_forward(q, k, v, block_indices, *, slc_block: int, scale=None, options=None, q_offset=0):
   """Pallas selection attention forward: (out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] float32),
   the same numbers as kernels.nsa.selection_attention(impl="xla"), for queries at global
   positions q_offset + [0, T) (a multiple of 128/G) against all keys k, v [B, Tk]. Needs
-  G = HQ/HKV dividing 128, T and Tk multiples of 128/G and of block_size."""
-  sh = _shape(q, k, v, block_indices, block_size, scale, options)
+  G = HQ/HKV dividing 128, T and Tk multiples of 128/G and of slc_block."""
+  sh = _shape(q, k, v, block_indices, slc_block, scale, options)
   first_tile, union, count = _unions(sh, block_indices, q_offset)
   out, lse = _forward_rows(sh, first_tile, sh.rows(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                            sh.rows(jnp.repeat(block_indices, sh.group, axis=2)), union, count)
@@ -261,11 +271,11 @@ def _union_grid(sh: _Shape, kernel, tiles, num_union):
   arguments, the K/V BlockSpec walking each tile's union (scalar prefetch: group id, union,
   count) and the row map (b, h, tile) of a tile's row inputs and outputs."""
   grid = (sh.b, sh.hkv, tiles, num_union)
-  kernel = functools.partial(kernel, scale=sh.scale, block_size=sh.block_size, group=sh.group,
+  kernel = functools.partial(kernel, scale=sh.scale, slc_block=sh.slc_block, group=sh.group,
                              num_union=num_union, grid_shape=grid)
   flat = lambda bi, h, i: (bi * sh.hkv + h) * tiles + i
   kv_map = lambda bi, h, i, u, g, union, count: (bi, h, union[flat(bi, h, i) * num_union + u], 0)
-  kv_spec = lambda width: pl.BlockSpec((None, None, sh.block_size, width), kv_map)
+  kv_spec = lambda width: pl.BlockSpec((None, None, sh.slc_block, width), kv_map)
   row_map = lambda bi, h, i, u, g, union, count: (bi, h, i)
   return grid, kernel, kv_spec, row_map
 
@@ -319,7 +329,7 @@ def _accumulate_dkv(s, q, do, v, lse_ref, delta_ref, dk_scratch, dv_scratch, sca
 
 
 def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref,
-                         k_ref, v_ref, dq_ref, acc_scratch, *, scale, block_size, group, num_union, grid_shape):
+                         k_ref, v_ref, dq_ref, acc_scratch, *, scale, slc_block, group, num_union, grid_shape):
   tile, u, query_tile = _union_position(group_ref, grid_shape)
 
   @pl.when(u == 0)
@@ -330,7 +340,7 @@ def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref
   def _step():
     j = union_ref[tile * num_union + u]
     s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, query_tile,
-                       scale=scale, block_size=block_size, group=group)
+                       scale=scale, slc_block=slc_block, group=group)
     _accumulate_dq(s, do_ref[...], k_ref[...], v_ref[...], lse_ref, delta_ref, acc_scratch, scale)
 
   @pl.when(u == num_union - 1)
@@ -373,7 +383,7 @@ def block_pairs(union, count, num_blocks: int):
 
 def _selection_dkv_kernel(block_ref, tile_ref, first_tile_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref, k_ref,
                           v_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *,
-                          scale, block_size, group, window, grid_shape):
+                          scale, slc_block, group, window, grid_shape):
   b, h, p = (pl.program_id(a) for a in range(3))
   _, hkv, _ = grid_shape
   at = (b * hkv + h) * window + p
@@ -390,7 +400,7 @@ def _selection_dkv_kernel(block_ref, tile_ref, first_tile_ref, q_ref, idx_ref, d
   def _step():
     q = q_ref[...]
     s = _masked_scores(q, k_ref[...], idx_ref[...], j, first_tile_ref[0] + tile, scale=scale,
-                       block_size=block_size, group=group)                              # [R, l']
+                       slc_block=slc_block, group=group)                              # [R, l']
     _accumulate_dkv(s, q, do_ref[...], v_ref[...], lse_ref, delta_ref, dk_scratch, dv_scratch, scale)
 
   @pl.when(ends)
@@ -403,11 +413,11 @@ def _selection_dkv(sh: _Shape, first_tile, q_rows, idx_rows, do_rows, lse_rows, 
                    count):
   """dK, dV [B, HKV, Tk, D] float32 from the pair list, window by window (pair tiles are local;
   first_tile, in scalar prefetch, places them in the sequence)."""
-  b, hkv, dk, dv, bs = sh.b, sh.hkv, sh.dk, sh.dv, sh.block_size
+  b, hkv, dk, dv, bs = sh.b, sh.hkv, sh.dk, sh.dv, sh.slc_block
   (block, tile), window = pair_windows(block_pairs(union, count, sh.num_blocks), sh.options.prefetch_bytes)
   windows = block.shape[-1] // window
   grid = (b, hkv, window)
-  kernel = functools.partial(_selection_dkv_kernel, scale=sh.scale, block_size=bs, group=sh.group,
+  kernel = functools.partial(_selection_dkv_kernel, scale=sh.scale, slc_block=bs, group=sh.group,
                              window=window, grid_shape=grid)
   at = lambda bi, h, p: (bi * hkv + h) * window + p
   kv_map = lambda bi, h, p, block, tile, first: (bi, h, block[at(bi, h, p)], 0)
@@ -442,21 +452,21 @@ def _selection_dkv(sh: _Shape, first_tile, q_rows, idx_rows, do_rows, lse_rows, 
   return dk_t, dv_t
 
 
-def selection_attention(q, k, v, block_indices, q_offset, block_size: int, scale=None, options=None):
+def selection_attention(q, k, v, block_indices, q_offset, slc_block: int, scale=None, options=None):
   """Differentiable Pallas selection attention: out [B,T,HQ,Dv], the contract of
   kernels.nsa.selection_attention for queries at global positions q_offset + [0, T) (int or
   traced int32) against all keys k, v [B, Tk]. Forward, dq and dk/dv are Pallas kernels."""
-  return _selection(q, k, v, block_indices, jnp.asarray(q_offset, jnp.int32), block_size, scale, options)
+  return _selection(q, k, v, block_indices, jnp.asarray(q_offset, jnp.int32), slc_block, scale, options)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _selection(q, k, v, block_indices, q_offset, block_size, scale, options):
-  return selection_forward(q, k, v, block_indices, block_size=block_size, scale=scale, options=options,
+def _selection(q, k, v, block_indices, q_offset, slc_block, scale, options):
+  return selection_forward(q, k, v, block_indices, slc_block=slc_block, scale=scale, options=options,
                            q_offset=q_offset)[0]
 
 
-def _selection_vjp_fwd(q, k, v, block_indices, q_offset, block_size, scale, options):
-  sh = _shape(q, k, v, block_indices, block_size, scale, options)
+def _selection_vjp_fwd(q, k, v, block_indices, q_offset, slc_block, scale, options):
+  sh = _shape(q, k, v, block_indices, slc_block, scale, options)
   first_tile, union, count = _unions(sh, block_indices, q_offset)
   k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   idx_rows = sh.rows(jnp.repeat(block_indices, sh.group, axis=2))
@@ -464,9 +474,9 @@ def _selection_vjp_fwd(q, k, v, block_indices, q_offset, block_size, scale, opti
   return sh.unrows(out_rows), (q, k, v, block_indices, first_tile, out_rows, lse_rows, union, count)
 
 
-def _selection_vjp_bwd(block_size, scale, options, residuals, dout):
+def _selection_vjp_bwd(slc_block, scale, options, residuals, dout):
   q, k, v, block_indices, first_tile, out_rows, lse_rows, union, count = residuals
-  sh = _shape(q, k, v, block_indices, block_size, scale, options)
+  sh = _shape(q, k, v, block_indices, slc_block, scale, options)
   k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   q_rows, idx_rows = sh.rows(q), sh.rows(jnp.repeat(block_indices, sh.group, axis=2))
   do_rows = sh.rows(dout.astype(q.dtype))

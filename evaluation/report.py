@@ -5,7 +5,8 @@ import json
 
 from etils import epath
 
-from trainer.evaluation import KEY_DIGITS, short
+from evaluation.passkey import KEY_DIGITS
+from evaluation.positions import short
 
 
 def markdown(headers, rows) -> str:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from etils import epath
 
-from trainer.sweep_grid import flag_value
+from sweeps.grid import flag_value
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 STATUS_FILE = "sweep_point.json"

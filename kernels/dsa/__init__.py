@@ -1,4 +1,4 @@
-"""DeepSeek Sparse Attention (DESIGN.md §5, §6): the lightning indexer's top-k, MLA attention in
+"""DeepSeek Sparse Attention (docs/design.md §5, §6): the lightning indexer's top-k, MLA attention in
 MQA form over the selected rows, and the indexer's KL loss and recall.
 
 `impl="xla"` is the pure-JAX reference: the oracle for the Pallas kernels and the path on CPU/GPU.
@@ -19,7 +19,7 @@ documents, s >= doc_start[t] (int32 [B, T]: where t's document starts; a padding
 The sparse attention and the sparse stage's loss need no doc_start: the top-k already holds
 only the query's own document.
 
-Under context parallelism each function runs per device (kernels/partition.py): a device's
+Under context parallelism each function runs per device (kernels/placement.py): a device's
 queries (global positions q_offset + i) against every key, the small key-side tensors k_idx
 [T, D_I] and kv [T, Dk] gathered over the context axis. Each function's `_local` body is that
 per-device computation.
@@ -29,8 +29,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import DEFAULT_OPTIONS, chunking, dsa_pallas, partition, resolve_impl
+from kernels import DEFAULT_OPTIONS, chunking, resolve_impl
 from kernels.chunking import masked_softmax
+from kernels.dsa import pallas as dsa_pallas
+from parallel import placement
+
+
+def check_supported(*, n_heads: int) -> None:
+  """The DSA Pallas kernels' shape rules (raises kernels.Unsupported naming the argument)."""
+  dsa_pallas.check_supported(n_heads)
 
 
 def _pallas(impl: str, options) -> bool:
@@ -46,7 +53,7 @@ def map_query_chunks(fn, q, *per_query, options, offset=0):
 def _per_device(fn, in_axes, out_axes, pallas: bool = False):
   """The XLA references run as they are, or per device under context parallelism; the Pallas
   kernels always per device."""
-  return partition.per_device(fn, in_axes, out_axes, pallas=pallas)
+  return placement.per_device(fn, in_axes, out_axes, pallas=pallas)
 
 
 def _causal(t0, num_queries: int, num_keys: int):
@@ -102,9 +109,9 @@ def indexer_topk(q_idx, k_idx, weights, *, topk: int, impl="auto", options=None,
         q_idx, k_idx, weights, q_offset, topk=topk, options=options, doc_start=doc)
   else:
     local = functools.partial(indexer_topk_local, topk=topk, options=options)
-  args, axes = partition.with_doc_start(
-      (q_idx, k_idx, weights), (partition.QUERY_HEADS, partition.KEY_ROW, partition.QUERY_ROWS), doc_start)
-  return _per_device(local, axes, partition.QUERY_ROWS, pallas)(*args)
+  args, axes = placement.with_doc_start(
+      (q_idx, k_idx, weights), (placement.QUERY_HEADS, placement.KEY_ROW, placement.QUERY_ROWS), doc_start)
+  return _per_device(local, axes, placement.QUERY_ROWS, pallas)(*args)
 
 
 def indexer_topk_local(q_idx, k_idx, weights, doc_start=None, *, q_offset, topk, options):
@@ -135,7 +142,7 @@ def sparse_attention(q, kv, indices, *, v_dim: int, scale=None, impl="auto", opt
   else:           # sorted, a repeat sits next to its first copy, and the gathers walk kv in order
     indices = jnp.sort(indices, axis=-1)
     local = functools.partial(sparse_attention_local, v_dim=v_dim, scale=scale, options=options)
-  return _per_device(local, (partition.Q, partition.KEY_ROW, partition.QUERY_ROWS), partition.Q,
+  return _per_device(local, (placement.Q, placement.KEY_ROW, placement.QUERY_ROWS), placement.Q,
                      pallas)(q, kv, indices)
 
 
@@ -186,16 +193,16 @@ def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, *, scale=None, impl
     return sparse_attention_and_indexer_loss(q, kv, q_idx, k_idx, weights, indices, v_dim=kv.shape[-1], scale=scale,
                                              impl="pallas", options=options)[1]
   local = functools.partial(indexer_loss_local, scale=scale, options=options)
-  axes = [partition.Q, partition.KEY_ROW, partition.QUERY_HEADS, partition.KEY_ROW, partition.QUERY_ROWS]
+  axes = [placement.Q, placement.KEY_ROW, placement.QUERY_HEADS, placement.KEY_ROW, placement.QUERY_ROWS]
   args = [q, kv, q_idx, k_idx, weights]
   if indices is not None:
-    axes.append(partition.QUERY_ROWS)
+    axes.append(placement.QUERY_ROWS)
     args.append(jnp.sort(indices, axis=-1))
   elif doc_start is not None:
     local = lambda q, kv, q_idx, k_idx, weights, doc, *, q_offset: indexer_loss_local(
         q, kv, q_idx, k_idx, weights, None, doc, q_offset=q_offset, scale=scale, options=options)
-    args, axes = partition.with_doc_start(args, axes, doc_start)
-  return _per_device(local, tuple(axes), partition.ROWS)(*args).mean()
+    args, axes = placement.with_doc_start(args, axes, doc_start)
+  return _per_device(local, tuple(axes), placement.PER_QUERY)(*args).mean()
 
 
 def sparse_attention_and_indexer_loss(q, kv, q_idx, k_idx, weights, indices, *, v_dim: int, scale=None, impl="auto",
@@ -214,13 +221,13 @@ def sparse_attention_and_indexer_loss(q, kv, q_idx, k_idx, weights, indices, *, 
   def local(q, kv, q_idx, k_idx, weights, indices, q_offset):
     out, teacher = dsa_pallas.sparse_attention(q, kv, indices, q_offset, v_dim=v_dim, scale=scale, options=options,
                                                teacher=True)
-    heads = partition.split_axes("act_heads")      # tensor parallelism: a mean over this device's heads
+    heads = placement.split_axes("act_heads")      # tensor parallelism: a mean over this device's heads
     if heads:
       teacher = teacher._replace(probs=jax.lax.pmean(teacher.probs, heads))
     return out, union_kl(teacher, q_idx, k_idx, weights, options=options)
-  axes = (partition.Q, partition.KEY_ROW, partition.QUERY_HEADS, partition.KEY_ROW, partition.QUERY_ROWS,
-          partition.QUERY_ROWS)
-  out, kl = _per_device(local, axes, (partition.Q, partition.ROWS), True)(q, kv, q_idx, k_idx, weights, indices)
+  axes = (placement.Q, placement.KEY_ROW, placement.QUERY_HEADS, placement.KEY_ROW, placement.QUERY_ROWS,
+          placement.QUERY_ROWS)
+  out, kl = _per_device(local, axes, (placement.Q, placement.PER_QUERY), True)(q, kv, q_idx, k_idx, weights, indices)
   return out, kl.mean()
 
 
@@ -280,9 +287,9 @@ def indexer_recall(q, kv, indices, *, topk: int, scale=None, options=None, doc_s
   if t <= topk:
     return jnp.float32(1.0), jnp.int32(0)
   local = functools.partial(recall_local, topk=topk, scale=scale, options=options)
-  args, axes = partition.with_doc_start((q, kv, jnp.sort(indices, axis=-1)), (partition.Q, partition.KEY_ROW,
-                                                                      partition.QUERY_ROWS), doc_start)
-  recall, counted = _per_device(local, axes, [partition.ROWS, partition.ROWS])(*args)
+  args, axes = placement.with_doc_start((q, kv, jnp.sort(indices, axis=-1)), (placement.Q, placement.KEY_ROW,
+                                                                      placement.QUERY_ROWS), doc_start)
+  recall, counted = _per_device(local, axes, [placement.PER_QUERY, placement.PER_QUERY])(*args)
   rows = counted.sum()
   return recall.sum() / jnp.maximum(rows, 1), rows
 

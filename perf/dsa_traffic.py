@@ -49,11 +49,11 @@ import math
 import numpy as np
 
 from kernels import DEFAULT_OPTIONS
-from kernels.dsa_pallas import KEY_CHUNK, KEY_TILE
-from kernels.dsa_pallas import queries_per_tile as _queries_per_tile
+from kernels.dsa.pallas import KEY_CHUNK, KEY_TILE
+from kernels.dsa.pallas import queries_per_tile as _queries_per_tile
 
 BIG = np.iinfo(np.int64).max
-# Peak bf16 FLOP/s and HBM bytes/s per chip (DESIGN.md §10) and the MXU's rows.
+# Peak bf16 FLOP/s and HBM bytes/s per chip (docs/design.md §10) and the MXU's rows.
 CHIPS = {"v5e": (197e12, 0.82e12, 128), "v5p": (459e12, 2.76e12, 128), "v6e": (918e12, 1.64e12, 256)}
 
 

@@ -1,4 +1,4 @@
-"""A traffic model of NSA's selection kernels (kernels/nsa_pallas.py): what each one moves between
+"""A traffic model of NSA's selection kernels (kernels/selection_pallas.py): what each one moves between
 HBM and VMEM, computed from their own index maps and prefetch lists (numpy). Pallas copies an
 input block when its block index differs from the previous grid step's (each pallas_call starts
 a fresh pipeline) and writes an output block back when its index changes."""
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import DEFAULT_OPTIONS
-from kernels.nsa_pallas import _Shape, _tile_groups, block_pairs, tile_unions
+from kernels.nsa.selection_pallas import _Shape, _tile_groups, block_pairs, tile_unions
 from kernels.pallas_common import ROWS, pair_windows
 
 
@@ -24,7 +24,7 @@ def _with_bh(lists):
   return keys.reshape(calls, b * hkv * steps, 3)
 
 
-def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: int, itemsize: int = 2,
+def selection_traffic(block_indices, *, slc_block: int, hq: int, dk: int, dv: int, itemsize: int = 2,
                       options=None) -> dict:
   """HBM <-> VMEM bytes of the selection kernels for these indices [B, T, HKV, n].
 
@@ -39,8 +39,8 @@ def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: i
              per run of a block's pairs, a tile's q, index, dO, lse, delta rows per pair; dK/dV
              written once per run. Minimum: each block's K/V once, each pair's rows once."""
   b, t, hkv, n = block_indices.shape
-  sh = _Shape(b, t, hkv, hq // hkv, dk, dv, n, block_size, 1.0, options or DEFAULT_OPTIONS)
-  union, count = tile_unions(jnp.asarray(block_indices), block_size=block_size, seq_len=t,
+  sh = _Shape(b, t, hkv, hq // hkv, dk, dv, n, slc_block, 1.0, options or DEFAULT_OPTIONS)
+  union, count = tile_unions(jnp.asarray(block_indices), slc_block=slc_block, seq_len=t,
                              queries_per_tile=sh.queries_per_tile)
   union, count = np.asarray(union), np.asarray(count)
   nq, num_union = sh.num_tiles, union.shape[-1]
@@ -49,20 +49,20 @@ def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: i
   groups = union.reshape(b, hkv, nq // tiles, tiles * num_union).transpose(2, 0, 1, 3)
   kv_copies = _copies(_with_bh(groups))
   executed = int(count.sum())
-  block_bytes = block_size * (dk + dv) * itemsize
+  block_bytes = slc_block * (dk + dv) * itemsize
   q_and_idx = ROWS * (dk * itemsize + n * 4)
   stats = ROWS * 4                                 # one [1, 128] fp32 tile row (lse or delta)
   bwd_rows = q_and_idx + ROWS * dv * itemsize + 2 * stats
   forward_rows, dq_rows = b * hkv * nq * q_and_idx, b * hkv * nq * bwd_rows
   # dkv: the pair list and its windows exactly as _selection_dkv builds them.
-  num_blocks = t // block_size
+  num_blocks = t // slc_block
   pairs = block_pairs(jnp.asarray(union), jnp.asarray(count), num_blocks)
   (block, tile), window = pair_windows(pairs, sh.options.prefetch_bytes)
   block, tile = np.asarray(block), np.asarray(tile)
   per_call = lambda x: x.reshape(b, hkv, -1, window).transpose(2, 0, 1, 3)
   pair_kv_copies = _copies(_with_bh(per_call(block)))
   pair_row_copies = _copies(_with_bh(per_call(np.maximum(tile, 0))))
-  f32_block = block_size * (dk + dv) * 4
+  f32_block = slc_block * (dk + dv) * 4
   idx = np.asarray(block_indices).reshape(b, nq, sh.queries_per_tile, hkv, n).transpose(0, 3, 1, 2, 4)
   used_rows = 0
   for bi in range(b):
@@ -70,7 +70,7 @@ def selection_traffic(block_indices, *, block_size: int, hq: int, dk: int, dv: i
       chose = (idx[bi, h][:, None, :, :] == union[bi, h][:, :, None, None]).any(-1).sum(-1)
       used_rows += (chose * (np.arange(num_union)[None, :] < count[bi, h][:, None])).sum() * sh.group
   indices = np.asarray(block_indices)
-  valid = (indices >= 0) & (indices <= (np.arange(t) // block_size)[None, :, None, None])
+  valid = (indices >= 0) & (indices <= (np.arange(t) // slc_block)[None, :, None, None])
   return {
       "kv_bytes": kv_copies * block_bytes,
       "min_kv_bytes": executed * block_bytes,

@@ -10,8 +10,8 @@ import statistics
 
 from etils import epath
 
-from trainer.sweep_grid import fields_of
-from trainer.sweep_runner import Point, read_status
+from sweeps.grid import fields_of
+from sweeps.runner import Point, read_status
 
 MANIFEST = "sweep.json"
 # (csv column, markdown header, markdown format) after the swept fields.

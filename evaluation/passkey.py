@@ -1,10 +1,9 @@
-"""Long-context evaluation (issue 16): eval loss by position bucket and passkey retrieval.
+"""Passkey retrieval: can a model fetch a key planted at some depth of a long filler text?
 
 The harness takes a `logits_fn(tokens int32 [B, T]) -> logits [B, T, V]`: the model's
 (`functools.partial(jit_apply(model, mesh), params)`), or in tests a rigged retriever or a guesser,
-so the scoring is checked without training anything. Every number is deterministic: the loss reads
-the validation rows in their fixed order, and each passkey trial draws its key and filler from its
-own seed (seed, length, depth index, trial).
+so the scoring is checked without training anything. Every number is deterministic: each trial
+draws its key and filler from its own seed (seed, length, depth index, trial).
 
 train.py runs a small passkey eval at its eval steps with `eval.passkey` (`passkey_probe`). Every
 host of a multi-host run computes the same prompts and answers: the tokens enter the jitted model
@@ -16,14 +15,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from kernels import partition
-from trainer import sharding, steps
+from evaluation.positions import bucket_edges
+from parallel import context
+from parallel.mesh import batch_sharding
+from parallel.rules import use_mesh
 
-FIRST_EDGE = 256            # buckets [0, 256), [256, 1k), [1k, 4k), [4k, 16k), ... each 4x the last
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 KEY_DIGITS = 5
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
@@ -32,87 +30,23 @@ ANSWER_TOKENS = KEY_DIGITS + 1   # " 12345": at worst a space and one token per 
 MIN_PASSKEY_LENGTH = 64          # room for the needle, the question and the answer
 
 
-# ---- Loss by position ----
-
-def bucket_edges(seq_len: int) -> list[int]:
-  """[0, 256, 1024, 4096, ..., seq_len]: bucket i holds positions [edges[i], edges[i+1])."""
-  edges, edge = [0], FIRST_EDGE
-  while edge < seq_len:
-    edges.append(edge)
-    edge *= 4
-  return edges + [seq_len]
-
-
-def short(n: int) -> str:
-  """1024 -> '1k', 1536 -> '1536' (table labels)."""
-  return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
-
-
-def token_losses(logits_BTV, targets_BT):
-  """Per-token next-token cross-entropy in float32 [B, T] (steps.cross_entropy before its mean)."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
-
-
-def loss_by_position(losses_BT, positions_BT, weights_BT, edges) -> list[dict]:
-  """[{lo, hi, loss, tokens}] per bucket: the weighted mean loss of the predictions made at
-  positions [lo, hi) (the input's position: a prediction there saw position + 1 tokens of its
-  document or row). Targets of weight 0 (padding, cross-document in pack mode) do not count."""
-  losses, positions, weights = (np.asarray(x, np.float64).ravel() for x in (losses_BT, positions_BT, weights_BT))
-  bucket = np.searchsorted(edges, positions, side="right") - 1
-  keep = (weights > 0) & (bucket >= 0) & (bucket < len(edges) - 1)
-  n = len(edges) - 1
-  sums = np.bincount(bucket[keep], weights=(losses * weights)[keep], minlength=n)
-  counts = np.bincount(bucket[keep], weights=weights[keep], minlength=n)
-  return [{"lo": int(edges[i]), "hi": int(edges[i + 1]), "tokens": int(counts[i]),
-           "loss": float(sums[i] / counts[i]) if counts[i] else float("nan")} for i in range(n)]
-
-
-def batch_token_losses(batch: dict, losses_fn) -> tuple:
-  """(losses, positions, weights) [B, T] of one eval batch, positions and weights filled in for
-  concat rows (position = index in the row, every target counts)."""
-  inputs = np.asarray(batch["inputs"])
-  positions = batch.get("positions")
-  if positions is None:
-    positions = np.broadcast_to(np.arange(inputs.shape[1]), inputs.shape)
-  weights = batch.get("weights")
-  if weights is None:
-    weights = np.ones(inputs.shape, np.float32)
-  return np.asarray(losses_fn(batch)), np.asarray(positions), np.asarray(weights)
-
-
-# ---- The model as the harness calls it ----
-
 def jit_apply(model, mesh):
   """jit(params, tokens [B, T]) -> logits [B, T, V] on `mesh` (B divisible by the batch axes).
   Under context parallelism the rows go through the train step's load-balanced layout
-  (steps.to_layout) and the logits come back in natural order. `tokens` may be a numpy array
+  (parallel.context.batch_to_layout) and the logits come back in natural order. `tokens` may be a numpy array
   that every host holds alike."""
   def logits(params, tokens):
-    batch = steps.to_layout({"inputs": tokens})
+    batch = context.batch_to_layout({"inputs": tokens})
     out = model.apply({"params": params}, batch["inputs"], batch.get("positions"))
-    return partition.from_layout(out, 1, partition.context_size())
-  fn = jax.jit(logits, in_shardings=(None, sharding.batch_sharding(mesh)))
+    return context.from_layout(out, 1, context.context_size())
+  fn = jax.jit(logits, in_shardings=(None, batch_sharding(mesh)))
   def apply(params, tokens):
     if jax.process_count() > 1 and isinstance(tokens, np.ndarray):   # jit takes no host-local numpy here
-      tokens = jax.make_array_from_callback(tokens.shape, sharding.batch_sharding(mesh), lambda i: tokens[i])
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      tokens = jax.make_array_from_callback(tokens.shape, batch_sharding(mesh), lambda i: tokens[i])
+    with use_mesh(mesh):
       return fn(params, tokens)
   return apply
 
-
-def jit_token_losses(model, mesh):
-  """jit(params, batch) -> per-token losses [B, T] (positions and segments as the batch says)."""
-  def losses(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-    return token_losses(logits, batch["targets"])
-  fn = jax.jit(losses, in_shardings=(None, sharding.batch_sharding(mesh)))
-  def apply(params, batch):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      return fn(params, batch)
-  return apply
-
-
-# ---- Passkey retrieval ----
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
@@ -223,7 +157,7 @@ def passkey_probe(config, model, mesh, sources, lengths):
   tokenizer, trials = Tokenizer(config.data.tokenizer), config.eval.passkey_trials
   filler = filler_tokens(sources, 4 * max(lengths))
   apply = jit_apply(model, mesh)
-  shards = config.batch_size // sharding.batch_sharding(mesh).shard_shape((config.batch_size, config.seq_len))[0]
+  shards = config.batch_size // batch_sharding(mesh).shard_shape((config.batch_size, config.seq_len))[0]
   batch_size = min(config.batch_size, -(-len(DEPTHS) * trials // shards) * shards)
   return lambda params: passkey_accuracy(functools.partial(apply, params), tokenizer, filler, lengths,
                                          seed=config.seed, trials=trials, batch_size=batch_size)
