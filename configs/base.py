@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 100        # 0 disables evaluation
   c.eval_batches = 4
-  # Passkey retrieval (trainer/evaluation.py) at every eval step: passkey_acc in metrics.jsonl, over
+  # Passkey retrieval (evaluation/) at every eval step: passkey_acc in metrics.jsonl, over
   # eval.passkey_trials keys per depth x length (lengths 256, 1k, 4k, ... up to seq_len).
   c.eval = ml_collections.ConfigDict()
   c.eval.passkey = False

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from evaluation.positions import bucket_edges
+from evaluation.by_position import bucket_edges
 from parallel import context
 from parallel.mesh import batch_sharding
 from parallel.rules import use_mesh

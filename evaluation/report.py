@@ -5,8 +5,8 @@ import json
 
 from etils import epath
 
+from evaluation.by_position import short
 from evaluation.passkey import KEY_DIGITS
-from evaluation.positions import short
 
 
 def markdown(headers, rows) -> str:

@@ -28,7 +28,7 @@ def attention(q_BTHD, k_BTKD, v_BTKD, *, segment_ids=None, scale=None, window=No
   """Causal softmax attention. q/k [B,T,HQ|HKV,Dk], v [B,T,HKV,Dv] -> [B,T,HQ,Dv] in q's dtype.
   segment_ids int32 [B,T] (optional): a query sees only keys of its own segment.
   window (optional): query t sees only keys t - window < s <= t (NSA's sliding window).
-  Runs per device (kernels/placement.py) under the caller's mesh: always for Pallas, and for both
+  Runs per device (parallel/placement.py) under the caller's mesh: always for Pallas, and for both
   impls under context parallelism (each device's queries against all keys)."""
   options = options or DEFAULT_OPTIONS
   scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale

@@ -1,7 +1,7 @@
 """Building blocks shared by every attention kind: RMSNorm, RoPE, SwiGLU MLP, projections.
 
 Parameters are float32 and carry logical axis names only (`embed`, `heads`, `mlp`, ...); the rules
-table in trainer/sharding.py maps them to mesh axes. Compute runs in `dtype` (bf16 by default).
+table in parallel/rules.py maps them to mesh axes. Compute runs in `dtype` (bf16 by default).
 """
 import jax
 import jax.numpy as jnp

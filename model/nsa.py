@@ -22,7 +22,7 @@ from parallel import context
 class Compress(nn.Module):
   """phi(x[i*d : i*d + l] + pe): an MLP from l * D to D per compressed token, shared by heads.
 
-  Under context parallelism x is in the load-balanced layout (kernels/placement.py): the windows
+  Under context parallelism x is in the load-balanced layout (parallel/placement.py): the windows
   read their tokens where the layout put them, and the compressed tokens are split over the
   context axis (`act_cmp`), so each device runs the MLP on its share only and the attention
   kernels gather the small [C, H, D] result."""

@@ -4,7 +4,7 @@ row NSA runs on.
 A packed row holds whole documents one after another (segment ids > 0, one per document, positions
 restarting at 0) and padding (segment 0). Every document must get exactly what it would get alone
 in its own row, so each query's keys, compressed tokens and blocks must come from its own
-document: the kernels take `doc_start` [B, T] (kernels/nsa.py, kernels/dsa.py), the row index of
+document: the kernels take `doc_start` [B, T] (kernels/nsa/, kernels/dsa/), the row index of
 the query's document's first token (a padding token's is its own index: it sees only itself, and
 the layers zero its output).
 

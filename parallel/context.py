@@ -3,7 +3,7 @@
 T splits into 2*cp chunks of c = T/(2cp) and device i holds chunks i and 2cp-1-i, so every device
 has the same causal attention work (the last device would otherwise do ~2x the average). The
 batch is put in this layout once per step (`batch_to_layout`); attention then runs per device
-(parallel/per_device.py) on its own queries at their global positions against all keys.
+(parallel/placement.py) on its own queries at their global positions against all keys.
 """
 import math
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from parallel import rules
+from parallel.rules import auto_axes
 
 SEQ = "act_seq"
 
@@ -23,7 +23,7 @@ def context_axes() -> tuple:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
-  axes = rules.auto_axes(mesh, SEQ, nn.get_logical_axis_rules())
+  axes = auto_axes(mesh, SEQ, nn.get_logical_axis_rules())
   return axes if math.prod(mesh.shape[a] for a in axes) > 1 else ()
 
 

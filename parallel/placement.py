@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from parallel import rules
 from parallel.context import SEQ, context_axes, from_layout
+from parallel.rules import auto_axes, mesh_axes_of
 
 KEYS = "act_keys"     # a key-side sequence dim: every device sees all T positions, natural order
 
@@ -65,7 +65,7 @@ def _specs(mesh, rules, args, in_axes):
     for dim, name in zip(x.shape, axes or ()):
       if name is None or name == KEYS:
         continue
-      mesh_axes = rules.auto_axes(mesh, name, rules)
+      mesh_axes = auto_axes(mesh, name, rules)
       usable[name] = mesh_axes
       size = 1
       for a in mesh_axes:
@@ -128,7 +128,7 @@ def split_axes(name: str) -> tuple:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
-  return tuple(a for a in rules.mesh_axes_of(name, nn.get_logical_axis_rules()) if a in mesh.shape and mesh.shape[a] > 1)
+  return tuple(a for a in mesh_axes_of(name, nn.get_logical_axis_rules()) if a in mesh.shape and mesh.shape[a] > 1)
 
 
 def per_device(fn, in_axes, out_axes, *, pallas: bool = True):

@@ -2,7 +2,7 @@
 
 Model code names logical axes only (`embed`, `heads`, `act_batch`, ...); this table alone knows
 the mesh axes (parallel/mesh.py). `use_mesh` sets the mesh and the rules together, so the
-model's sharding constraints and the kernels' per-device placement (parallel/per_device.py)
+model's sharding constraints and the kernels' per-device placement (parallel/placement.py)
 always read the same table.
 """
 import contextlib

@@ -1,4 +1,4 @@
-"""A traffic model of DSA's sparse-attention Pallas kernels (kernels/dsa_pallas.py): per kernel
+"""A traffic model of DSA's sparse-attention Pallas kernels (kernels/dsa/pallas.py): per kernel
 (forward, dq, dkv) the bytes moved between HBM and VMEM against the minimum, the MXU row fill, the
 FLOPs executed against dense causal MLA, and the arithmetic intensity against each chip's ridge
 point; and how much neighbouring queries' selections overlap (what a union of g queries' rows would

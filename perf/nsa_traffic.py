@@ -1,4 +1,4 @@
-"""A traffic model of NSA's selection kernels (kernels/selection_pallas.py): what each one moves between
+"""A traffic model of NSA's selection kernels (kernels/nsa/selection_pallas.py): what each one moves between
 HBM and VMEM, computed from their own index maps and prefetch lists (numpy). Pallas copies an
 input block when its block index differs from the previous grid step's (each pallas_call starts
 a fresh pipeline) and writes an output block back when its index changes."""

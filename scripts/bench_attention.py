@@ -20,7 +20,7 @@ below.
   python scripts/bench_attention.py --impl pallas --kinds dsa --seq-lens 32768 131072 \
       [--dsa-topk 2048 --dsa-heads 128 --dsa-samples 64] [--dsa-trained-run runs/dsa_sparse]
 
-prints the traffic model of DSA's Pallas sparse-attention kernels (kernels/dsa_traffic.py) at
+prints the traffic model of DSA's Pallas sparse-attention kernels (perf/dsa_traffic.py) at
 DeepSeek-V3.2's absorbed shape (H=128 heads over 576-wide rows, value 512, bf16, top-2048): for a
 random and a realistic (local window + persistent hot keys + noise) token selection, per kernel
 (forward, dq, dkv) the bytes in and out against the minimum (forward, dq: each selected row once
@@ -324,7 +324,7 @@ def sweep_bench(args, parser):
   """--sweep: what each point of a grid of NSA (or DSA) fields costs per T, before training with
   it: the Pallas kernels' HBM<->VMEM bytes (traffic model, forward + backward, against the
   minimum) and MXU row fill, one layer's compiled memory and FLOPs, and its time on a TPU."""
-  from trainer import sweep_report
+  from sweeps import report as sweep_report
   try:
     points = sweep_grid.product([sweep_grid.parse_axis(a) for a in args.sweep])
     fields = sweep_grid.fields_of(points)

@@ -74,10 +74,11 @@ def main(workdir: str) -> int:
 
   from data import pipeline, sources
   from data.tokenizer import Tokenizer
-  from evaluation import passkey, positions, report
+  from evaluation import by_position, passkey, report
   from model import transformer
   from parallel.mesh import batch_sharding, make_mesh
-  from trainer import checkpoint, optim, steps, validate
+  from trainer import checkpoint, optim, validate
+  from trainer.state import state_shardings
 
   directory = checkpoint.checkpoint_dir(workdir)
   config, step = read_config(directory, _STEP.value)
@@ -97,18 +98,18 @@ def main(workdir: str) -> int:
 
   mesh = make_mesh(config.mesh)
   model = transformer.build(config)
-  abstract, _ = steps.state_shardings(config, model, optim.make_optimizer(config), mesh)
+  abstract, _ = state_shardings(config, model, optim.make_optimizer(config), mesh)
   params = read_params(directory, step, abstract.params)
   data_sources = sources.open_sources(config)
   tokenizer = Tokenizer(config.data.tokenizer)
 
   # Loss by position on the validation rows, at the evaluated length.
-  losses_fn = functools.partial(positions.jit_token_losses(model, mesh), params)
+  losses_fn = functools.partial(by_position.jit_token_losses(model, mesh), params)
   rows = pipeline.sharded_rows(batch_sharding(mesh), config.batch_size)
-  parts = [positions.batch_token_losses(b, losses_fn)
+  parts = [by_position.batch_token_losses(b, losses_fn)
            for b in pipeline.eval_batches(config, data_sources, rows=rows)]
   losses, positions, weights = (np.concatenate(x) for x in zip(*parts))
-  buckets = positions.loss_by_position(losses, positions, weights, positions.bucket_edges(config.seq_len))
+  buckets = by_position.loss_by_position(losses, positions, weights, by_position.bucket_edges(config.seq_len))
 
   logits_fn = functools.partial(passkey.jit_apply(model, mesh), params)
   filler = passkey.filler_tokens(data_sources, 4 * max(lengths))

@@ -19,8 +19,10 @@ status: the queued resource's state, whether train.py runs, the end of worker 0'
 logs:   tail (-f: follow) the log of one worker (--worker N) or all (--worker all).
 delete: delete the queued resource and its TPU VMs.
 
---via xpk submits the same job to a GKE cluster made by `xpk cluster create` (multislice with
---num-slices); --dry-run prints every command, one per line, ready to paste, and runs nothing.
+--num-slices S: S such slices as one job over DCN (one queued resource of S TPU VMs NAME-0 ..
+  NAME-(S-1), or xpk's --num-slices); train.py's mesh puts its data axis across the slices.
+--via xpk submits the same job to a GKE cluster made by `xpk cluster create`.
+--dry-run prints every command, one per line, ready to paste, and runs nothing.
 `--config.FIELD=VALUE` overrides go after `--` (or anywhere among the options).
 """
 import argparse
@@ -126,25 +128,35 @@ def check(proc, cmd):
 
 
 class Gcloud:
-  """The gcloud command lines for one queued resource holding one TPU VM slice of the same name."""
+  """The gcloud command lines for one queued resource and its TPU VM slices: one slice named like
+  the queued resource, or with --num-slices S the multislice NAME-0 .. NAME-(S-1) (one DCN-joined
+  job: jax sees every slice's chips, each with its slice_index, and train.py's mesh puts its data
+  axis across them)."""
 
   def __init__(self, args):
     self.name = args.name
+    self.nodes = [args.name] if args.num_slices == 1 else [f"{args.name}-{i}" for i in range(args.num_slices)]
     self.where = [f"--zone={args.zone}"] + ([f"--project={args.project}"] if args.project else [])
     self.ssh_flags = ["--strict-host-key-checking=no"] + (["--internal-ip"] if args.internal_ip else [])
 
   def qr(self, verb, *flags):
     return ["gcloud", "compute", "tpus", "queued-resources", verb, self.name, *self.where, *flags]
 
-  def node(self, verb, *flags):
-    return ["gcloud", "compute", "tpus", "tpu-vm", verb, self.name, *self.where, *flags]
+  def create_flags(self):
+    """One slice: its TPU VM's id; several: how many, and the prefix of their ids (NAME-i)."""
+    if len(self.nodes) == 1:
+      return [f"--node-id={self.name}"]
+    return [f"--node-count={len(self.nodes)}", f"--node-prefix={self.name}"]
+
+  def node(self, verb, *flags, node=None):
+    return ["gcloud", "compute", "tpus", "tpu-vm", verb, node or self.nodes[0], *self.where, *flags]
 
   # Host keys change when a slice is recreated after a preemption; gcloud would then refuse to connect.
-  def ssh(self, worker, command):
-    return self.node("ssh", f"--worker={worker}", *self.ssh_flags, f"--command={command}")
+  def ssh(self, worker, command, node=None):
+    return self.node("ssh", f"--worker={worker}", *self.ssh_flags, f"--command={command}", node=node)
 
-  def scp(self, local, remote):
-    return ["gcloud", "compute", "tpus", "tpu-vm", "scp", local, f"{self.name}:{remote}", *self.where,
+  def scp(self, local, remote, node):
+    return ["gcloud", "compute", "tpus", "tpu-vm", "scp", local, f"{node}:{remote}", *self.where,
             "--worker=all", *self.ssh_flags]
 
 
@@ -172,10 +184,12 @@ def qr_accelerator(qr):
 def ensure_slice(args, tpu, sh, g):
   """Creates the slice if it is missing, recreates it if it was preempted or failed; waits until ACTIVE."""
   capacity = "spot" if args.spot else "reserved" if args.reserved else "on-demand"
-  sh.note(f"[1/5] slice {args.name}: {tpu.name} ({tpu.chips} chips, {tpu.hosts} workers) in {args.zone}, {capacity}")
+  slices = f"{len(g.nodes)} x " if len(g.nodes) > 1 else ""
+  sh.note(f"[1/5] slice {args.name}: {slices}{tpu.name} ({tpu.chips} chips, {tpu.hosts} workers each) in {args.zone}, "
+          f"{capacity}")
   describe_qr = g.qr("describe", "--format=json")
   delete = g.qr("delete", "--force", "--quiet")   # --force: its TPU VMs too
-  create = g.qr("create", f"--node-id={args.name}", f"--accelerator-type={tpu.name}",
+  create = g.qr("create", *g.create_flags(), f"--accelerator-type={tpu.name}",
                 f"--runtime-version={args.runtime_version or RUNTIME[tpu.generation]}")
   create += ["--spot"] if args.spot else ["--reserved"] if args.reserved else []
   for _ in range(3):   # a preemption while we wait sends us round again
@@ -202,9 +216,11 @@ def ensure_slice(args, tpu, sh, g):
       fail(f"queued resource {args.name} FAILED: {json.dumps(details)}")
     if state in DEAD:
       continue
-    node = describe(sh, g.node("describe", "--format=json"))
-    if node is not None and node.get("state") in NODE_DEAD:
-      sh.note(f"TPU VM {args.name} is {node['state']}: deleting the queued resource to create it again")
+    dead = [(name, node["state"]) for name in g.nodes
+            if (node := describe(sh, g.node("describe", "--format=json", node=name))) is not None
+            and node.get("state") in NODE_DEAD]
+    if dead:
+      sh.note(f"TPU VM {dead[0][0]} is {dead[0][1]}: deleting the queued resource to create it again")
       sh.step(delete)
       continue
     return
@@ -325,18 +341,22 @@ def gcloud_run(args, tpu, overrides, sh):
       print(f"not starting a second copy; watch it with: python scripts/launch_tpu.py logs --name {args.name} "
             f"--zone {args.zone} -f")
       return 0
-  sh.note(f"[3/5] copy the code to all {tpu.hosts} workers")
+  hosts = tpu.hosts * len(g.nodes)
+  sh.note(f"[3/5] copy the code to all {hosts} workers")
   tarball = os.path.join(tempfile.gettempdir(), f"launch_tpu-{args.name}.tar.gz")
   pack(sh, tarball)
   try:
-    sh.step(g.scp(tarball, "sparse-attn.tar.gz"))
+    for node in g.nodes:
+      sh.step(g.scp(tarball, "sparse-attn.tar.gz", node))
   finally:
     if not sh.dry_run and os.path.exists(tarball):
       os.remove(tarball)
   sh.note(f"[4/5] install {PYTHON}, requirements.txt, {args.pins} on all workers")
-  sh.step(g.ssh("all", install_script(args.pins)))
-  sh.note(f"[5/5] start train.py on all {tpu.hosts} workers (it resumes from the newest checkpoint in {args.workdir})")
-  sh.step(g.ssh("all", start_script(train_args(args, overrides), args.env)))
+  for node in g.nodes:
+    sh.step(g.ssh("all", install_script(args.pins), node=node))
+  sh.note(f"[5/5] start train.py on all {hosts} workers (it resumes from the newest checkpoint in {args.workdir})")
+  for node in g.nodes:
+    sh.step(g.ssh("all", start_script(train_args(args, overrides), args.env), node=node))
   sh.note(f"started; logs: python scripts/launch_tpu.py logs --name {args.name} --zone {args.zone} -f")
   return 0
 
@@ -433,9 +453,10 @@ def parse(argv):
   g.add_argument("--internal-ip", action="store_true", help="ssh/scp over internal IPs (launching from a GCE VM)")
   g.add_argument("--poll-seconds", type=float, default=30.0, help="queued resource polling interval")
   g.add_argument("--wait-minutes", type=float, default=0.0, help="give up waiting for ACTIVE after this (0: never)")
+  p.add_argument("--num-slices", type=int, default=1,
+                 help="slices joined over DCN (multislice): the mesh's data axis spans them")
   x = p.add_argument_group("xpk")
   x.add_argument("--cluster", help="GKE cluster made by `xpk cluster create`")
-  x.add_argument("--num-slices", type=int, default=1, help="slices (multislice); xpk only")
   x.add_argument("--docker-image", help="image with code and dependencies (default: build from --base-docker-image)")
   x.add_argument("--base-docker-image", default="python:3.11", help="base image xpk adds the code to")
   x.add_argument("--max-restarts", type=int, default=10, help="JobSet restarts (preemptions) before giving up")
@@ -480,8 +501,6 @@ def parse(argv):
   args.env = env
   if args.num_slices < 1:
     usage_error(f"--num-slices={args.num_slices}: at least 1")
-  if args.via == "gcloud" and args.num_slices > 1:
-    usage_error(f"--num-slices={args.num_slices}: multislice runs go through --via xpk")
   if args.via == "xpk" and args.reserved:
     usage_error("--reserved: with xpk the capacity is the cluster's (xpk cluster create --reservation=...)")
   if args.poll_seconds < 0 or args.lines < 0 or args.max_restarts < 0:

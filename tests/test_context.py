@@ -13,6 +13,7 @@ from configs import ConfigError
 from conftest import read_metrics, run_train, small_config
 from kernels import KernelOptions, dense, dsa, nsa
 from kernels.dsa import pallas as dsa_pallas
+from kernels.dsa import reference as dsa_reference
 from parallel import context
 from trainer import steps, validate
 
@@ -43,7 +44,7 @@ def test_reordered_batch_gives_the_same_loss():
   np.testing.assert_array_equal(context.from_layout(moved[0], 1, 4), logits)
   batch = {"inputs": targets, "targets": targets}
   with jax.set_mesh(jax.make_mesh((1,), ("context",))):
-    assert steps.to_layout(batch) is batch       # one device: nothing moves
+    assert context.batch_to_layout(batch) is batch       # one device: nothing moves
 
 
 # ---- each kernel: a chunk at its global offset equals those rows of the full call ----
@@ -147,13 +148,13 @@ def test_dsa_functions_on_a_chunk_at_its_offset(pallas, offset):
   q_idx, k_idx = jax.random.normal(ks[0], (1, T, 2, 16)), jax.random.normal(ks[1], (1, T, 16))
   w = jax.random.normal(ks[2], (1, T, 2))
   _compare_chunk(lambda q_idx, w, k_idx: dsa.indexer_topk(q_idx, k_idx, w, topk=24, options=options),
-                 lambda q_idx, w, k_idx, q_offset: _dsa_local(dsa.indexer_topk_local, pallas)(
+                 lambda q_idx, w, k_idx, q_offset: _dsa_local(dsa_reference.indexer_topk, pallas)(
                      q_idx, k_idx, w, q_offset=q_offset, topk=24, options=options),
                  [q_idx, w], [k_idx], offset, rtol=0, grads=False)
   q, kv = jax.random.normal(ks[3], (1, T, 4, 48)), jax.random.normal(ks[4], (1, T, 48))
   idx = jnp.sort(dsa.indexer_topk(q_idx, k_idx, w, topk=24, options=options), axis=-1)
   _compare_chunk(lambda q, idx, kv: dsa.sparse_attention(q, kv, idx, v_dim=32, scale=0.2, impl=impl, options=options),
-                 lambda q, idx, kv, q_offset: _dsa_local(dsa.sparse_attention_local, pallas)(
+                 lambda q, idx, kv, q_offset: _dsa_local(dsa_reference.sparse_attention, pallas)(
                      q, kv, idx, q_offset=q_offset, v_dim=32, scale=0.2, options=options),
                  [q, idx], [kv], offset, rtol=1e-5)
 
@@ -162,8 +163,8 @@ def _dsa_local(xla_local, pallas):
   """A DSA function's per-device body: the XLA reference's, or the Pallas kernel's."""
   if not pallas:
     return xla_local
-  kernel = {dsa.indexer_topk_local: dsa_pallas.indexer_topk,
-            dsa.sparse_attention_local: dsa_pallas.sparse_attention}[xla_local]
+  kernel = {dsa_reference.indexer_topk: dsa_pallas.indexer_topk,
+            dsa_reference.sparse_attention: dsa_pallas.sparse_attention}[xla_local]
   return lambda *args, q_offset, **kw: kernel(*args, q_offset, **kw)
 
 

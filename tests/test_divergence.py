@@ -13,6 +13,7 @@ from flax import linen as nn
 from conftest import read_metrics, run_train, small_config
 from parallel.mesh import make_mesh
 from trainer import checkpoint, divergence, optim, steps
+from trainer.state import init_state, state_shardings
 
 
 class _Toy(nn.Module):
@@ -30,10 +31,10 @@ def _toy_program(**overrides):
   """(config, abstract state, shardings, train_step, fresh state): steps.build's parts on _Toy."""
   config = small_config(**{"model.vocab_size": 64, "seq_len": 8, "batch_size": 2, **overrides})
   model, tx, mesh = _Toy(config.model.vocab_size), optim.make_optimizer(config), make_mesh(config.mesh)
-  abstract, shardings = steps.state_shardings(config, model, tx, mesh)
+  abstract, shardings = state_shardings(config, model, tx, mesh)
   train_step = steps.make_train_step(model, tx, optim.learning_rate(config), mesh, shardings,
                                      trainable=optim.trainable(config, abstract.params))
-  return config, abstract, shardings, train_step, steps.init_state(config, model, tx, mesh, shardings)
+  return config, abstract, shardings, train_step, init_state(config, model, tx, mesh, shardings)
 
 
 def _batch(config, weight):

@@ -83,3 +83,15 @@ def test_readme_is_a_front_page_linking_the_manual():
   assert len(readme.splitlines()) <= 250
   for page in ("design", "training", "data", "sparse_attention", "sweeps", "evaluation", "tpu", "performance"):
     assert f"docs/{page}.md" in readme, page
+
+
+def test_every_module_path_named_in_code_and_docs_exists():
+  """A file path in a comment or a page breaks when the file moves: each `package/module.py`
+  (or `docs/page.md`) named anywhere is there."""
+  roots = ("kernels", "parallel", "perf", "trainer", "model", "data", "evaluation", "sweeps", "scripts", "tests", "docs")
+  missing = []
+  for path in _files():
+    for m in re.finditer(r"(?<![\w./-])((?:[a-z_]+/)+[a-z_0-9]+\.(?:py|md))\b", path.read_text()):
+      if m[1].split("/")[0] in roots and not (REPO / m[1]).exists() and not (path.parent / m[1]).exists():
+        missing.append(f"{path.relative_to(REPO)}: {m[1]}")
+  assert not missing, missing

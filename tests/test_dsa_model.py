@@ -14,6 +14,7 @@ from model import transformer
 from model.attention import ATTENTION_KINDS
 from parallel.mesh import make_mesh
 from trainer import checkpoint, optim, steps, validate
+from trainer.state import init_state, state_shardings
 
 DSA_SMALL = {"attention.kind": "dsa", "mla.q_lora_rank": 32, "mla.kv_lora_rank": 16, "mla.qk_nope_dim": 8,
              "mla.qk_rope_dim": 8, "mla.v_head_dim": 8, "dsa.index_heads": 2, "dsa.index_head_dim": 16,
@@ -111,8 +112,8 @@ def test_warmup_step_changes_only_the_indexer():
   config = small_config(**DSA_SMALL, **{"dsa.stage": "dense_warmup"})
   model, tx = transformer.build(config), optim.make_optimizer(config)
   mesh = make_mesh(config.mesh)
-  _, shardings = steps.state_shardings(config, model, tx, mesh)
-  state = steps.init_state(config, model, tx, mesh, shardings)
+  _, shardings = state_shardings(config, model, tx, mesh)
+  state = init_state(config, model, tx, mesh, shardings)
   before = flatten_dict(jax.device_get(state.params), sep="/")
   train_step = steps.make_train_step(model, tx, optim.learning_rate(config), mesh, shardings,
                                      trainable=optim.trainable(config, state.params))
@@ -150,7 +151,7 @@ def test_v32_config_has_deepseek_v32_attention_shapes():
 
 
 def _params(workdir, config):
-  abstract = steps.state_shardings(config, transformer.build(config), optim.make_optimizer(config),
+  abstract = state_shardings(config, transformer.build(config), optim.make_optimizer(config),
                                    make_mesh(config.mesh))[0].params
   params, _, fresh = checkpoint.load_params(str(workdir), abstract)
   return flatten_dict(jax.device_get(params), sep="/"), fresh

@@ -1,4 +1,4 @@
-"""The DSA kernels' traffic model (kernels/dsa_traffic.py) on selections whose numbers are known by hand."""
+"""The DSA kernels' traffic model (perf/dsa_traffic.py) on selections whose numbers are known by hand."""
 import jax.numpy as jnp
 import numpy as np
 import pytest

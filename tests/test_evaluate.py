@@ -1,4 +1,4 @@
-"""Long-context evaluation (trainer/passkey.py, scripts/evaluate.py): the position buckets agree
+"""Long-context evaluation (evaluation/, scripts/evaluate.py): the position buckets agree
 with a direct loss, the passkey harness scores 1 with a model that retrieves and chance without,
 and the CLI evaluates a tiny run end to end."""
 import json
@@ -14,7 +14,7 @@ import pytest
 from configs.base import EMBEDDED_TOKENIZER
 from conftest import FAST_COMPILE, REPO, run_train, small_config
 from data.tokenizer import Tokenizer
-from trainer import evaluation as ev
+from evaluation import by_position, passkey
 from trainer.steps import cross_entropy
 
 VOCAB = 4096
@@ -32,12 +32,12 @@ def filler(tokenizer):
 
 
 def test_bucket_edges():
-  assert ev.bucket_edges(128) == [0, 128]
-  assert ev.bucket_edges(256) == [0, 256]
-  assert ev.bucket_edges(1000) == [0, 256, 1000]
-  assert ev.bucket_edges(16384) == [0, 256, 1024, 4096, 16384]
-  assert ev.bucket_edges(20000) == [0, 256, 1024, 4096, 16384, 20000]
-  assert ev.default_lengths(4096) == [256, 1024, 4096]
+  assert by_position.bucket_edges(128) == [0, 128]
+  assert by_position.bucket_edges(256) == [0, 256]
+  assert by_position.bucket_edges(1000) == [0, 256, 1000]
+  assert by_position.bucket_edges(16384) == [0, 256, 1024, 4096, 16384]
+  assert by_position.bucket_edges(20000) == [0, 256, 1024, 4096, 16384, 20000]
+  assert passkey.default_lengths(4096) == [256, 1024, 4096]
 
 
 def test_loss_by_position_agrees_with_cross_entropy():
@@ -49,8 +49,8 @@ def test_loss_by_position_agrees_with_cross_entropy():
   positions = np.concatenate([np.arange(T)[None], np.r_[np.arange(700), np.arange(500)][None],
                               np.r_[np.arange(300), np.arange(900)][None]])
   weights = (rng.random((B, T)) > 0.2).astype(np.float32)
-  edges = ev.bucket_edges(T)
-  buckets = ev.loss_by_position(ev.token_losses(logits, targets), positions, weights, edges)
+  edges = by_position.bucket_edges(T)
+  buckets = by_position.loss_by_position(by_position.token_losses(logits, targets), positions, weights, edges)
   assert [(b["lo"], b["hi"]) for b in buckets] == [(0, 256), (256, 1024), (1024, 1200)]
   for b in buckets:
     mask = weights * ((positions >= b["lo"]) & (positions < b["hi"]))
@@ -63,29 +63,29 @@ def test_loss_by_position_agrees_with_cross_entropy():
 
 
 def test_prompt_has_the_needle_at_its_depth_and_is_deterministic(tokenizer, filler):
-  needle_len = len(ev.prompt_parts(tokenizer, "12345")[0])
-  _, question = ev.prompt_parts(tokenizer, "12345")
-  for depth in ev.DEPTHS:
-    p = ev.make_prompt(tokenizer, filler, 256, depth, (0, 256, 1, 0))
-    assert len(p.tokens) == 256 - ev.ANSWER_TOKENS
+  needle_len = len(passkey.prompt_parts(tokenizer, "12345")[0])
+  _, question = passkey.prompt_parts(tokenizer, "12345")
+  for depth in passkey.DEPTHS:
+    p = passkey.make_prompt(tokenizer, filler, 256, depth, (0, 256, 1, 0))
+    assert len(p.tokens) == 256 - passkey.ANSWER_TOKENS
     assert re.fullmatch(r"[1-9]\d{4}", p.key)
     n = len(p.tokens) - needle_len - len(question)
     assert p.needle_at == round(depth * n)
     assert f"The pass key is {p.key}." in tokenizer.decode(p.tokens[p.needle_at:p.needle_at + needle_len])
     assert (p.tokens[-len(question):] == question).all()
-  same = ev.make_prompt(tokenizer, filler, 256, 0.5, (0, 256, 1, 0))
-  other = ev.make_prompt(tokenizer, filler, 256, 0.5, (1, 256, 1, 0))
-  assert (same.tokens == ev.make_prompt(tokenizer, filler, 256, 0.5, (0, 256, 1, 0)).tokens).all()
+  same = passkey.make_prompt(tokenizer, filler, 256, 0.5, (0, 256, 1, 0))
+  other = passkey.make_prompt(tokenizer, filler, 256, 0.5, (1, 256, 1, 0))
+  assert (same.tokens == passkey.make_prompt(tokenizer, filler, 256, 0.5, (0, 256, 1, 0)).tokens).all()
   assert same.key != other.key
   with pytest.raises(ValueError, match="too short"):
-    ev.make_prompt(tokenizer, filler, 30, 0.5, 0)
+    passkey.make_prompt(tokenizer, filler, 30, 0.5, 0)
 
 
 def rigged_retriever(tokenizer, reach=None):
   """logits_fn that reads the key from the needle in the prompt and spells " KEY" after the
   question; with `reach`, only when the needle is within the last `reach` fraction of the prompt
   (a model with a short memory), else it answers token 0."""
-  question = ev.prompt_parts(tokenizer, "00000")[1]
+  question = passkey.prompt_parts(tokenizer, "00000")[1]
 
   def logits_fn(tokens_BT):
     tokens_BT = np.asarray(tokens_BT)
@@ -104,21 +104,21 @@ def rigged_retriever(tokenizer, reach=None):
 
 
 def test_passkey_scores_one_with_a_retriever(tokenizer, filler):
-  result = ev.passkey_eval(rigged_retriever(tokenizer), tokenizer, filler, [128, 256], trials=3, batch_size=4)
+  result = passkey.passkey_eval(rigged_retriever(tokenizer), tokenizer, filler, [128, 256], trials=3, batch_size=4)
   assert result["accuracy"] == 1.0 and result["digit_accuracy"] == 1.0
-  assert [(c["length"], c["depth"]) for c in result["cells"]] == [(n, d) for n in (128, 256) for d in ev.DEPTHS]
+  assert [(c["length"], c["depth"]) for c in result["cells"]] == [(n, d) for n in (128, 256) for d in passkey.DEPTHS]
   assert all(c["accuracy"] == 1.0 and c["trials"] == 3 for c in result["cells"])
 
 
 def test_passkey_cells_follow_the_needle_depth(tokenizer, filler):
-  result = ev.passkey_eval(rigged_retriever(tokenizer, reach=0.6), tokenizer, filler, [256], trials=2, batch_size=4)
+  result = passkey.passkey_eval(rigged_retriever(tokenizer, reach=0.6), tokenizer, filler, [256], trials=2, batch_size=4)
   assert [c["accuracy"] for c in result["cells"]] == [0.0, 0.0, 1.0, 1.0, 1.0]
   assert result["accuracy"] == pytest.approx(0.6)
 
 
 def test_passkey_is_chance_without_retrieval(tokenizer, filler):
   uniform = lambda tokens: jnp.zeros((*tokens.shape, VOCAB))
-  assert ev.passkey_accuracy(uniform, tokenizer, filler, [128], trials=2, batch_size=5) == 0.0
+  assert passkey.passkey_accuracy(uniform, tokenizer, filler, [128], trials=2, batch_size=5) == 0.0
   digits = np.array([tokenizer.encode([str(d)])[0][-1] for d in range(10)])
 
   def guesser(tokens):      # a random digit at every position: right by chance only
@@ -126,7 +126,7 @@ def test_passkey_is_chance_without_retrieval(tokenizer, filler):
     rng = np.random.default_rng(int(np.asarray(tokens).sum()))
     np.put_along_axis(logits, digits[rng.integers(10, size=tokens.shape)][..., None], 1.0, axis=-1)
     return logits
-  result = ev.passkey_eval(guesser, tokenizer, filler, [128, 256], trials=10, batch_size=25)
+  result = passkey.passkey_eval(guesser, tokenizer, filler, [128, 256], trials=10, batch_size=25)
   assert result["accuracy"] == 0.0                            # 1e-5 per key
   assert 0.06 < result["digit_accuracy"] < 0.14, result       # 0.1 per digit, 500 digits
 
@@ -165,7 +165,7 @@ def test_cli_evaluates_a_run_and_refuses_a_bad_step(tmp_path):
   assert [(b["lo"], b["hi"], b["tokens"]) for b in summary["loss_by_position"]] == [(0, 256, 512), (256, 512, 512)]
   assert all(7.0 < b["loss"] < 9.0 for b in summary["loss_by_position"])       # ~ln(4096) after 1 step
   assert [(c["length"], c["depth"]) for c in summary["passkey"]["cells"]] == [
-      (n, d) for n in (256, 512) for d in ev.DEPTHS]
+      (n, d) for n in (256, 512) for d in passkey.DEPTHS]
   assert lines[-1] == f"passkey accuracy {summary['passkey']['accuracy']:.3f}"
   for name in ("loss_by_position.png", "passkey.png"):
     assert (out / name).read_bytes()[:4] == b"\x89PNG"

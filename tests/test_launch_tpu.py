@@ -120,6 +120,23 @@ def test_xpk_multislice(main):
   assert "--docker-image=gcr.io/p/sparse:1" in create and "pip install" not in " ".join(create)
 
 
+def test_gcloud_multislice(main):
+  """--num-slices 2 through gcloud: one queued resource of two TPU VMs (my-run-0, my-run-1); the
+  code goes to, and train.py starts on, every worker of both; the already-running check and the
+  ACTIVE wait are the queued resource's."""
+  r = main(*JOB, "--num-slices", "2", "--dry-run", *OVERRIDES)
+  assert r.returncode == 0, r.stderr
+  cmds = commands(r.stdout)
+  create, = find(cmds, "queued-resources", "create")
+  assert "--node-count=2" in create and "--node-prefix=my-run" in create and "--accelerator-type=v5p-64" in create
+  assert not any(a.startswith("--node-id") for a in create)
+  for node in ("my-run-0", "my-run-1"):
+    scp, = find(cmds, "scp", f"{node}:sparse-attn.tar.gz")
+    install, start = find(cmds, "ssh", node, "--worker=all")
+    assert "pip install" in remote(install) and "train.py --config configs/1b.py" in remote(start)
+  assert "2 x v5p-64" in r.stdout and "all 16 workers" in r.stdout
+
+
 def test_status_logs_delete_dry_run(main):
   where = ["--name", "my-run", "--zone", "us-east5-a", "--dry-run"]
   status = commands(main("status", *where).stdout)
@@ -148,7 +165,7 @@ def test_status_logs_delete_dry_run(main):
     (["--workdir", "runs/1b"], ["--workdir", "runs/1b", "gs://"]),
     (["--config", "configs/nope.py"], ["--config", "configs/nope.py"]),
     (["--name", "My_Run"], ["--name", "My_Run"]),
-    (["--num-slices", "2"], ["--num-slices", "xpk"]),
+    (["--num-slices", "0"], ["--num-slices=0", "at least 1"]),
     (["--config.seq_len", "32768"], ["--config.seq_len"]),
     (["--", "--steps=5"], ["--steps=5"]),
 ])

@@ -16,8 +16,9 @@ import pytest
 from test_model import NSA_SMALL
 
 from conftest import FAST_COMPILE, REPO, SMALL_OVERRIDES, read_metrics
+from sweeps import report as sweep_report
+from sweeps import runner as sweep_runner
 from sweeps.runner import Point, Runner, error_line, read_status
-from trainer import sweep_report, sweep_runner
 
 SWEEP = str(REPO / "scripts" / "sweep.py")
 # The training tests' shrunk tiny NSA model, one layer.

@@ -33,15 +33,15 @@ def main(process_id: int, port: int, dataset: str, tokenizer: str, out: str):
                         ("concat", dict(data=1, fsdp=1, tensor=4))):
     config = small_config(**{"data.source": dataset, "data.tokenizer": tokenizer, "data.packing": packing,
                              **{f"mesh.{k}": v for k, v in mesh.items()}})
-    batch_sharding = batch_sharding(make_mesh(config.mesh))
-    held = pipeline.sharded_rows(batch_sharding, batch)
+    sharding = batch_sharding(make_mesh(config.mesh))
+    held = pipeline.sharded_rows(sharding, batch)
     local = pipeline.train_iterator(config, src, index, count, rows=held)
     single = pipeline.train_iterator(config, src)
     same = True
     for _ in range(3):
       local_batch, expected = next(local), next(single)
       for k, v in local_batch.items():
-        global_array = jax.make_array_from_process_local_data(batch_sharding, v)
+        global_array = jax.make_array_from_process_local_data(sharding, v)
         same &= np.array_equal(multihost_utils.process_allgather(global_array, tiled=True), expected[k])
     meshes[f"{packing} {mesh}"] = {"rows": held, "same": bool(same)}
     local.close()

@@ -45,7 +45,7 @@ Sparse attention (MQA: every head of query t over the rows kv[s], s in S_t):
            and out once per window. Only the windows holding real pairs run. At H=128 a pair
            loads 295 KB of q and dO for the few keys one query chose in one key tile, so a
            token-level selection over a long sequence moves far more than "rows"
-           (kernels/dsa_traffic.py); it pays only where selections cluster densely.
+           (perf/dsa_traffic.py); it pays only where selections cluster densely.
   value    the first v_dim columns of each row: out and the dO products run at the full width Dk
            with dO zero-padded (12% more MXU work at 576/512, no unaligned lane slices).
 """

@@ -34,7 +34,7 @@ def _slc_block(slc_block, legacy: int | None, legacy_name: str) -> int:
 
 def check_supported(*, seq_len: int, n_heads: int, n_kv_heads: int, slc_block: int) -> None:
   """The NSA Pallas kernels' shape rules (raises kernels.Unsupported naming the argument): the
-  selection and compressed kernels' (kernels/selection_pallas.py) and splash's for the window."""
+  selection and compressed kernels' (kernels/nsa/selection_pallas.py) and splash's for the window."""
   from kernels.nsa import selection_pallas
   selection_pallas.check_supported(seq_len, n_heads, n_kv_heads, slc_block)
   dense.check_supported(seq_len=seq_len)
@@ -57,7 +57,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, impl
   documents, i*stride >= doc_start[t] (int32 [B, T]: where t's document starts, a multiple of
   the selection block as model/packing.py lays rows out; t itself for padding).
   Returns (out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] float32; -inf where nothing is visible).
-  impl="pallas": kernels/compressed_pallas.py (forward, dq, dK/dV)."""
+  impl="pallas": kernels/nsa/compressed_pallas.py (forward, dq, dK/dV)."""
   options = options or DEFAULT_OPTIONS
   b, t, hq, dk = q.shape
   scale = dk ** -0.5 if scale is None else scale

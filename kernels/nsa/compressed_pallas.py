@@ -8,7 +8,7 @@ the key axis, so it is fetched once per tile), a lane-padded 64 KiB buffer in VM
 wholly before a tile's documents are still walked (masked): packed rows cost what one document
 of T costs.
 
-rows    as in the selection kernels (kernels/selection_pallas.py): a tile is bq = 128 // G query
+rows    as in the selection kernels (kernels/nsa/selection_pallas.py): a tile is bq = 128 // G query
         positions x the G heads of one KV group, 128 matmul rows whatever G is.
 Attention, forward and dq: grid (B, HKV, T/bq, Cp/BK), BK = 128 compressed keys per step, an
         online softmax over the key axis. Query tile i needs only its first n_i key tiles (the

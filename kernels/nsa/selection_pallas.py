@@ -1,8 +1,8 @@
 """Pallas TPU kernels for NSA's selection branch (docs/design.md §7): forward, dq and dK/dV behind a
 custom_vjp (`kernels.nsa.selection_attention(impl="pallas")`) and the GQA row layout the
-compressed kernels share (kernels/compressed_pallas.py). The online softmax and the inverted
+compressed kernels share (kernels/nsa/compressed_pallas.py). The online softmax and the inverted
 selection are kernels/pallas_common.py's (shared with DSA); the traffic model of the three
-kernels is kernels/nsa_traffic.py. The window branch runs on splash attention (kernels/dense.py).
+kernels is perf/nsa_traffic.py. The window branch runs on splash attention (kernels/dense.py).
 
 Selection forward, union query tiling:
   rows     a tile is bq = 128 // G query positions x the G query heads of one KV group: 128
