@@ -51,16 +51,9 @@ import numpy as np
 from kernels import DEFAULT_OPTIONS
 from kernels.dsa.pallas import KEY_CHUNK, KEY_TILE
 from kernels.dsa.pallas import queries_per_tile as _queries_per_tile
+from perf.chips import CHIPS
 
 BIG = np.iinfo(np.int64).max
-# Peak bf16 FLOP/s and HBM bytes/s per chip (docs/design.md §10) and the MXU's rows.
-CHIPS = {"v5e": (197e12, 0.82e12, 128), "v5p": (459e12, 2.76e12, 128), "v6e": (918e12, 1.64e12, 256)}
-
-
-def ridge(chip: str) -> float:
-  """FLOP per HBM byte at which the chip turns compute-bound."""
-  peak, bandwidth, _ = CHIPS[chip]
-  return peak / bandwidth
 
 
 def _round_up(x: int, m: int) -> int:
@@ -257,7 +250,8 @@ def overlap(indices, groups=(1, 2, 4, 8, 16), *, q_offset=0, num_keys=None, head
   b, t, k = np.shape(indices)
   positions = _positions(t, q_offset)
   tk = int(num_keys) if num_keys is not None else int(positions.max()) + 1
-  peak, bandwidth, mxu_rows = CHIPS[chip]
+  facts = CHIPS[chip]
+  peak, bandwidth, mxu_rows = facts.peak_tflops * 1e12, facts.hbm_tbs * 1e12, facts.mxu
   per_query = _distinct(_sorted_valid(indices, positions[None, :, None], tk))
   result = {}
   for g in groups:

@@ -258,9 +258,10 @@ def trained_selection(run_dir: str):
 def dsa_traffic_tables(args):
   from kernels.dsa.pallas import queries_per_tile
   from perf import dsa_traffic as dt
+  from perf.chips import CHIPS
   chips = ("v5e", "v5p", "v6e")
   heads, topk = args.dsa_heads, args.dsa_topk
-  ridges = ", ".join(f"{c} {dt.ridge(c):.0f}" for c in chips)
+  ridges = ", ".join(f"{c} {CHIPS[c].ridge:.0f}" for c in chips)
   print(f"DSA sparse MLA kernels (Pallas), HBM<->VMEM traffic model: H={heads} Dk={DSA_DK} dv={DSA_DV} bf16, "
         f"{queries_per_tile(heads)} query x {heads} heads per tile; ridge FLOP/B: {ridges}")
   cases = []      # (name, T, indices, positions, seq_len or None)
@@ -287,7 +288,7 @@ def dsa_traffic_tables(args):
     head = f"{name:>10} {seq_len:>7} {k:>5} {r['sampled_fraction']:7.1%}"
     for kernel in ("forward", "dq+dkv", "teacher", "dq", "dkv"):
       x = r[kernel]
-      bound = "/".join("C" if x["intensity"] > dt.ridge(c) else "M" for c in chips)
+      bound = "/".join("C" if x["intensity"] > CHIPS[c].ridge else "M" for c in chips)
       print(f"{head if kernel == 'forward' else '':<{len(head)}} | {kernel:>7} {x['in'] / 1e9:9.2f} "
             f"{x['min_in'] / 1e9:9.2f} {x['in'] / x['min_in']:6.2f} {x['out'] / 1e9:8.3f} {x['min_out'] / 1e9:8.3f} "
             f"{x['out'] / x['min_out']:6.2f} {x['row_fill']:8.1%} {x['flops'] / 1e12:9.2f} "
@@ -305,7 +306,7 @@ def dsa_traffic_tables(args):
         "or pairs (dkv) that compute")
   groups = (1, 2, 4, 8, 16)
   print(f"\nneighbouring queries' selections: a union tile of g consecutive queries (g x {heads} rows) "
-        f"against per-query gathers; v6e model: max(FLOPs / (918 TF x min(1, rows / 256)), bytes / 1.64 TB/s)")
+        f"against per-query gathers; v6e model: max(FLOPs / (peak x min(1, rows / MXU)), bytes / HBM bandwidth) (perf.chips)")
   print(f"{'selection':>10} {'T':>7} {'k':>5} {'g':>3} {'union/sum':>9} {'FLOP/B':>7} {'exec FLOP/B':>11} "
         f"{'v6e':>8} {'us/query':>8} {'speedup':>7}")
   for name, seq_len, k, idx, positions, _ in results:

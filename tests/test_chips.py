@@ -35,3 +35,14 @@ def test_every_script_reads_names_through_the_same_parser(name):
   assert launch_tpu.parse_accelerator is parse_accelerator and aot_compile.parse_accelerator is parse_accelerator
   assert launch_tpu.parse([*"run --name r --zone z --project p --config configs/tiny.py --workdir gs://b/r".split(),
                            "--tpu", name]).tpu_info == parse_accelerator(name)
+
+
+def test_no_second_chip_table():
+  """Peak FLOP/s and HBM bandwidth are written once: no other module spells a chip's numbers."""
+  from conftest import REPO
+  facts = ("918", "459", "2.76", "1.64", "0.82")
+  for path in [*REPO.glob("*/*.py"), *REPO.glob("*/*/*.py")]:
+    if path.name == "chips.py" or path.parent.name == "tests":
+      continue
+    code = path.read_text()
+    assert not [f for f in facts if f in code], path
