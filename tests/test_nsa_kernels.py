@@ -230,3 +230,17 @@ def test_select_blocks_sends_no_gradient():
   f = lambda q, kc: nsa.select_blocks(q, kc, block_len=8, stride=4, slc_block=8, num_selected=2,
                                       impl="xla", options=CHUNKED).astype(jnp.float32).sum()
   assert all(np.all(g == 0) for g in jax.grad(f, argnums=(0, 1))(q, kc))
+
+
+def test_the_briefs_keyword_names_for_slc_block_still_work():
+  """`select_block=` / `block_size=` (the brief's first contract) mean slc_block; two different values are refused."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, 64, 4, 8)) for i in range(3))
+  kc = jax.random.normal(jax.random.key(3), (1, 7, 2, 8))
+  kw = dict(block_len=16, stride=8, num_selected=3, impl="xla")
+  idx = nsa.select_blocks(q, kc, slc_block=16, **kw)
+  np.testing.assert_array_equal(nsa.select_blocks(q, kc, select_block=16, **kw), idx)
+  k2, v2 = k[:, :, :2], v[:, :, :2]
+  np.testing.assert_array_equal(nsa.selection_attention(q, k2, v2, idx, block_size=16, impl="xla"),
+                                nsa.selection_attention(q, k2, v2, idx, slc_block=16, impl="xla"))
+  with pytest.raises(ValueError, match="slc_block=16 and block_size=32"):
+    nsa.selection_attention(q, k2, v2, idx, slc_block=16, block_size=32, impl="xla")
