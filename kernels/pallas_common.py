@@ -71,6 +71,24 @@ def probs_and_dscores(s, lse_ref, do, v, delta_ref):
   return p, p * (dp - column(delta_ref))
 
 
+# ---- backward steps: dq (query-stationary) and dK/dV (key-stationary) ----
+
+def accumulate_dq(s, do, k, v, lse_ref, delta_ref, dq_scratch, scale):
+  """dq += scale * dS K for one step's masked scores s [R, keys]."""
+  _, ds = probs_and_dscores(s, lse_ref, do, v, delta_ref)
+  dq_scratch[...] += scale * jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
+                                                 preferred_element_type=jnp.float32)
+
+
+def accumulate_dkv(s, q, do, v, lse_ref, delta_ref, dk_scratch, dv_scratch, scale):
+  """dV += P^T dO and dK += scale * dS^T Q for one step's masked scores s [R, keys]."""
+  p, ds = probs_and_dscores(s, lse_ref, do, v, delta_ref)
+  dv_scratch[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+  dk_scratch[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                                                 preferred_element_type=jnp.float32)
+
+
 # ---- the inverted selection: KV-stationary backward lists ----
 
 def inverted_pairs(block, tile, num_blocks: int, payload=None):

@@ -38,10 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions
-from kernels.nsa.selection_pallas import (
-  _accumulate_dkv,
-  _accumulate_dq,
-  _Shape,
+from kernels.nsa.rows import (
   check_rows,
   from_rows,
   from_tile_rows,
@@ -50,7 +47,18 @@ from kernels.nsa.selection_pallas import (
   to_rows,
   to_tile_rows,
 )
-from kernels.pallas_common import LANES, ROWS, cost, probs, softmax_finish, softmax_init, softmax_step
+from kernels.nsa.selection_pallas import _Shape
+from kernels.pallas_common import (
+  LANES,
+  ROWS,
+  accumulate_dkv,
+  accumulate_dq,
+  cost,
+  probs,
+  softmax_finish,
+  softmax_init,
+  softmax_step,
+)
 
 
 class _Cmp(NamedTuple):
@@ -165,7 +173,7 @@ def _dq_kernel(offset_ref, q_ref, first_ref, do_ref, lse_ref, delta_ref, k_ref, 
   @pl.when(kb < g.key_tiles(i))
   def _step():
     s = _scores(g, q_ref[...], k_ref[...], first_ref[...], i, kb)
-    _accumulate_dq(s, do_ref[...], k_ref[...], v_ref[...], lse_ref, delta_ref, acc_scratch, g.scale)
+    accumulate_dq(s, do_ref[...], k_ref[...], v_ref[...], lse_ref, delta_ref, acc_scratch, g.scale)
 
   @pl.when(kb == pl.num_programs(3) - 1)
   def _finish():
@@ -185,7 +193,7 @@ def _dkv_kernel(offset_ref, q_ref, first_ref, do_ref, lse_ref, delta_ref, k_ref,
   @pl.when(i >= g.first_query_tile(kb))
   def _step():
     q = q_ref[...]
-    _accumulate_dkv(_scores(g, q, k_ref[...], first_ref[...], i, kb), q, do_ref[...], v_ref[...], lse_ref, delta_ref,
+    accumulate_dkv(_scores(g, q, k_ref[...], first_ref[...], i, kb), q, do_ref[...], v_ref[...], lse_ref, delta_ref,
                     dk_scratch, dv_scratch, g.scale)
 
   @pl.when(local == pl.num_programs(3) - 1)

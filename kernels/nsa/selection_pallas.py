@@ -27,13 +27,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported
+from kernels.nsa.rows import check_rows, from_rows, from_tile_rows, row_spec, tile_row_spec, to_rows
 from kernels.pallas_common import (
   LANES,
   ROWS,
+  accumulate_dkv,
+  accumulate_dq,
   cost,
   inverted_pairs,
   pair_windows,
-  probs_and_dscores,
   softmax_finish,
   softmax_init,
   softmax_step,
@@ -104,43 +106,6 @@ def _selection_fwd_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, k_ref
     softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
 
 
-def to_rows(x, hkv: int):
-  """[B, T, HKV*G, D] -> [B, HKV, T*G, D]: row t*G + g is query t, head g of its KV group."""
-  b, t, h, d = x.shape
-  return x.reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * (h // hkv), d)
-
-
-def from_rows(x, t: int):
-  """[B, HKV, T*G, D] -> [B, T, HKV*G, D], the inverse of to_rows."""
-  b, hkv, rows, d = x.shape
-  return x.reshape(b, hkv, t, rows // t, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hkv * (rows // t), d)
-
-
-# Per-row statistics (lse, delta) live as "tile rows" [B, HKV, NQ, 1, 128]: one lane-dense row per
-# query tile (splash keeps its lse as [H, 1, T] for the same reason), 4 bytes per row in HBM.
-
-def to_tile_rows(x_BTH, hkv: int):
-  """[B, T, HQ] -> [B, HKV, NQ, 1, 128] in the row order of to_rows."""
-  r = to_rows(x_BTH[..., None], hkv)
-  return r.reshape(r.shape[0], hkv, -1, 1, ROWS)
-
-
-def from_tile_rows(x, t: int):
-  """[B, HKV, NQ, 1, 128] -> [B, T, HQ], the inverse of to_tile_rows."""
-  return from_rows(x.reshape(*x.shape[:2], -1, 1), t)[..., 0]
-
-
-def row_spec(index_map, width: int):
-  """BlockSpec of one tile's [128, width] rows of a [B, HKV, T*G, width] array; index_map gives
-  (b, h, tile)."""
-  return pl.BlockSpec((None, None, ROWS, width), lambda *a: (*index_map(*a), 0))
-
-
-def tile_row_spec(index_map):
-  """BlockSpec of one tile's [1, 128] row; index_map gives (b, h, tile)."""
-  return pl.BlockSpec((None, None, None, 1, ROWS), lambda *a: (*index_map(*a), 0, 0))
-
-
 class _Shape(NamedTuple):
   b: int
   t: int                  # queries
@@ -175,17 +140,6 @@ class _Shape(NamedTuple):
 
   def unrows(self, x):
     return from_rows(x, self.t)
-
-
-def check_rows(t: int, hq: int, hkv: int) -> int:
-  """The row tiling's rule for every NSA Pallas kernel: G = HQ/HKV divides 128 and T is a
-  multiple of 128/G. Returns G; raises kernels.Unsupported."""
-  group = hq // hkv
-  if ROWS % group:
-    raise Unsupported("n_heads", hq, f"the query group HQ/HKV={group} must divide {ROWS}")
-  if t % (ROWS // group):
-    raise Unsupported("seq_len", t, f"must be a multiple of {ROWS // group} (128 rows / G={group})")
-  return group
 
 
 def check_supported(t: int, hq: int, hkv: int, slc_block: int) -> int:
@@ -312,22 +266,6 @@ def _selection_fwd_call(sh: _Shape, tiles, num_union, dtype):
 #   whose pairs straddle two windows continues from what the first wrote (the outputs alias the
 #   inputs, which start at zero).
 
-def _accumulate_dq(s, do, k, v, lse_ref, delta_ref, dq_scratch, scale):
-  """dq += scale * dS K for one step's masked scores s [R, keys]."""
-  _, ds = probs_and_dscores(s, lse_ref, do, v, delta_ref)
-  dq_scratch[...] += scale * jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                                 preferred_element_type=jnp.float32)
-
-
-def _accumulate_dkv(s, q, do, v, lse_ref, delta_ref, dk_scratch, dv_scratch, scale):
-  """dV += P^T dO and dK += scale * dS^T Q for one step's masked scores s [R, keys]."""
-  p, ds = probs_and_dscores(s, lse_ref, do, v, delta_ref)
-  dv_scratch[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-  dk_scratch[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                                 preferred_element_type=jnp.float32)
-
-
 def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref, lse_ref, delta_ref,
                          k_ref, v_ref, dq_ref, acc_scratch, *, scale, slc_block, group, num_union, grid_shape):
   tile, u, query_tile = _union_position(group_ref, grid_shape)
@@ -341,7 +279,7 @@ def _selection_dq_kernel(group_ref, union_ref, count_ref, q_ref, idx_ref, do_ref
     j = union_ref[tile * num_union + u]
     s = _masked_scores(q_ref[...], k_ref[...], idx_ref[...], j, query_tile,
                        scale=scale, slc_block=slc_block, group=group)
-    _accumulate_dq(s, do_ref[...], k_ref[...], v_ref[...], lse_ref, delta_ref, acc_scratch, scale)
+    accumulate_dq(s, do_ref[...], k_ref[...], v_ref[...], lse_ref, delta_ref, acc_scratch, scale)
 
   @pl.when(u == num_union - 1)
   def _finish():
@@ -401,7 +339,7 @@ def _selection_dkv_kernel(block_ref, tile_ref, first_tile_ref, q_ref, idx_ref, d
     q = q_ref[...]
     s = _masked_scores(q, k_ref[...], idx_ref[...], j, first_tile_ref[0] + tile, scale=scale,
                        slc_block=slc_block, group=group)                              # [R, l']
-    _accumulate_dkv(s, q, do_ref[...], v_ref[...], lse_ref, delta_ref, dk_scratch, dv_scratch, scale)
+    accumulate_dkv(s, q, do_ref[...], v_ref[...], lse_ref, delta_ref, dk_scratch, dv_scratch, scale)
 
   @pl.when(ends)
   def _finish():
