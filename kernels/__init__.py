@@ -39,6 +39,8 @@ class KernelOptions:
   dsa_query_chunk: int = 128      # XLA DSA: the indexer's chunk scores are [chunk, H_I, T] fp32
   unroll_chunks: bool = False     # unroll the chunk loops (XLA's cost analysis then counts every chunk)
   prefetch_bytes: int = 256 * 1024   # NSA selection: union lists per pallas_call (SMEM ~1 MiB)
+  step_rows: int = 4096           # NSA kernels: matmul rows per grid step (query positions x G heads; a
+                                  # multiple of 128): a step must carry microseconds of MXU work
   key_tile: int = 128             # NSA compressed: compressed keys per attention step
   score_blocks: int = 128         # NSA block scores: selection blocks per score step
   dsa_tile_rows: int = 128        # DSA sparse attention: matmul rows per tile (queries x heads); 256
@@ -55,6 +57,8 @@ class KernelOptions:
       raise ValueError(f"dsa_tile_rows={self.dsa_tile_rows}: allowed values are 128, 256")
     if self.dsa_dkv not in DSA_DKV:
       raise ValueError(f"dsa_dkv={self.dsa_dkv!r}: allowed values are {', '.join(DSA_DKV)}")
+    if self.step_rows < 128 or self.step_rows % 128:
+      raise ValueError(f"step_rows={self.step_rows}: must be a positive multiple of 128")
     if not 0.0 < self.topk_recall <= 1.0:
       raise ValueError(f"topk_recall={self.topk_recall}: must be in (0, 1] (1: exact top-k)")
 
