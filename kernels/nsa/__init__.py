@@ -4,7 +4,7 @@ Shapes: q [B,T,HQ,Dk], k [B,T,HKV,Dk], v [B,T,HKV,Dv], k_cmp [B,C,HKV,Dk], v_cmp
 query head h uses KV head h // (HQ // HKV). `impl="xla"` runs the pure-JAX reference
 (kernels/nsa/reference.py); `impl="pallas"` (and `"auto"` on TPU) the Pallas TPU kernels, forward
 and backward: compressed attention and block scores in kernels/nsa/compressed_pallas.py,
-selection in kernels/nsa/selection_pallas.py, the window on splash attention; off TPU they run
+selection and the window in kernels/nsa/selection_pallas.py (one block walk); off TPU they run
 in TPU interpret mode. Every function runs per device through parallel.placement.per_device (the
 Pallas calls inside jax.shard_map; under context parallelism both impls): each `_local` body is
 one device's queries at global positions q_offset + [0, Tq) against all keys.
@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import DEFAULT_OPTIONS, dense, resolve_impl
+from kernels import DEFAULT_OPTIONS, resolve_impl
 from kernels.nsa import reference
 from kernels.nsa.reference import map_query_chunks, rank_blocks
 from parallel import placement
@@ -37,7 +37,7 @@ def check_supported(*, seq_len: int, n_heads: int, n_kv_heads: int, slc_block: i
   selection and compressed kernels' (kernels/nsa/selection_pallas.py) and splash's for the window."""
   from kernels.nsa import selection_pallas
   selection_pallas.check_supported(seq_len, n_heads, n_kv_heads, slc_block)
-  dense.check_supported(seq_len=seq_len)
+  selection_pallas.check_window(seq_len, seq_len, n_heads, n_kv_heads)
 
 
 def _pallas(impl: str, options) -> bool:
@@ -165,12 +165,13 @@ def selection_local(q, k, v, block_indices, *, q_offset, slc_block, scale, palla
 def window_attention(q, k, v, *, window, scale=None, impl="auto", options=None, doc_start=None):
   """Query t attends to keys s with t - window < s <= t (`window` keys including itself) and,
   with packed documents, s >= doc_start[t] (int32 [B, T], see compressed_attention).
-  impl="pallas": jax's splash-attention kernels (forward and backward) with a local mask, and
-  doc_start as segment ids (a document's tokens share it; padding's are its own positions)."""
+  impl="pallas": the block walk of kernels/nsa/selection_pallas.py over each query tile's window
+  blocks (forward and backward), doc_start as a per-row mask."""
   options = options or DEFAULT_OPTIONS
   pallas = _pallas(impl, options)
   if pallas:
-    dense.check_supported(seq_len=q.shape[1])
+    from kernels.nsa import selection_pallas
+    selection_pallas.check_window(q.shape[1], k.shape[1], q.shape[2], k.shape[2])
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   local = functools.partial(window_local, window=window, scale=scale, pallas=pallas, options=options)
   kv_axes = placement.KV if k.shape[2] > 1 else placement.MQA
@@ -184,8 +185,6 @@ def window_local(q, k, v, q_doc=None, kv_doc=None, *, q_offset, window, scale, p
   """One device's window_attention: queries at q_offset + [0, Tq) against all keys k, v; q_doc,
   kv_doc: the queries' and keys' doc_start."""
   if pallas:
-    if q_doc is None:
-      q_doc, kv_doc = jnp.zeros(q.shape[:2], jnp.int32), jnp.zeros(k.shape[:2], jnp.int32)
-    return dense.local_attention(q, k, v, q_doc.astype(jnp.int32), kv_doc.astype(jnp.int32), q_offset=q_offset,
-                                 scale=scale, window=window, pallas=True, options=options)
+    from kernels.nsa import selection_pallas
+    return selection_pallas.window_attention(q, k, v, q_doc, q_offset, window, scale, options)
   return reference.window(q, k, v, q_doc, q_offset=q_offset, window=window, scale=scale, options=options)
