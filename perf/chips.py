@@ -1,8 +1,27 @@
 """Facts about TPU chips, and the one parser of accelerator names that every script uses.
 
-Sources: the Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e)
-for HBM, peak bf16 FLOP/s, HBM bandwidth, ICI bandwidth and TensorCores per chip; the MXU size
-from the same pages (128x128 through v5p, 256x256 on v6e).
+Sources, per field (fetched 2026-12-06):
+  [cloud]  the Cloud TPU pages docs.cloud.google.com/tpu/docs/v4, /v5e, /v5p-training, /v6e: HBM,
+           peak bf16 and int8, HBM bandwidth ("16 GB, 819 GBps"; "95 GB, 2765 GBps"; "1638 GBps"),
+           bidirectional ICI per chip, TensorCores per chip, MXU size.
+  [jax]    jax/_src/pallas/mosaic/tpu_info.py (jax 0.10.2; rendered at
+           docs.jax.dev/en/latest/pallas/tpu/hardware.html): VMEM per core (v5e 128 MiB, v5p 64 MiB,
+           v6e 128 MiB, v4 16 MiB), SMEM 1 MiB, int8 rates, v4 int8 "Not Available".
+  [aot]    measured here with libtpu 0.0.42.1 ahead-of-time compiles: the default scoped VMEM limit
+           ("exceeded scoped vmem limit ... limit 16.00M" on v5e and v5p, 32.00M on v6e) and the
+           usable VMEM (63.94M on v5p).
+  [book]   "How to Scale Your Model" (jax-ml.github.io/scaling-book/tpus): "each core of the TPU is
+           only capable of creating one DMA request per cycle"; v5p clock about 1.75 GHz.
+Assumptions (no public number; the time model's 3x-worse columns cover them):
+  step_us  Pallas pipeline cost per grid step. The project's brief says about 0.35 us; libtpu's
+           static cost model (--xla_jf_dump_static_llo_profile_to, a copy-plus-one kernel with 4 KiB
+           blocks, slope over 64 -> 512 steps) gives 598 cycles on v5e (0.40 us at 1.5 GHz), 454 on
+           v5p (0.26 us), 358 on v6e (~0.2 us). We take 0.35 us for every chip; range 0.2-1 us.
+  dma_issue_ns  scalar-core cost to issue one DMA descriptor: [book]'s floor is one cycle; the
+           generated code spends about 10-30 bundles of address arithmetic per descriptor. We take
+           20 ns; range 5-50 ns.
+  dma_latency_us  HBM -> VMEM latency of a DMA (paid when a kernel waits on a copy it could not
+           start early): libtpu's static model implies 0.2-0.35 us; we take 0.5 us; range 0.2-1 us.
 
 Accelerator names as gcloud spells them: `v4-N` and `v5p-N` count TensorCores (2 per chip, 4
 chips per host), `v5litepod-N` (alias `v5e-N`) and `v6e-N` count chips (up to 8 on one host,
@@ -14,12 +33,19 @@ from typing import NamedTuple
 
 
 class Chip(NamedTuple):
-  hbm_gib: float          # HBM per chip
-  peak_tflops: float      # dense bf16 TFLOP/s per chip
-  hbm_tbs: float          # HBM bandwidth, TB/s
-  ici_gbs: float          # bidirectional ICI bandwidth per chip, GB/s
-  mxu: int                # the MXU is mxu x mxu
-  cores: int              # TensorCores per chip (megacore on v4 and v5p)
+  hbm_gib: float          # HBM per chip [cloud]
+  peak_tflops: float      # dense bf16 TFLOP/s per chip [cloud]
+  hbm_tbs: float          # HBM bandwidth, TB/s [cloud]
+  ici_gbs: float          # bidirectional ICI bandwidth per chip, GB/s [cloud]
+  mxu: int                # the MXU is mxu x mxu [cloud]
+  cores: int              # TensorCores per chip (megacore on v4 and v5p) [cloud]
+  int8_tops: float        # dense int8 TOP/s per chip [cloud], [jax] (v4: no faster int8 path)
+  vmem_mib: int           # VMEM per TensorCore [jax]
+  scoped_vmem_mib: int    # Mosaic's default VMEM limit per kernel [aot]
+  smem_kib: int = 1024    # SMEM per TensorCore [jax]
+  step_us: float = 0.35   # per grid step (assumption, see above)
+  dma_issue_ns: float = 20.0    # per DMA descriptor issued (assumption)
+  dma_latency_us: float = 0.5   # one HBM -> VMEM copy waited on (assumption)
 
   @property
   def ridge(self) -> float:
@@ -28,10 +54,14 @@ class Chip(NamedTuple):
 
 
 CHIPS = {
-    "v4": Chip(hbm_gib=32, peak_tflops=275, hbm_tbs=1.2, ici_gbs=300, mxu=128, cores=2),
-    "v5e": Chip(hbm_gib=16, peak_tflops=197, hbm_tbs=0.82, ici_gbs=400, mxu=128, cores=1),
-    "v5p": Chip(hbm_gib=95, peak_tflops=459, hbm_tbs=2.76, ici_gbs=1200, mxu=128, cores=2),
-    "v6e": Chip(hbm_gib=32, peak_tflops=918, hbm_tbs=1.64, ici_gbs=800, mxu=256, cores=1),
+    "v4": Chip(hbm_gib=32, peak_tflops=275, hbm_tbs=1.2, ici_gbs=300, mxu=128, cores=2, int8_tops=275, vmem_mib=16,
+               scoped_vmem_mib=16),
+    "v5e": Chip(hbm_gib=16, peak_tflops=197, hbm_tbs=0.82, ici_gbs=400, mxu=128, cores=1, int8_tops=394, vmem_mib=128,
+                scoped_vmem_mib=16),
+    "v5p": Chip(hbm_gib=95, peak_tflops=459, hbm_tbs=2.76, ici_gbs=1200, mxu=128, cores=2, int8_tops=918, vmem_mib=64,
+                scoped_vmem_mib=16),
+    "v6e": Chip(hbm_gib=32, peak_tflops=918, hbm_tbs=1.64, ici_gbs=800, mxu=256, cores=1, int8_tops=1836,
+                vmem_mib=128, scoped_vmem_mib=32),
 }
 _GENERATION = {"v4": "v4", "v5p": "v5p", "v5e": "v5litepod", "v6e": "v6e"}   # chip -> gcloud's name
 _CHIP = {"v4": "v4", "v5p": "v5p", "v5": "v5p", "v5litepod": "v5e", "v5e": "v5e", "v6e": "v6e"}

@@ -12,8 +12,9 @@ from jax.sharding import PartitionSpec as P
 
 import kernels
 from kernels import KernelOptions, nsa
+from kernels.nsa import reference as nsa_reference
 from kernels.nsa import selection_pallas
-from perf import nsa_traffic
+from perf import time_model
 from tests.nsa_cases import assert_grads_close, options_for
 
 
@@ -44,12 +45,13 @@ def test_selection_forward_matches_xla(t, hq, hkv, dk, dv, block, n, dtype, tol)
   assert np.isfinite(np.asarray(lse)).all()       # every query chose its own block
 
 
-def test_selection_forward_rows_with_nothing_and_split_prefetch():
-  """Queries whose indices are all -1 give 0 and lse -inf; tiny prefetch_bytes forces one
-  pallas_call per query tile (the split used for long sequences)."""
+def test_selection_forward_rows_with_nothing_over_several_steps_and_slabs():
+  """Queries whose indices are all -1 give 0 and lse -inf; step_rows=128 and slabs of 2 blocks:
+  4 grid steps per KV head, a step's union walked over several slabs."""
   q, k, v, idx = _inputs(2, 128, 4, 2, 32, 16, 16, 3, jnp.float32, seed=3)
   idx = idx.at[:, 40:].set(-1)
-  out, lse = selection_pallas.selection_forward(q, k, v, idx, slc_block=16, options=KernelOptions(prefetch_bytes=1))
+  options = KernelOptions(step_rows=128, slab_keys=32)
+  out, lse = selection_pallas.selection_forward(q, k, v, idx, slc_block=16, options=options)
   ref = nsa.selection_attention(q, k, v, idx, slc_block=16, impl="xla")
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
   assert not np.asarray(out[:, 40:]).any() and np.isneginf(np.asarray(lse[:, 40:])).all()
@@ -96,15 +98,18 @@ def test_selection_gradients_match_xla(t, hq, hkv, dk, dv, block, n, dtype, tol)
   assert not np.asarray(got[0][:, 3]).any()
 
 
-def test_selection_gradients_with_split_prefetch_windows():
-  """Tiny prefetch_bytes: many dq tile groups and dK/dV pair windows, blocks straddling windows."""
-  options = KernelOptions(prefetch_bytes=256)
-  q, k, v, idx = _inputs(2, 128, 4, 2, 32, 16, 16, 3, jnp.float32, seed=4)
+def test_selection_gradients_over_several_steps_and_slabs_at_an_offset():
+  """step_rows=128 and slabs of 2 blocks (dK/dV read, added to and written back slab by slab and
+  step by step), for the last half of the queries at q_offset=64, traced, as context parallelism
+  calls it: against the XLA reference on the same chunk."""
+  options = KernelOptions(step_rows=128, slab_keys=32)
+  q, k, v, idx = _inputs(2, 128, 4, 2, 32, 16, 16, 3, jnp.float32, seed=4, local=True)
+  q, idx = q[:, 64:], idx[:, 64:]
   loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) ** 2)
-  got = jax.grad(loss(lambda q, k, v: selection_pallas.selection_attention(q, k, v, idx, 0, 16, None, options)),
-                 argnums=(0, 1, 2))(q, k, v)
-  ref = jax.grad(loss(lambda q, k, v: nsa.selection_attention(q, k, v, idx, slc_block=16, impl="xla")),
-                 argnums=(0, 1, 2))(q, k, v)
+  pallas = jax.jit(lambda q, k, v, offset: selection_pallas.selection_attention(q, k, v, idx, offset, 16, None, options))
+  got = jax.grad(loss(lambda q, k, v: pallas(q, k, v, 64)), argnums=(0, 1, 2))(q, k, v)
+  xla = lambda q, k, v: nsa_reference.selection(q, k, v, idx, q_offset=64, slc_block=16, scale=None, options=options)
+  ref = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
   for g, r in zip(got, ref):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-4)
 
@@ -128,14 +133,78 @@ def test_window_attention_pallas_matches_xla(t, hq, hkv, dk, dv, window, dtype, 
     np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(r, np.float32) / scale, atol=tol)
 
 
-def test_block_pairs_invert_the_unions():
-  union = jnp.array([[[[0, 2, 2], [1, 2, 2]]]], jnp.int32)       # tile 0: {0, 2}; tile 1: {1, 2}
-  count = jnp.array([[[2, 2]]], jnp.int32)
-  block, tile = selection_pallas.block_pairs(union, count, num_blocks=4)
-  real = [(int(b), int(t)) for b, t in zip(block[0, 0], tile[0, 0]) if t >= 0]
-  assert real == [(0, 0), (1, 1), (2, 0), (2, 1)]
-  assert sorted(set(np.asarray(block[0, 0]).tolist())) == [0, 1, 2, 3]      # every block written
-  assert (np.diff(np.asarray(block[0, 0])) >= 0).all()                        # sorted: one run each
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_window_attention_pallas_with_documents_and_offset_matches_xla(dtype, tol):
+  """Packed documents (doc_start) and a query chunk at a traced offset (context parallelism),
+  several steps and slabs: outputs and gradients against the XLA reference."""
+  t, window = 256, 40
+  q, k, v, _ = _inputs(1, t, 8, 2, 32, 16, 16, 1, dtype, seed=7)
+  doc_start = jnp.asarray([[0] * 64 + [64] * 128 + [192] * 64], jnp.int32)
+  options = options_for(dtype, step_rows=128, slab_keys=64)
+  q_half, doc_half = q[:, 128:], doc_start[:, 128:]
+  pallas = jax.jit(lambda q, k, v, offset: selection_pallas.window_attention(q, k, v, doc_half, offset, window,
+                                                                               None, options))
+  xla = lambda q, k, v: nsa_reference.window(q, k, v, doc_half, q_offset=128, window=window, scale=32 ** -0.5,
+                                             options=options)
+  np.testing.assert_allclose(np.asarray(pallas(q_half, k, v, 128), np.float32),
+                             np.asarray(xla(q_half, k, v), np.float32), atol=tol, rtol=tol)
+  cot = jax.random.normal(jax.random.key(2), q_half.shape[:3] + (16,))
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * cot)
+  got = jax.grad(loss(lambda q, k, v: pallas(q, k, v, 128)), argnums=(0, 1, 2))(q_half, k, v)
+  assert_grads_close(got, jax.grad(loss(xla), argnums=(0, 1, 2))(q_half, k, v), tol)
+
+
+def test_step_lists_hold_each_steps_union_and_every_entrys_slot():
+  """Two steps of two tiles (G=16: 8 queries a tile, blocks of 8 keys). Tile unions {0, 2}, {1, 2}
+  | {3}, {} give step unions [0, 1, 2] and [3]; entries point into them."""
+  w = selection_pallas.Walk("selection", 1, 32, 32, 1, 16, 8, 8, 8, 2, 0, 1.0, KernelOptions(step_rows=256))
+  assert (w.tiles_per_step, w.tile_union, w.step_union) == (2, 4, 4)
+  union = jnp.array([[[[0, 2, 2, 2], [1, 2, 2, 2], [3, 3, 3, 3], [0, 0, 0, 0]]]], jnp.int32)
+  count = jnp.array([[[2, 2, 1, 0]]], jnp.int32)
+  lists = np.asarray(selection_pallas.step_lists(w, union, count))[0, 0]
+  head = 1 + w.step_union
+  np.testing.assert_array_equal(lists[0, :head + 2], [3, 0, 1, 2, 0, 2, 2])
+  np.testing.assert_array_equal(lists[0, head + 2:head + 10], [0, 2, 0, 0, 1, 2, 0, 0])
+  np.testing.assert_array_equal(lists[1, :head + 2], [1, 3, 0, 0, 0, 1, 0])
+  np.testing.assert_array_equal(lists[1, head + 2:head + 10], [0, 0, 0, 0, 0, 0, 0, 0])
+
+
+def _brute_force_walk(idx, t, group, block, dk, dv, step_rows, backward):
+  """Entries and step-union blocks counted query by query from the definition: a tile of
+  128 // G queries walks every distinct chosen, not wholly future block; a step of step_rows
+  rows loads the distinct blocks of its tiles."""
+  bq = 128 // group
+  idx = np.asarray(idx)[0, :, 0]
+  tiles = [{j for q in range(i, i + bq) for j in idx[q] if 0 <= j <= (i + bq - 1) // block and j < t // block}
+           for i in range(0, t, bq)]
+  per_step = step_rows // 128
+  steps = [set().union(*tiles[s:s + per_step]) for s in range(0, len(tiles), per_step)]
+  entries, blocks = sum(map(len, tiles)), sum(map(len, steps))
+  width = 3 * dk + 2 * dv if backward else dk + dv
+  return entries * 2 * 128 * block * width, blocks
+
+
+def test_walk_counts_what_the_definition_says_and_the_estimate_is_exact_for_the_window():
+  t, group, block, dk, dv = 256, 16, 16, 32, 16
+  q, k, v, idx = _inputs(1, t, group, 1, dk, dv, block, 2, jnp.float32, seed=1)
+  options = KernelOptions(step_rows=256)
+  w = selection_pallas.Walk("selection", 1, t, t, 1, group, dk, dv, block, 2, 0, 1.0, options, 4)
+  lists = selection_pallas.step_lists(w, *selection_pallas.tile_unions(idx, slc_block=block, seq_len=t,
+                                                                       queries_per_tile=8))
+  for backward in (False, True):
+    counted = selection_pallas.walk(w, lists, backward)
+    flops, blocks = _brute_force_walk(idx, t, group, block, dk, dv, 256, backward)
+    assert (counted["flops"], counted["union_blocks"]) == (flops, blocks)
+    assert counted["steps"] == t * group // 256 and counted["dmas"] == counted["steps"] + (6 if backward else 2) * blocks
+  # The window's CostEstimate (a static offset) is the walk of its lists; t=256, w=40, blocks of 64.
+  estimate, = time_model.pallas_calls(lambda q, k, v: selection_pallas.window_attention(q, k, v, None, 0, 40, None,
+                                                                                       options), q, k, v)
+  wnd = selection_pallas.Walk("window", 1, t, t, 1, group, dk, dv, 64, 1, 40, 1.0, options, 4)
+  # tile i (queries 8i..8i+7) walks blocks (8i - 39) // 64 .. (8i + 7) // 64: 1 or 2 blocks.
+  entries = sum((8 * i + 7) // 64 - max(8 * i - 39, 0) // 64 + 1 for i in range(t // 8))
+  assert estimate.flops == entries * 2 * 128 * 64 * (dk + dv)
+  assert estimate.flops == selection_pallas.walk(wnd, selection_pallas.step_lists(
+      wnd, *selection_pallas.window_unions(wnd, 0)))["flops"]
 
 
 def _nsa_layer(q, k, v, k_cmp, v_cmp, gates, *, window=512, num_selected=16, impl="pallas", options=None):
@@ -192,27 +261,3 @@ def test_nsa_layer_forward_and_backward_compile_for_tpu(chip):
   print(f"{chip}: args {mem.argument_size_in_bytes / 2**20:.0f} MiB, out {mem.output_size_in_bytes / 2**20:.0f} MiB, "
         f"temp {mem.temp_size_in_bytes / 2**20:.0f} MiB")
   assert 0 < mem.temp_size_in_bytes < 6 * 2**30, mem.temp_size_in_bytes
-
-
-def test_traffic_model_counts_copies_from_the_index_maps():
-  """16 queries x 16 heads (2 tiles of 8 queries), blocks of 4, each query picks block 0 and its
-  own block. Tile 0's union is {0, 1}, tile 1's {0, 2, 3}: 5 K/V copies (padding repeats cost
-  none), 5 executed steps, rows used 128+64 and 128+64+64 of 5 x 128. The dK/dV kernel's pairs
-  sorted by block: (0,-1) (0,0) (0,1) (1,-1) (1,0) (2,-1) (2,1) (3,-1) (3,1): 4 K/V runs, rows of
-  tiles 0 (for -1 too), 0, 1, 0, 0, 0, 1, 0, 1: 7 row copies."""
-  t = 16
-  own = jnp.arange(t, dtype=jnp.int32) // 4
-  idx = jnp.stack([jnp.zeros(t, jnp.int32), own], -1)[None, :, None, :]
-  r = nsa_traffic.selection_traffic(idx, slc_block=4, hq=16, dk=8, dv=8, itemsize=2)
-  block_bytes, f32_block = 4 * (8 + 8) * 2, 4 * (8 + 8) * 4
-  assert r["kv_bytes"] == r["min_kv_bytes"] == 5 * block_bytes
-  assert r["executed_steps"] == 5 and r["grid_steps"] == 2 * 4
-  assert r["mxu_row_fill"] == pytest.approx(448 / 640)
-  assert r["per_query_kv_bytes"] == 32 * block_bytes
-  q_idx, stat = 128 * (8 * 2 + 2 * 4), 128 * 4
-  bwd_rows = q_idx + 128 * 8 * 2 + 2 * stat
-  assert r["forward"] == {"in": 5 * block_bytes + 2 * q_idx, "min_in": 5 * block_bytes + 2 * q_idx,
-                          "out": 2 * (128 * 8 * 2 + stat)}
-  assert r["dq"]["in"] == 5 * block_bytes + 2 * bwd_rows and r["dq"]["out"] == 2 * 128 * 8 * 2
-  assert r["dkv"] == {"in": 4 * (block_bytes + f32_block) + 7 * bwd_rows,
-                      "min_in": 4 * block_bytes + 5 * bwd_rows, "out": 4 * f32_block}

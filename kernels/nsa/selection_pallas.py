@@ -218,10 +218,11 @@ class _Lists:
     return self.ref[1 + w.step_union + w.tiles_per_step + tile * w.tile_union + u]
 
 
-def _walk(w: Walk, lists: _Lists, loads, sem, entry, writes=None, wsem=None):
+def _walk(w: Walk, lists: _Lists, cursor, loads, sem, entry, writes=None, wsem=None):
   """Walks one step's union slab by slab. loads: [(hbm [B, HKV, Tk, D], buf [2, slab*block, D])]
   copied in per block; writes: [(buf, hbm)] copied back per block after the slab computed.
-  entry(tile, block j, slab buffer, key offset in the slab) runs for every tile entry."""
+  entry(tile, block j, slab buffer, key offset in the slab) runs for every tile entry; cursor
+  (SMEM [TPS]) keeps where each tile's walk stands between slabs."""
   b, h = pl.program_id(0), pl.program_id(1)
   union = lists.union
   slabs = (union + w.slab - 1) // w.slab
@@ -259,7 +260,7 @@ def _walk(w: Walk, lists: _Lists, loads, sem, entry, writes=None, wsem=None):
   def _first():
     load(0, 0)
 
-  def slab_body(s, cursors):
+  def slab_body(s, carry):
     buf = s % 2
     wait_loads(s, buf)
 
@@ -273,7 +274,7 @@ def _walk(w: Walk, lists: _Lists, loads, sem, entry, writes=None, wsem=None):
 
     limit = jnp.minimum((s + 1) * w.slab, union)
 
-    def tile_body(tile, cursors):
+    def tile_body(tile, carry):
       count = lists.count(tile)
       in_slab = lambda u: (u < count) & (lists.slot(tile, jnp.minimum(u, w.tile_union - 1)) < limit)
 
@@ -281,13 +282,18 @@ def _walk(w: Walk, lists: _Lists, loads, sem, entry, writes=None, wsem=None):
         slot = lists.slot(tile, u)
         entry(tile, lists.block(slot), buf, pl.multiple_of((slot - s * w.slab) * w.block, w.block))
         return u + 1
-      u = jax.lax.while_loop(in_slab, one, cursors[tile])
-      return cursors.at[tile].set(u)
-    cursors = jax.lax.fori_loop(0, w.tiles_per_step, tile_body, cursors)
+      cursor[tile] = jax.lax.while_loop(in_slab, one, cursor[tile])
+      return carry
+    jax.lax.fori_loop(0, w.tiles_per_step, tile_body, 0)
     if writes:
       store(s, buf)
-    return cursors
-  jax.lax.fori_loop(0, slabs, slab_body, jnp.zeros((w.tiles_per_step,), jnp.int32))
+    return carry
+
+  def reset(tile, carry):
+    cursor[tile] = 0
+    return carry
+  jax.lax.fori_loop(0, w.tiles_per_step, reset, 0)
+  jax.lax.fori_loop(0, slabs, slab_body, 0)
   if writes:                   # the last two slabs' stores (the loop awaited the others)
     @pl.when(slabs >= 2)
     def _second_last():
@@ -316,8 +322,8 @@ def _masked_scores(w: Walk, q, k, mask_rows, j, query_tile):
   return jnp.where(visible, s, -jnp.inf)
 
 
-def _fwd_kernel(first_tile_ref, lists_hbm, q_ref, mask_ref, k_hbm, v_hbm, o_ref, lse_ref, lists_smem, kbuf, vbuf,
-                sem, m_s, l_s, acc_s, *, w: Walk):
+def _fwd_kernel(first_tile_ref, lists_hbm, q_ref, mask_ref, k_hbm, v_hbm, o_ref, lse_ref, lists_smem, cursor, kbuf,
+                vbuf, sem, m_s, l_s, acc_s, *, w: Walk):
   pltpu.sync_copy(lists_hbm.at[pl.program_id(0), pl.program_id(1), pl.program_id(2)], lists_smem)
   first = first_tile_ref[0] + pl.program_id(2) * w.tiles_per_step
   softmax_init(m_s, l_s, acc_s)
@@ -326,7 +332,7 @@ def _fwd_kernel(first_tile_ref, lists_hbm, q_ref, mask_ref, k_hbm, v_hbm, o_ref,
     rows = _tile_rows(tile)
     s = _masked_scores(w, q_ref[rows, :], kbuf[buf, pl.ds(off, w.block), :], mask_ref[rows, :], j, first + tile)
     softmax_step(s, vbuf[buf, pl.ds(off, w.block), :], m_s.at[tile], l_s.at[tile], acc_s.at[tile])
-  _walk(w, _Lists(w, lists_smem), [(k_hbm, kbuf), (v_hbm, vbuf)], sem, entry)
+  _walk(w, _Lists(w, lists_smem), cursor, [(k_hbm, kbuf), (v_hbm, vbuf)], sem, entry)
 
   def finish(tile, carry):
     softmax_finish(o_ref.at[_tile_rows(tile)], lse_ref.at[tile], m_s.at[tile], l_s.at[tile], acc_s.at[tile])
@@ -335,7 +341,8 @@ def _fwd_kernel(first_tile_ref, lists_hbm, q_ref, mask_ref, k_hbm, v_hbm, o_ref,
 
 
 def _bwd_kernel(first_tile_ref, lists_hbm, q_ref, mask_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, dk_zero,
-                dv_zero, dq_ref, dk_hbm, dv_hbm, lists_smem, kbuf, vbuf, dkbuf, dvbuf, sem, wsem, dq_s, *, w: Walk):
+                dv_zero, dq_ref, dk_hbm, dv_hbm, lists_smem, cursor, kbuf, vbuf, dkbuf, dvbuf, sem, wsem, dq_s, *,
+                w: Walk):
   del dk_zero, dv_zero       # aliased to dk_hbm, dv_hbm: the accumulators start at zero
   pltpu.sync_copy(lists_hbm.at[pl.program_id(0), pl.program_id(1), pl.program_id(2)], lists_smem)
   first = first_tile_ref[0] + pl.program_id(2) * w.tiles_per_step
@@ -350,7 +357,7 @@ def _bwd_kernel(first_tile_ref, lists_hbm, q_ref, mask_ref, do_ref, lse_ref, del
     dq_s[tile] += w.scale * dot(ds.astype(k.dtype), k, ((1,), (0,)))
     dkbuf[buf, keys, :] += w.scale * dot(ds.astype(q.dtype), q, ((0,), (0,)))
     dvbuf[buf, keys, :] += dot(p.astype(do.dtype), do, ((0,), (0,)))
-  _walk(w, _Lists(w, lists_smem), [(k_hbm, kbuf), (v_hbm, vbuf), (dk_hbm, dkbuf), (dv_hbm, dvbuf)], sem, entry,
+  _walk(w, _Lists(w, lists_smem), cursor, [(k_hbm, kbuf), (v_hbm, vbuf), (dk_hbm, dkbuf), (dv_hbm, dvbuf)], sem, entry,
         writes=[(dkbuf, dk_hbm), (dvbuf, dv_hbm)], wsem=wsem)
   dq_ref[...] = dq_s[...].reshape(dq_ref.shape).astype(dq_ref.dtype)
 
@@ -408,7 +415,7 @@ def _estimate(w: Walk, first_tile, backward: bool) -> pl.CostEstimate:
 # ---- the pallas_calls ----
 
 def _vmem_limit(nbytes: int) -> int:
-  return int(min(100 * 2**20, max(32 * 2**20, 2 * nbytes)))
+  return int(min(48 * 2**20, max(32 * 2**20, 2 * nbytes)))   # v5p has 64 MiB per core
 
 
 def _row_spec(w: Walk, width: int):
@@ -437,7 +444,7 @@ def _forward_call(w: Walk, first_tile, lists, q_rows, mask_rows, k_t, v_t):
       num_scalar_prefetch=1, grid=(w.b, w.hkv, w.num_steps),
       in_specs=[_ANY, _row_spec(w, w.dk), _mask_spec(w), _ANY, _ANY],
       out_specs=[_row_spec(w, w.dv), _stat_spec(w)],
-      scratch_shapes=[pltpu.SMEM((w.list_len,), jnp.int32), pltpu.VMEM((2, slab_keys, w.dk), k_t.dtype),
+      scratch_shapes=[pltpu.SMEM((w.list_len,), jnp.int32), pltpu.SMEM((tps,), jnp.int32), pltpu.VMEM((2, slab_keys, w.dk), k_t.dtype),
                       pltpu.VMEM((2, slab_keys, w.dv), v_t.dtype), pltpu.SemaphoreType.DMA((2, 2)),
                       pltpu.VMEM((tps, ROWS, LANES), jnp.float32), pltpu.VMEM((tps, ROWS, LANES), jnp.float32),
                       pltpu.VMEM((tps, ROWS, w.dv), jnp.float32)])
@@ -460,7 +467,7 @@ def _backward_call(w: Walk, first_tile, lists, q_rows, mask_rows, do_rows, lse_r
       in_specs=[_ANY, _row_spec(w, w.dk), _mask_spec(w), _row_spec(w, w.dv), _stat_spec(w), _stat_spec(w),
                 _ANY, _ANY, _ANY, _ANY],
       out_specs=[_row_spec(w, w.dk), _ANY, _ANY],
-      scratch_shapes=[pltpu.SMEM((w.list_len,), jnp.int32), pltpu.VMEM((2, slab_keys, w.dk), k_t.dtype),
+      scratch_shapes=[pltpu.SMEM((w.list_len,), jnp.int32), pltpu.SMEM((tps,), jnp.int32), pltpu.VMEM((2, slab_keys, w.dk), k_t.dtype),
                       pltpu.VMEM((2, slab_keys, w.dv), v_t.dtype), pltpu.VMEM((2, slab_keys, w.dk), jnp.float32),
                       pltpu.VMEM((2, slab_keys, w.dv), jnp.float32), pltpu.SemaphoreType.DMA((4, 2)),
                       pltpu.SemaphoreType.DMA((2, 2)), pltpu.VMEM((tps, ROWS, w.dk), jnp.float32)])
