@@ -39,6 +39,8 @@ class KernelOptions:
   dsa_query_chunk: int = 128      # XLA DSA: the indexer's chunk scores are [chunk, H_I, T] fp32
   unroll_chunks: bool = False     # unroll the chunk loops (XLA's cost analysis then counts every chunk)
   prefetch_bytes: int = 256 * 1024   # NSA selection: union lists per pallas_call (SMEM ~1 MiB)
+  matmul_keys: int = 256          # NSA selection and window: keys per score matmul (blocks grouped: 256 fills
+                                  # v6e's MXU, two passes of v5p's)
   slab_keys: int = 2048           # NSA selection and window: K/V keys per VMEM slab of a step's block union
   step_rows: int = 4096           # NSA kernels: matmul rows per grid step (query positions x G heads; a
                                   # multiple of 128): a step must carry microseconds of MXU work

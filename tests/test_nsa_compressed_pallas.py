@@ -79,18 +79,18 @@ def test_overlap_tiles_map_tokens_to_blocks():
   np.testing.assert_array_equal(own.sum(0) + prev.sum(0), [8, 8])   # l'/d * l/d per block
 
 
-@pytest.mark.parametrize("t,hq,hkv,dk,l,d,lp,blocks_per_tile,start", [
-    (512, 8, 2, 64, 32, 16, 64, 2, 256),      # 4 score tiles, a chunk at 256
-    (256, 16, 1, 192, 32, 16, 32, 128, 0),    # G=16, one tile, l' = l
-    (256, 1, 1, 128, 64, 16, 64, 1, 128),     # G=1, halo of 3 tokens, one block per tile
+@pytest.mark.parametrize("t,hq,hkv,dk,l,d,lp,blocks_per_tile,start,step_rows", [
+    (512, 8, 2, 64, 32, 16, 64, 2, 256, 256),      # 4 score tiles, a chunk at 256, 4 grid steps
+    (256, 16, 1, 192, 32, 16, 32, 128, 0, 4096),   # G=16, one tile, l' = l
+    (256, 1, 1, 128, 64, 16, 64, 1, 128, 4096),    # G=1, halo of 3 tokens, one block per tile
 ])
-def test_block_scores_match_xla(t, hq, hkv, dk, l, d, lp, blocks_per_tile, start):
+def test_block_scores_match_xla(t, hq, hkv, dk, l, d, lp, blocks_per_tile, start, step_rows):
   q, kc, _ = compressed_inputs(1, t, hq, hkv, dk, 1, l, d, jnp.float32, seed=t)
   _, lse = nsa.compressed_attention(q, kc, kc, block_len=l, stride=d, impl="xla")
   nb = t // lp
   got = compressed_pallas.block_scores(q[:, start:], lse[:, start:], kc, start, block_len=l, stride=d,
                                            slc_block=lp, num_blocks=nb,
-                                           options=KernelOptions(score_blocks=blocks_per_tile))
+                                           options=KernelOptions(score_blocks=blocks_per_tile, step_rows=step_rows))
   p, _ = nsa_reference.compressed_probs(q[:, start:], start, kc, block_len=l, stride=d, scale=dk ** -0.5)
   ref = nsa_reference.block_scores(p.sum(axis=3), nb, block_len=l, stride=d, slc_block=lp)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=1e-5)
@@ -115,3 +115,215 @@ def test_compressed_shape_errors_say_what_is_needed():
     nsa.compressed_attention(q, kc, vc, block_len=32, stride=16, impl="pallas")
 
 
+
+
+# ---- a query chunk of a longer sequence, several grid steps, key ranges ----
+
+def _doc_start(t: int, starts) -> jax.Array:
+  """int32 [1, t]: each position's document start, documents beginning at `starts` (multiples of l')."""
+  starts = np.asarray(starts)
+  return jnp.asarray(starts[np.searchsorted(starts, np.arange(t), side="right") - 1][None], jnp.int32)
+
+
+@pytest.mark.parametrize("dtype,tol,docs", [(jnp.float32, 1e-5, False), (jnp.bfloat16, 3e-2, True)])
+def test_compressed_attention_of_a_query_chunk_over_steps_and_key_ranges(dtype, tol, docs, monkeypatch):
+  """Queries [256, 512) of a 512-token sequence against all its compressed keys (q_offset = 256, as
+  context parallelism calls the kernel): 4 grid steps (step_rows=256), chunks of 8 keys, and the
+  backward in 2 key ranges of 2 chunks (fp32 dq partials); bf16 with packed documents. Out, lse
+  and the gradients through both against the reference at the same offset."""
+  t, hq, hkv, dk, dv, l, d = 512, 8, 2, 64, 32, 32, 16
+  monkeypatch.setattr(compressed_pallas, "DKV_RANGE_BYTES", 2 * 8 * (dk + dv) * 4)
+  options = options_for(dtype, key_tile=8, step_rows=256)
+  q, kc, vc = compressed_inputs(1, t, hq, hkv, dk, dv, l, d, dtype, seed=7)
+  q = q[:, t // 2:]
+  doc = _doc_start(t, [0, 192, 320])[:, t // 2:] if docs else None
+  g = compressed_pallas.attention_geometry(1, t // 2, hq, hkv, dk, dv, kc.shape[1], l, d, options=options)
+  assert (g.num_steps, g.num_chunks, g.num_ranges) == (4, 4, 2)
+  pallas = lambda q, kc, vc: compressed_pallas.compressed_attention(q, kc, vc, t // 2, l, d, options=options,
+                                                                    doc_start=doc)
+  xla = lambda q, kc, vc: nsa_reference.compressed(q, kc, vc, doc, q_offset=t // 2, block_len=l, stride=d,
+                                                   scale=dk ** -0.5, options=options)
+  (out, lse), (ref, ref_lse) = pallas(q, kc, vc), xla(q, kc, vc)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=1e-5, rtol=1e-5)
+  cot = jax.random.normal(jax.random.key(2), out.shape)
+  def loss(f):
+    def value(q, kc, vc):
+      o, s = f(q, kc, vc)
+      return jnp.sum(o.astype(jnp.float32) * cot) + 0.3 * jnp.sum(jnp.where(jnp.isinf(s), 0.0, s))
+    return value
+  assert_grads_close(jax.grad(loss(pallas), argnums=(0, 1, 2))(q, kc, vc),
+                     jax.grad(loss(xla), argnums=(0, 1, 2))(q, kc, vc), tol)
+
+
+# ---- what the kernels cost: CostEstimates against a brute-force count, grid steps at the paper's shape ----
+
+def _pallas_calls(jaxpr, times=1):
+  """(pallas_call equation, how often it runs: the lengths of the scans around it) in a jaxpr."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      yield eqn, times
+      continue
+    assert eqn.primitive.name != "while", "a loop of unknown length around kernels"
+    inner = times * eqn.params["length"] if eqn.primitive.name == "scan" else times
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from _pallas_calls(sub.jaxpr, inner)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _pallas_calls(sub, inner)
+
+
+def _estimates(fn, *args) -> dict:
+  """{kernel name: CostEstimate} of the pallas_calls fn traces (one each)."""
+  calls = [eqn for eqn, _ in _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr)]
+  assert len({e.params["name"] for e in calls}) == len(calls)
+  return {e.params["name"]: e.params["cost_estimate"] for e in calls}
+
+
+def _brute_force(kernel: str, g, q_offset: int, docs: bool) -> tuple:
+  """(flops, transcendentals, bytes) of one call, counted from the visibility rule alone: a (tile,
+  chunk) pair is computed iff a row of the tile sees a token of the chunk; a step (per key range
+  in the backward) walks the chunks its tiles need, the first from the block the pipeline keeps
+  per head (and range), the others copied from HBM."""
+  pos = q_offset + np.arange(g.t)
+  token = np.arange(g.num_chunks * g.chunk)
+  seen = (token[None] * g.stride + g.block_len - 1 <= pos[:, None]) & (token[None] < g.c)
+  need = seen.reshape(g.num_tiles, g.bq, g.num_chunks, g.chunk).any(axis=(1, 3))       # [tiles, chunks]
+  backward, scores = kernel == compressed_pallas.BACKWARD, kernel == compressed_pallas.SCORES
+  ranges, per_range = (g.num_ranges, g.chunks_per_range) if backward else (1, g.num_chunks)
+  pairs = spill_pairs = copied = 0
+  for step in range(g.num_steps):
+    for r in range(ranges):
+      walked = need[step * g.tiles_per_step:(step + 1) * g.tiles_per_step, r * per_range:(r + 1) * per_range]
+      pairs += walked.sum()
+      copied += max(walked.any(0).sum() - 1, 0)
+      spill_pairs += walked[:, :g.block_tiles - 1].sum() if scores else 0
+  mm = lambda *shapes: sum(2 * m * k * n for m, k, n in shapes)        # [m, k] x [k, n] products
+  kc, rows, bq, isz, tps = g.chunk, 128, g.bq, g.itemsize, g.tiles_per_step
+  q_rows, stats = tps * rows * g.dk * isz, tps * rows * 4
+  if kernel == compressed_pallas.FORWARD:
+    flops, exps = pairs * mm((rows, g.dk, kc), (rows, kc, g.dv)), pairs * rows * (kc + 1) + g.num_tiles * rows
+    per_step, per_range_bytes, chunk = q_rows + tps * rows * g.dv * isz + stats, 0, kc * (g.dk + g.dv) * isz
+  elif backward:
+    flops = pairs * mm((rows, g.dk, kc), (rows, g.dv, kc), (rows, kc, g.dk), (kc, rows, g.dv), (kc, rows, g.dk))
+    exps, chunk = pairs * rows * kc, kc * (g.dk + g.dv) * isz
+    per_step = 2 * q_rows // g.dk * g.dk + tps * rows * g.dv * isz + 2 * stats
+    per_step += tps * rows * g.dk * (isz if ranges == 1 else 4) - q_rows           # dq: q's dtype, or fp32 partials
+    per_range_bytes = per_range * chunk
+  else:
+    nbt = g.blocks_per_chunk
+    per_pair = mm((rows, g.dk, kc), (bq, kc, nbt)) + (mm((bq, rows, kc)) if g.group > 1 else 0)
+    flops = pairs * per_pair + (spill_pairs * mm((bq, kc, nbt)) if g.block_len > g.stride else 0)
+    exps, chunk, per_range_bytes = pairs * rows * kc, kc * g.dk * isz, 0
+    per_step = q_rows + stats + tps * bq * g.block_tiles * nbt * 4
+  per_step += stats if docs else 0
+  heads = g.b * g.hkv
+  total = heads * (ranges * g.num_steps * per_step + ranges * (chunk + per_range_bytes) + copied * chunk) + 4
+  total += kc * g.blocks_per_chunk * 4 * (1 + (g.block_len > g.stride)) if scores else 0
+  return heads * flops, heads * exps, total
+
+
+def _assert_estimate(estimate, expected):
+  assert (estimate.flops, estimate.transcendentals, estimate.bytes_accessed) == tuple(int(x) for x in expected)
+
+
+@pytest.mark.parametrize("docs,traced", [(False, False), (True, False), (False, True)])
+def test_attention_cost_estimates_count_what_the_kernels_do(docs, traced, monkeypatch):
+  """Forward and backward CostEstimates equal a brute-force count: 256 queries at 256 of a 768-token
+  sequence (47 compressed keys in chunks of 16), 4 steps, 2 backward key ranges; traced q_offset:
+  counted as if the queries were the sequence's last 256."""
+  t, hq, hkv, dk, dv, l, d, t_seq = 256, 8, 2, 64, 32, 32, 16, 768
+  monkeypatch.setattr(compressed_pallas, "DKV_RANGE_BYTES", 2 * 16 * (dk + dv) * 4)
+  options = KernelOptions(pallas_mode="compiled", key_tile=16, step_rows=256)
+  q, kc, vc = compressed_inputs(1, t_seq, hq, hkv, dk, dv, l, d, jnp.bfloat16)
+  q, doc = q[:, 256:512], _doc_start(t_seq, [0, 320])[:, 256:512] if docs else None
+  def loss(q, kc, vc, offset):
+    out, lse = compressed_pallas.compressed_attention(q, kc, vc, offset, l, d, options=options, doc_start=doc)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  got = _estimates(grad, q, kc, vc, jnp.int32(256)) if traced else _estimates(lambda *a: grad(*a, 256), q, kc, vc)
+  g = compressed_pallas.attention_geometry(1, t, hq, hkv, dk, dv, kc.shape[1], l, d, options=options)
+  assert (g.num_steps, g.num_chunks, g.num_ranges) == (4, 3, 2)
+  offset = t_seq - t if traced else 256                 # (C - 1) * d + l = 768: the last 256 queries
+  for kernel in (compressed_pallas.FORWARD, compressed_pallas.BACKWARD):
+    _assert_estimate(got[compressed_pallas.NAMES[kernel]], _brute_force(kernel, g, offset, docs))
+
+
+@pytest.mark.parametrize("hq,l,d,docs,traced", [
+    (16, 32, 16, False, False),    # G=16, tokens spill into the next tile of blocks
+    (16, 32, 16, True, False),     # packed documents
+    (16, 32, 16, False, True),     # traced chunk start: counted as the sequence's last chunk
+    (1, 16, 16, False, False),     # G=1 (no head sum), l = d (no spill)
+])
+def test_block_scores_cost_estimate_counts_what_the_kernel_does(hq, l, d, docs, traced):
+  t, qc, start, lp = 768, 256, 256, 64
+  options = KernelOptions(pallas_mode="compiled", score_blocks=4, step_rows=1024 if hq > 1 else 128)
+  q, kc, _ = compressed_inputs(1, t, hq, 1, 64, 1, l, d, jnp.bfloat16)
+  lse = jnp.zeros((1, qc, hq), jnp.float32)
+  doc = _doc_start(t, [0, 320])[:, start:start + qc] if docs else None
+  scores = lambda q, lse, kc, s: compressed_pallas.block_scores(q, lse, kc, s, block_len=l, stride=d, slc_block=lp,
+                                                                num_blocks=t // lp, options=options, doc_start=doc)
+  args = (q[:, start:start + qc], lse, kc)
+  got = _estimates(scores, *args, jnp.int32(start)) if traced else _estimates(lambda *a: scores(*a, start), *args)
+  g = compressed_pallas.scores_geometry(1, qc, hq, 1, 64, kc.shape[1], l, d, lp, t // lp, options=options)
+  assert g.num_steps > 1 and g.num_chunks > 2 and g.block_tiles == 3
+  covered = (kc.shape[1] - 1) * d + l
+  offset = -(-covered // g.bq) * g.bq - qc if traced else start
+  _assert_estimate(got[compressed_pallas.NAMES[compressed_pallas.SCORES]],
+                   _brute_force(compressed_pallas.SCORES, g, offset, docs))
+
+
+@pytest.mark.parametrize("t", [65536, 131072])
+def test_paper_shape_grid_steps(t):
+  """The paper's shape (B=1, HQ=64, HKV=4, Dk=192, Dv=128, l=32, d=16, l'=64, bf16), traced for TPU:
+  compressed attention forward and backward and select_blocks' block scores (lse given) run
+  3 * B * HKV * T * G / 4096 grid steps (scans counted), 3072 at 64k: a step is 256 queries x 16
+  heads. The steps grow linearly in T."""
+  b, hq, hkv, dk, dv, l, d, lp = 1, 64, 4, 192, 128, 32, 16, 64
+  c = nsa.num_compressed(t, l, d)
+  options = KernelOptions(pallas_mode="compiled")
+
+  def layer(q, kc, vc):
+    out, lse = nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, impl="pallas", options=options)
+    chosen = nsa.select_blocks(q, kc, block_len=l, stride=d, slc_block=lp, num_selected=16, lse=lse, impl="pallas",
+                               options=options)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse)), chosen
+  shapes = [((b, t, hq, dk), jnp.bfloat16), ((b, c, hkv, dk), jnp.bfloat16), ((b, c, hkv, dv), jnp.bfloat16)]
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(layer, argnums=(0, 1, 2), has_aux=True))(
+      *[jax.ShapeDtypeStruct(s, dt) for s, dt in shapes])
+  steps = {}
+  for eqn, times in _pallas_calls(jaxpr.jaxpr):
+    steps[eqn.params["name"]] = steps.get(eqn.params["name"], 0) + times * int(np.prod(eqn.params["grid_mapping"].grid))
+  per_kernel = b * hkv * t * (hq // hkv) // 4096
+  assert steps == {name: per_kernel for name in compressed_pallas.NAMES.values()}
+  assert sum(steps.values()) <= 6500 * t // 65536
+
+
+@pytest.mark.parametrize("chip", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_compressed_kernels_compile_for_tpu(chip):
+  """Mosaic compiles compressed attention (forward, backward) and block scores for the chip, ahead
+  of time (libtpu, no TPU): the paper's heads at T=8192, one sequence per chip inside shard_map."""
+  from jax.experimental import topologies
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=chip, chip_config_name="default",
+                                      chips_per_host_bounds=(2, 2, 1), num_slices=1)
+  mesh = jax.make_mesh((len(topo.devices),), ("data",), devices=topo.devices)
+  t, l, d, lp = 8192, 32, 16, 64
+  options = KernelOptions(pallas_mode="compiled")
+
+  def step(q, kc, vc):
+    def loss(q, kc, vc):
+      out, lse = compressed_pallas.compressed_attention(q, kc, vc, 0, l, d, options=options)
+      return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse)), lse
+    (_, lse), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, kc, vc)
+    scores = compressed_pallas.block_scores(q[:, -1024:], lse[:, -1024:], kc, t - 1024, block_len=l, stride=d,
+                                            slc_block=lp, num_blocks=t // lp, options=options)
+    return grads, scores
+  fn = jax.shard_map(step, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=((P("data"),) * 3, P("data")),
+                     check_vma=False)
+  b, c, sharded = len(topo.devices), nsa.num_compressed(t, l, d), NamedSharding(mesh, P("data"))
+  shapes = [(b, t, 64, 192), (b, c, 4, 192), (b, c, 4, 128)]
+  lowered = jax.jit(fn).lower(*[jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharded) for s in shapes])
+  assert lowered.as_text().count("tpu_custom_call") == 3
+  assert lowered.compile().memory_analysis().temp_size_in_bytes < 2 * 2**30

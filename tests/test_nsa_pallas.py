@@ -154,57 +154,71 @@ def test_window_attention_pallas_with_documents_and_offset_matches_xla(dtype, to
   assert_grads_close(got, jax.grad(loss(xla), argnums=(0, 1, 2))(q_half, k, v), tol)
 
 
-def test_step_lists_hold_each_steps_union_and_every_entrys_slot():
-  """Two steps of two tiles (G=16: 8 queries a tile, blocks of 8 keys). Tile unions {0, 2}, {1, 2}
-  | {3}, {} give step unions [0, 1, 2] and [3]; entries point into them."""
-  w = selection_pallas.Walk("selection", 1, 32, 32, 1, 16, 8, 8, 8, 2, 0, 1.0, KernelOptions(step_rows=256))
-  assert (w.tiles_per_step, w.tile_union, w.step_union) == (2, 4, 4)
+def test_step_lists_hold_each_steps_union_pieces_and_every_entrys_slot():
+  """Two steps of two tiles (G=16: 8 queries a tile, blocks of 8 keys, slabs of 2 blocks). Tile
+  unions {0, 2}, {1, 2} | {3}, {} give step unions [0, 1, 2] and [3]; pieces are runs of
+  consecutive blocks cut at slab boundaries: [0, 1] and [2] (slab 1), then [3]; entries point
+  into the step's union."""
+  w = selection_pallas.Walk("selection", 1, 32, 32, 1, 16, 8, 8, 8, 2, 0, 1.0,
+                            KernelOptions(step_rows=256, slab_keys=16))
+  assert (w.tiles_per_step, w.tile_union, w.step_union, w.slab, w.num_slabs) == (2, 4, 4, 2, 2)
   union = jnp.array([[[[0, 2, 2, 2], [1, 2, 2, 2], [3, 3, 3, 3], [0, 0, 0, 0]]]], jnp.int32)
   count = jnp.array([[[2, 2, 1, 0]]], jnp.int32)
   lists = np.asarray(selection_pallas.step_lists(w, union, count))[0, 0]
-  head = 1 + w.step_union
-  np.testing.assert_array_equal(lists[0, :head + 2], [3, 0, 1, 2, 0, 2, 2])
-  np.testing.assert_array_equal(lists[0, head + 2:head + 10], [0, 2, 0, 0, 1, 2, 0, 0])
-  np.testing.assert_array_equal(lists[1, :head + 2], [1, 3, 0, 0, 0, 1, 0])
-  np.testing.assert_array_equal(lists[1, head + 2:head + 10], [0, 0, 0, 0, 0, 0, 0, 0])
+  # U, pieces, first piece of slabs 0, 1, (end); blocks; piece slots, blocks, lengths; counts; slots
+  np.testing.assert_array_equal(lists[0], [3, 2, 0, 1, 2, 0, 1, 2, 0, 0, 2, 0, 0, 0, 2, 0, 0, 2, 1, 0, 0,
+                                           2, 2, 0, 2, 0, 0, 1, 2, 0, 0, 0])
+  np.testing.assert_array_equal(lists[1], [1, 1, 0, 1, 1, 3, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0,
+                                           1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
 
 
-def _brute_force_walk(idx, t, group, block, dk, dv, step_rows, backward):
-  """Entries and step-union blocks counted query by query from the definition: a tile of
-  128 // G queries walks every distinct chosen, not wholly future block; a step of step_rows
-  rows loads the distinct blocks of its tiles."""
+def _brute_force_walk(idx, t, group, block, dk, dv, step_rows, slab, group_blocks, backward):
+  """Matmul groups and step-union blocks counted query by query from the definition: a tile of
+  128 // G queries walks every distinct chosen, not wholly future block; a step of step_rows rows
+  loads the distinct blocks of its tiles, in slabs of `slab` blocks; a tile's blocks within one
+  slab go group_blocks to a matmul."""
   bq = 128 // group
   idx = np.asarray(idx)[0, :, 0]
   tiles = [{j for q in range(i, i + bq) for j in idx[q] if 0 <= j <= (i + bq - 1) // block and j < t // block}
            for i in range(0, t, bq)]
   per_step = step_rows // 128
-  steps = [set().union(*tiles[s:s + per_step]) for s in range(0, len(tiles), per_step)]
-  entries, blocks = sum(map(len, tiles)), sum(map(len, steps))
+  groups = blocks = 0
+  for s in range(0, len(tiles), per_step):
+    union = sorted(set().union(*tiles[s:s + per_step]))
+    blocks += len(union)
+    for tile in tiles[s:s + per_step]:
+      in_slab = np.bincount([union.index(j) // slab for j in tile], minlength=1)
+      groups += sum(-(-n // group_blocks) for n in in_slab)
   width = 3 * dk + 2 * dv if backward else dk + dv
-  return entries * 2 * 128 * block * width, blocks
+  return groups * 2 * 128 * group_blocks * block * width, blocks
 
 
 def test_walk_counts_what_the_definition_says_and_the_estimate_is_exact_for_the_window():
   t, group, block, dk, dv = 256, 16, 16, 32, 16
   q, k, v, idx = _inputs(1, t, group, 1, dk, dv, block, 2, jnp.float32, seed=1)
-  options = KernelOptions(step_rows=256)
+  options = KernelOptions(step_rows=256, slab_keys=64, matmul_keys=32)
   w = selection_pallas.Walk("selection", 1, t, t, 1, group, dk, dv, block, 2, 0, 1.0, options, 4)
   lists = selection_pallas.step_lists(w, *selection_pallas.tile_unions(idx, slc_block=block, seq_len=t,
                                                                        queries_per_tile=8))
   for backward in (False, True):
     counted = selection_pallas.walk(w, lists, backward)
-    flops, blocks = _brute_force_walk(idx, t, group, block, dk, dv, 256, backward)
+    flops, blocks = _brute_force_walk(idx, t, group, block, dk, dv, 256, 4, 2, backward)
     assert (counted["flops"], counted["union_blocks"]) == (flops, blocks)
-    assert counted["steps"] == t * group // 256 and counted["dmas"] == counted["steps"] + (6 if backward else 2) * blocks
+    assert counted["steps"] == t * group // 256
   # The window's CostEstimate (a static offset) is the walk of its lists; t=256, w=40, blocks of 64.
   estimate, = time_model.pallas_calls(lambda q, k, v: selection_pallas.window_attention(q, k, v, None, 0, 40, None,
                                                                                        options), q, k, v)
+  # tile i (queries 8i..8i+7) walks blocks (8i - 39) // 64 .. (8i + 7) // 64: 1 or 2 blocks, one matmul each
+  # (matmul_keys=32 < 64: one block per matmul; slab_keys=64: one block per slab).
+  groups = sum((8 * i + 7) // 64 - max(8 * i - 39, 0) // 64 + 1 for i in range(t // 8))
+  assert estimate.flops == groups * 2 * 128 * 64 * (dk + dv)
   wnd = selection_pallas.Walk("window", 1, t, t, 1, group, dk, dv, 64, 1, 40, 1.0, options, 4)
-  # tile i (queries 8i..8i+7) walks blocks (8i - 39) // 64 .. (8i + 7) // 64: 1 or 2 blocks.
-  entries = sum((8 * i + 7) // 64 - max(8 * i - 39, 0) // 64 + 1 for i in range(t // 8))
-  assert estimate.flops == entries * 2 * 128 * 64 * (dk + dv)
   assert estimate.flops == selection_pallas.walk(wnd, selection_pallas.step_lists(
       wnd, *selection_pallas.window_unions(wnd, 0)))["flops"]
+  # Bytes: q, doc_start rows, out and lse once; each step's (16 queries') window blocks of K/V once; the lists.
+  blocks = sum((16 * s + 15) // 64 - max(16 * s - 39, 0) // 64 + 1 for s in range(t // 16))
+  assert estimate.grid == (1, 1, 16)
+  assert estimate.bytes == t * group * (dk * 4 + 4 + dv * 4 + 4) + blocks * 64 * (dk + dv) * 4 + 16 * wnd.list_len * 4
 
 
 def _nsa_layer(q, k, v, k_cmp, v_cmp, gates, *, window=512, num_selected=16, impl="pallas", options=None):

@@ -1,32 +1,51 @@
 """Pallas TPU kernels for NSA's compressed branch (docs/design.md §4, §7): attention over the compressed
-keys (forward with lse, dq, dK/dV behind a custom_vjp) and the group-summed, overlap-mapped block
-scores that select_blocks ranks. Query t sees compressed token c iff c*d + l - 1 <= t and
-c >= first[t], the first compressed token of t's document (0 for one document per row; packed
-documents: ceil(doc_start[t] / d)). first travels as one int32 column per tile ([128, 1] rows of
-[B, 1, T*G, 1], shared by the KV heads): 512 bytes from HBM per query tile (its index map ignores
-the key axis, so it is fetched once per tile), a lane-padded 64 KiB buffer in VMEM. Key tiles
-wholly before a tile's documents are still walked (masked): packed rows cost what one document
-of T costs.
+keys (forward with lse; one backward kernel for dq, dK and dV; behind a custom_vjp) and the
+group-summed, overlap-mapped block scores that select_blocks ranks. Query t sees compressed token c
+iff c*d + l - 1 <= t, c < C and c >= first[t], the first compressed token of t's document (packed
+documents only: ceil(doc_start[t] / d)). `walk` counts what each pallas_call does from the same loop
+bounds the kernels use; the CostEstimates are its numbers.
 
-rows    as in the selection kernels (kernels/nsa/selection_pallas.py): a tile is bq = 128 // G query
-        positions x the G heads of one KV group, 128 matmul rows whatever G is.
-Attention, forward and dq: grid (B, HKV, T/bq, Cp/BK), BK = 128 compressed keys per step, an
-        online softmax over the key axis. Query tile i needs only its first n_i key tiles (the
-        ones with a token it can see); later steps skip compute with pl.when and their index map
-        repeats tile n_i - 1, so they issue no DMA. Query tiles sit at a global offset (scalar
-        prefetch: context parallelism hands each device a chunk of the sequence), so visibility
-        and the key tiles needed use global positions. Bytes per query tile: q 128*Dk (+ dO, lse,
-        delta in dq), n_i*BK*(Dk + Dv) of K/V, out 128*Dv, lse 128 fp32 (a tile row).
-dK/dV:  KV-stationary grid (B, HKV, Cp/BK, T/bq): key tile kb accumulates over the query tiles
-        that see any of its tokens in VMEM and is written once; earlier tiles are skipped and their
-        index maps clamped forward to the first tile that is read.
-Scores: grid (B, HKV, Qc/bq, NBp/nbt) over one query chunk. Step kb reads BKS = nbt*l'/d compressed
-        keys, exactly the ones starting inside selection blocks [kb*nbt, (kb+1)*nbt), and turns
-        p = exp(s - lse) ([128, BKS], lse from the compressed attention) into the chunk's
-        [bq, nbt] block scores with two MXU products: a 0/1 [bq, 128] matrix sums the G heads of
-        each query, and a constant [BKS, nbt] overlap matrix maps tokens to blocks. Tokens of tile
-        kb-1 that reach into block kb*nbt (l > d) come from the previous step's sums, kept in VMEM.
-        Nothing [T, C] exists per head or per group: HBM sees [Qc, NB] per KV group and chunk.
+rows     a tile is bq = 128 // G query positions x the G heads of one KV group, 128 matmul rows
+         (kernels/nsa/rows.py). Per-row statistics (lse, delta, first) travel as tile rows [1, 128].
+grid     (B, HKV, S) [backward: (B, HKV, R, S)]: a step is TPS tiles, the largest divisor of the
+         tiles <= options.step_rows / 128 (32 tiles, 256 positions at G = 16 by default). Steps are
+         whole query ranges, so a step carries microseconds of MXU work: at the paper's shape and
+         T = 65536 each kernel runs B * HKV * 256 = 1024 steps (block scores: per select chunk).
+chunks   compressed K/V stay in HBM (memory_space ANY) as [B, HKV, C', D]; a step copies the chunks
+         of KC = options.key_tile tokens its last tile sees (chunk k before tile i's queries only
+         where i needs it), double-buffered: chunk k + 1 is in flight while chunk k computes, one
+         DMA per chunk and array. Nothing needs all C in VMEM: C may be 65536 (context parallelism).
+walk     per chunk k (outer loop, so a chunk is copied once per step) the tiles that see any of its
+         tokens, from the first such tile to the step's last (later tiles see more): the rows of
+         each (tile, chunk) pair are masked, nothing past the pair's last partial chunk is computed.
+         Key chunks before a tile's document are walked (masked): packed rows cost one document of T.
+
+forward  grid (B, HKV, S), all parallel. Per pair: s = q k^T [128, KC], mask, fp32 online softmax
+         (pallas_common; statistics of all TPS tiles in VMEM, [128 * TPS, 128] each, acc
+         [128 * TPS, Dv]), then per tile out and lse. Bytes: q, out, lse (and first) once; K/V
+         chunks once per step. DMAs per step: q, out, lse (+ first) by the pipeline, 2 per chunk.
+backward grid (B, HKV, R, S), S sequential: key range r (R = 1 unless the fp32 dK/dV of all C would
+         pass DKV_RANGE_BYTES) keeps its dK/dV in VMEM across the steps and is written once at the
+         last. Per pair five matmuls: s = q k^T, dP = dO v^T, dS = p (dP - (delta - dlse)),
+         dq += dS k (per tile, VMEM), dV += p^T dO, dK += dS^T q. dq is written per step (R > 1:
+         fp32 partials per range, summed in XLA). Bytes: q, dO, lse, delta (+ first), dq per range;
+         K/V chunks of the range once per step; dK/dV once. DMAs per step: 5 (+ first) by the
+         pipeline, 2 per chunk; 2 per range for dK/dV.
+scores   grid (B, HKV, S) over one select chunk of queries, parallel. A chunk is KS = nbt * l'/d
+         tokens, exactly those starting in selection blocks [k * nbt, (k + 1) * nbt) (nbt =
+         options.score_blocks), so one constant [KS, nbt] overlap matrix maps any chunk's tokens to
+         its blocks. Per pair: s = q k^T, p = exp(s - lse) with the compressed attention's lse, a
+         0/1 [bq, 128] matmul sums the G heads of each query, [bq, KS] x [KS, nbt] adds the block
+         scores; tokens that reach into block tile k + 1 (l > d) add their spill with the
+         [KS, nbt] `previous` matrix there. The step's [TPS, bq, NB] scores stay in VMEM (fewer
+         tiles per step when NB is large) and are written once. Nothing [T, C] reaches HBM.
+         Bytes: q, lse (+ first) and the scores once, K chunks once per step, the two overlap
+         matrices once. DMAs per step: q, lse, scores (+ first), 1 per chunk.
+estimate each pallas_call's CostEstimate is `walk`: flops are the MXU products executed (masked
+         elements of computed pairs included), transcendentals every exp and log, bytes every HBM
+         copy. Exact for a static q_offset; for a traced one they count the most work, the queries
+         being the last T positions of the sequence the keys cover (a scan's last chunk, the last
+         device under context parallelism).
 """
 import functools
 from typing import NamedTuple
@@ -38,83 +57,319 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions
-from kernels.nsa.rows import (
-  check_rows,
-  from_rows,
-  from_tile_rows,
-  row_spec,
-  tile_row_spec,
-  to_rows,
-  to_tile_rows,
-)
-from kernels.nsa.selection_pallas import _Shape
-from kernels.pallas_common import (
-  LANES,
-  ROWS,
-  accumulate_dkv,
-  accumulate_dq,
-  cost,
-  probs,
-  softmax_finish,
-  softmax_init,
-  softmax_step,
-)
+from kernels.nsa.rows import check_rows, from_rows, from_tile_rows, to_rows, to_tile_rows
+from kernels.pallas_common import LANES, ROWS, column, cost, probs, probs_and_dscores, softmax_init, softmax_step
+
+FORWARD, BACKWARD, SCORES = "forward", "backward", "scores"
+NAMES = {FORWARD: "nsa_compressed_forward", BACKWARD: "nsa_compressed_backward", SCORES: "nsa_block_scores"}
+DKV_RANGE_BYTES = 12 << 20      # backward: fp32 dK/dV one key range keeps in VMEM
+SCORES_OUT_BYTES = 4 << 20      # block scores: a step's [TPS, bq, NB] fp32 output block
+VMEM_LIMIT = 64 << 20           # the most any kernel asks for (v5e, v5p and v6e have more)
+_NEVER = np.iinfo(np.int32).max
 
 
-class _Cmp(NamedTuple):
-  """Static geometry of one compressed-attention call."""
+def _max(a, b):
+  return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
+
+
+def _min(a, b):
+  return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
+
+
+class Geometry(NamedTuple):
+  """Static geometry of one compressed-branch pallas_call (queries of one call, all its keys)."""
   b: int
-  t: int
+  t: int                  # query positions
   hkv: int
   group: int
   dk: int
-  dv: int
-  c: int                # compressed tokens
-  block_len: int        # l
-  stride: int           # d
+  dv: int                 # 0 for block scores
+  c: int                  # compressed tokens the kernel may read
+  block_len: int          # l
+  stride: int             # d
+  chunk: int              # compressed tokens per K/V DMA
+  tiles_per_step: int
+  chunks_per_range: int   # backward: chunks of one key range (whose fp32 dK/dV stay in VMEM)
+  dtype: np.dtype         # q, K, V and the kernels' outputs but lse and scores
   scale: float
   options: KernelOptions
-
-  queries_per_tile = _Shape.queries_per_tile      # 128 // G positions per tile, as in selection
-  num_tiles = _Shape.num_tiles
-  interpret = _Shape.interpret
+  blocks_per_chunk: int = 0   # scores: nbt selection blocks per chunk
+  num_blocks: int = 0         # scores: NB
 
   @property
-  def key_tile(self):
-    """Compressed keys per attention step (the lane width of the scores)."""
-    return self.options.key_tile
+  def bq(self) -> int:
+    return ROWS // self.group
 
-  def visible_tokens(self, query_tile):
-    """Compressed tokens the last query of `query_tile` sees (traced int32)."""
-    last = (query_tile + 1) * self.queries_per_tile - 1
-    return jnp.clip((last - self.block_len + 1) // self.stride + 1, 0, self.c)
+  @property
+  def num_tiles(self) -> int:
+    return self.t // self.bq
 
-  def key_tiles(self, query_tile, key_tile=None):
-    """How many key tiles of `key_tile` (default self.key_tile) tokens query tile i needs (traced int32)."""
-    key_tile = key_tile or self.key_tile
-    return (self.visible_tokens(query_tile) + key_tile - 1) // key_tile
+  @property
+  def num_steps(self) -> int:
+    return self.num_tiles // self.tiles_per_step
 
-  def first_query_tile(self, kb):
-    """The first query tile that sees a token of key tile kb (may be >= the number of tiles)."""
-    return (kb * self.key_tile * self.stride + self.block_len - 1) // self.queries_per_tile
+  @property
+  def step_rows(self) -> int:
+    return self.tiles_per_step * ROWS
+
+  @property
+  def num_chunks(self) -> int:
+    return -(-self.c // self.chunk)
+
+  @property
+  def num_ranges(self) -> int:
+    return -(-self.num_chunks // self.chunks_per_range)
+
+  @property
+  def padded_keys(self) -> int:
+    """Compressed tokens of the [B, HKV, C', D] copies the kernels read (whole chunks and ranges)."""
+    return self.num_ranges * self.chunks_per_range * self.chunk
+
+  @property
+  def block_tiles(self) -> int:
+    """Scores: tiles of nbt selection blocks, one per chunk of keys."""
+    return -(-self.num_blocks // self.blocks_per_chunk)
+
+  @property
+  def itemsize(self) -> int:
+    return np.dtype(self.dtype).itemsize
+
+  @property
+  def interpret(self):
+    return self.options.interpret_params()
+
+  def visible(self, tile):
+    """Compressed tokens the last query of global tile `tile` sees (int, or traced int32)."""
+    return _min(_max(((tile + 1) * self.bq - self.block_len) // self.stride + 1, 0), self.c)
+
+  def chunks(self, tile):
+    """Chunks global tile `tile` needs."""
+    return (self.visible(tile) + self.chunk - 1) // self.chunk
+
+  def full_tile(self, chunk):
+    """The first global tile whose every query sees all of `chunk` (a huge number if it has padding)."""
+    last = (chunk + 1) * self.chunk - 1
+    return jnp.where(last < self.c, (last * self.stride + self.block_len - 1 + self.bq - 1) // self.bq, _NEVER // 2)
+
+  def first_tile(self, chunk):
+    """The first global tile that sees a token of `chunk` (its first query is c*d + l - 1)."""
+    return (chunk * self.chunk * self.stride + self.block_len - 1) // self.bq
 
 
-def _geometry(q, k_cmp, v_cmp, block_len, stride, scale, options) -> _Cmp:
-  b, t, hq, dk = q.shape
-  hkv = k_cmp.shape[2]
+def _tiles_per_step(num_tiles: int, most: int) -> int:
+  """The largest divisor of num_tiles that is at most `most` (at least 1)."""
+  most = max(1, min(most, num_tiles))
+  return max(d for d in range(1, most + 1) if num_tiles % d == 0)
+
+
+def _chunk(key_tile: int, c: int) -> int:
+  """options.key_tile, or fewer when C is smaller (whole bf16 sublane tiles of 16)."""
+  return max(1, min(key_tile, -(-c // 16) * 16))
+
+
+def attention_geometry(b, t, hq, hkv, dk, dv, c, block_len, stride, *, dtype=jnp.bfloat16, scale=None,
+                       options=None) -> Geometry:
+  """The geometry of compressed_attention's forward and backward calls (raises kernels.Unsupported)."""
+  options = options or DEFAULT_OPTIONS
   group = check_rows(t, hq, hkv)
-  return _Cmp(b, t, hkv, group, dk, v_cmp.shape[-1], k_cmp.shape[1], block_len, stride,
-              dk ** -0.5 if scale is None else scale, options or DEFAULT_OPTIONS)
+  chunk = _chunk(options.key_tile, c)
+  num_chunks = -(-c // chunk)
+  per_range = max(1, min(num_chunks, DKV_RANGE_BYTES // (chunk * (dk + dv) * 4)))
+  per_range = -(-num_chunks // -(-num_chunks // per_range))          # balance the ranges
+  return Geometry(b, t, hkv, group, dk, dv, c, block_len, stride, chunk,
+                  _tiles_per_step(t // (ROWS // group), options.step_rows // ROWS), per_range, np.dtype(dtype),
+                  dk ** -0.5 if scale is None else scale, options)
 
 
-def _scores(g: _Cmp, q, k, first, query_tile, key_tile):
-  """scale * q k^T [128, keys] fp32, -inf where the row's query cannot see the compressed token
-  (in its future, or before `first` [128, 1], its document's first)."""
-  rows, keys = q.shape[0], k.shape[0]
+def scores_geometry(b, qc, hq, hkv, dk, c, block_len, stride, slc_block, num_blocks, *, dtype=jnp.bfloat16,
+                    scale=None, options=None) -> Geometry:
+  """The geometry of one block_scores call over a select chunk of qc queries."""
+  options = options or DEFAULT_OPTIONS
+  group = check_rows(qc, hq, hkv)
+  nbt = min(options.score_blocks, num_blocks)
+  chunk = nbt * slc_block // stride
+  block_tiles = -(-num_blocks // nbt)
+  bq = ROWS // group
+  most = min(options.step_rows // ROWS, max(1, SCORES_OUT_BYTES // (bq * block_tiles * nbt * 4)))
+  c = min(c, block_tiles * chunk)
+  return Geometry(b, qc, hkv, group, dk, 0, c, block_len, stride, chunk, _tiles_per_step(qc // bq, most),
+                  -(-c // chunk), np.dtype(dtype), dk ** -0.5 if scale is None else scale, options, nbt, num_blocks)
+
+
+def _static_offset(q_offset):
+  """q_offset as a Python int, or None when it is traced."""
+  try:
+    return int(q_offset)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def offset_tiles(g: Geometry, q_offset=None) -> int:
+  """The global index of the call's first tile; q_offset None (traced): the estimates' assumption,
+  the queries are the last T positions of the (C - 1) * d + l the keys cover."""
+  if q_offset is None:
+    covered = (g.c - 1) * g.stride + g.block_len
+    q_offset = max(0, -(-covered // g.bq) * g.bq - g.t)
+  return q_offset // g.bq
+
+
+# ---- what a call does, counted from the kernels' loop bounds ----
+
+def walk(g: Geometry, kernel: str, q_offset=None, docs: bool = False) -> dict:
+  """What one pallas_call of `kernel` (FORWARD, BACKWARD or SCORES) does, from the loops the kernel
+  runs: grid steps, MXU flops, transcendentals (exp and log), HBM bytes (the CostEstimate), DMA
+  descriptors issued and the bytes they move (the BlockSpec pipeline's block copies, the scalar
+  prefetch, the in-kernel K/V chunk copies from HBM and each step's local copy of its lead chunk,
+  VMEM to VMEM), the HBM chunk copies alone (chunk_dmas, chunk_bytes) and the (tile, chunk) pairs
+  computed. q_offset: an int, or None for the traced case (offset_tiles). The pipeline copies a
+  block when its index changes: per step the row blocks, per (b, h) (per key range in the
+  backward) the lead chunk and dK/dV, once per call the overlap matrices."""
+  tile0, tps, isz, kc, rows = offset_tiles(g, q_offset), g.tiles_per_step, g.itemsize, g.chunk, ROWS
+  ranges = g.num_ranges if kernel == BACKWARD else 1
+  pairs = spills = copied = local = 0
+  for step in range(g.num_steps):
+    first = tile0 + step * tps
+    needed = g.chunks(first + tps - 1)
+    for r in range(ranges):
+      lo = r * g.chunks_per_range
+      hi = min(lo + g.chunks_per_range, needed) if kernel == BACKWARD else needed
+      copied += max(0, hi - lo - 1)                # from HBM; the lead chunk from its pipeline block
+      local += hi > lo
+      for ch in range(lo, hi):
+        tiles = tps - min(max(g.first_tile(ch) - first, 0), tps)
+        pairs += tiles
+        spills += tiles if kernel == SCORES and ch + 1 < g.block_tiles else 0
+  heads = g.b * g.hkv
+  stats = tps * rows * 4                                  # a step's tile rows (lse, delta, first)
+  kv = [kc * g.dk * isz] + ([kc * g.dv * isz] if kernel != SCORES else [])   # a chunk's K (and V)
+  if kernel == FORWARD:
+    flops = pairs * 2 * rows * kc * (g.dk + g.dv)
+    exps = pairs * rows * (kc + 1) + g.num_steps * tps * rows          # exp(s - m) and alpha; log l per row
+    step_bytes = [g.step_rows * g.dk * isz, g.step_rows * g.dv * isz, stats] + [stats] * docs
+    range_bytes = kv
+  elif kernel == BACKWARD:
+    flops = pairs * 2 * rows * kc * (3 * g.dk + 2 * g.dv)
+    exps = pairs * rows * kc
+    dq_bytes = g.step_rows * g.dk * (isz if ranges == 1 else 4)
+    step_bytes = [g.step_rows * g.dk * isz, g.step_rows * g.dv * isz, stats, stats, dq_bytes] + [stats] * docs
+    range_keys = g.chunks_per_range * kc
+    range_bytes = kv + [range_keys * g.dk * isz, range_keys * g.dv * isz]      # lead chunk in, dK and dV out
+  elif kernel == SCORES:
+    nbt, bq = g.blocks_per_chunk, g.bq
+    per_pair = 2 * rows * kc * g.dk + (2 * bq * rows * kc if g.group > 1 else 0) + 2 * bq * kc * nbt
+    flops = pairs * per_pair + (spills * 2 * bq * kc * nbt if g.block_len > g.stride else 0)
+    exps = pairs * rows * kc
+    step_bytes = [g.step_rows * g.dk * isz, stats, tps * bq * g.block_tiles * nbt * 4] + [stats] * docs
+    range_bytes = kv
+  else:
+    raise ValueError(f"kernel={kernel!r}: one of {FORWARD}, {BACKWARD}, {SCORES}")
+  call_bytes = [4] + ([kc * g.blocks_per_chunk * 4] * (1 + (g.block_len > g.stride)) if kernel == SCORES else [])
+  steps = heads * ranges * g.num_steps
+  chunk_dmas, chunk_bytes = heads * copied * len(kv), heads * copied * sum(kv)
+  total = steps * sum(step_bytes) + heads * ranges * sum(range_bytes) + chunk_bytes + sum(call_bytes)
+  dmas = steps * len(step_bytes) + heads * ranges * len(range_bytes) + chunk_dmas + len(call_bytes)
+  return dict(steps=steps, flops=heads * flops, transcendentals=heads * exps, bytes=total,
+              dmas=dmas + heads * local * len(kv), dma_bytes=total + heads * local * sum(kv), chunk_dmas=chunk_dmas,
+              chunk_bytes=chunk_bytes, pairs=heads * pairs)
+
+
+def _estimate(g: Geometry, kernel: str, q_offset, docs: bool) -> pl.CostEstimate:
+  w = walk(g, kernel, q_offset, docs)
+  return cost(w["flops"], w["transcendentals"], w["bytes"])
+
+
+def _padded_bytes(shape, itemsize: int) -> int:
+  """VMEM bytes of an array: the last dim in lanes of 128, the one before in sublane tiles."""
+  *lead, rows, lanes = shape
+  sublanes = 8 * (4 // itemsize)
+  return int(np.prod(lead, dtype=np.int64)) * -(-rows // sublanes) * sublanes * -(-lanes // LANES) * LANES * itemsize
+
+
+def _compiler_params(semantics, blocks, scratch) -> pltpu.CompilerParams:
+  """vmem_limit_bytes from the buffers: pipelined blocks twice, scratch once, and a quarter more
+  plus 4 MiB for the compiler's temporaries (a pair's [128, KC] fp32 scores and products)."""
+  need = 2 * sum(_padded_bytes(s, i) for s, i in blocks) + sum(_padded_bytes(s, i) for s, i in scratch)
+  return pltpu.CompilerParams(dimension_semantics=semantics,
+                              vmem_limit_bytes=min(VMEM_LIMIT, need + need // 4 + (4 << 20)))
+
+
+# ---- the loop every kernel shares ----
+
+def _walk_chunks(g: Geometry, tile0, lo, hi, lead, copies_from, sem, pair, docs: bool):
+  """Chunks [lo, hi) of one (b, h), double-buffered: chunk k + 1 is in flight while chunk k computes.
+  Chunk lo comes from `lead` (its K (and V) [KC, D] blocks, which the BlockSpec pipeline keeps per
+  (b, h) or key range) by a local VMEM copy; the others from HBM. Per chunk, pair(k, j, refs, masked)
+  for the step's tiles j from the first that sees a token of chunk k to the last: masked up to the
+  first tile that sees all of it, unmasked from there (with documents, masked throughout).
+  copies_from: (HBM [C', D] ref, VMEM [2, KC, D] buffer) per array."""
+  def copies(ch, slot):
+    return [pltpu.make_async_copy(src.at[pl.ds(pl.multiple_of(ch * g.chunk, g.chunk), g.chunk)], buf.at[slot],
+                                  sem.at[i, slot]) for i, (src, buf) in enumerate(copies_from)]
+  lead_copies = [pltpu.make_async_copy(src.at[0, 0], buf.at[0], sem.at[i, 0]) for i, (src, (_, buf)) in
+                 enumerate(zip(lead, copies_from))]     # a squeezed block cannot be a DMA source
+
+  def tiles(ch, refs):
+    def loop(lo, hi, masked):
+      def tile(j, carry):
+        pair(ch, j, refs, masked)
+        return carry
+      jax.lax.fori_loop(lo, hi, tile, 0)
+    first = jnp.clip(g.first_tile(ch) - tile0, 0, g.tiles_per_step)
+    full = g.tiles_per_step if docs else jnp.clip(g.full_tile(ch) - tile0, first, g.tiles_per_step)
+    loop(first, full, True)
+    if not docs:
+      loop(full, g.tiles_per_step, False)
+
+  @pl.when(lo < hi)
+  def _start():
+    for copy in lead_copies:
+      copy.start()
+
+  def chunk(ch, carry):
+    slot = (ch - lo) % 2
+
+    @pl.when(ch == lo)
+    def _wait_lead():
+      for copy in lead_copies:
+        copy.wait()
+
+    @pl.when(ch > lo)
+    def _wait():
+      for copy in copies(ch, slot):
+        copy.wait()
+
+    @pl.when(ch + 1 < hi)
+    def _prefetch():
+      for copy in copies(ch + 1, 1 - slot):
+        copy.start()
+    tiles(ch, [buf.at[slot] for _, buf in copies_from])
+    return carry
+  jax.lax.fori_loop(lo, hi, chunk, 0)
+
+
+def _tile_rows(j):
+  return pl.ds(pl.multiple_of(j * ROWS, ROWS), ROWS)
+
+
+def _scores(g: Geometry, q, k, tile, ch, masked: bool, first=None):
+  """scale * q k^T [128, KC] fp32 for global tile `tile` and chunk `ch`; masked: -inf where the
+  row's query cannot see the token (in its future, past C, or before first [128, 1], its document's)."""
+  keys = k.shape[0]
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * g.scale
-  query_pos = query_tile * g.queries_per_tile + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // g.group
-  token = key_tile * keys + jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1)
-  return jnp.where((token * g.stride + g.block_len - 1 <= query_pos) & (token >= first), s, -jnp.inf)
+  if not masked:
+    return s
+  row = jax.lax.broadcasted_iota(jnp.int32, (ROWS, 1), 0)
+  pos = tile * g.bq + jax.lax.shift_right_logical(row, g.group.bit_length() - 1)    # G | 128: a power of two
+  token = ch * g.chunk + jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1)
+  last = jnp.where(token < g.c, token * g.stride + g.block_len - 1, _NEVER)       # its block's last position
+  seen = last <= pos
+  if first is not None:
+    seen = seen & (token >= first)
+  return jnp.where(seen, s, -jnp.inf)
+
+
+def _dot(a, b, contract=(1, 0)):
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def first_rows(doc_start, b: int, t: int, group: int, stride: int):
@@ -123,191 +378,192 @@ def first_rows(doc_start, b: int, t: int, group: int, stride: int):
   return to_rows(jnp.broadcast_to(first[:, :, None, None], (b, t, group, 1)), 1)
 
 
-def first_spec(index_map):
-  """BlockSpec of one tile's [128, 1] column of first_rows; index_map gives (b, h, tile)."""
-  return pl.BlockSpec((None, None, ROWS, 1), lambda *a: (index_map(*a)[0], 0, index_map(*a)[2], 0))
+def _first_tile_rows(g: Geometry, doc_start):
+  """first_rows as tile rows [B, 1, NQ, 1, 128] (one lane-dense row per tile, shared by the KV heads)."""
+  return first_rows(doc_start, g.b, g.t, g.group, g.stride).reshape(g.b, 1, g.num_tiles, 1, ROWS)
 
 
-def _attention_cost(g: _Cmp, *, matmul_width: int, row_bytes: int, kv_passes: int = 1, row_passes: int = 1):
-  """A compressed-attention pallas_call: every row against the compressed tokens it sees (C/2 on
-  average, causal), `matmul_width` the summed widths of a step's matmuls; bytes: the rows
-  (`row_passes` times: dK/dV rereads a query tile per key tile) and each query tile's visible K/V."""
-  rows = g.b * g.hkv * g.num_tiles * ROWS
-  seen = g.c / 2
-  kv = g.b * g.hkv * g.num_tiles * seen * (g.dk + g.dv) * 2
-  return cost(2 * rows * seen * matmul_width, rows * seen, row_passes * rows * row_bytes + kv_passes * kv)
+def _keys_t(g: Geometry, x_BCHD):
+  """[B, C, HKV, D] -> [B, HKV, C', D]: a head's compressed tokens contiguous, padded to C'."""
+  x = x_BCHD.transpose(0, 2, 1, 3)[:, :, :g.c]
+  return jnp.pad(x, [(0, 0), (0, 0), (0, g.padded_keys - x.shape[2]), (0, 0)])
 
 
-def _pad_keys(x_t, multiple):
-  c = x_t.shape[2]
-  return jnp.pad(x_t, [(0, 0), (0, 0), (0, -(-c // multiple) * multiple - c), (0, 0)])
+# ---- attention: forward ----
+
+def _forward_kernel(offset_ref, q_ref, k_lead, v_lead, k_hbm, v_hbm, *refs, g, docs):
+  first_ref, refs = (refs[0], refs[1:]) if docs else (None, refs)
+  o_ref, lse_ref, k_buf, v_buf, sem, m_scratch, l_scratch, acc_scratch = refs
+  b, h, step = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tile0 = offset_ref[0] + step * g.tiles_per_step
+  softmax_init(m_scratch, l_scratch, acc_scratch)
+
+  def pair(ch, j, kv, masked):
+    rows = _tile_rows(j)
+    s = _scores(g, q_ref[rows], kv[0][...], tile0 + j, ch, masked, column(first_ref.at[j]) if docs else None)
+    softmax_step(s, kv[1][...], m_scratch.at[rows], l_scratch.at[rows], acc_scratch.at[rows])
+  _walk_chunks(g, tile0, 0, g.chunks(tile0 + g.tiles_per_step - 1), (k_lead, v_lead),
+               [(k_hbm.at[b, h], k_buf), (v_hbm.at[b, h], v_buf)], sem, pair, docs)
+
+  def finish(j, carry):       # out = acc / l, lse = m + log l (one log per row); 0 and -inf if unseen
+    rows = _tile_rows(j)
+    l, m = l_scratch[rows][:, :1], m_scratch[rows][:, :1]
+    seen = l > 0
+    o_ref[rows] = jnp.where(seen, acc_scratch[rows] / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    lse_ref[j] = jnp.broadcast_to(lse, (ROWS, LANES)).T[:1]
+    return carry
+  jax.lax.fori_loop(0, g.tiles_per_step, finish, 0)
 
 
-# ---- attention: forward and dq (query-stationary), dK/dV (KV-stationary) ----
-
-def _forward_kernel(offset_ref, q_ref, first_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch,
-                    *, g):
-  i, kb = offset_ref[0] + pl.program_id(2), pl.program_id(3)
-
-  @pl.when(kb == 0)
-  def _init():
-    softmax_init(m_scratch, l_scratch, acc_scratch)
-
-  @pl.when(kb < g.key_tiles(i))
-  def _step():
-    softmax_step(_scores(g, q_ref[...], k_ref[...], first_ref[...], i, kb), v_ref[...], m_scratch, l_scratch,
-                 acc_scratch)
-
-  @pl.when(kb == pl.num_programs(3) - 1)
-  def _finish():
-    softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
+def _row_specs(g: Geometry, widths, index):
+  """BlockSpecs of a step's rows [B, HKV, T*G, width] per width, then ("stats") tile rows."""
+  return [pl.BlockSpec((None, None, g.step_rows, w), lambda *a: (*index(*a), 0)) if w != "stats" else
+          pl.BlockSpec((None, None, g.tiles_per_step, 1, ROWS), lambda *a: (*index(*a), 0, 0)) for w in widths]
 
 
-def _dq_kernel(offset_ref, q_ref, first_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, acc_scratch, *, g):
-  i, kb = offset_ref[0] + pl.program_id(2), pl.program_id(3)
-
-  @pl.when(kb == 0)
-  def _init():
-    acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
-
-  @pl.when(kb < g.key_tiles(i))
-  def _step():
-    s = _scores(g, q_ref[...], k_ref[...], first_ref[...], i, kb)
-    accumulate_dq(s, do_ref[...], k_ref[...], v_ref[...], lse_ref, delta_ref, acc_scratch, g.scale)
-
-  @pl.when(kb == pl.num_programs(3) - 1)
-  def _finish():
-    dq_ref[...] = acc_scratch[...].astype(dq_ref.dtype)
+def _first_spec(g: Geometry, index):
+  return pl.BlockSpec((None, None, g.tiles_per_step, 1, ROWS), lambda *a: (index(*a)[0], 0, index(*a)[2], 0, 0))
 
 
-def _dkv_kernel(offset_ref, q_ref, first_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dk_scratch,
-                dv_scratch, *, g):
-  kb, local = pl.program_id(2), pl.program_id(3)
-  i = offset_ref[0] + local                     # the query tile's global index
+def _forward(g: Geometry, offset, static_offset, q_rows, first, k_t, v_t):
+  """(out rows [B, HKV, T*G, Dv], lse tile rows [B, HKV, NQ, 1, 128] fp32)."""
+  docs = first is not None
+  index = lambda b, h, s, offset: (b, h, s)
+  hbm = pl.BlockSpec(memory_space=pl.ANY)
+  lead = lambda w: pl.BlockSpec((1, 1, g.chunk, w), lambda b, h, s, offset: (b, h, 0, 0))
+  blocks = [((g.step_rows, g.dk), g.itemsize), ((g.chunk, g.dk), g.itemsize), ((g.chunk, g.dv), g.itemsize),
+            ((g.step_rows, g.dv), g.itemsize)] + [((g.tiles_per_step, 1, ROWS), 4)] * (1 + docs)
+  scratch = [(2, g.chunk, g.dk), (2, g.chunk, g.dv)]
+  stats = [(g.step_rows, LANES), (g.step_rows, LANES), (g.step_rows, g.dv)]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_steps),
+      in_specs=_row_specs(g, [g.dk], index) + [lead(g.dk), lead(g.dv), hbm, hbm]
+               + ([_first_spec(g, index)] if docs else []),
+      out_specs=_row_specs(g, [g.dv, "stats"], index),
+      scratch_shapes=[pltpu.VMEM(s, g.dtype) for s in scratch] + [pltpu.SemaphoreType.DMA((2, 2))]
+                     + [pltpu.VMEM(s, jnp.float32) for s in stats])
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, g=g, docs=docs), grid_spec=grid_spec, name=NAMES[FORWARD],
+      out_shape=[jax.ShapeDtypeStruct((g.b, g.hkv, g.t * g.group, g.dv), q_rows.dtype),
+                 jax.ShapeDtypeStruct((g.b, g.hkv, g.num_tiles, 1, ROWS), jnp.float32)],
+      compiler_params=_compiler_params(("parallel",) * 3, blocks,
+                                       [(s, g.itemsize) for s in scratch] + [(s, 4) for s in stats]),
+      cost_estimate=_estimate(g, FORWARD, static_offset, docs), interpret=g.interpret,
+  )(offset, q_rows, k_t, v_t, k_t, v_t, *([first] if docs else []))
 
-  @pl.when(local == 0)
-  def _init():
+
+# ---- attention: backward (dq, dK, dV in one walk) ----
+
+def _backward_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_lead, v_lead, k_hbm, v_hbm, *refs, g, docs):
+  first_ref, refs = (refs[0], refs[1:]) if docs else (None, refs)
+  dq_ref, dk_ref, dv_ref, k_buf, v_buf, sem, dq_scratch, dk_scratch, dv_scratch = refs
+  b, h, r, step = (pl.program_id(i) for i in range(4))
+  tile0 = offset_ref[0] + step * g.tiles_per_step
+
+  @pl.when(step == 0)
+  def _init_range():
     dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
     dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
+  dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
+  lo = r * g.chunks_per_range
 
-  @pl.when(i >= g.first_query_tile(kb))
-  def _step():
-    q = q_ref[...]
-    accumulate_dkv(_scores(g, q, k_ref[...], first_ref[...], i, kb), q, do_ref[...], v_ref[...], lse_ref, delta_ref,
-                    dk_scratch, dv_scratch, g.scale)
+  def pair(ch, j, kv, masked):
+    rows, keys = _tile_rows(j), pl.ds(pl.multiple_of((ch - lo) * g.chunk, g.chunk), g.chunk)
+    q, do, k, v = q_ref[rows], do_ref[rows], kv[0][...], kv[1][...]
+    s = _scores(g, q, k, tile0 + j, ch, masked, column(first_ref.at[j]) if docs else None)
+    p, ds = probs_and_dscores(s, lse_ref.at[j], do, v, delta_ref.at[j])   # delta - dlse: the lse cotangent
+    ds = ds * g.scale
+    dq_scratch[rows] += _dot(ds.astype(k.dtype), k)
+    dv_scratch[keys] += _dot(p.astype(do.dtype), do, (0, 0))
+    dk_scratch[keys] += _dot(ds.astype(q.dtype), q, (0, 0))
+  hi = jnp.minimum(lo + g.chunks_per_range, g.chunks(tile0 + g.tiles_per_step - 1))
+  _walk_chunks(g, tile0, lo, hi, (k_lead, v_lead), [(k_hbm.at[b, h], k_buf), (v_hbm.at[b, h], v_buf)], sem, pair,
+               docs)
+  dq_ref[...] = dq_scratch[...].astype(dq_ref.dtype)
 
-  @pl.when(local == pl.num_programs(3) - 1)
-  def _finish():
+  @pl.when(step == pl.num_programs(3) - 1)
+  def _finish_range():
     dk_ref[...] = dk_scratch[...].astype(dk_ref.dtype)
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _query_stationary_call(g: _Cmp, kernel, row_inputs, row_outputs, scratch, num_key_tiles, estimate):
-  """pallas_call over grid (B, HKV, T/bq, key tiles), the query tiles' global offset in scalar
-  prefetch. row_inputs / row_outputs: per-row arrays as ("rows", width, dtype) ([B, HKV, T*G,
-  width]), ("tile_row", 1, dtype) ([B, HKV, NQ, 1, 128]) or ("first", 1, None) (first_rows);
-  K and V tiles come after the row inputs, clamped to the query tile's last needed one."""
-  tile = lambda b, h, i, kb, offset: (b, h, i)
-  spec = lambda kind, width: {"tile_row": tile_row_spec, "first": first_spec}.get(
-      kind, lambda t: row_spec(t, width))(tile)
-  def shape(kind, width, dtype):
-    dims = (g.num_tiles, 1, ROWS) if kind == "tile_row" else (g.t * g.group, width)
-    return jax.ShapeDtypeStruct((g.b, g.hkv, *dims), dtype)
-  key_map = lambda b, h, i, kb, offset: (b, h, jnp.minimum(kb, jnp.maximum(g.key_tiles(offset[0] + i) - 1, 0)), 0)
+def _backward(g: Geometry, offset, static_offset, q_rows, do_rows, lse_rows, delta_rows, first, k_t, v_t):
+  """(dq rows [B, HKV, T*G, Dk], dK, dV [B, HKV, C', D]); dq in q's dtype (R > 1: fp32 summed over ranges)."""
+  docs, ranges, keys = first is not None, g.num_ranges, g.chunks_per_range * g.chunk
+  index = lambda b, h, r, s, offset: (b, h, s)
+  hbm = pl.BlockSpec(memory_space=pl.ANY)
+  dq_dtype = g.dtype if ranges == 1 else jnp.float32
+  dq_spec = pl.BlockSpec((None, None, None, g.step_rows, g.dk), lambda b, h, r, s, offset: (r, b, h, s, 0))
+  key_spec = lambda w: pl.BlockSpec((None, None, keys, w), lambda b, h, r, s, offset: (b, h, r, 0))
+  lead = lambda w: pl.BlockSpec((1, 1, g.chunk, w), lambda b, h, r, s, offset: (b, h, r * g.chunks_per_range, 0))
+  stats = ((g.tiles_per_step, 1, ROWS), 4)
+  blocks = [((g.step_rows, g.dk), g.itemsize), ((g.step_rows, g.dv), g.itemsize), stats, stats,
+            ((g.chunk, g.dk), g.itemsize), ((g.chunk, g.dv), g.itemsize),
+            ((g.step_rows, g.dk), np.dtype(dq_dtype).itemsize), ((keys, g.dk), g.itemsize),
+            ((keys, g.dv), g.itemsize)] + [stats] * docs
+  scratch = [((2, g.chunk, g.dk), g.itemsize), ((2, g.chunk, g.dv), g.itemsize), ((g.step_rows, g.dk), 4),
+             ((keys, g.dk), 4), ((keys, g.dv), 4)]
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_tiles, num_key_tiles),
-      in_specs=[spec(kind, w) for kind, w, _ in row_inputs]
-               + [pl.BlockSpec((None, None, g.key_tile, g.dk), key_map),
-                  pl.BlockSpec((None, None, g.key_tile, g.dv), key_map)],
-      out_specs=[spec(kind, w) for kind, w, _ in row_outputs],
-      scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in scratch])
-  return pl.pallas_call(
-      functools.partial(kernel, g=g), grid_spec=grid_spec,
-      out_shape=[shape(*o) for o in row_outputs],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      cost_estimate=estimate, interpret=g.interpret)
+      num_scalar_prefetch=1, grid=(g.b, g.hkv, ranges, g.num_steps),
+      in_specs=_row_specs(g, [g.dk, g.dv, "stats", "stats"], index) + [lead(g.dk), lead(g.dv), hbm, hbm]
+               + ([_first_spec(g, index)] if docs else []),
+      out_specs=[dq_spec, key_spec(g.dk), key_spec(g.dv)],
+      scratch_shapes=[pltpu.VMEM(s, g.dtype) for s, _ in scratch[:2]] + [pltpu.SemaphoreType.DMA((2, 2))]
+                     + [pltpu.VMEM(s, jnp.float32) for s, _ in scratch[2:]])
+  dq, dk_t, dv_t = pl.pallas_call(
+      functools.partial(_backward_kernel, g=g, docs=docs), grid_spec=grid_spec, name=NAMES[BACKWARD],
+      out_shape=[jax.ShapeDtypeStruct((ranges, g.b, g.hkv, g.t * g.group, g.dk), dq_dtype),
+                 jax.ShapeDtypeStruct(k_t.shape, g.dtype), jax.ShapeDtypeStruct(v_t.shape, g.dtype)],
+      compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary"), blocks, scratch),
+      cost_estimate=_estimate(g, BACKWARD, static_offset, docs), interpret=g.interpret,
+  )(offset, q_rows, do_rows, lse_rows, delta_rows, k_t, v_t, k_t, v_t, *([first] if docs else []))
+  return (dq[0] if ranges == 1 else jnp.sum(dq, 0).astype(g.dtype)), dk_t, dv_t
 
 
-def _offset_tiles(g: _Cmp, q_offset):
-  """int32 [1]: the global index of the first query tile (q_offset is a multiple of 128/G)."""
-  return (jnp.asarray(q_offset, jnp.int32) // g.queries_per_tile).reshape(1)
-
-
-def _forward_rows(g: _Cmp, offset, q_rows, first, k_t, v_t):
-  """(out rows [B,HKV,T*G,Dv], lse tile rows [B,HKV,NQ,1,128] fp32); k_t, v_t padded to g.key_tile."""
-  return _query_stationary_call(
-      g, _forward_kernel, [("rows", g.dk, None), ("first", 1, None)],
-      [("rows", g.dv, q_rows.dtype), ("tile_row", 1, jnp.float32)],
-      [(ROWS, LANES), (ROWS, LANES), (ROWS, g.dv)], k_t.shape[2] // g.key_tile,
-      _attention_cost(g, matmul_width=g.dk + g.dv, row_bytes=2 * (g.dk + g.dv) + 8))(offset, q_rows, first, k_t, v_t)
-
-
-def _keys_t(g: _Cmp, k_cmp, v_cmp):
-  return (_pad_keys(k_cmp.transpose(0, 2, 1, 3), g.key_tile), _pad_keys(v_cmp.transpose(0, 2, 1, 3), g.key_tile))
-
+# ---- attention: the custom_vjp ----
 
 def compressed_attention(q, k_cmp, v_cmp, q_offset, block_len: int, stride: int, scale=None, options=None,
                          doc_start=None):
   """(out [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ] fp32, -inf where nothing is visible): the contract
   of kernels.nsa.compressed_attention for queries at global positions q_offset + [0, T) (an int
-  or traced int32, a multiple of 128/G), doc_start [B, T] of packed documents or None; forward,
-  dq and dK/dV are Pallas kernels. Needs C >= 1."""
-  b, t, hq, _ = q.shape
-  first = first_rows(doc_start, b, t, hq // k_cmp.shape[2], stride)
-  return _compressed(q, k_cmp, v_cmp, jnp.asarray(q_offset, jnp.int32), first, block_len, stride, scale, options)
+  or traced int32, a multiple of 128/G), doc_start [B, T] of packed documents or None; forward and
+  backward are Pallas kernels. q, k_cmp, v_cmp share a dtype. Needs C >= 1."""
+  b, t, hq, dk = q.shape
+  g = attention_geometry(b, t, hq, k_cmp.shape[2], dk, v_cmp.shape[-1], k_cmp.shape[1], block_len, stride,
+                         dtype=q.dtype, scale=scale, options=options)
+  first = None if doc_start is None else _first_tile_rows(g, doc_start)
+  return _compressed(q, k_cmp, v_cmp, jnp.asarray(q_offset, jnp.int32), first, g, _static_offset(q_offset))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _compressed(q, k_cmp, v_cmp, q_offset, first, block_len, stride, scale, options):
-  return _compressed_fwd(q, k_cmp, v_cmp, q_offset, first, block_len, stride, scale, options)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _compressed(q, k_cmp, v_cmp, q_offset, first, g, static_offset):
+  return _compressed_fwd(q, k_cmp, v_cmp, q_offset, first, g, static_offset)[0]
 
 
-def _compressed_fwd(q, k_cmp, v_cmp, q_offset, first, block_len, stride, scale, options):
-  g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, options)
-  offset = _offset_tiles(g, q_offset)
-  out_rows, lse_rows = _forward_rows(g, offset, to_rows(q, g.hkv), first, *_keys_t(g, k_cmp, v_cmp))
-  result = (from_rows(out_rows, g.t), from_tile_rows(lse_rows, g.t))
-  return result, (q, k_cmp, v_cmp, offset, first, out_rows, lse_rows)
+def _offset(g: Geometry, q_offset):
+  """int32 [1] scalar prefetch: the global index of the first query tile."""
+  return (q_offset // g.bq).reshape(1)
 
 
-def _compressed_bwd(block_len, stride, scale, options, residuals, cotangents):
-  q, k_cmp, v_cmp, offset, first, out_rows, lse_rows = residuals
+def _compressed_fwd(q, k_cmp, v_cmp, q_offset, first, g, static_offset):
+  out_rows, lse_rows = _forward(g, _offset(g, q_offset), static_offset, to_rows(q, g.hkv), first,
+                                _keys_t(g, k_cmp), _keys_t(g, v_cmp))
+  return (from_rows(out_rows, g.t), from_tile_rows(lse_rows, g.t)), (q, k_cmp, v_cmp, q_offset, first, out_rows,
+                                                                     lse_rows)
+
+
+def _compressed_bwd(g, static_offset, residuals, cotangents):
+  q, k_cmp, v_cmp, q_offset, first, out_rows, lse_rows = residuals
   dout, dlse = cotangents
-  g = _geometry(q, k_cmp, v_cmp, block_len, stride, scale, options)
-  k_t, v_t = _keys_t(g, k_cmp, v_cmp)
-  q_rows, do_rows = to_rows(q, g.hkv), to_rows(dout.astype(q.dtype), g.hkv)
+  do_rows = to_rows(dout.astype(q.dtype), g.hkv)
   # d lse / d s = p, so the lse cotangent enters as dS = p * (dO V^T - (delta - dlse)).
   delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), -1).reshape(lse_rows.shape)
   delta_rows = delta - to_tile_rows(dlse.astype(jnp.float32), g.hkv)
-  num_key_tiles = k_t.shape[2] // g.key_tile
-  dq_rows, = _query_stationary_call(
-      g, _dq_kernel, [("rows", g.dk, None), ("first", 1, None), ("rows", g.dv, None), ("tile_row", 1, None),
-                      ("tile_row", 1, None)],
-      [("rows", g.dk, q.dtype)], [(ROWS, g.dk)], num_key_tiles,
-      _attention_cost(g, matmul_width=2 * g.dk + g.dv, row_bytes=2 * (2 * g.dk + g.dv) + 12),
-  )(offset, q_rows, first, do_rows, lse_rows, delta_rows, k_t, v_t)
-
-  last = g.num_tiles - 1
-  # Local query tile i is global tile offset + i; tiles before a key tile's first reader are
-  # skipped, their index clamped forward to the first one read (no DMA).
-  tile = lambda b, h, kb, i, offset: (b, h, jnp.minimum(jnp.maximum(i, g.first_query_tile(kb) - offset[0]), last))
-  key_map = lambda b, h, kb, i, offset: (b, h, kb, 0)
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(g.b, g.hkv, num_key_tiles, g.num_tiles),
-      in_specs=[row_spec(tile, g.dk), first_spec(tile), row_spec(tile, g.dv)]
-               + [tile_row_spec(tile), tile_row_spec(tile)]
-               + [pl.BlockSpec((None, None, g.key_tile, w), key_map) for w in (g.dk, g.dv)],
-      out_specs=[pl.BlockSpec((None, None, g.key_tile, w), key_map) for w in (g.dk, g.dv)],
-      scratch_shapes=[pltpu.VMEM((g.key_tile, g.dk), jnp.float32), pltpu.VMEM((g.key_tile, g.dv), jnp.float32)])
-  dk_t, dv_t = pl.pallas_call(
-      functools.partial(_dkv_kernel, g=g), grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct(k_t.shape, k_cmp.dtype), jax.ShapeDtypeStruct(v_t.shape, v_cmp.dtype)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      cost_estimate=_attention_cost(g, matmul_width=2 * (g.dk + g.dv), row_bytes=2 * (g.dk + g.dv) + 12,
-                                    row_passes=max(1, num_key_tiles // 2), kv_passes=2),
-      interpret=g.interpret)(offset, q_rows, first, do_rows, lse_rows, delta_rows, k_t, v_t)
-  unpad = lambda x: x[:, :, :g.c].transpose(0, 2, 1, 3)
-  return from_rows(dq_rows, g.t), unpad(dk_t), unpad(dv_t), None, None
+  dq_rows, dk_t, dv_t = _backward(g, _offset(g, q_offset), static_offset, to_rows(q, g.hkv), do_rows, lse_rows,
+                                  delta_rows, first, _keys_t(g, k_cmp), _keys_t(g, v_cmp))
+  unpad = lambda x, like: x[:, :, :like.shape[1]].transpose(0, 2, 1, 3).astype(like.dtype)
+  return from_rows(dq_rows, g.t).astype(q.dtype), unpad(dk_t, k_cmp), unpad(dv_t, v_cmp), None, None
 
 
 _compressed.defvjp(_compressed_fwd, _compressed_bwd)
@@ -317,9 +573,10 @@ _compressed.defvjp(_compressed_fwd, _compressed_bwd)
 
 @functools.cache
 def overlap_tiles(block_len: int, stride: int, slc_block: int, blocks_per_tile: int):
-  """(own [BKS, nbt], previous [BKS, nbt]) float32: |tokens of compressed c ∩ selection block j| / d
-  for c in the current key tile and in the one before, j in the current tile of blocks. Every tile
-  pair looks the same because a key tile covers exactly its blocks' span (BKS*d = nbt*l')."""
+  """(own [KS, nbt], previous [KS, nbt]) float32: |tokens of compressed c ∩ selection block j| / d
+  for c in a chunk of KS = nbt*l'/d tokens and j in its tile of nbt blocks (own), and for the same
+  tokens and the next tile's blocks (previous: what the previous chunk spills into a tile). Every
+  chunk looks the same because it covers exactly its blocks' span (KS*d = nbt*l')."""
   keys = blocks_per_tile * slc_block // stride
   c = np.arange(-keys, keys)[:, None]
   j = np.arange(blocks_per_tile)[None, :]
@@ -328,39 +585,32 @@ def overlap_tiles(block_len: int, stride: int, slc_block: int, blocks_per_tile: 
   return w[keys:].astype(np.float32), w[:keys].astype(np.float32)
 
 
-def _scores_kernel(chunk_ref, q_ref, first_ref, lse_ref, k_ref, own_ref, prev_ref, out_ref, sums_scratch, *, g, keys):
-  i, kb = pl.program_id(2), pl.program_id(3)
-  query_tile = chunk_ref[0] + i
-  needed = g.key_tiles(query_tile, keys)
-  dot = lambda a, b: jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+def _scores_kernel(offset_ref, q_ref, lse_ref, k_lead, k_hbm, own_ref, *refs, g, docs, spill):
+  prev_ref, refs = (refs[0], refs[1:]) if spill else (None, refs)
+  first_ref, refs = (refs[0], refs[1:]) if docs else (None, refs)
+  out_ref, k_buf, sem = refs
+  b, h, step = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tile0 = offset_ref[0] + step * g.tiles_per_step
+  nbt = g.blocks_per_chunk
+  out_ref[...] = jnp.zeros(out_ref.shape, jnp.float32)
+  row_query = jax.lax.shift_right_logical(jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 1),
+                                          g.group.bit_length() - 1)
+  heads = (row_query == jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 0)).astype(jnp.float32)
+  blocks = lambda ch: pl.ds(pl.multiple_of(ch * nbt, nbt), nbt)
 
-  @pl.when(kb == 0)
-  def _init():
-    sums_scratch[...] = jnp.zeros(sums_scratch.shape, jnp.float32)
-
-  @pl.when(kb < needed)
-  def _step():
-    s = _scores(g, q_ref[...], k_ref[...], first_ref[...], query_tile, kb)
-    p = probs(s, lse_ref)                                                      # [128, BKS]
-    if g.group > 1:   # sum each query's G heads: [bq, 128] 0/1 matrix times p
-      rows = jax.lax.broadcasted_iota(jnp.int32, (g.queries_per_tile, ROWS), 1) // g.group
-      p = dot((rows == jax.lax.broadcasted_iota(jnp.int32, (g.queries_per_tile, ROWS), 0)).astype(jnp.float32), p)
-    out_ref[...] = dot(p, own_ref[...]) + dot(sums_scratch[...], prev_ref[...])
-    sums_scratch[...] = p
-
-  @pl.when(kb >= needed)
-  def _rest():   # only the first step past the last needed tile gets the spill of its tokens
-    out_ref[...] = dot(sums_scratch[...], prev_ref[...])
-    sums_scratch[...] = jnp.zeros(sums_scratch.shape, jnp.float32)
-
-
-def _scores_cost(g: _Cmp, keys: int, nbt: int, num_tiles: int):
-  """A block-score call: per query tile and seen compressed token (C/2 on average; the chunk's
-  start is traced) the scores (Dk), the head sum (128 wide, G > 1) and the two overlap products."""
-  tiles, seen, bq = g.b * g.hkv * g.num_tiles, g.c / 2, g.queries_per_tile
-  per_token = 2 * ROWS * g.dk + (2 * bq * ROWS if g.group > 1 else 0) + 4 * bq * nbt
-  return cost(tiles * seen * per_token, tiles * ROWS * seen,
-              tiles * (ROWS * g.dk * 2 + ROWS * 4 + bq * num_tiles * nbt * 4 + seen * g.dk * 2))
+  def pair(ch, j, kv, masked):
+    s = _scores(g, q_ref[_tile_rows(j)], kv[0][...], tile0 + j, ch, masked,
+                column(first_ref.at[j]) if docs else None)
+    p = probs(s, lse_ref.at[j])                                         # [128, KS]
+    if g.group > 1:     # each query's G heads summed: [bq, 128] 0/1 times p
+      p = _dot(heads, p)
+    out_ref[j, :, blocks(ch)] += _dot(p, own_ref[...])
+    if spill:
+      @pl.when(ch + 1 < g.block_tiles)
+      def _spill():     # tokens reaching into the next tile of blocks (l > d)
+        out_ref[j, :, blocks(ch + 1)] += _dot(p, prev_ref[...])
+  _walk_chunks(g, tile0, 0, g.chunks(tile0 + g.tiles_per_step - 1), (k_lead,), [(k_hbm.at[b, h], k_buf)], sem,
+               pair, docs)
 
 
 def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stride: int, slc_block: int,
@@ -368,32 +618,35 @@ def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stri
   """float32 [B, Qc, HKV, num_blocks]: for queries chunk_start + [0, Qc) the selection-block
   importance sum_{g, c} w(c, j) p_cmp[g, c] of NSA (the XLA reference's block_scores of the
   group-summed compressed probabilities), with p_cmp = exp(s - lse) from the compressed
-  attention's lse. chunk_start (traced int32) must be a multiple of 128/G, as must Qc. doc_start
-  [B, Qc]: packed documents (a document's tokens count from its first compressed token)."""
-  g = _geometry(q_chunk, k_cmp, k_cmp, block_len, stride, scale, options)
-  nbt = min(g.options.score_blocks, num_blocks)
-  num_tiles = -(-num_blocks // nbt)
-  keys = nbt * slc_block // stride
+  attention's lse. chunk_start (int or traced int32) must be a multiple of 128/G, as must Qc.
+  doc_start [B, Qc]: packed documents (a document's tokens count from its first compressed token)."""
+  b, qc, hq, dk = q_chunk.shape
+  g = scores_geometry(b, qc, hq, k_cmp.shape[2], dk, k_cmp.shape[1], block_len, stride, slc_block, num_blocks,
+                      dtype=q_chunk.dtype, scale=scale, options=options)
+  docs, spill, nbt = doc_start is not None, block_len > stride, g.blocks_per_chunk
   own, prev = (jnp.asarray(w) for w in overlap_tiles(block_len, stride, slc_block, nbt))
-  k_t = k_cmp.transpose(0, 2, 1, 3)
-  k_t = jnp.pad(k_t, [(0, 0), (0, 0), (0, max(0, num_tiles * keys - g.c)), (0, 0)])[:, :, :num_tiles * keys]
-  lse_rows = to_tile_rows(lse_chunk, g.hkv)
-  start_tile = (jnp.asarray(chunk_start, jnp.int32) // g.queries_per_tile).reshape(1)
-
-  row_map = lambda b, h, i, kb, start: (b, h, i)
-  key_map = lambda b, h, i, kb, start: (b, h, jnp.minimum(kb, jnp.maximum(g.key_tiles(start[0] + i, keys) - 1, 0)), 0)
-  fixed = lambda b, h, i, kb, start: (0, 0)
+  k_t = k_cmp.transpose(0, 2, 1, 3)[:, :, :g.c]
+  k_t = jnp.pad(k_t, [(0, 0), (0, 0), (0, g.num_chunks * g.chunk - g.c), (0, 0)])
+  padded_blocks = g.block_tiles * nbt
+  index = lambda b, h, s, offset: (b, h, s)
+  fixed = pl.BlockSpec((g.chunk, nbt), lambda *a: (0, 0))
+  out_block = (g.tiles_per_step, g.bq, padded_blocks)
+  blocks = [((g.step_rows, dk), g.itemsize), ((g.tiles_per_step, 1, ROWS), 4), ((g.chunk, dk), g.itemsize),
+            ((g.chunk, nbt), 4),
+            (out_block, 4)] + [((g.chunk, nbt), 4)] * spill + [((g.tiles_per_step, 1, ROWS), 4)] * docs
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_tiles, num_tiles),
-      in_specs=[row_spec(row_map, g.dk), first_spec(row_map), tile_row_spec(row_map),
-                pl.BlockSpec((None, None, keys, g.dk), key_map),
-                pl.BlockSpec((keys, nbt), fixed), pl.BlockSpec((keys, nbt), fixed)],
-      out_specs=pl.BlockSpec((None, None, None, g.queries_per_tile, nbt), lambda b, h, i, kb, start: (b, h, i, 0, kb)),
-      scratch_shapes=[pltpu.VMEM((g.queries_per_tile, keys), jnp.float32)])
+      num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_steps),
+      in_specs=_row_specs(g, [dk, "stats"], index)
+               + [pl.BlockSpec((1, 1, g.chunk, dk), lambda b, h, s, offset: (b, h, 0, 0)),
+                  pl.BlockSpec(memory_space=pl.ANY), fixed]
+               + [fixed] * spill + ([_first_spec(g, index)] if docs else []),
+      out_specs=pl.BlockSpec((None, None, *out_block), lambda b, h, s, offset: (b, h, s, 0, 0)),
+      scratch_shapes=[pltpu.VMEM((2, g.chunk, dk), g.dtype), pltpu.SemaphoreType.DMA((1, 2))])
   out = pl.pallas_call(
-      functools.partial(_scores_kernel, g=g, keys=keys), grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((g.b, g.hkv, g.num_tiles, g.queries_per_tile, num_tiles * nbt), jnp.float32),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      cost_estimate=_scores_cost(g, keys, nbt, num_tiles), interpret=g.interpret,
-  )(start_tile, to_rows(q_chunk, g.hkv), first_rows(doc_start, g.b, g.t, g.group, stride), lse_rows, k_t, own, prev)
+      functools.partial(_scores_kernel, g=g, docs=docs, spill=spill), grid_spec=grid_spec, name=NAMES[SCORES],
+      out_shape=jax.ShapeDtypeStruct((g.b, g.hkv, g.num_tiles, g.bq, padded_blocks), jnp.float32),
+      compiler_params=_compiler_params(("parallel",) * 3, blocks, [((2, g.chunk, dk), g.itemsize)]),
+      cost_estimate=_estimate(g, SCORES, _static_offset(chunk_start), docs), interpret=g.interpret,
+  )(_offset(g, jnp.asarray(chunk_start, jnp.int32)), to_rows(q_chunk, g.hkv), to_tile_rows(lse_chunk, g.hkv), k_t,
+    k_t, own, *([prev] if spill else []), *([_first_tile_rows(g, doc_start)] if docs else []))
   return out.reshape(g.b, g.hkv, g.t, -1)[..., :num_blocks].transpose(0, 2, 1, 3)

@@ -49,6 +49,7 @@ from kernels.pallas_common import LANES, ROWS, cost, probs_and_dscores, softmax_
 
 SELECTION, WINDOW = "selection", "window"
 WINDOW_BLOCK = 64          # keys per window block: a tile of 8 queries walks w + 8 keys in blocks of 64
+MAX_PIECE = 8              # blocks per coalesced copy: a run of consecutive blocks costs at most 4 DMAs per 8
 
 
 class Walk(NamedTuple):
@@ -107,9 +108,23 @@ class Walk(NamedTuple):
     return max(1, min(self.options.slab_keys // self.block, self.step_union))
 
   @property
+  def group_blocks(self) -> int:
+    """Blocks per score matmul: options.matmul_keys keys (one MXU width or more), at least one block."""
+    return max(1, self.options.matmul_keys // self.block)
+
+  @property
+  def max_piece(self) -> int:
+    """Blocks per coalesced copy: the largest power of two <= MAX_PIECE that fits a slab."""
+    return 1 << (min(MAX_PIECE, self.slab).bit_length() - 1)
+
+  @property
+  def num_slabs(self) -> int:
+    return -(-self.step_union // self.slab)
+
+  @property
   def list_len(self) -> int:
-    """int32 per step's list row (one spare: the walk may peek one past a tile's last entry)."""
-    return 1 + self.step_union + self.tiles_per_step * (1 + self.tile_union) + 1
+    """int32 per step's list row: see `step_lists` (one spare: the walk may peek one past a tile's end)."""
+    return 2 + self.num_slabs + 1 + 4 * self.step_union + self.tiles_per_step * (1 + self.tile_union) + 1
 
   @property
   def interpret(self):
@@ -179,10 +194,16 @@ def window_unions(w: Walk, first_tile):
 
 
 def step_lists(w: Walk, union, count):
-  """int32 [B, HKV, S, list_len]: each step's list row (module docstring) from the tile unions."""
+  """int32 [B, HKV, S, list_len]: each step's list row from the tile unions:
+    [U, P, the first piece of each slab (num_slabs + 1), the step's union of blocks (SU, sorted),
+     per piece its first slot, first block and length in blocks (3 x SU), each tile's union length
+     (TPS), each tile entry's slot in the step's union (TPS x TU), a spare].
+  A piece is a run of consecutive blocks within one slab, at most max_piece long: one DMA per
+  power of two of its length."""
   b, hkv, tps, tu, su = w.b, w.hkv, w.tiles_per_step, union.shape[-1], w.step_union
-  flat = union.reshape(b, hkv, w.num_steps, tps * tu)
-  count = count.reshape(b, hkv, w.num_steps, tps)
+  lead = (b, hkv, w.num_steps)
+  flat = union.reshape(*lead, tps * tu)
+  count = count.reshape(*lead, tps)
   valid = (jnp.arange(tu)[None, :] < count[..., None]).reshape(flat.shape)
   big = jnp.int32(w.num_blocks)
   s = jnp.sort(jnp.where(valid, flat, big), axis=-1)
@@ -190,71 +211,100 @@ def step_lists(w: Walk, union, count):
   blocks = jnp.sort(jnp.where(first, s, big), axis=-1)[..., :su]
   blocks = jnp.pad(blocks, [(0, 0)] * 3 + [(0, su - blocks.shape[-1])], constant_values=big)
   slots = jax.vmap(jnp.searchsorted)(blocks.reshape(-1, su), flat.reshape(-1, tps * tu)).reshape(flat.shape)
-  row = [first.sum(-1, keepdims=True), jnp.where(blocks == big, 0, blocks), count, jnp.where(valid, slots, 0),
-         jnp.zeros((b, hkv, w.num_steps, 1), jnp.int32)]
+  # Pieces: a slot starts one where its run of consecutive blocks starts (or a slab does), or every
+  # MAX_PIECE slots into a run.
+  slot = jnp.arange(su)
+  real = blocks < big
+  prev = jnp.concatenate([jnp.full((*lead, 1), -2, jnp.int32), blocks[..., :-1]], -1)
+  run_start = real & ((blocks != prev + 1) | (slot % w.slab == 0))
+  start_slot = jax.lax.cummax(jnp.where(run_start, slot, 0), axis=3)
+  begins = real & (run_start | ((slot - start_slot) % w.max_piece == 0))
+  piece_slot = jnp.sort(jnp.where(begins, slot, su), axis=-1)                    # pieces first, in order
+  next_slot = jnp.concatenate([piece_slot[..., 1:], jnp.full((*lead, 1), su, jnp.int32)], -1)
+  union_size = first.sum(-1, keepdims=True)
+  length = jnp.where(piece_slot < su, jnp.minimum(next_slot, union_size) - piece_slot, 0)
+  piece_block = jnp.take_along_axis(blocks, jnp.minimum(piece_slot, su - 1), -1)
+  slab_first = jax.vmap(jnp.searchsorted, (0, None))(piece_slot.reshape(-1, su),
+                                                     jnp.arange(w.num_slabs + 1) * w.slab).reshape(*lead, -1)
+  row = [union_size, begins.sum(-1, keepdims=True), slab_first, jnp.where(real, blocks, 0),
+         jnp.where(piece_slot < su, piece_slot, 0), jnp.where(piece_slot < su, piece_block, 0), length, count,
+         jnp.where(valid, slots, 0), jnp.zeros((*lead, 1), jnp.int32)]
   return jnp.concatenate([x.astype(jnp.int32) for x in row], -1)
 
 
 # ---- the walk inside a step ----
 
 class _Lists:
-  """The step's list row in SMEM."""
+  """The step's list row in SMEM (layout: step_lists)."""
 
   def __init__(self, w: Walk, ref):
     self.w, self.ref = w, ref
+    self.blocks_at = 3 + w.num_slabs
+    self.pieces_at = self.blocks_at + w.step_union
+    self.counts_at = self.pieces_at + 3 * w.step_union
+    self.slots_at = self.counts_at + w.tiles_per_step
 
   @property
   def union(self):
     return self.ref[0]
 
+  def slab_first(self, s):
+    return self.ref[2 + s]
+
   def block(self, i):
-    return self.ref[1 + i]
+    return self.ref[self.blocks_at + i]
+
+  def piece(self, p):
+    """(first slot, first block, length in blocks) of piece p."""
+    su = self.w.step_union
+    return self.ref[self.pieces_at + p], self.ref[self.pieces_at + su + p], self.ref[self.pieces_at + 2 * su + p]
 
   def count(self, tile):
-    return self.ref[1 + self.w.step_union + tile]
+    return self.ref[self.counts_at + tile]
 
   def slot(self, tile, u):
-    w = self.w
-    return self.ref[1 + w.step_union + w.tiles_per_step + tile * w.tile_union + u]
+    return self.ref[self.slots_at + tile * self.w.tile_union + u]
 
 
-def _walk(w: Walk, lists: _Lists, cursor, loads, sem, entry, writes=None, wsem=None):
+def _walk(w: Walk, lists: _Lists, cursor, loads, sem, group, writes=None, wsem=None):
   """Walks one step's union slab by slab. loads: [(hbm [B, HKV, Tk, D], buf [2, slab*block, D])]
-  copied in per block; writes: [(buf, hbm)] copied back per block after the slab computed.
-  entry(tile, block j, slab buffer, key offset in the slab) runs for every tile entry; cursor
-  (SMEM [TPS]) keeps where each tile's walk stands between slabs."""
+  copied in piece by piece; writes: [(buf, hbm)] copied back the same way after the slab computed.
+  group(tile, slab buffer, [(block j, real, key offset in the slab)] * group_blocks) runs over each
+  tile's entries in the slab, group_blocks at a time (the last group padded with its last entry,
+  not real); cursor (SMEM [TPS]) keeps where each tile's walk stands between slabs."""
   b, h = pl.program_id(0), pl.program_id(1)
-  union = lists.union
+  bk, union = w.block, lists.union
   slabs = (union + w.slab - 1) // w.slab
-  blocks_in = lambda s: jnp.minimum(w.slab, union - s * w.slab)
+  keys = lambda first, size: pl.ds(pl.multiple_of(first * bk, bk), size * bk)
 
-  def each_block(s, fn):
-    def one(i, carry):
-      fn(i, lists.block(s * w.slab + i))
+  def each_copy(s, fn):
+    """fn(slot in the slab, block, size) per DMA of slab s: a power-of-two part of each piece."""
+    def one(p, carry):
+      first_slot, first_block, length = lists.piece(p)
+      for size in (8, 4, 2, 1):
+        if size > w.max_piece:
+          continue
+        offset = length // (2 * size) * (2 * size)
+
+        @pl.when(length & size != 0)
+        def _copy():
+          fn(first_slot - s * w.slab + offset, first_block + offset, size)
       return carry
-    jax.lax.fori_loop(0, blocks_in(s), one, 0)
+    jax.lax.fori_loop(lists.slab_first(s), lists.slab_first(s + 1), one, 0)
 
-  def copy(src, dst, sem_ref):
-    return pltpu.make_async_copy(src, dst, sem_ref)
+  def load(s, buf, wait=False):
+    def copy(slot, j, size):
+      for k, (hbm, vbuf) in enumerate(loads):
+        c = pltpu.make_async_copy(hbm.at[b, h, keys(j, size)], vbuf.at[buf, keys(slot, size)], sem.at[k, buf])
+        c.wait() if wait else c.start()
+    each_copy(s, copy)
 
-  def at_block(j):
-    return pl.ds(pl.multiple_of(j * w.block, w.block), w.block)
-
-  def load(s, buf):
-    each_block(s, lambda i, j: [copy(hbm.at[b, h, at_block(j)], vbuf.at[buf, at_block(i)], sem.at[k, buf]).start()
-                                for k, (hbm, vbuf) in enumerate(loads)])
-
-  def wait_loads(s, buf):
-    each_block(s, lambda i, j: [copy(hbm.at[b, h, at_block(0)], vbuf.at[buf, at_block(0)], sem.at[k, buf]).wait()
-                                for k, (hbm, vbuf) in enumerate(loads)])
-
-  def store(s, buf):
-    each_block(s, lambda i, j: [copy(vbuf.at[buf, at_block(i)], hbm.at[b, h, at_block(j)], wsem.at[k, buf]).start()
-                                for k, (vbuf, hbm) in enumerate(writes)])
-
-  def wait_stores(s, buf):
-    each_block(s, lambda i, j: [copy(vbuf.at[buf, at_block(0)], hbm.at[b, h, at_block(0)], wsem.at[k, buf]).wait()
-                                for k, (vbuf, hbm) in enumerate(writes)])
+  def store(s, buf, wait=False):
+    def copy(slot, j, size):
+      for k, (vbuf, hbm) in enumerate(writes):
+        c = pltpu.make_async_copy(vbuf.at[buf, keys(slot, size)], hbm.at[b, h, keys(j, size)], wsem.at[k, buf])
+        c.wait() if wait else c.start()
+    each_copy(s, copy)
 
   @pl.when(slabs > 0)
   def _first():
@@ -262,27 +312,33 @@ def _walk(w: Walk, lists: _Lists, cursor, loads, sem, entry, writes=None, wsem=N
 
   def slab_body(s, carry):
     buf = s % 2
-    wait_loads(s, buf)
+    load(s, buf, wait=True)
 
     @pl.when(s + 1 < slabs)
     def _next():
       if writes:
         @pl.when(s >= 1)
         def _drain():          # slab s-1's stores read buffer 1 - buf: finish them before refilling it
-          wait_stores(s - 1, 1 - buf)
+          store(s - 1, 1 - buf, wait=True)
       load(s + 1, 1 - buf)
 
     limit = jnp.minimum((s + 1) * w.slab, union)
 
     def tile_body(tile, carry):
-      count = lists.count(tile)
+      count, start = lists.count(tile), cursor[tile]
       in_slab = lambda u: (u < count) & (lists.slot(tile, jnp.minimum(u, w.tile_union - 1)) < limit)
+      end = jax.lax.while_loop(in_slab, lambda u: u + 1, start)
+      cursor[tile] = end
 
-      def one(u):
-        slot = lists.slot(tile, u)
-        entry(tile, lists.block(slot), buf, pl.multiple_of((slot - s * w.slab) * w.block, w.block))
-        return u + 1
-      cursor[tile] = jax.lax.while_loop(in_slab, one, cursor[tile])
+      def one_group(g, carry):
+        entries = []
+        for i in range(w.group_blocks):
+          u = start + g * w.group_blocks + i
+          slot = lists.slot(tile, jnp.minimum(u, end - 1))
+          entries.append((lists.block(slot), u < end, pl.multiple_of((slot - s * w.slab) * bk, bk)))
+        group(tile, buf, entries)
+        return carry
+      jax.lax.fori_loop(0, (end - start + w.group_blocks - 1) // w.group_blocks, one_group, 0)
       return carry
     jax.lax.fori_loop(0, w.tiles_per_step, tile_body, 0)
     if writes:
@@ -297,26 +353,35 @@ def _walk(w: Walk, lists: _Lists, cursor, loads, sem, entry, writes=None, wsem=N
   if writes:                   # the last two slabs' stores (the loop awaited the others)
     @pl.when(slabs >= 2)
     def _second_last():
-      wait_stores(slabs - 2, slabs % 2)
+      store(slabs - 2, slabs % 2, wait=True)
 
     @pl.when(slabs >= 1)
     def _last():
-      wait_stores(slabs - 1, (slabs - 1) % 2)
+      store(slabs - 1, (slabs - 1) % 2, wait=True)
 
 
 def _tile_rows(tile):
   return pl.ds(pl.multiple_of(tile * ROWS, ROWS), ROWS)
 
 
-def _masked_scores(w: Walk, q, k, mask_rows, j, query_tile):
-  """scale * q k^T [128, block] in fp32 for key block j, -inf where the row may not see the key.
-  mask_rows: selection [128, n] block indices of each row's query; window [128, 1] doc_start."""
+def _join(parts):
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+
+def _masked_scores(w: Walk, q, k, mask_rows, entries, query_tile):
+  """scale * q k^T [128, E * block] in fp32 for a group of E key blocks, -inf where the row may not
+  see the key. mask_rows: selection [128, n] block indices of each row's query; window [128, 1]
+  doc_start. entries: [(block j, real, offset)]; keys of entries that are not real are masked."""
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * w.scale
   query_pos = query_tile * w.bq + jax.lax.broadcasted_iota(jnp.int32, (ROWS, 1), 0) // w.group
-  key_pos = j * w.block + jax.lax.broadcasted_iota(jnp.int32, (1, w.block), 1)
-  visible = key_pos <= query_pos
-  if w.kind == SELECTION:
-    visible &= jnp.max(jnp.where(mask_rows == j, 1, 0), axis=1, keepdims=True) > 0
+  column = jax.lax.broadcasted_iota(jnp.int32, (1, len(entries) * w.block), 1)
+  part = column // w.block                      # which entry a column's key belongs to (no concatenation:
+  pick = lambda values: functools.reduce(      # Mosaic cannot concatenate boolean vectors)
+      lambda acc, i: jnp.where(part == i, values[i], acc), range(1, len(values)), values[0])
+  key_pos = pick([j for j, _, _ in entries]) * w.block + column % w.block
+  visible = (key_pos <= query_pos) & (pick([real.astype(jnp.int32) for _, real, _ in entries]) > 0)
+  if w.kind == SELECTION:   # int32 throughout: Mosaic cannot widen narrow boolean vectors either
+    visible &= pick([jnp.max(jnp.where(mask_rows == j, 1, 0), axis=1, keepdims=True) for j, _, _ in entries]) > 0
   else:
     visible &= (key_pos > query_pos - w.window) & (key_pos >= mask_rows)
   return jnp.where(visible, s, -jnp.inf)
@@ -328,11 +393,13 @@ def _fwd_kernel(first_tile_ref, lists_hbm, q_ref, mask_ref, k_hbm, v_hbm, o_ref,
   first = first_tile_ref[0] + pl.program_id(2) * w.tiles_per_step
   softmax_init(m_s, l_s, acc_s)
 
-  def entry(tile, j, buf, off):
+  def group(tile, buf, entries):
     rows = _tile_rows(tile)
-    s = _masked_scores(w, q_ref[rows, :], kbuf[buf, pl.ds(off, w.block), :], mask_ref[rows, :], j, first + tile)
-    softmax_step(s, vbuf[buf, pl.ds(off, w.block), :], m_s.at[tile], l_s.at[tile], acc_s.at[tile])
-  _walk(w, _Lists(w, lists_smem), cursor, [(k_hbm, kbuf), (v_hbm, vbuf)], sem, entry)
+    k = _join([kbuf[buf, pl.ds(off, w.block), :] for _, _, off in entries])
+    v = _join([vbuf[buf, pl.ds(off, w.block), :] for _, _, off in entries])
+    s = _masked_scores(w, q_ref[rows, :], k, mask_ref[rows, :], entries, first + tile)
+    softmax_step(s, v, m_s.at[tile], l_s.at[tile], acc_s.at[tile])
+  _walk(w, _Lists(w, lists_smem), cursor, [(k_hbm, kbuf), (v_hbm, vbuf)], sem, group)
 
   def finish(tile, carry):
     softmax_finish(o_ref.at[_tile_rows(tile)], lse_ref.at[tile], m_s.at[tile], l_s.at[tile], acc_s.at[tile])
@@ -349,66 +416,78 @@ def _bwd_kernel(first_tile_ref, lists_hbm, q_ref, mask_ref, do_ref, lse_ref, del
   dq_s[...] = jnp.zeros(dq_s.shape, jnp.float32)
   dot = lambda a, b, dims: jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
 
-  def entry(tile, j, buf, off):
-    rows, keys = _tile_rows(tile), pl.ds(off, w.block)
-    q, do, k, v = q_ref[rows, :], do_ref[rows, :], kbuf[buf, keys, :], vbuf[buf, keys, :]
-    s = _masked_scores(w, q, k, mask_ref[rows, :], j, first + tile)
+  def group(tile, buf, entries):
+    rows = _tile_rows(tile)
+    q, do = q_ref[rows, :], do_ref[rows, :]
+    k = _join([kbuf[buf, pl.ds(off, w.block), :] for _, _, off in entries])
+    v = _join([vbuf[buf, pl.ds(off, w.block), :] for _, _, off in entries])
+    s = _masked_scores(w, q, k, mask_ref[rows, :], entries, first + tile)
     p, ds = probs_and_dscores(s, lse_ref.at[tile], do, v, delta_ref.at[tile])
     dq_s[tile] += w.scale * dot(ds.astype(k.dtype), k, ((1,), (0,)))
-    dkbuf[buf, keys, :] += w.scale * dot(ds.astype(q.dtype), q, ((0,), (0,)))
-    dvbuf[buf, keys, :] += dot(p.astype(do.dtype), do, ((0,), (0,)))
-  _walk(w, _Lists(w, lists_smem), cursor, [(k_hbm, kbuf), (v_hbm, vbuf), (dk_hbm, dkbuf), (dv_hbm, dvbuf)], sem, entry,
+    dk = w.scale * dot(ds.astype(q.dtype), q, ((0,), (0,)))
+    dv = dot(p.astype(do.dtype), do, ((0,), (0,)))
+    for i, (_, _, off) in enumerate(entries):      # entries that are not real add zeros
+      keys, part = pl.ds(off, w.block), slice(i * w.block, (i + 1) * w.block)
+      dkbuf[buf, keys, :] += dk[part]
+      dvbuf[buf, keys, :] += dv[part]
+  _walk(w, _Lists(w, lists_smem), cursor, [(k_hbm, kbuf), (v_hbm, vbuf), (dk_hbm, dkbuf), (dv_hbm, dvbuf)], sem, group,
         writes=[(dkbuf, dk_hbm), (dvbuf, dv_hbm)], wsem=wsem)
   dq_ref[...] = dq_s[...].reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
 # ---- counting: what a walk does (the CostEstimates, and perf/nsa_time.py) ----
 
-def walk(w: Walk, lists, backward: bool = False) -> dict:
-  """What one walk over these lists ([B, HKV, S, list_len], numpy or jax) costs: grid steps,
-  tile entries, step-union blocks, MXU FLOPs, exps, HBM bytes and DMA descriptors."""
-  lists = np.asarray(lists)
-  tps, su = w.tiles_per_step, w.step_union
-  union = lists[..., 0].astype(np.int64)
-  entries = lists[..., 1 + su:1 + su + tps].astype(np.int64).sum()
-  blocks = union.sum()
+def _counts(w: Walk, groups: int, blocks: int, copies: int, backward: bool) -> dict:
+  """What a walk costs from its totals: matmul groups (each [128, Dk] x [Dk, E*block] and the
+  rest), step-union blocks copied in, DMA copies (power-of-two parts of pieces) per array."""
   steps = w.b * w.hkv * w.num_steps
-  rows = steps * tps * ROWS
-  bf, f32 = w.itemsize, 4
-  per_entry = 2 * ROWS * w.block
-  list_bytes = steps * w.list_len * 4
-  mask_bytes = rows * 4 * w.n               # selection: n indices per row; window: doc_start per row
-  kv_block = w.block * (w.dk + w.dv)
+  rows = steps * w.tiles_per_step * ROWS
+  keys = groups * w.group_blocks * w.block                  # per row of a tile: keys computed
+  row_inputs = rows * (w.dk * w.itemsize + 4 * w.n)          # q and the mask rows (int32)
+  kv = blocks * w.block * (w.dk + w.dv)
+  lists = steps * w.list_len * 4
   if not backward:
-    flops = entries * per_entry * (w.dk + w.dv)
-    hbm = list_bytes + rows * (w.dk + w.dv) * bf + mask_bytes + rows * f32 + blocks * kv_block * bf
-    dmas = steps + 2 * blocks
+    flops = 2 * ROWS * keys * (w.dk + w.dv)
+    hbm = lists + row_inputs + rows * (w.dv * w.itemsize + 4) + kv * w.itemsize      # + out, lse
+    dmas = steps + 2 * copies
   else:
-    flops = entries * per_entry * (3 * w.dk + 2 * w.dv)
-    hbm = (list_bytes + rows * (2 * w.dk + w.dv) * bf + mask_bytes + 2 * rows * f32
-           + blocks * kv_block * (bf + 2 * f32))
-    dmas = steps + 6 * blocks
-  return {"steps": steps, "entries": int(entries), "union_blocks": int(blocks), "flops": int(flops),
-          "transcendentals": int(entries * ROWS * w.block), "bytes": int(hbm), "dmas": int(dmas)}
+    flops = 2 * ROWS * keys * (3 * w.dk + 2 * w.dv)
+    hbm = (lists + row_inputs + rows * ((w.dv + w.dk) * w.itemsize + 8)              # + dO, lse, delta, dq
+           + kv * (w.itemsize + 2 * 4))                                              # K/V; dK/dV in and out
+    dmas = steps + 6 * copies
+  return {"steps": steps, "groups": int(groups), "union_blocks": int(blocks), "flops": int(flops),
+          "transcendentals": int(ROWS * keys), "bytes": int(hbm), "dmas": int(dmas)}
 
 
-def _bound_lists(w: Walk) -> np.ndarray:
-  """The lists of the most expensive selection the geometry allows: every tile's union full."""
-  row = np.zeros((w.b, w.hkv, w.num_steps, w.list_len), np.int32)
-  row[..., 0] = w.step_union
-  row[..., 1 + w.step_union:1 + w.step_union + w.tiles_per_step] = w.tile_union
-  return row
+def walk(w: Walk, lists, backward: bool = False) -> dict:
+  """What one walk over these lists ([B, HKV, S, list_len], numpy or jax) costs, counted from the
+  lists the kernel reads: grid steps, matmul groups, step-union blocks, MXU FLOPs, exps, HBM bytes
+  and DMA descriptors."""
+  rows = np.asarray(lists).reshape(-1, w.list_len).astype(np.int64)
+  at = _Lists(w, None)
+  tps, tu, su = w.tiles_per_step, w.tile_union, w.step_union
+  count = rows[:, at.counts_at:at.counts_at + tps]
+  slots = rows[:, at.slots_at:at.slots_at + tps * tu].reshape(-1, tps, tu)
+  real = np.arange(tu)[None, None, :] < count[..., None]
+  per_slab = ((slots[..., None] // w.slab == np.arange(w.num_slabs)) & real[..., None]).sum(2)   # [N, TPS, slabs]
+  groups = (-(-per_slab // w.group_blocks)).sum()
+  lengths = rows[:, at.pieces_at + 2 * su:at.pieces_at + 3 * su]
+  copies = sum(((lengths >> bit) & 1).sum() for bit in range(4))                # MAX_PIECE = 8: 4 bits
+  return _counts(w, groups, rows[:, 0].sum(), copies, backward)
 
 
 def _estimate(w: Walk, first_tile, backward: bool) -> pl.CostEstimate:
-  """Window: exact where the queries' offset is static. Selection: the bound (every union full);
-  the selection is data, so perf/nsa_time.py counts a real one with `walk`."""
+  """Window: exact where the queries' offset is static (else at offset 0). Selection: the bound
+  (every tile's and step's union full, nothing coalesced): the selection is data, so
+  perf/nsa_time.py counts a real one with `walk`."""
   if w.kind == WINDOW:
     with jax.ensure_compile_time_eval():
       lists = np.asarray(step_lists(w, *window_unions(w, first_tile if isinstance(first_tile, int) else 0)))
+    c = walk(w, lists, backward)
   else:
-    lists = _bound_lists(w)
-  c = walk(w, lists, backward)
+    steps = w.b * w.hkv * w.num_steps
+    c = _counts(w, steps * w.tiles_per_step * -(-w.tile_union // w.group_blocks), steps * w.step_union,
+                steps * w.step_union, backward)
   return cost(c["flops"], c["transcendentals"], c["bytes"])
 
 
@@ -444,7 +523,8 @@ def _forward_call(w: Walk, first_tile, lists, q_rows, mask_rows, k_t, v_t):
       num_scalar_prefetch=1, grid=(w.b, w.hkv, w.num_steps),
       in_specs=[_ANY, _row_spec(w, w.dk), _mask_spec(w), _ANY, _ANY],
       out_specs=[_row_spec(w, w.dv), _stat_spec(w)],
-      scratch_shapes=[pltpu.SMEM((w.list_len,), jnp.int32), pltpu.SMEM((tps,), jnp.int32), pltpu.VMEM((2, slab_keys, w.dk), k_t.dtype),
+      scratch_shapes=[pltpu.SMEM((w.list_len,), jnp.int32), pltpu.SMEM((tps,), jnp.int32),
+                      pltpu.VMEM((2, slab_keys, w.dk), k_t.dtype),
                       pltpu.VMEM((2, slab_keys, w.dv), v_t.dtype), pltpu.SemaphoreType.DMA((2, 2)),
                       pltpu.VMEM((tps, ROWS, LANES), jnp.float32), pltpu.VMEM((tps, ROWS, LANES), jnp.float32),
                       pltpu.VMEM((tps, ROWS, w.dv), jnp.float32)])
@@ -467,7 +547,8 @@ def _backward_call(w: Walk, first_tile, lists, q_rows, mask_rows, do_rows, lse_r
       in_specs=[_ANY, _row_spec(w, w.dk), _mask_spec(w), _row_spec(w, w.dv), _stat_spec(w), _stat_spec(w),
                 _ANY, _ANY, _ANY, _ANY],
       out_specs=[_row_spec(w, w.dk), _ANY, _ANY],
-      scratch_shapes=[pltpu.SMEM((w.list_len,), jnp.int32), pltpu.SMEM((tps,), jnp.int32), pltpu.VMEM((2, slab_keys, w.dk), k_t.dtype),
+      scratch_shapes=[pltpu.SMEM((w.list_len,), jnp.int32), pltpu.SMEM((tps,), jnp.int32),
+                      pltpu.VMEM((2, slab_keys, w.dk), k_t.dtype),
                       pltpu.VMEM((2, slab_keys, w.dv), v_t.dtype), pltpu.VMEM((2, slab_keys, w.dk), jnp.float32),
                       pltpu.VMEM((2, slab_keys, w.dv), jnp.float32), pltpu.SemaphoreType.DMA((4, 2)),
                       pltpu.SemaphoreType.DMA((2, 2)), pltpu.VMEM((tps, ROWS, w.dk), jnp.float32)])
