@@ -145,8 +145,9 @@ def minimum(seq_len: int, selection: np.ndarray, s: Shape = PAPER) -> Cost:
   valid = (idx >= 0) & (idx <= (t // s.slc_block)[:, None, None])
   distinct = np.sort(np.where(valid, idx, -1), -1)
   first = np.concatenate([np.ones_like(distinct[..., :1], bool), distinct[..., 1:] != distinct[..., :-1]], -1)
-  own = (distinct == (t // s.slc_block)[:, None, None]) & first & valid           # the block holding t: partial
-  keys = (first & valid).sum(-1) * s.slc_block - own.sum(-1) * (s.slc_block - 1 - t % s.slc_block)[:, None]
+  first &= distinct >= 0
+  own = (distinct == (t // s.slc_block)[:, None, None]) & first                    # the block holding t: partial
+  keys = first.sum(-1) * s.slc_block - own.sum(-1) * (s.slc_block - 1 - t % s.slc_block)[:, None]
   fwd = 2 * (s.dk + s.dv) * (s.hq * (cmp_keys + win_keys) + s.hq // s.hkv * keys.sum())   # keys: [T, HKV]
   q, k, v = seq_len * s.hq * s.dk, seq_len * s.hkv * s.dk, seq_len * s.hkv * s.dv
   inputs = q + k + v + c * s.hkv * (s.dk + s.dv)

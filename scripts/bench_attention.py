@@ -143,61 +143,85 @@ def measure(kind, seq_len, args, overrides=None, run=True, packing="concat"):
   return row
 
 
-def synthetic_selection(seq_len, kv_heads, *, realistic, block=64, n=16, seed=0, chunk=4096):
-  """int32 [1, T, HKV, n] block indices as NSA's select_blocks makes them: block 0 and the two
-  local blocks forced, the other n - 3 the best-scoring eligible blocks. Random: uniform scores.
-  Realistic: each block has a persistent relevance (log-normal: a few hot blocks), decaying with
-  distance from the query, plus per-query noise; neighbouring queries then agree on most blocks,
-  as the NSA paper observes."""
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  nb = seq_len // block
-  out = np.empty((seq_len, kv_heads, n), np.int32)
-  for h in range(kv_heads):
-    relevance = rng.lognormal(0.0, 1.0, nb)
-    for t0 in range(0, seq_len, chunk):
-      current = (np.arange(t0, min(t0 + chunk, seq_len)) // block)[:, None]
-      j = np.arange(nb)[None, :]
-      if realistic:
-        scores = np.log(relevance)[None, :] - (current - j) / 64.0 + rng.normal(0, 0.3, (current.size, nb))
-      else:
-        scores = rng.random((current.size, nb))
-      scores = np.where((j == 0) | ((current - j >= 0) & (current - j < 2)), np.inf, scores)
-      scores = np.where(j <= current, scores, -np.inf)
-      top = np.argsort(-scores, axis=1, kind="stable")[:, :n]
-      top = np.where(np.take_along_axis(scores, top, 1) == -np.inf, -1, top)
-      out[t0:t0 + current.size, h] = np.pad(top, ((0, 0), (0, n - top.shape[1])), constant_values=-1)  # n > blocks
-  return out[None]
-
-
 def traffic(args):
   if "nsa" in args.kinds or "dsa" not in args.kinds:
-    nsa_traffic_table(args)
+    nsa_time_table(args)
   if "dsa" in args.kinds:
     dsa_traffic_tables(args)
 
 
-def nsa_traffic_table(args):
-  from kernels.pallas_common import ROWS
-  from perf import nsa_traffic
-  dv = args.v_dim or args.head_dim
-  gb = lambda x: f"{x / 1e9:.2f}"
-  print(f"NSA selection kernels (Pallas), HBM<->VMEM traffic model: HQ={args.heads} HKV={args.kv_heads} "
-        f"Dk={args.head_dim} Dv={dv} bf16, l'=64, n=16, {ROWS} rows per tile "
-        f"({ROWS * args.kv_heads // args.heads} queries x {args.heads // args.kv_heads} heads)")
-  print(f"{'selection':>10} {'T':>7} {'fwd K/V GB':>10} {'min GB':>7} {'ratio':>6} {'per-query GB':>13} "
-        f"{'steps run':>10} {'MXU rows':>9} | {'kernel':>7} {'in GB':>7} {'min in GB':>9} {'ratio':>6} {'out GB':>7}")
+CHIP_NAMES = ("v5e", "v5p", "v6e")
+
+
+def nsa_shape(args, config=None):
+  from perf import nsa_time
+  c = config.nsa if config is not None else None
+  layer = {} if c is None else dict(block_len=c.cmp_block, stride=c.cmp_stride, slc_block=c.slc_block,
+                                    num_selected=c.num_selected, window=c.window)
+  return nsa_time.Shape(hq=args.heads, hkv=args.kv_heads, dk=args.head_dim, dv=args.v_dim or args.head_dim, **layer)
+
+
+def nsa_model(seq_len, shape, selection_kind, measured=None):
+  """The time model's rows for one layer (fwd + bwd) and its dense twin: per kernel and in total."""
+  from perf import nsa_time, time_model
+  from perf.chips import CHIPS
+  idx = nsa_time.synthetic_selection(seq_len, shape.hkv, realistic=selection_kind == "realistic",
+                                     block=shape.slc_block, n=shape.num_selected)
+  costs, minimum = nsa_time.layer_costs(seq_len, idx, shape), nsa_time.minimum(seq_len, idx, shape)
+  dense, dense_min = nsa_time.dense_costs(seq_len, shape), nsa_time.dense_minimum(seq_len, shape)
+  layer, dense_layer = sum(costs[1:], costs[0])._replace(name="NSA layer"), sum(dense[1:], dense[0])
+  total = lambda cs, chip, **kw: sum(time_model.terms(c, CHIPS[chip], **kw).total for c in cs)
+  out = {"kernels": costs, "layer": layer, "minimum": minimum, "dense": dense_layer, "dense_minimum": dense_min,
+         "chips": {}}
+  for chip in CHIP_NAMES:
+    roof = time_model.roofline(minimum.flops, minimum.bytes, CHIPS[chip])
+    out["chips"][chip] = {
+        "kernel_ms": [1e3 * time_model.terms(c, CHIPS[chip]).total for c in costs],
+        "ms": 1e3 * total(costs, chip), "roofline_ms": 1e3 * roof,
+        "steps_3x_ms": 1e3 * total(costs, chip, step_factor=3), "dmas_3x_ms": 1e3 * total(costs, chip, dma_factor=3),
+        "dense_ms": 1e3 * total(dense, chip),
+        "dense_roofline_ms": 1e3 * time_model.roofline(dense_min.flops, dense_min.bytes, CHIPS[chip])}
+  return out
+
+
+def nsa_time_table(args):
+  """--impl pallas, nsa: the time model (perf/time_model.py, perf/nsa_time.py) per kernel and chip."""
+  shape = nsa_shape(args)
+  on_tpu = jax.default_backend() == "tpu"
+  print(f"NSA layer fwd+bwd on the time model (estimates, not measurements; constants in perf/chips.py): "
+        f"B=1 HQ={shape.hq} HKV={shape.hkv} Dk={shape.dk} Dv={shape.dv} bf16, l={shape.block_len} d={shape.stride} "
+        f"l'={shape.slc_block} n={shape.num_selected} w={shape.window}")
+  print("  time >= max(FLOPs/peak, bytes/bandwidth) + steps x step cost + DMAs x issue cost (per chip; megacore "
+        "halves the last two on v5p)")
+  g = lambda x: f"{x / 1e9:.2f}"
   for seq_len in args.seq_lens:
-    for realistic in (False, True):
-      idx = synthetic_selection(seq_len, args.kv_heads, realistic=realistic)
-      r = nsa_traffic.selection_traffic(idx, slc_block=64, hq=args.heads, dk=args.head_dim, dv=dv)
-      head = (f"{'realistic' if realistic else 'random':>10} {seq_len:>7} {gb(r['kv_bytes']):>10} "
-              f"{gb(r['min_kv_bytes']):>7} {r['kv_bytes'] / r['min_kv_bytes']:6.2f} {gb(r['per_query_kv_bytes']):>13} "
-              f"{r['executed_steps'] / r['grid_steps']:10.0%} {r['mxu_row_fill']:9.1%}")
-      for kernel in ("forward", "dq", "dkv"):
-        k = r[kernel]
-        print(f"{head if kernel == 'forward' else '':<{len(head)}} | {kernel:>7} {gb(k['in']):>7} {gb(k['min_in']):>9} "
-              f"{k['in'] / k['min_in']:6.2f} {gb(k['out']):>7}", flush=True)
+    for selection in ("random", "realistic"):
+      m = nsa_model(seq_len, shape, selection)
+      print(f"\nT={seq_len}, {selection} selection")
+      print(f"{'kernel':<26} {'steps':>8} {'DMAs':>9} {'GB':>8} {'GFLOP':>9} " + " ".join(f"{c + ' ms':>9}" for c in CHIP_NAMES))
+      for i, c in enumerate(m["kernels"]):
+        print(f"{c.name:<26} {c.steps:>8} {c.dmas:>9} {g(c.bytes):>8} {c.flops / 1e9:9.0f} "
+              + " ".join(f"{m['chips'][chip]['kernel_ms'][i]:9.2f}" for chip in CHIP_NAMES))
+      lay, mn, dn, dmin = m["layer"], m["minimum"], m["dense"], m["dense_minimum"]
+      print(f"{'NSA layer':<26} {lay.steps:>8} {lay.dmas:>9} {g(lay.bytes):>8} {lay.flops / 1e9:9.0f} "
+            + " ".join(f"{m['chips'][chip]['ms']:9.2f}" for chip in CHIP_NAMES))
+      print(f"{'  honest minimum':<26} {'':>8} {'':>9} {g(mn.bytes):>8} {mn.flops / 1e9:9.0f} "
+            + " ".join(f"{m['chips'][chip]['roofline_ms']:9.2f}" for chip in CHIP_NAMES))
+      print(f"{'  x minimum / x roofline':<26} {'':>8} {'':>9} {lay.bytes / mn.bytes:8.2f} {lay.flops / mn.flops:9.2f} "
+            + " ".join(f"{m['chips'][chip]['ms'] / m['chips'][chip]['roofline_ms']:9.2f}" for chip in CHIP_NAMES))
+      print(f"{'  step cost 3x':<26} {'':>8} {'':>9} {'':>8} {'':>9} "
+            + " ".join(f"{m['chips'][chip]['steps_3x_ms']:9.2f}" for chip in CHIP_NAMES))
+      print(f"{'  DMA issue cost 3x':<26} {'':>8} {'':>9} {'':>8} {'':>9} "
+            + " ".join(f"{m['chips'][chip]['dmas_3x_ms']:9.2f}" for chip in CHIP_NAMES))
+      print(f"{'dense (splash), causal':<26} {dn.steps:>8} {dn.dmas:>9} {g(dn.bytes):>8} {dn.flops / 1e9:9.0f} "
+            + " ".join(f"{m['chips'][chip]['dense_ms']:9.2f}" for chip in CHIP_NAMES))
+      print(f"{'  dense roofline':<26} {'':>8} {'':>9} {g(dmin.bytes):>8} {dmin.flops / 1e9:9.0f} "
+            + " ".join(f"{m['chips'][chip]['dense_roofline_ms']:9.2f}" for chip in CHIP_NAMES))
+      print(f"{'  NSA / dense time':<26} {'':>8} {'':>9} {'':>8} {'':>9} "
+            + " ".join(f"{m['chips'][chip]['ms'] / m['chips'][chip]['dense_ms']:9.3f}" for chip in CHIP_NAMES))
+      if on_tpu and selection == "realistic":
+        print(f"  measured on {jax.devices()[0].device_kind}: see the timed table above (whole layer, projections "
+              "included); put it beside the model's column for this chip to calibrate perf/chips.py")
 
 
 DSA_DK, DSA_DV = 576, 512        # DeepSeek-V3.2: kv_lora_rank 512 + qk_rope_dim 64; value 512
@@ -378,14 +402,10 @@ def sweep_bench(args, parser):
 def point_traffic(kind, config, seq_len, args) -> dict:
   """Traffic model of a point's kernels: GB moved, the minimum GB, MXU row fill."""
   if kind == "nsa":
-    from perf import nsa_traffic
-    c = config.nsa
-    idx = synthetic_selection(seq_len, args.kv_heads, realistic=True, block=c.slc_block, n=c.num_selected)
-    r = nsa_traffic.selection_traffic(idx, slc_block=c.slc_block, hq=args.heads, dk=args.head_dim,
-                                      dv=args.v_dim or args.head_dim)
-    kernels, fill = [r[k] for k in ("forward", "dq", "dkv")], r["mxu_row_fill"]
-    return {"traffic_gb": sum(k["in"] + k["out"] for k in kernels) / 1e9,
-            "min_gb": sum(k["min_in"] + k["out"] for k in kernels) / 1e9, "mxu_fill": fill}
+    m = nsa_model(seq_len, nsa_shape(args, config), "realistic")
+    return {"traffic_gb": m["layer"].bytes / 1e9, "min_gb": m["minimum"].bytes / 1e9,
+            "mxu_fill": m["minimum"].flops / m["layer"].flops, "model_ms": m["chips"]["v5p"]["ms"],
+            "x_roofline": m["chips"]["v5p"]["ms"] / m["chips"]["v5p"]["roofline_ms"]}
   from perf import dsa_traffic as dt
   positions = dt.sample_positions(seq_len, args.dsa_samples)
   idx = dt.synthetic_selection(seq_len, config.dsa.index_topk, positions, realistic=True)
