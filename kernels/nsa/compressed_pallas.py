@@ -1,51 +1,59 @@
 """Pallas TPU kernels for NSA's compressed branch (docs/design.md §4, §7): attention over the compressed
-keys (forward with lse; one backward kernel for dq, dK and dV; behind a custom_vjp) and the
+keys (forward with lse, and one backward kernel for dq, dK and dV, behind a custom_vjp) and the
 group-summed, overlap-mapped block scores that select_blocks ranks. Query t sees compressed token c
 iff c*d + l - 1 <= t, c < C and c >= first[t], the first compressed token of t's document (packed
-documents only: ceil(doc_start[t] / d)). `walk` counts what each pallas_call does from the same loop
-bounds the kernels use; the CostEstimates are its numbers.
+documents only: ceil(doc_start[t] / d)). `walk` counts what each pallas_call does from the loop
+bounds the kernels use (Geometry's methods); its numbers are the calls' CostEstimates and what
+perf/ reports.
 
-rows     a tile is bq = 128 // G query positions x the G heads of one KV group, 128 matmul rows
-         (kernels/nsa/rows.py). Per-row statistics (lse, delta, first) travel as tile rows [1, 128].
-grid     (B, HKV, S) [backward: (B, HKV, R, S)]: a step is TPS tiles, the largest divisor of the
-         tiles <= options.step_rows / 128 (32 tiles, 256 positions at G = 16 by default). Steps are
-         whole query ranges, so a step carries microseconds of MXU work: at the paper's shape and
-         T = 65536 each kernel runs B * HKV * 256 = 1024 steps (block scores: per select chunk).
-chunks   compressed K/V stay in HBM (memory_space ANY) as [B, HKV, C', D]; a step copies the chunks
-         of KC = options.key_tile tokens its last tile sees (chunk k before tile i's queries only
-         where i needs it), double-buffered: chunk k + 1 is in flight while chunk k computes, one
-         DMA per chunk and array. Nothing needs all C in VMEM: C may be 65536 (context parallelism).
-walk     per chunk k (outer loop, so a chunk is copied once per step) the tiles that see any of its
-         tokens, from the first such tile to the step's last (later tiles see more): the rows of
-         each (tile, chunk) pair are masked, nothing past the pair's last partial chunk is computed.
-         Key chunks before a tile's document are walked (masked): packed rows cost one document of T.
+rows     a tile is bq = 128 // G query positions x the G heads of one KV group: 128 matmul rows
+         (kernels/nsa/rows.py). Per-row statistics (lse, delta, first) are tile rows [1, 128].
+grid     (B, HKV, S), backward (B, HKV, R, S). A step is TPS tiles, the largest divisor of the tiles
+         <= options.step_rows / 128 (default: 32 tiles = 256 positions at G = 16), a whole query
+         range, so each step carries microseconds of MXU work. Paper shape (B=1, HKV=4, G=16):
+         B * HKV * T * G / 4096 steps per kernel, 1024 at T = 65536, 2048 at T = 131072 (block
+         scores: 16 per select chunk of 1024 queries, the same in total).
+chunks   compressed K/V stay in HBM (memory_space ANY) as [B, HKV, C', D] in chunks of KC =
+         options.key_tile tokens (512 suits a TPU best: see walk's numbers). A step walks the chunks
+         its last tile sees, double-buffered: chunk k + 1 is copied while chunk k computes. The
+         first chunk of a (b, h) (of a key range) stays in VMEM as a pipelined block, copied from
+         HBM once and into the chunk buffer by a local DMA each step; every other chunk is one DMA
+         per array and step. Nothing holds all C in VMEM: C may be 65536 (context parallelism).
+walk     chunks are the outer loop, so a step copies each once; per chunk the tiles that see any
+         of its tokens (from the first such tile to the step's last: later tiles see more), masked
+         until the first tile that sees all of the chunk, unmasked after (packed documents: always
+         masked). Nothing past a tile's last partial chunk is computed. Chunks before a tile's
+         document are walked (masked): packed rows cost what one document of T does.
 
-forward  grid (B, HKV, S), all parallel. Per pair: s = q k^T [128, KC], mask, fp32 online softmax
-         (pallas_common; statistics of all TPS tiles in VMEM, [128 * TPS, 128] each, acc
-         [128 * TPS, Dv]), then per tile out and lse. Bytes: q, out, lse (and first) once; K/V
-         chunks once per step. DMAs per step: q, out, lse (+ first) by the pipeline, 2 per chunk.
-backward grid (B, HKV, R, S), S sequential: key range r (R = 1 unless the fp32 dK/dV of all C would
-         pass DKV_RANGE_BYTES) keeps its dK/dV in VMEM across the steps and is written once at the
-         last. Per pair five matmuls: s = q k^T, dP = dO v^T, dS = p (dP - (delta - dlse)),
-         dq += dS k (per tile, VMEM), dV += p^T dO, dK += dS^T q. dq is written per step (R > 1:
-         fp32 partials per range, summed in XLA). Bytes: q, dO, lse, delta (+ first), dq per range;
-         K/V chunks of the range once per step; dK/dV once. DMAs per step: 5 (+ first) by the
-         pipeline, 2 per chunk; 2 per range for dK/dV.
-scores   grid (B, HKV, S) over one select chunk of queries, parallel. A chunk is KS = nbt * l'/d
+forward  grid (B, HKV, S), all parallel. Per (tile, chunk): s = q k^T [128, KC], the mask, the fp32
+         online softmax (pallas_common; m, l [128 * TPS, 128] and acc [128 * TPS, Dv] in VMEM for
+         the step's tiles); then per tile out and lse (one log per row). HBM: q, out, lse (+ first)
+         once, a chunk of K and V per step and chunk but the first, which is read once per (b, h).
+         DMAs per step: 3 (+ 1) pipelined blocks, 2 per HBM chunk, 2 local.
+backward grid (B, HKV, R, S), S sequential. A key range of chunks (R = 1 unless the fp32 dK/dV of
+         all C pass DKV_RANGE_BYTES: C = 4095 at 64k fits) keeps its dK/dV in VMEM over the steps
+         and is written once. Per (tile, chunk) five matmuls: s = q k^T, dP = dO v^T, dS = p (dP -
+         (delta - dlse)) (the lse cotangent enters through delta), dq += dS k (per tile, VMEM),
+         dV += p^T dO, dK += dS^T q. dq is written per step (R > 1: fp32 partials per range, summed
+         in XLA). HBM: q, dO, lse, delta (+ first) and dq once per range; per step its chunks of
+         the range; dK, dV once. DMAs per step: 5 (+ 1) pipelined blocks, 2 per HBM chunk, 2 local.
+scores   grid (B, HKV, S) over one select chunk of queries, parallel. Chunks are KS = nbt * l'/d
          tokens, exactly those starting in selection blocks [k * nbt, (k + 1) * nbt) (nbt =
-         options.score_blocks), so one constant [KS, nbt] overlap matrix maps any chunk's tokens to
-         its blocks. Per pair: s = q k^T, p = exp(s - lse) with the compressed attention's lse, a
-         0/1 [bq, 128] matmul sums the G heads of each query, [bq, KS] x [KS, nbt] adds the block
-         scores; tokens that reach into block tile k + 1 (l > d) add their spill with the
-         [KS, nbt] `previous` matrix there. The step's [TPS, bq, NB] scores stay in VMEM (fewer
-         tiles per step when NB is large) and are written once. Nothing [T, C] reaches HBM.
-         Bytes: q, lse (+ first) and the scores once, K chunks once per step, the two overlap
-         matrices once. DMAs per step: q, lse, scores (+ first), 1 per chunk.
-estimate each pallas_call's CostEstimate is `walk`: flops are the MXU products executed (masked
-         elements of computed pairs included), transcendentals every exp and log, bytes every HBM
-         copy. Exact for a static q_offset; for a traced one they count the most work, the queries
-         being the last T positions of the sequence the keys cover (a scan's last chunk, the last
-         device under context parallelism).
+         options.score_blocks), so one [KS, nbt] overlap matrix maps any chunk to its blocks. Per
+         (tile, chunk): s = q k^T, p = exp(s - lse) with the attention's lse, a 0/1 [bq, 128]
+         matmul sums each query's G heads (G > 1), [bq, KS] x [KS, nbt] adds the chunk's block
+         scores, and where l > d a second [KS, nbt] matrix adds the tokens that reach into the next
+         tile of blocks there. The step's scores [TPS, bq, NB] stay in VMEM (fewer tiles per step
+         when NB is large: SCORES_OUT_BYTES) and are written once; nothing [T, C] reaches HBM.
+         HBM: q, lse (+ first), the scores, K chunks as in the forward, the overlap matrices once.
+         DMAs per step: 3 (+ 1) pipelined blocks, 1 per HBM chunk, 1 local.
+estimate flops are the MXU products executed (masked elements of computed pairs included),
+         transcendentals every exp and log, bytes every HBM copy. Exact for a static q_offset; a
+         traced one is counted as the most work, the queries being the last T positions of the
+         sequence the keys cover (a scan's last chunk, the last device under context parallelism).
+         Paper shape, T = 65536, key_tile 512: forward 6.18 TFLOP executed for 5.49 useful, 12.3k
+         DMAs, 3.6 GiB; backward 16.1 for 14.3 TFLOP, 14.4k DMAs, 5.1 GiB; block scores (64 calls)
+         4.17 TFLOP, 8.1k DMAs, 3.3 GiB. key_tile 128: 1.03x the useful flops, 37k DMAs per kernel.
 """
 import functools
 from typing import NamedTuple
@@ -68,12 +76,24 @@ VMEM_LIMIT = 64 << 20           # the most any kernel asks for (v5e, v5p and v6e
 _NEVER = np.iinfo(np.int32).max
 
 
+# Geometry's index arithmetic runs on ints and numpy arrays (walk) and on traced int32 (the kernels).
+
+def _traced(*xs) -> bool:
+  return any(isinstance(x, jax.Array) for x in xs)
+
+
 def _max(a, b):
-  return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
+  return jnp.maximum(a, b) if _traced(a, b) else np.maximum(a, b)
 
 
 def _min(a, b):
-  return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
+  return jnp.minimum(a, b) if _traced(a, b) else np.minimum(a, b)
+
+
+def _div(a, b: int):
+  """a // b for a >= 0: truncating lax.div when traced (jnp's floor division lowers through `sign`,
+  which Mosaic can lower only knowing the chip)."""
+  return jax.lax.div(a, jnp.int32(b)) if _traced(a) else a // b
 
 
 class Geometry(NamedTuple):
@@ -140,20 +160,20 @@ class Geometry(NamedTuple):
 
   def visible(self, tile):
     """Compressed tokens the last query of global tile `tile` sees (int, or traced int32)."""
-    return _min(_max(((tile + 1) * self.bq - self.block_len) // self.stride + 1, 0), self.c)
+    return _min(_div(_max((tile + 1) * self.bq - self.block_len + self.stride, 0), self.stride), self.c)
 
   def chunks(self, tile):
     """Chunks global tile `tile` needs."""
-    return (self.visible(tile) + self.chunk - 1) // self.chunk
+    return _div(self.visible(tile) + self.chunk - 1, self.chunk)
 
   def full_tile(self, chunk):
     """The first global tile whose every query sees all of `chunk` (a huge number if it has padding)."""
     last = (chunk + 1) * self.chunk - 1
-    return jnp.where(last < self.c, (last * self.stride + self.block_len - 1 + self.bq - 1) // self.bq, _NEVER // 2)
+    return jnp.where(last < self.c, _div(last * self.stride + self.block_len - 1 + self.bq - 1, self.bq), _NEVER // 2)
 
   def first_tile(self, chunk):
     """The first global tile that sees a token of `chunk` (its first query is c*d + l - 1)."""
-    return (chunk * self.chunk * self.stride + self.block_len - 1) // self.bq
+    return _div(chunk * self.chunk * self.stride + self.block_len - 1, self.bq)
 
 
 def _tiles_per_step(num_tiles: int, most: int) -> int:
@@ -229,16 +249,16 @@ def walk(g: Geometry, kernel: str, q_offset=None, docs: bool = False) -> dict:
   pairs = spills = copied = local = 0
   for step in range(g.num_steps):
     first = tile0 + step * tps
-    needed = g.chunks(first + tps - 1)
+    needed = int(g.chunks(first + tps - 1))
     for r in range(ranges):
       lo = r * g.chunks_per_range
       hi = min(lo + g.chunks_per_range, needed) if kernel == BACKWARD else needed
       copied += max(0, hi - lo - 1)                # from HBM; the lead chunk from its pipeline block
       local += hi > lo
-      for ch in range(lo, hi):
-        tiles = tps - min(max(g.first_tile(ch) - first, 0), tps)
-        pairs += tiles
-        spills += tiles if kernel == SCORES and ch + 1 < g.block_tiles else 0
+      chunks = np.arange(lo, hi)
+      tiles = tps - np.clip(g.first_tile(chunks) - first, 0, tps)      # per chunk, as the kernels' tile loops
+      pairs += int(tiles.sum())
+      spills += int(tiles[chunks + 1 < g.block_tiles].sum()) if kernel == SCORES else 0
   heads = g.b * g.hkv
   stats = tps * rows * 4                                  # a step's tile rows (lse, delta, first)
   kv = [kc * g.dk * isz] + ([kc * g.dv * isz] if kernel != SCORES else [])   # a chunk's K (and V)
@@ -326,7 +346,7 @@ def _walk_chunks(g: Geometry, tile0, lo, hi, lead, copies_from, sem, pair, docs:
       copy.start()
 
   def chunk(ch, carry):
-    slot = (ch - lo) % 2
+    slot = jax.lax.rem(ch - lo, 2)
 
     @pl.when(ch == lo)
     def _wait_lead():
