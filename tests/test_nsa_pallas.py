@@ -213,8 +213,11 @@ def test_walk_counts_what_the_definition_says_and_the_estimate_is_exact_for_the_
   groups = sum((8 * i + 7) // 64 - max(8 * i - 39, 0) // 64 + 1 for i in range(t // 8))
   assert estimate.flops == groups * 2 * 128 * 64 * (dk + dv)
   wnd = selection_pallas.Walk("window", 1, t, t, 1, group, dk, dv, 64, 1, 40, 1.0, options, 4)
-  assert estimate.flops == selection_pallas.walk(wnd, selection_pallas.step_lists(
-      wnd, *selection_pallas.window_unions(wnd, 0)))["flops"]
+  half = wnd._replace(t=128)                                          # the last 128 queries: tiles from 16
+  for geometry, first_tile, backward in [(wnd, 0, False), (wnd, 0, True), (half, 16, False)]:
+    lists = selection_pallas.step_lists(geometry, *selection_pallas.window_unions(geometry, first_tile))
+    assert (selection_pallas._window_counts(geometry, first_tile, backward)
+            == selection_pallas.walk(geometry, lists, backward))        # the geometry's count is the lists' walk
   # Bytes: q, doc_start rows, out and lse once; each step's (16 queries') window blocks of K/V once; the lists.
   blocks = sum((16 * s + 15) // 64 - max(16 * s - 39, 0) // 64 + 1 for s in range(t // 16))
   assert estimate.grid == (1, 1, 16)

@@ -476,14 +476,31 @@ def walk(w: Walk, lists, backward: bool = False) -> dict:
   return _counts(w, groups, rows[:, 0].sum(), copies, backward)
 
 
+def _window_counts(w: Walk, first_tile: int, backward: bool) -> dict:
+  """`walk` of the window's lists, counted in numpy from its geometry (the lists cannot be built
+  eagerly while tracing for a TPU): a step's union is one run of blocks, cut by slabs into pieces."""
+  t0 = (first_tile + np.arange(w.num_tiles)) * w.bq
+  lo, hi = np.maximum(t0 - w.window + 1, 0) // w.block, (t0 + w.bq - 1) // w.block
+  lo, hi = lo.reshape(w.num_steps, -1), hi.reshape(w.num_steps, -1)
+  first = lo.min(1, keepdims=True)
+  union = hi.max(1) - first[:, 0] + 1
+  edges = np.arange(w.num_slabs + 1) * w.slab                                  # slab s: slots [s*slab, (s+1)*slab)
+  per_slab = np.clip(np.minimum((hi - first + 1)[..., None], edges[1:]) - np.maximum((lo - first)[..., None], edges[:-1]),
+                     0, None)                                                  # [S, TPS, slabs]
+  groups = (-(-per_slab // w.group_blocks)).sum()
+  in_slab = np.clip(np.minimum(union[:, None], edges[None, 1:]) - edges[None, :-1], 0, None)   # [S, slabs]
+  full, rest = in_slab // w.max_piece, in_slab % w.max_piece
+  copies = full.sum() + sum(((rest >> bit) & 1).sum() for bit in range(4))
+  c = _counts(w, groups * w.b * w.hkv, union.sum() * w.b * w.hkv, copies * w.b * w.hkv, backward)
+  return c
+
+
 def _estimate(w: Walk, first_tile, backward: bool) -> pl.CostEstimate:
   """Window: exact where the queries' offset is static (else at offset 0). Selection: the bound
   (every tile's and step's union full, nothing coalesced): the selection is data, so
   perf/nsa_time.py counts a real one with `walk`."""
   if w.kind == WINDOW:
-    with jax.ensure_compile_time_eval():
-      lists = np.asarray(step_lists(w, *window_unions(w, first_tile if isinstance(first_tile, int) else 0)))
-    c = walk(w, lists, backward)
+    c = _window_counts(w, first_tile if isinstance(first_tile, int) else 0, backward)
   else:
     steps = w.b * w.hkv * w.num_steps
     c = _counts(w, steps * w.tiles_per_step * -(-w.tile_union // w.group_blocks), steps * w.step_union,
