@@ -131,7 +131,7 @@ def test_compressed_attention_of_a_query_chunk_over_steps_and_key_ranges(dtype, 
   backward in 2 key ranges of 2 chunks (fp32 dq partials); bf16 with packed documents. Out, lse
   and the gradients through both against the reference at the same offset."""
   t, hq, hkv, dk, dv, l, d = 512, 8, 2, 64, 32, 32, 16
-  monkeypatch.setattr(compressed_pallas, "DKV_RANGE_BYTES", 2 * 8 * (dk + dv) * 4)
+  monkeypatch.setattr(compressed_pallas, "DKV_RANGE_BYTES", 2 * 8 * (128 + 128) * 4)     # 2 chunks, lanes padded
   options = options_for(dtype, key_tile=8, step_rows=256)
   q, kc, vc = compressed_inputs(1, t, hq, hkv, dk, dv, l, d, dtype, seed=7)
   q = q[:, t // 2:]
@@ -204,7 +204,7 @@ def _brute_force(kernel: str, g, q_offset: int, docs: bool) -> tuple:
     exps, chunk = pairs * rows * kc, kc * (g.dk + g.dv) * isz
     per_step = 2 * q_rows // g.dk * g.dk + tps * rows * g.dv * isz + 2 * stats
     per_step += tps * rows * g.dk * (isz if ranges == 1 else 4) - q_rows           # dq: q's dtype, or fp32 partials
-    per_range_bytes = per_range * chunk
+    per_range_bytes = per_range * kc * (g.dk + g.dv) * 4             # fp32 dK, dV
   else:
     nbt = g.blocks_per_chunk
     per_pair = mm((rows, g.dk, kc), (bq, kc, nbt)) + (mm((bq, rows, kc)) if g.group > 1 else 0)
@@ -228,7 +228,7 @@ def test_attention_cost_estimates_count_what_the_kernels_do(docs, traced, monkey
   sequence (47 compressed keys in chunks of 16), 4 steps, 2 backward key ranges; traced q_offset:
   counted as if the queries were the sequence's last 256."""
   t, hq, hkv, dk, dv, l, d, t_seq = 256, 8, 2, 64, 32, 32, 16, 768
-  monkeypatch.setattr(compressed_pallas, "DKV_RANGE_BYTES", 2 * 16 * (dk + dv) * 4)
+  monkeypatch.setattr(compressed_pallas, "DKV_RANGE_BYTES", 2 * 16 * (128 + 128) * 4)
   options = KernelOptions(pallas_mode="compiled", key_tile=16, step_rows=256)
   q, kc, vc = compressed_inputs(1, t_seq, hq, hkv, dk, dv, l, d, jnp.bfloat16)
   q, doc = q[:, 256:512], _doc_start(t_seq, [0, 320])[:, 256:512] if docs else None
@@ -286,12 +286,17 @@ def test_paper_shape_grid_steps(t):
   shapes = [((b, t, hq, dk), jnp.bfloat16), ((b, c, hkv, dk), jnp.bfloat16), ((b, c, hkv, dv), jnp.bfloat16)]
   jaxpr = jax.make_jaxpr(jax.value_and_grad(layer, argnums=(0, 1, 2), has_aux=True))(
       *[jax.ShapeDtypeStruct(s, dt) for s, dt in shapes])
-  steps = {}
+  steps, flops = {}, {}
   for eqn, times in _pallas_calls(jaxpr.jaxpr):
     steps[eqn.params["name"]] = steps.get(eqn.params["name"], 0) + times * int(np.prod(eqn.params["grid_mapping"].grid))
+    flops[eqn.params["name"]] = eqn.params["cost_estimate"].flops
   per_kernel = b * hkv * t * (hq // hkv) // 4096
   assert steps == {name: per_kernel for name in compressed_pallas.NAMES.values()}
   assert sum(steps.values()) <= 6500 * t // 65536
+  walks = compressed_pallas.walks(b, t, hq, hkv, dk, dv, l, d, lp, options=options)    # what perf/ reports
+  assert {name: w["steps"] for name, w in walks.items()} == steps
+  for kernel in (compressed_pallas.FORWARD, compressed_pallas.BACKWARD):
+    assert walks[compressed_pallas.NAMES[kernel]]["flops"] == flops[compressed_pallas.NAMES[kernel]]
 
 
 @pytest.mark.parametrize("chip", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])

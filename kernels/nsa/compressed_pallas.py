@@ -3,8 +3,8 @@ keys (forward with lse, and one backward kernel for dq, dK and dV, behind a cust
 group-summed, overlap-mapped block scores that select_blocks ranks. Query t sees compressed token c
 iff c*d + l - 1 <= t, c < C and c >= first[t], the first compressed token of t's document (packed
 documents only: ceil(doc_start[t] / d)). `walk` counts what each pallas_call does from the loop
-bounds the kernels use (Geometry's methods); its numbers are the calls' CostEstimates and what
-perf/ reports.
+bounds the kernels use (Geometry's methods): its numbers are the calls' CostEstimates; `walks`
+gives them for a layer's three kernels (what perf/ reports).
 
 rows     a tile is bq = 128 // G query positions x the G heads of one KV group: 128 matmul rows
          (kernels/nsa/rows.py). Per-row statistics (lse, delta, first) are tile rows [1, 128].
@@ -31,12 +31,13 @@ forward  grid (B, HKV, S), all parallel. Per (tile, chunk): s = q k^T [128, KC],
          once, a chunk of K and V per step and chunk but the first, which is read once per (b, h).
          DMAs per step: 3 (+ 1) pipelined blocks, 2 per HBM chunk, 2 local.
 backward grid (B, HKV, R, S), S sequential. A key range of chunks (R = 1 unless the fp32 dK/dV of
-         all C pass DKV_RANGE_BYTES: C = 4095 at 64k fits) keeps its dK/dV in VMEM over the steps
-         and is written once. Per (tile, chunk) five matmuls: s = q k^T, dP = dO v^T, dS = p (dP -
-         (delta - dlse)) (the lse cotangent enters through delta), dq += dS k (per tile, VMEM),
-         dV += p^T dO, dK += dS^T q. dq is written per step (R > 1: fp32 partials per range, summed
-         in XLA). HBM: q, dO, lse, delta (+ first) and dq once per range; per step its chunks of
-         the range; dK, dV once. DMAs per step: 5 (+ 1) pipelined blocks, 2 per HBM chunk, 2 local.
+         all C pass DKV_RANGE_BYTES: C = 8191 at 128k fits) keeps its dK/dV in VMEM over the steps;
+         the range's last step copies them to HBM, fp32 (two DMAs; XLA casts them, they are small).
+         Per (tile, chunk) five matmuls: s = q k^T, dP = dO v^T, dS = p (dP - (delta - dlse)) (the
+         lse cotangent enters through delta), dq += dS k (per tile, VMEM), dV += p^T dO, dK +=
+         dS^T q. dq is written per step (R > 1: fp32 partials per range, summed in XLA). HBM: q,
+         dO, lse, delta (+ first) and dq once per range; per step its chunks of the range; dK, dV
+         once. DMAs per step: 5 (+ 1) pipelined blocks, 2 per HBM chunk, 2 local; 2 per range.
 scores   grid (B, HKV, S) over one select chunk of queries, parallel. Chunks are KS = nbt * l'/d
          tokens, exactly those starting in selection blocks [k * nbt, (k + 1) * nbt) (nbt =
          options.score_blocks), so one [KS, nbt] overlap matrix maps any chunk to its blocks. Per
@@ -69,8 +70,8 @@ from kernels.nsa.rows import check_rows, from_rows, from_tile_rows, to_rows, to_
 from kernels.pallas_common import LANES, ROWS, column, cost, probs, probs_and_dscores, softmax_init, softmax_step
 
 FORWARD, BACKWARD, SCORES = "forward", "backward", "scores"
-NAMES = {FORWARD: "nsa_compressed_forward", BACKWARD: "nsa_compressed_backward", SCORES: "nsa_block_scores"}
-DKV_RANGE_BYTES = 12 << 20      # backward: fp32 dK/dV one key range keeps in VMEM
+NAMES = {FORWARD: "nsa_compressed_fwd", BACKWARD: "nsa_compressed_bwd", SCORES: "nsa_compressed_scores"}   # pallas_call names
+DKV_RANGE_BYTES = 12 << 20      # backward: fp32 dK/dV one key range keeps in VMEM (8192 keys of 192 + 128)
 SCORES_OUT_BYTES = 4 << 20      # block scores: a step's [TPS, bq, NB] fp32 output block
 VMEM_LIMIT = 64 << 20           # the most any kernel asks for (v5e, v5p and v6e have more)
 _NEVER = np.iinfo(np.int32).max
@@ -194,7 +195,7 @@ def attention_geometry(b, t, hq, hkv, dk, dv, c, block_len, stride, *, dtype=jnp
   group = check_rows(t, hq, hkv)
   chunk = _chunk(options.key_tile, c)
   num_chunks = -(-c // chunk)
-  per_range = max(1, min(num_chunks, DKV_RANGE_BYTES // (chunk * (dk + dv) * 4)))
+  per_range = max(1, min(num_chunks, DKV_RANGE_BYTES // (_padded_bytes((chunk, dk), 4) + _padded_bytes((chunk, dv), 4))))
   per_range = -(-num_chunks // -(-num_chunks // per_range))          # balance the ranges
   return Geometry(b, t, hkv, group, dk, dv, c, block_len, stride, chunk,
                   _tiles_per_step(t // (ROWS // group), options.step_rows // ROWS), per_range, np.dtype(dtype),
@@ -273,7 +274,7 @@ def walk(g: Geometry, kernel: str, q_offset=None, docs: bool = False) -> dict:
     dq_bytes = g.step_rows * g.dk * (isz if ranges == 1 else 4)
     step_bytes = [g.step_rows * g.dk * isz, g.step_rows * g.dv * isz, stats, stats, dq_bytes] + [stats] * docs
     range_keys = g.chunks_per_range * kc
-    range_bytes = kv + [range_keys * g.dk * isz, range_keys * g.dv * isz]      # lead chunk in, dK and dV out
+    range_bytes = kv + [range_keys * g.dk * 4, range_keys * g.dv * 4]          # lead chunk in, fp32 dK and dV out
   elif kernel == SCORES:
     nbt, bq = g.blocks_per_chunk, g.bq
     per_pair = 2 * rows * kc * g.dk + (2 * bq * rows * kc if g.group > 1 else 0) + 2 * bq * kc * nbt
@@ -291,6 +292,22 @@ def walk(g: Geometry, kernel: str, q_offset=None, docs: bool = False) -> dict:
   return dict(steps=steps, flops=heads * flops, transcendentals=heads * exps, bytes=total,
               dmas=dmas + heads * local * len(kv), dma_bytes=total + heads * local * sum(kv), chunk_dmas=chunk_dmas,
               chunk_bytes=chunk_bytes, pairs=heads * pairs)
+
+
+def walks(b: int, t: int, hq: int, hkv: int, dk: int, dv: int, block_len: int, stride: int, slc_block: int, *,
+          dtype=jnp.bfloat16, options=None, docs: bool = False) -> dict:
+  """{pallas_call name: walk} of one layer's compressed branch on one device, queries at 0: the
+  forward, the backward, and block scores summed over select_blocks' calls (one per chunk of
+  options.select_chunk queries, the last padded, as kernels.nsa.select_blocks makes them)."""
+  options = options or DEFAULT_OPTIONS
+  c = (t - block_len) // stride + 1
+  g = attention_geometry(b, t, hq, hkv, dk, dv, c, block_len, stride, dtype=dtype, options=options)
+  qc = min(options.select_chunk, t)
+  sg = scores_geometry(b, qc, hq, hkv, dk, c, block_len, stride, slc_block, -(-t // slc_block), dtype=dtype,
+                       options=options)
+  scores = [walk(sg, SCORES, start, docs) for start in range(0, t, qc)]
+  return {NAMES[FORWARD]: walk(g, FORWARD, 0, docs), NAMES[BACKWARD]: walk(g, BACKWARD, 0, docs),
+          NAMES[SCORES]: {k: sum(w[k] for w in scores) for k in scores[0]}}
 
 
 def _estimate(g: Geometry, kernel: str, q_offset, docs: bool) -> pl.CostEstimate:
@@ -477,7 +494,7 @@ def _forward(g: Geometry, offset, static_offset, q_rows, first, k_t, v_t):
 
 def _backward_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_lead, v_lead, k_hbm, v_hbm, *refs, g, docs):
   first_ref, refs = (refs[0], refs[1:]) if docs else (None, refs)
-  dq_ref, dk_ref, dv_ref, k_buf, v_buf, sem, dq_scratch, dk_scratch, dv_scratch = refs
+  dq_ref, dk_hbm, dv_hbm, k_buf, v_buf, sem, out_sem, dq_scratch, dk_scratch, dv_scratch = refs
   b, h, r, step = (pl.program_id(i) for i in range(4))
   tile0 = offset_ref[0] + step * g.tiles_per_step
 
@@ -503,38 +520,42 @@ def _backward_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_lead, v_le
   dq_ref[...] = dq_scratch[...].astype(dq_ref.dtype)
 
   @pl.when(step == pl.num_programs(3) - 1)
-  def _finish_range():
-    dk_ref[...] = dk_scratch[...].astype(dk_ref.dtype)
-    dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
+  def _finish_range():       # fp32 straight from the accumulators (dK/dV are small; no output block)
+    keys = pl.ds(pl.multiple_of(lo * g.chunk, g.chunk), g.chunks_per_range * g.chunk)
+    copies = [pltpu.make_async_copy(acc, out.at[b, h, keys], out_sem.at[i])
+              for i, (acc, out) in enumerate([(dk_scratch, dk_hbm), (dv_scratch, dv_hbm)])]
+    for copy in copies:
+      copy.start()
+    for copy in copies:
+      copy.wait()
 
 
 def _backward(g: Geometry, offset, static_offset, q_rows, do_rows, lse_rows, delta_rows, first, k_t, v_t):
-  """(dq rows [B, HKV, T*G, Dk], dK, dV [B, HKV, C', D]); dq in q's dtype (R > 1: fp32 summed over ranges)."""
+  """(dq rows [B, HKV, T*G, Dk] in q's dtype (R > 1: fp32 partials summed), dK, dV [B, HKV, C', D] fp32)."""
   docs, ranges, keys = first is not None, g.num_ranges, g.chunks_per_range * g.chunk
   index = lambda b, h, r, s, offset: (b, h, s)
   hbm = pl.BlockSpec(memory_space=pl.ANY)
   dq_dtype = g.dtype if ranges == 1 else jnp.float32
   dq_spec = pl.BlockSpec((None, None, None, g.step_rows, g.dk), lambda b, h, r, s, offset: (r, b, h, s, 0))
-  key_spec = lambda w: pl.BlockSpec((None, None, keys, w), lambda b, h, r, s, offset: (b, h, r, 0))
   lead = lambda w: pl.BlockSpec((1, 1, g.chunk, w), lambda b, h, r, s, offset: (b, h, r * g.chunks_per_range, 0))
   stats = ((g.tiles_per_step, 1, ROWS), 4)
   blocks = [((g.step_rows, g.dk), g.itemsize), ((g.step_rows, g.dv), g.itemsize), stats, stats,
             ((g.chunk, g.dk), g.itemsize), ((g.chunk, g.dv), g.itemsize),
-            ((g.step_rows, g.dk), np.dtype(dq_dtype).itemsize), ((keys, g.dk), g.itemsize),
-            ((keys, g.dv), g.itemsize)] + [stats] * docs
+            ((g.step_rows, g.dk), np.dtype(dq_dtype).itemsize)] + [stats] * docs
   scratch = [((2, g.chunk, g.dk), g.itemsize), ((2, g.chunk, g.dv), g.itemsize), ((g.step_rows, g.dk), 4),
              ((keys, g.dk), 4), ((keys, g.dv), 4)]
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1, grid=(g.b, g.hkv, ranges, g.num_steps),
       in_specs=_row_specs(g, [g.dk, g.dv, "stats", "stats"], index) + [lead(g.dk), lead(g.dv), hbm, hbm]
                + ([_first_spec(g, index)] if docs else []),
-      out_specs=[dq_spec, key_spec(g.dk), key_spec(g.dv)],
-      scratch_shapes=[pltpu.VMEM(s, g.dtype) for s, _ in scratch[:2]] + [pltpu.SemaphoreType.DMA((2, 2))]
+      out_specs=[dq_spec, hbm, hbm],
+      scratch_shapes=[pltpu.VMEM(s, g.dtype) for s, _ in scratch[:2]]
+                     + [pltpu.SemaphoreType.DMA((2, 2)), pltpu.SemaphoreType.DMA((2,))]
                      + [pltpu.VMEM(s, jnp.float32) for s, _ in scratch[2:]])
   dq, dk_t, dv_t = pl.pallas_call(
       functools.partial(_backward_kernel, g=g, docs=docs), grid_spec=grid_spec, name=NAMES[BACKWARD],
       out_shape=[jax.ShapeDtypeStruct((ranges, g.b, g.hkv, g.t * g.group, g.dk), dq_dtype),
-                 jax.ShapeDtypeStruct(k_t.shape, g.dtype), jax.ShapeDtypeStruct(v_t.shape, g.dtype)],
+                 jax.ShapeDtypeStruct(k_t.shape, jnp.float32), jax.ShapeDtypeStruct(v_t.shape, jnp.float32)],
       compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary"), blocks, scratch),
       cost_estimate=_estimate(g, BACKWARD, static_offset, docs), interpret=g.interpret,
   )(offset, q_rows, do_rows, lse_rows, delta_rows, k_t, v_t, k_t, v_t, *([first] if docs else []))
