@@ -214,7 +214,7 @@ def _brute_force(kernel: str, g, q_offset: int, docs: bool) -> tuple:
   per_step += stats if docs else 0
   heads = g.b * g.hkv
   total = heads * (ranges * g.num_steps * per_step + ranges * (chunk + per_range_bytes) + copied * chunk) + 4
-  total += kc * g.blocks_per_chunk * 4 * (1 + (g.block_len > g.stride)) if scores else 0
+  total += kc * g.blocks_per_chunk * 4 * (1 + (g.block_len > g.stride and g.block_tiles > 1)) if scores else 0
   return heads * flops, heads * exps, total
 
 
@@ -252,7 +252,8 @@ def test_attention_cost_estimates_count_what_the_kernels_do(docs, traced, monkey
 ])
 def test_block_scores_cost_estimate_counts_what_the_kernel_does(hq, l, d, docs, traced):
   t, qc, start, lp = 768, 256, 256, 64
-  options = KernelOptions(pallas_mode="compiled", score_blocks=4, step_rows=1024 if hq > 1 else 128)
+  # Traced only; interpret mode keeps 4 blocks per chunk (a TPU rounds score_blocks up to 128 lanes).
+  options = KernelOptions(pallas_mode="interpret", score_blocks=4, step_rows=1024 if hq > 1 else 128)
   q, kc, _ = compressed_inputs(1, t, hq, 1, 64, 1, l, d, jnp.bfloat16)
   lse = jnp.zeros((1, qc, hq), jnp.float32)
   doc = _doc_start(t, [0, 320])[:, start:start + qc] if docs else None
@@ -302,25 +303,28 @@ def test_paper_shape_grid_steps(t):
 @pytest.mark.parametrize("chip", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
 def test_compressed_kernels_compile_for_tpu(chip):
   """Mosaic compiles compressed attention (forward, backward) and block scores for the chip, ahead
-  of time (libtpu, no TPU): the paper's heads at T=8192, one sequence per chip inside shard_map."""
+  of time (libtpu, no TPU): the paper's heads at T=8192, one sequence per chip inside shard_map;
+  the scores of its last 1024 queries also against the keys of a 16384-token sequence (as under
+  context parallelism: two tiles of 128 blocks, the spill between them)."""
   topo = topologies.get_topology_desc(platform="tpu", topology_name=chip, chip_config_name="default",
                                       chips_per_host_bounds=(2, 2, 1), num_slices=1)
   mesh = jax.make_mesh((len(topo.devices),), ("data",), devices=topo.devices)
   t, l, d, lp = 8192, 32, 16, 64
   options = KernelOptions(pallas_mode="compiled")
 
-  def step(q, kc, vc):
+  def step(q, kc, vc, kc_long):
     def loss(q, kc, vc):
       out, lse = compressed_pallas.compressed_attention(q, kc, vc, 0, l, d, options=options)
       return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse)), lse
     (_, lse), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, kc, vc)
-    scores = compressed_pallas.block_scores(q[:, -1024:], lse[:, -1024:], kc, t - 1024, block_len=l, stride=d,
-                                            slc_block=lp, num_blocks=t // lp, options=options)
+    scores = [compressed_pallas.block_scores(q[:, -1024:], lse[:, -1024:], keys, 2 * t - 1024 if long else t - 1024,
+                                             block_len=l, stride=d, slc_block=lp, num_blocks=(1 + long) * t // lp,
+                                             options=options) for long, keys in enumerate((kc, kc_long))]
     return grads, scores
-  fn = jax.shard_map(step, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=((P("data"),) * 3, P("data")),
+  fn = jax.shard_map(step, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=((P("data"),) * 3, [P("data")] * 2),
                      check_vma=False)
   b, c, sharded = len(topo.devices), nsa.num_compressed(t, l, d), NamedSharding(mesh, P("data"))
-  shapes = [(b, t, 64, 192), (b, c, 4, 192), (b, c, 4, 128)]
+  shapes = [(b, t, 64, 192), (b, c, 4, 192), (b, c, 4, 128), (b, nsa.num_compressed(2 * t, l, d), 4, 192)]
   lowered = jax.jit(fn).lower(*[jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharded) for s in shapes])
-  assert lowered.as_text().count("tpu_custom_call") == 3
+  assert lowered.as_text().count("tpu_custom_call") == 4
   assert lowered.compile().memory_analysis().temp_size_in_bytes < 2 * 2**30

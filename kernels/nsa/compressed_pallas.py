@@ -40,7 +40,8 @@ backward grid (B, HKV, R, S), S sequential. A key range of chunks (R = 1 unless 
          once. DMAs per step: 5 (+ 1) pipelined blocks, 2 per HBM chunk, 2 local; 2 per range.
 scores   grid (B, HKV, S) over one select chunk of queries, parallel. Chunks are KS = nbt * l'/d
          tokens, exactly those starting in selection blocks [k * nbt, (k + 1) * nbt) (nbt =
-         options.score_blocks), so one [KS, nbt] overlap matrix maps any chunk to its blocks. Per
+         options.score_blocks, on a TPU rounded up to whole lanes of 128), so one [KS, nbt]
+         overlap matrix maps any chunk to its blocks. Per
          (tile, chunk): s = q k^T, p = exp(s - lse) with the attention's lse, a 0/1 [bq, 128]
          matmul sums each query's G heads (G > 1), [bq, KS] x [KS, nbt] adds the chunk's block
          scores, and where l > d a second [KS, nbt] matrix adds the tokens that reach into the next
@@ -152,6 +153,11 @@ class Geometry(NamedTuple):
     return -(-self.num_blocks // self.blocks_per_chunk)
 
   @property
+  def spills(self) -> bool:
+    """Scores: compressed tokens reach into the next chunk's blocks (l > d), and there is one."""
+    return self.block_len > self.stride and self.block_tiles > 1
+
+  @property
   def itemsize(self) -> int:
     return np.dtype(self.dtype).itemsize
 
@@ -207,7 +213,8 @@ def scores_geometry(b, qc, hq, hkv, dk, c, block_len, stride, slc_block, num_blo
   """The geometry of one block_scores call over a select chunk of qc queries."""
   options = options or DEFAULT_OPTIONS
   group = check_rows(qc, hq, hkv)
-  nbt = min(options.score_blocks, num_blocks)
+  nbt = options.score_blocks if options.interpret else -(-options.score_blocks // LANES) * LANES   # aligned lanes
+  nbt = min(nbt, num_blocks)
   chunk = nbt * slc_block // stride
   block_tiles = -(-num_blocks // nbt)
   bq = ROWS // group
@@ -278,13 +285,13 @@ def walk(g: Geometry, kernel: str, q_offset=None, docs: bool = False) -> dict:
   elif kernel == SCORES:
     nbt, bq = g.blocks_per_chunk, g.bq
     per_pair = 2 * rows * kc * g.dk + (2 * bq * rows * kc if g.group > 1 else 0) + 2 * bq * kc * nbt
-    flops = pairs * per_pair + (spills * 2 * bq * kc * nbt if g.block_len > g.stride else 0)
+    flops = pairs * per_pair + (spills * 2 * bq * kc * nbt if g.spills else 0)
     exps = pairs * rows * kc
     step_bytes = [g.step_rows * g.dk * isz, stats, tps * bq * g.block_tiles * nbt * 4] + [stats] * docs
     range_bytes = kv
   else:
     raise ValueError(f"kernel={kernel!r}: one of {FORWARD}, {BACKWARD}, {SCORES}")
-  call_bytes = [4] + ([kc * g.blocks_per_chunk * 4] * (1 + (g.block_len > g.stride)) if kernel == SCORES else [])
+  call_bytes = [4] + ([kc * g.blocks_per_chunk * 4] * (1 + g.spills) if kernel == SCORES else [])
   steps = heads * ranges * g.num_steps
   chunk_dmas, chunk_bytes = heads * copied * len(kv), heads * copied * sum(kv)
   total = steps * sum(step_bytes) + heads * ranges * sum(range_bytes) + chunk_bytes + sum(call_bytes)
@@ -637,7 +644,7 @@ def _scores_kernel(offset_ref, q_ref, lse_ref, k_lead, k_hbm, own_ref, *refs, g,
   row_query = jax.lax.shift_right_logical(jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 1),
                                           g.group.bit_length() - 1)
   heads = (row_query == jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 0)).astype(jnp.float32)
-  blocks = lambda ch: pl.ds(pl.multiple_of(ch * nbt, nbt), nbt)
+  blocks = lambda ch: pl.ds(pl.multiple_of(ch * nbt, nbt), nbt) if g.block_tiles > 1 else slice(None)
 
   def pair(ch, j, kv, masked):
     s = _scores(g, q_ref[_tile_rows(j)], kv[0][...], tile0 + j, ch, masked,
@@ -664,7 +671,7 @@ def block_scores(q_chunk, lse_chunk, k_cmp, chunk_start, *, block_len: int, stri
   b, qc, hq, dk = q_chunk.shape
   g = scores_geometry(b, qc, hq, k_cmp.shape[2], dk, k_cmp.shape[1], block_len, stride, slc_block, num_blocks,
                       dtype=q_chunk.dtype, scale=scale, options=options)
-  docs, spill, nbt = doc_start is not None, block_len > stride, g.blocks_per_chunk
+  docs, spill, nbt = doc_start is not None, g.spills, g.blocks_per_chunk
   own, prev = (jnp.asarray(w) for w in overlap_tiles(block_len, stride, slc_block, nbt))
   k_t = k_cmp.transpose(0, 2, 1, 3)[:, :, :g.c]
   k_t = jnp.pad(k_t, [(0, 0), (0, 0), (0, g.num_chunks * g.chunk - g.c), (0, 0)])
