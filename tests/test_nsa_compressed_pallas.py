@@ -1,6 +1,7 @@
 """NSA's compressed-branch Pallas kernels (kernels/nsa/compressed_pallas.py: attention forward and
 backward, block scores) against the XLA reference on CPU: fp32 in TPU interpret mode, bf16 in
-Pallas's plain interpreter (tests/nsa_cases.py)."""
+Pallas's plain interpreter (tests/nsa_cases.py). Also: their CostEstimates against a brute-force
+count, the grid steps at the paper's shape (traced), and ahead-of-time compiles for v5e, v5p, v6e."""
 import jax
 import jax.numpy as jnp
 import numpy as np

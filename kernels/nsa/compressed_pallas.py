@@ -112,7 +112,7 @@ class Geometry(NamedTuple):
   chunk: int              # compressed tokens per K/V DMA
   tiles_per_step: int
   chunks_per_range: int   # backward: chunks of one key range (whose fp32 dK/dV stay in VMEM)
-  dtype: np.dtype         # q, K, V and the kernels' outputs but lse and scores
+  dtype: np.dtype         # q, K, V, out and dq (lse, scores and the kernel's dK, dV are fp32)
   scale: float
   options: KernelOptions
   blocks_per_chunk: int = 0   # scores: nbt selection blocks per chunk
