@@ -44,7 +44,7 @@ class KernelOptions:
   slab_keys: int = 2048           # NSA selection and window: K/V keys per VMEM slab of a step's block union
   step_rows: int = 4096           # NSA kernels: matmul rows per grid step (query positions x G heads; a
                                   # multiple of 128): a step must carry microseconds of MXU work
-  key_tile: int = 128             # NSA compressed: compressed keys per attention step
+  key_tile: int = 512             # NSA compressed: compressed keys per K/V chunk (one DMA per array)
   score_blocks: int = 128         # NSA block scores: selection blocks per score step
   dsa_tile_rows: int = 128        # DSA sparse attention: matmul rows per tile (queries x heads); 256
                                   # fills v6e's MXU (two V3.2 queries, one union: fewer bytes if they overlap)

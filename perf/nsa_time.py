@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import KernelOptions, dense, nsa
-from kernels.nsa import selection_pallas
+from kernels.nsa import compressed_pallas, selection_pallas
 from perf.time_model import Cost, pallas_calls
 
 
@@ -116,23 +116,19 @@ def _walk_cost(name, w, lists, backward, steps):
 
 def layer_costs(seq_len: int, selection: np.ndarray, s: Shape = PAPER, options: KernelOptions | None = None):
   """[Cost] per kernel of one layer, forward + backward, for this selection."""
+  options = options or KernelOptions(pallas_mode="compiled")
   walks = {"selection": selection_walk(seq_len, selection, s, options), "window": window_walk(seq_len, s, options)}
+  compressed = compressed_pallas.walks(1, seq_len, s.hq, s.hkv, s.dk, s.dv, s.block_len, s.stride, s.slc_block,
+                                       options=options)
   costs = []
   for call in layer_calls(seq_len, s, options):
     kind, _, direction = call.name.removeprefix("nsa_").rpartition("_")
     if kind in walks:
       costs.append(_walk_cost(call.name, *walks[kind], direction == "bwd", call.steps))
-    else:
-      costs.append(Cost(call.name, call.steps, call.flops * call.repeats, call.bytes * call.repeats,
-                        _compressed_dmas(call)))
+    else:              # the compressed branch: its walk at the queries' real offsets (chunks of select_blocks)
+      w = compressed[call.name]
+      costs.append(Cost(call.name, call.steps, w["flops"], w["bytes"], w["dmas"]))
   return costs
-
-
-def _compressed_dmas(call) -> int:
-  """DMA descriptors of a compressed-branch kernel: its module's walk where it has one."""
-  from kernels.nsa import compressed_pallas
-  counter = getattr(compressed_pallas, "dma_count", None)
-  return int(counter(call)) if counter else 0
 
 
 def minimum(seq_len: int, selection: np.ndarray, s: Shape = PAPER) -> Cost:
