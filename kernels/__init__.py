@@ -39,8 +39,8 @@ class KernelOptions:
   dsa_query_chunk: int = 128      # XLA DSA: the indexer's chunk scores are [chunk, H_I, T] fp32
   unroll_chunks: bool = False     # unroll the chunk loops (XLA's cost analysis then counts every chunk)
   prefetch_bytes: int = 256 * 1024   # NSA selection: union lists per pallas_call (SMEM ~1 MiB)
-  matmul_keys: int = 256          # NSA selection and window: keys per score matmul (blocks grouped: 256 fills
-                                  # v6e's MXU, two passes of v5p's)
+  matmul_keys: int = 0            # NSA selection and window: keys per score matmul (blocks grouped); 0: the
+                                  # MXU width of the TPU the kernels run on (256 on v6e, else 128)
   slab_keys: int = 2048           # NSA selection and window: K/V keys per VMEM slab of a step's block union
   step_rows: int = 4096           # NSA kernels: matmul rows per grid step (query positions x G heads; a
                                   # multiple of 128): a step must carry microseconds of MXU work
@@ -60,6 +60,8 @@ class KernelOptions:
       raise ValueError(f"dsa_tile_rows={self.dsa_tile_rows}: allowed values are 128, 256")
     if self.dsa_dkv not in DSA_DKV:
       raise ValueError(f"dsa_dkv={self.dsa_dkv!r}: allowed values are {', '.join(DSA_DKV)}")
+    if self.matmul_keys < 0:
+      raise ValueError(f"matmul_keys={self.matmul_keys}: must be 0 (the MXU width) or a positive number of keys")
     if self.step_rows < 128 or self.step_rows % 128:
       raise ValueError(f"step_rows={self.step_rows}: must be a positive multiple of 128")
     if not 0.0 < self.topk_recall <= 1.0:
@@ -69,6 +71,14 @@ class KernelOptions:
   def targets_tpu(self) -> bool:
     """Pallas kernels are compiled for TPU chips (a TPU backend, or an ahead-of-time compile)."""
     return self.pallas_mode == "compiled" or (self.pallas_mode == "auto" and jax.default_backend() == "tpu")
+
+  @property
+  def mxu_keys(self) -> int:
+    """matmul_keys, or the MXU width of the local TPU (256 on v6e; 128 elsewhere and off TPU)."""
+    if self.matmul_keys:
+      return self.matmul_keys
+    kind = jax.devices()[0].device_kind.lower() if jax.default_backend() == "tpu" else ""
+    return 256 if "v6" in kind else 128
 
   @property
   def interpret(self) -> bool:

@@ -273,7 +273,7 @@ def test_nsa_layer_forward_and_backward_compile_for_tpu(chip):
             ((b, c, 4, 192), jnp.bfloat16), ((b, c, 4, 128), jnp.bfloat16), ((b, t, 64, 3), jnp.float32)]
   lowered = jax.jit(grads).lower(*[jax.ShapeDtypeStruct(s, d, sharding=sharded) for s, d in shapes])
   mosaic = lowered.as_text().count("tpu_custom_call")
-  assert mosaic >= 9, mosaic      # 3 compressed, scores, 3 selection, splash fwd + bwd
+  assert mosaic >= 7, mosaic      # compressed fwd, bwd and scores; selection and window fwd and bwd
   mem = lowered.compile().memory_analysis()
   print(f"{chip}: args {mem.argument_size_in_bytes / 2**20:.0f} MiB, out {mem.output_size_in_bytes / 2**20:.0f} MiB, "
         f"temp {mem.temp_size_in_bytes / 2**20:.0f} MiB")

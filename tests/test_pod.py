@@ -60,7 +60,7 @@ def _compiled_train_step(kind, chip, mesh_axes, packing="concat"):
 
 
 @pytest.mark.parametrize("kind,min_kernels,chip,mesh_axes,packing", [("dense", 2, "v5e:2x2", (4, 1), "concat"),
-                                                                   ("nsa", 9, "v5p:2x2x1", (2, 2), "pack")],
+                                                                   ("nsa", 6, "v5p:2x2x1", (2, 2), "pack")],
                          ids=["dense-v5e-fsdp4", "nsa-packed-v5p-fsdp2xtensor2"])
 def test_real_train_step_compiles_for_tpu_slices(chip, kind, min_kernels, mesh_axes, packing):
   """Mosaic compiles every kernel of the step for the chip; the kernels sit in the trainer's
@@ -68,7 +68,7 @@ def test_real_train_step_compiles_for_tpu_slices(chip, kind, min_kernels, mesh_a
   device: each device attends over its own rows and heads (packed documents too: NSA's aligned
   rows are built and read back per row)."""
   lowered, compiled = _compiled_train_step(kind, chip, mesh_axes, packing)
-  assert lowered.count("tpu_custom_call") >= min_kernels      # dense: splash fwd + bwd; NSA: 9+
+  assert lowered.count("tpu_custom_call") >= min_kernels      # dense: splash fwd + bwd; NSA: compressed, selection, window fwd + bwd
   gathers = re.findall(r"= (\w+)\[([\d,]+)\]\{[^}]*\} all-gather\(", compiled)
   assert gathers                                                # the regex reads this HLO (fsdp weights)
   # (the embedding gradient gathers the int32 token ids [B, T, 1]: indices, not activations)

@@ -109,8 +109,8 @@ class Walk(NamedTuple):
 
   @property
   def group_blocks(self) -> int:
-    """Blocks per score matmul: options.matmul_keys keys (one MXU width or more), at least one block."""
-    return max(1, self.options.matmul_keys // self.block)
+    """Blocks per score matmul: options.mxu_keys keys (one MXU width), at least one block."""
+    return max(1, self.options.mxu_keys // self.block)
 
   @property
   def max_piece(self) -> int:
