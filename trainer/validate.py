@@ -77,7 +77,13 @@ def validate(config, num_devices: int | None = None, num_slices: int = 1) -> Non
   _choice(config, "kernels.pallas_mode", PALLAS_MODES)
   _choice(config, "kernels.dsa_dkv", kernels.DSA_DKV)
   _choice(config, "kernels.dsa_tile_rows", (128, 256))
-  _positive(config, *(f"kernels.{f.name}" for f in dataclasses.fields(kernels.KernelOptions) if f.type is int))
+  _positive(config, *(f"kernels.{f.name}" for f in dataclasses.fields(kernels.KernelOptions)
+                       if f.type is int and f.name != "matmul_keys"))
+  _require(("kernels.matmul_keys", config.kernels.matmul_keys,
+            _is_int(config.kernels.matmul_keys) and config.kernels.matmul_keys >= 0,
+            "must be 0 (the MXU's width) or a positive number of keys"),
+           ("kernels.step_rows", config.kernels.step_rows, config.kernels.step_rows % 128 == 0,
+            "must be a multiple of 128 (whole 128-row tiles)"))
   _require(("kernels.topk_recall", config.kernels.topk_recall, 0 < config.kernels.topk_recall <= 1,
             "must be in (0, 1] (1: DSA's exact top-k)"))
   pallas = resolve_impl(config.attention.impl, options_from_config(config)) == "pallas"
