@@ -79,12 +79,13 @@ def test_overlap_tiles_map_tokens_to_blocks():
   np.testing.assert_array_equal(own.sum(0) + prev.sum(0), [8, 8])   # l'/d * l/d per block
 
 
-@pytest.mark.parametrize("t,hq,hkv,dk,l,d,lp,blocks_per_tile,start,step_rows", [
-    (512, 8, 2, 64, 32, 16, 64, 2, 256, 256),      # 4 score tiles, a chunk at 256, 4 grid steps
-    (256, 16, 1, 192, 32, 16, 32, 128, 0, 4096),   # G=16, one tile, l' = l
-    (256, 1, 1, 128, 64, 16, 64, 1, 128, 4096),    # G=1, halo of 3 tokens, one block per tile
+@pytest.mark.parametrize("t,hq,hkv,dk,l,d,lp,blocks_per_tile,start,step_rows,sub", [
+    (512, 8, 2, 64, 32, 16, 64, 2, 256, 256, 4),      # 4 score tiles, a chunk at 256, 4 grid steps, 2 sub-chunks
+    (256, 16, 1, 192, 32, 16, 32, 128, 0, 4096, 128),  # G=16, one tile, l' = l, 2 sub-chunks
+    (256, 1, 1, 128, 64, 16, 64, 1, 128, 4096, 2),     # G=1, 3 tokens spill (more than a sub-chunk), one block per tile
 ])
-def test_block_scores_match_xla(t, hq, hkv, dk, l, d, lp, blocks_per_tile, start, step_rows):
+def test_block_scores_match_xla(t, hq, hkv, dk, l, d, lp, blocks_per_tile, start, step_rows, sub, monkeypatch):
+  monkeypatch.setattr(compressed_pallas, "SUB_KEYS", sub)
   q, kc, _ = compressed_inputs(1, t, hq, hkv, dk, 1, l, d, jnp.float32, seed=t)
   _, lse = nsa.compressed_attention(q, kc, kc, block_len=l, stride=d, impl="xla")
   nb = t // lp
@@ -133,6 +134,7 @@ def test_compressed_attention_of_a_query_chunk_over_steps_and_key_ranges(dtype, 
   and the gradients through both against the reference at the same offset."""
   t, hq, hkv, dk, dv, l, d = 512, 8, 2, 64, 32, 32, 16
   monkeypatch.setattr(compressed_pallas, "DKV_RANGE_BYTES", 2 * 8 * (128 + 128) * 4)     # 2 chunks, lanes padded
+  monkeypatch.setattr(compressed_pallas, "SUB_KEYS", 4)                                  # 2 sub-chunks per chunk
   options = options_for(dtype, key_tile=8, step_rows=256)
   q, kc, vc = compressed_inputs(1, t, hq, hkv, dk, dv, l, d, dtype, seed=7)
   q = q[:, t // 2:]
@@ -178,39 +180,44 @@ def _estimates(fn, *args) -> dict:
 
 def _brute_force(kernel: str, g, q_offset: int, docs: bool) -> tuple:
   """(flops, transcendentals, bytes) of one call, counted from the visibility rule alone: a (tile,
-  chunk) pair is computed iff a row of the tile sees a token of the chunk; a step (per key range
-  in the backward) walks the chunks its tiles need, the first from the block the pipeline keeps
-  per head (and range), the others copied from HBM."""
+  sub-chunk) pair is computed iff a row of the tile sees a token of the sub-chunk (a tile sees a
+  prefix of the tokens); a step (per key range in the backward) walks the chunks its tiles need,
+  the first from the block the pipeline keeps per head (and range), the others copied from HBM."""
   pos = q_offset + np.arange(g.t)
   token = np.arange(g.num_chunks * g.chunk)
   seen = (token[None] * g.stride + g.block_len - 1 <= pos[:, None]) & (token[None] < g.c)
-  need = seen.reshape(g.num_tiles, g.bq, g.num_chunks, g.chunk).any(axis=(1, 3))       # [tiles, chunks]
+  need_sub = seen.reshape(g.num_tiles, g.bq, g.num_chunks, g.chunk // g.sub, g.sub).any(axis=(1, 4))
+  need = need_sub.any(-1)                                                               # [tiles, chunks]
   backward, scores = kernel == compressed_pallas.BACKWARD, kernel == compressed_pallas.SCORES
   ranges, per_range = (g.num_ranges, g.chunks_per_range) if backward else (1, g.num_chunks)
-  pairs = spill_pairs = copied = 0
+  pairs = subs = spill_pairs = copied = 0
   for step in range(g.num_steps):
     for r in range(ranges):
-      walked = need[step * g.tiles_per_step:(step + 1) * g.tiles_per_step, r * per_range:(r + 1) * per_range]
+      tiles, chunks = slice(step * g.tiles_per_step, (step + 1) * g.tiles_per_step), slice(r * per_range, (r + 1) * per_range)
+      walked = need[tiles, chunks]
       pairs += walked.sum()
+      subs += need_sub[tiles, chunks].sum()
       copied += max(walked.any(0).sum() - 1, 0)
-      spill_pairs += walked[:, :g.block_tiles - 1].sum() if scores else 0
+      spill_pairs += need_sub[tiles, :g.block_tiles - 1, -1].sum() if scores else 0     # whole chunks spill
   mm = lambda *shapes: sum(2 * m * k * n for m, k, n in shapes)        # [m, k] x [k, n] products
-  kc, rows, bq, isz, tps = g.chunk, 128, g.bq, g.itemsize, g.tiles_per_step
+  kc, sub, rows, bq, isz, tps = g.chunk, g.sub, 128, g.bq, g.itemsize, g.tiles_per_step
   q_rows, stats = tps * rows * g.dk * isz, tps * rows * 4
   if kernel == compressed_pallas.FORWARD:
-    flops, exps = pairs * mm((rows, g.dk, kc), (rows, kc, g.dv)), pairs * rows * (kc + 1) + g.num_tiles * rows
+    flops = subs * mm((rows, g.dk, sub), (rows, sub, g.dv))
+    exps = subs * rows * sub + pairs * rows + g.num_tiles * rows
     per_step, per_range_bytes, chunk = q_rows + tps * rows * g.dv * isz + stats, 0, kc * (g.dk + g.dv) * isz
   elif backward:
-    flops = pairs * mm((rows, g.dk, kc), (rows, g.dv, kc), (rows, kc, g.dk), (kc, rows, g.dv), (kc, rows, g.dk))
-    exps, chunk = pairs * rows * kc, kc * (g.dk + g.dv) * isz
+    flops = subs * mm((rows, g.dk, sub), (rows, g.dv, sub), (rows, sub, g.dk), (sub, rows, g.dv), (sub, rows, g.dk))
+    exps, chunk = subs * rows * sub, kc * (g.dk + g.dv) * isz
     per_step = 2 * q_rows // g.dk * g.dk + tps * rows * g.dv * isz + 2 * stats
     per_step += tps * rows * g.dk * (isz if ranges == 1 else 4) - q_rows           # dq: q's dtype, or fp32 partials
     per_range_bytes = per_range * kc * (g.dk + g.dv) * 4             # fp32 dK, dV
   else:
     nbt = g.blocks_per_chunk
-    per_pair = mm((rows, g.dk, kc), (bq, kc, nbt)) + (mm((bq, rows, kc)) if g.group > 1 else 0)
-    flops = pairs * per_pair + (spill_pairs * mm((bq, kc, nbt)) if g.block_len > g.stride else 0)
-    exps, chunk, per_range_bytes = pairs * rows * kc, kc * g.dk * isz, 0
+    per_sub = mm((rows, g.dk, sub), (bq, sub, nbt)) + (mm((bq, rows, sub)) if g.group > 1 else 0)
+    reach = -(-(g.block_len - g.stride) // g.stride)          # tokens reaching into the next chunk's blocks
+    flops = subs * per_sub + (spill_pairs * mm((bq, sub if reach <= sub else kc, nbt)) if reach > 0 else 0)
+    exps, chunk, per_range_bytes = subs * rows * sub, kc * g.dk * isz, 0
     per_step = q_rows + stats + tps * bq * g.block_tiles * nbt * 4
   per_step += stats if docs else 0
   heads = g.b * g.hkv
@@ -230,6 +237,7 @@ def test_attention_cost_estimates_count_what_the_kernels_do(docs, traced, monkey
   counted as if the queries were the sequence's last 256."""
   t, hq, hkv, dk, dv, l, d, t_seq = 256, 8, 2, 64, 32, 32, 16, 768
   monkeypatch.setattr(compressed_pallas, "DKV_RANGE_BYTES", 2 * 16 * (128 + 128) * 4)
+  monkeypatch.setattr(compressed_pallas, "SUB_KEYS", 4)
   options = KernelOptions(pallas_mode="compiled", key_tile=16, step_rows=256)
   q, kc, vc = compressed_inputs(1, t_seq, hq, hkv, dk, dv, l, d, jnp.bfloat16)
   q, doc = q[:, 256:512], _doc_start(t_seq, [0, 320])[:, 256:512] if docs else None
@@ -239,7 +247,7 @@ def test_attention_cost_estimates_count_what_the_kernels_do(docs, traced, monkey
   grad = jax.grad(loss, argnums=(0, 1, 2))
   got = _estimates(grad, q, kc, vc, jnp.int32(256)) if traced else _estimates(lambda *a: grad(*a, 256), q, kc, vc)
   g = compressed_pallas.attention_geometry(1, t, hq, hkv, dk, dv, kc.shape[1], l, d, options=options)
-  assert (g.num_steps, g.num_chunks, g.num_ranges) == (4, 3, 2)
+  assert (g.num_steps, g.num_chunks, g.num_ranges, g.subs) == (4, 3, 2, 4)
   offset = t_seq - t if traced else 256                 # (C - 1) * d + l = 768: the last 256 queries
   for kernel in (compressed_pallas.FORWARD, compressed_pallas.BACKWARD):
     _assert_estimate(got[compressed_pallas.NAMES[kernel]], _brute_force(kernel, g, offset, docs))
@@ -251,7 +259,8 @@ def test_attention_cost_estimates_count_what_the_kernels_do(docs, traced, monkey
     (16, 32, 16, False, True),     # traced chunk start: counted as the sequence's last chunk
     (1, 16, 16, False, False),     # G=1 (no head sum), l = d (no spill)
 ])
-def test_block_scores_cost_estimate_counts_what_the_kernel_does(hq, l, d, docs, traced):
+def test_block_scores_cost_estimate_counts_what_the_kernel_does(hq, l, d, docs, traced, monkeypatch):
+  monkeypatch.setattr(compressed_pallas, "SUB_KEYS", 4)                    # 4 sub-chunks per chunk of 16 tokens
   t, qc, start, lp = 768, 256, 256, 64
   # Traced only; interpret mode keeps 4 blocks per chunk (a TPU rounds score_blocks up to 128 lanes).
   options = KernelOptions(pallas_mode="interpret", score_blocks=4, step_rows=1024 if hq > 1 else 128)
@@ -263,7 +272,7 @@ def test_block_scores_cost_estimate_counts_what_the_kernel_does(hq, l, d, docs, 
   args = (q[:, start:start + qc], lse, kc)
   got = _estimates(scores, *args, jnp.int32(start)) if traced else _estimates(lambda *a: scores(*a, start), *args)
   g = compressed_pallas.scores_geometry(1, qc, hq, 1, 64, kc.shape[1], l, d, lp, t // lp, options=options)
-  assert g.num_steps > 1 and g.num_chunks > 2 and g.block_tiles == 3
+  assert g.num_steps > 1 and g.num_chunks > 2 and g.block_tiles == 3 and g.subs == 4
   covered = (kc.shape[1] - 1) * d + l
   offset = -(-covered // g.bq) * g.bq - qc if traced else start
   _assert_estimate(got[compressed_pallas.NAMES[compressed_pallas.SCORES]],

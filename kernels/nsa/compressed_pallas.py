@@ -22,8 +22,13 @@ chunks   compressed K/V stay in HBM (memory_space ANY) as [B, HKV, C', D] in chu
 walk     chunks are the outer loop, so a step copies each once; per chunk the tiles that see any
          of its tokens (from the first such tile to the step's last: later tiles see more), masked
          until the first tile that sees all of the chunk, unmasked after (packed documents: always
-         masked). Nothing past a tile's last partial chunk is computed. Chunks before a tile's
-         document are walked (masked): packed rows cost what one document of T does.
+         masked). A tile computes a chunk over the whole sub-chunks of SUB = 128 tokens it sees (the
+         chunk's first 128, 256, ...: one static width per tile loop), so nothing past a tile's last
+         partial sub-chunk is computed while the DMAs stay per chunk. 128 rather than 256: v5p's
+         MXU is 128 wide (a 128-key product fills it), and on average a row computes half a
+         sub-chunk it cannot see, 64 of the 2048 tokens a row sees on average at T = 64k (1.03x;
+         256: 1.06x). Chunks before a tile's document are walked (masked): packed rows cost what one
+         document of T does.
 
 forward  grid (B, HKV, S), all parallel. Per (tile, chunk): s = q k^T [128, KC], the mask, the fp32
          online softmax (pallas_common; m, l [128 * TPS, 128] and acc [128 * TPS, Dv] in VMEM for
@@ -53,9 +58,10 @@ estimate flops are the MXU products executed (masked elements of computed pairs 
          transcendentals every exp and log, bytes every HBM copy. Exact for a static q_offset; a
          traced one is counted as the most work, the queries being the last T positions of the
          sequence the keys cover (a scan's last chunk, the last device under context parallelism).
-         Paper shape, T = 65536, key_tile 512: forward 6.18 TFLOP executed for 5.49 useful, 12.3k
-         DMAs, 3.6 GiB; backward 16.1 for 14.3 TFLOP, 14.4k DMAs, 5.1 GiB; block scores (64 calls)
-         4.17 TFLOP, 8.1k DMAs, 3.3 GiB. key_tile 128: 1.03x the useful flops, 37k DMAs per kernel.
+         Paper shape, T = 65536, key_tile 512: forward 5.67 TFLOP executed for 5.49 useful (1.031x),
+         12.3k DMAs, 3.6 GiB; backward 14.73 for 14.28 TFLOP, 14.4k DMAs, 5.1 GiB; block scores (64
+         calls) 3.71 TFLOP, 8.1k DMAs, 3.3 GiB. (Whole 512-token chunks: 1.125x; key_tile 128:
+         1.03x with 37k DMAs per kernel.)
 """
 import functools
 from typing import NamedTuple
@@ -74,6 +80,7 @@ FORWARD, BACKWARD, SCORES = "forward", "backward", "scores"
 NAMES = {FORWARD: "nsa_compressed_fwd", BACKWARD: "nsa_compressed_bwd", SCORES: "nsa_compressed_scores"}   # pallas_call names
 DKV_RANGE_BYTES = 12 << 20      # backward: fp32 dK/dV one key range keeps in VMEM (8192 keys of 192 + 128)
 SCORES_OUT_BYTES = 4 << 20      # block scores: a step's [TPS, bq, NB] fp32 output block
+SUB_KEYS = 128                  # compressed tokens per sub-chunk: a tile computes the sub-chunks of a chunk it sees
 VMEM_LIMIT = 64 << 20           # the most any kernel asks for (v5e, v5p and v6e have more)
 _NEVER = np.iinfo(np.int32).max
 
@@ -90,6 +97,14 @@ def _max(a, b):
 
 def _min(a, b):
   return jnp.minimum(a, b) if _traced(a, b) else np.minimum(a, b)
+
+
+def _where(c, a, b):
+  return jnp.where(c, a, b) if _traced(c, a, b) else np.where(c, a, b)
+
+
+def _clip(x, lo, hi):
+  return _min(_max(x, lo), hi)
 
 
 def _div(a, b: int):
@@ -117,6 +132,7 @@ class Geometry(NamedTuple):
   options: KernelOptions
   blocks_per_chunk: int = 0   # scores: nbt selection blocks per chunk
   num_blocks: int = 0         # scores: NB
+  sub: int = 0                # compressed tokens per sub-chunk (what a tile computes of a chunk: whole sub-chunks)
 
   @property
   def bq(self) -> int:
@@ -139,6 +155,11 @@ class Geometry(NamedTuple):
     return -(-self.c // self.chunk)
 
   @property
+  def subs(self) -> int:
+    """Sub-chunks per chunk."""
+    return self.chunk // self.sub
+
+  @property
   def num_ranges(self) -> int:
     return -(-self.num_chunks // self.chunks_per_range)
 
@@ -156,6 +177,13 @@ class Geometry(NamedTuple):
   def spills(self) -> bool:
     """Scores: compressed tokens reach into the next chunk's blocks (l > d), and there is one."""
     return self.block_len > self.stride and self.block_tiles > 1
+
+  @property
+  def spill_keys(self) -> int:
+    """Scores: the chunk's last tokens whose spill into the next tile of blocks is computed (the
+    last sub-chunk, or the whole chunk if more tokens than that reach past it)."""
+    reach = max(0, -(-(self.block_len - self.stride) // self.stride))
+    return self.sub if reach <= self.sub else self.chunk
 
   @property
   def itemsize(self) -> int:
@@ -176,11 +204,22 @@ class Geometry(NamedTuple):
   def full_tile(self, chunk):
     """The first global tile whose every query sees all of `chunk` (a huge number if it has padding)."""
     last = (chunk + 1) * self.chunk - 1
-    return jnp.where(last < self.c, _div(last * self.stride + self.block_len - 1 + self.bq - 1, self.bq), _NEVER // 2)
+    return _where(last < self.c, _div(last * self.stride + self.block_len - 1 + self.bq - 1, self.bq), _NEVER // 2)
 
   def first_tile(self, chunk):
     """The first global tile that sees a token of `chunk` (its first query is c*d + l - 1)."""
     return _div(chunk * self.chunk * self.stride + self.block_len - 1, self.bq)
+
+  def token_tile(self, token):
+    """The first global tile that sees compressed token `token` (a huge number past C)."""
+    return _where(token < self.c, _div(token * self.stride + self.block_len - 1, self.bq), _NEVER // 2)
+
+  def width_bounds(self, tile0, chunk, first, full):
+    """[first, b_1, ..., b_{subs-1}, full]: the step's masked tiles [first, full) of `chunk` (step
+    tiles from global tile0) computed over i whole sub-chunks are [b_{i-1}, b_i): those that see a
+    token of sub-chunk i - 1 but none of sub-chunk i (the tiles from `full` on see all of it)."""
+    inner = [_clip(self.token_tile(chunk * self.chunk + i * self.sub) - tile0, first, full) for i in range(1, self.subs)]
+    return [first, *inner, full]
 
 
 def _tiles_per_step(num_tiles: int, most: int) -> int:
@@ -194,6 +233,12 @@ def _chunk(key_tile: int, c: int) -> int:
   return max(1, min(key_tile, -(-c // 16) * 16))
 
 
+def _sub(chunk: int) -> int:
+  """SUB_KEYS tokens per sub-chunk where they divide the chunk, else the whole chunk."""
+  sub = min(SUB_KEYS, chunk)
+  return sub if chunk % sub == 0 else chunk
+
+
 def attention_geometry(b, t, hq, hkv, dk, dv, c, block_len, stride, *, dtype=jnp.bfloat16, scale=None,
                        options=None) -> Geometry:
   """The geometry of compressed_attention's forward and backward calls (raises kernels.Unsupported)."""
@@ -205,7 +250,7 @@ def attention_geometry(b, t, hq, hkv, dk, dv, c, block_len, stride, *, dtype=jnp
   per_range = -(-num_chunks // -(-num_chunks // per_range))          # balance the ranges
   return Geometry(b, t, hkv, group, dk, dv, c, block_len, stride, chunk,
                   _tiles_per_step(t // (ROWS // group), options.step_rows // ROWS), per_range, np.dtype(dtype),
-                  dk ** -0.5 if scale is None else scale, options)
+                  dk ** -0.5 if scale is None else scale, options, sub=_sub(chunk))
 
 
 def scores_geometry(b, qc, hq, hkv, dk, c, block_len, stride, slc_block, num_blocks, *, dtype=jnp.bfloat16,
@@ -221,7 +266,8 @@ def scores_geometry(b, qc, hq, hkv, dk, c, block_len, stride, slc_block, num_blo
   most = min(options.step_rows // ROWS, max(1, SCORES_OUT_BYTES // (bq * block_tiles * nbt * 4)))
   c = min(c, block_tiles * chunk)
   return Geometry(b, qc, hkv, group, dk, 0, c, block_len, stride, chunk, _tiles_per_step(qc // bq, most),
-                  -(-c // chunk), np.dtype(dtype), dk ** -0.5 if scale is None else scale, options, nbt, num_blocks)
+                  -(-c // chunk), np.dtype(dtype), dk ** -0.5 if scale is None else scale, options, nbt, num_blocks,
+                  _sub(chunk))
 
 
 def _static_offset(q_offset):
@@ -254,7 +300,7 @@ def walk(g: Geometry, kernel: str, q_offset=None, docs: bool = False) -> dict:
   backward) the lead chunk and dK/dV, once per call the overlap matrices."""
   tile0, tps, isz, kc, rows = offset_tiles(g, q_offset), g.tiles_per_step, g.itemsize, g.chunk, ROWS
   ranges = g.num_ranges if kernel == BACKWARD else 1
-  pairs = spills = copied = local = 0
+  pairs = subs = spills = copied = local = 0
   for step in range(g.num_steps):
     first = tile0 + step * tps
     needed = int(g.chunks(first + tps - 1))
@@ -264,29 +310,31 @@ def walk(g: Geometry, kernel: str, q_offset=None, docs: bool = False) -> dict:
       copied += max(0, hi - lo - 1)                # from HBM; the lead chunk from its pipeline block
       local += hi > lo
       chunks = np.arange(lo, hi)
-      tiles = tps - np.clip(g.first_tile(chunks) - first, 0, tps)      # per chunk, as the kernels' tile loops
+      tiles, widths, whole = _tile_widths(g, first, chunks, docs)      # per chunk, as the kernels' tile loops
       pairs += int(tiles.sum())
-      spills += int(tiles[chunks + 1 < g.block_tiles].sum()) if kernel == SCORES else 0
+      subs += int(widths.sum())
+      spills += int(whole[chunks + 1 < g.block_tiles].sum()) if kernel == SCORES else 0
   heads = g.b * g.hkv
   stats = tps * rows * 4                                  # a step's tile rows (lse, delta, first)
   kv = [kc * g.dk * isz] + ([kc * g.dv * isz] if kernel != SCORES else [])   # a chunk's K (and V)
+  sub = g.sub
   if kernel == FORWARD:
-    flops = pairs * 2 * rows * kc * (g.dk + g.dv)
-    exps = pairs * rows * (kc + 1) + g.num_steps * tps * rows          # exp(s - m) and alpha; log l per row
+    flops = subs * 2 * rows * sub * (g.dk + g.dv)
+    exps = subs * rows * sub + pairs * rows + g.num_steps * tps * rows      # exp(s - m) and alpha; log l per row
     step_bytes = [g.step_rows * g.dk * isz, g.step_rows * g.dv * isz, stats] + [stats] * docs
     range_bytes = kv
   elif kernel == BACKWARD:
-    flops = pairs * 2 * rows * kc * (3 * g.dk + 2 * g.dv)
-    exps = pairs * rows * kc
+    flops = subs * 2 * rows * sub * (3 * g.dk + 2 * g.dv)
+    exps = subs * rows * sub
     dq_bytes = g.step_rows * g.dk * (isz if ranges == 1 else 4)
     step_bytes = [g.step_rows * g.dk * isz, g.step_rows * g.dv * isz, stats, stats, dq_bytes] + [stats] * docs
     range_keys = g.chunks_per_range * kc
     range_bytes = kv + [range_keys * g.dk * 4, range_keys * g.dv * 4]          # lead chunk in, fp32 dK and dV out
   elif kernel == SCORES:
     nbt, bq = g.blocks_per_chunk, g.bq
-    per_pair = 2 * rows * kc * g.dk + (2 * bq * rows * kc if g.group > 1 else 0) + 2 * bq * kc * nbt
-    flops = pairs * per_pair + (spills * 2 * bq * kc * nbt if g.spills else 0)
-    exps = pairs * rows * kc
+    per_sub = 2 * rows * sub * g.dk + (2 * bq * rows * sub if g.group > 1 else 0) + 2 * bq * sub * nbt
+    flops = subs * per_sub + (spills * 2 * bq * g.spill_keys * nbt if g.spills else 0)
+    exps = subs * rows * sub
     step_bytes = [g.step_rows * g.dk * isz, stats, tps * bq * g.block_tiles * nbt * 4] + [stats] * docs
     range_bytes = kv
   else:
@@ -298,7 +346,18 @@ def walk(g: Geometry, kernel: str, q_offset=None, docs: bool = False) -> dict:
   dmas = steps * len(step_bytes) + heads * ranges * len(range_bytes) + chunk_dmas + len(call_bytes)
   return dict(steps=steps, flops=heads * flops, transcendentals=heads * exps, bytes=total,
               dmas=dmas + heads * local * len(kv), dma_bytes=total + heads * local * sum(kv), chunk_dmas=chunk_dmas,
-              chunk_bytes=chunk_bytes, pairs=heads * pairs)
+              chunk_bytes=chunk_bytes, pairs=heads * pairs, sub_pairs=heads * subs)
+
+
+def _tile_widths(g: Geometry, first: int, chunks: np.ndarray, docs: bool):
+  """Per chunk of a step whose tiles start at global tile `first`: (tiles computed, (tile,
+  sub-chunk) pairs computed, tiles computed over the whole chunk), from the kernels' loop bounds."""
+  tps = g.tiles_per_step
+  lo = np.clip(g.first_tile(chunks) - first, 0, tps)
+  full = np.full_like(lo, tps) if docs else np.clip(g.full_tile(chunks) - first, lo, tps)
+  bounds = g.width_bounds(first, chunks, lo, full)
+  widths = sum((i + 1) * (bounds[i + 1] - bounds[i]) for i in range(g.subs)) + (tps - full) * g.subs
+  return tps - lo, widths, tps - bounds[-2]
 
 
 def walks(b: int, t: int, hq: int, hkv: int, dk: int, dv: int, block_len: int, stride: int, slc_block: int, *,
@@ -342,9 +401,10 @@ def _compiler_params(semantics, blocks, scratch) -> pltpu.CompilerParams:
 def _walk_chunks(g: Geometry, tile0, lo, hi, lead, copies_from, sem, pair, docs: bool):
   """Chunks [lo, hi) of one (b, h), double-buffered: chunk k + 1 is in flight while chunk k computes.
   Chunk lo comes from `lead` (its K (and V) [KC, D] blocks, which the BlockSpec pipeline keeps per
-  (b, h) or key range) by a local VMEM copy; the others from HBM. Per chunk, pair(k, j, refs, masked)
-  for the step's tiles j from the first that sees a token of chunk k to the last: masked up to the
-  first tile that sees all of it, unmasked from there (with documents, masked throughout).
+  (b, h) or key range) by a local VMEM copy; the others from HBM. Per chunk, pair(k, j, refs, masked,
+  width) for the step's tiles j from the first that sees a token of chunk k to the last: masked up
+  to the first tile that sees all of it, unmasked from there (with documents, masked throughout),
+  over the chunk's first `width` tokens: the whole sub-chunks the tile sees (static, one loop each).
   copies_from: (HBM [C', D] ref, VMEM [2, KC, D] buffer) per array."""
   def copies(ch, slot):
     return [pltpu.make_async_copy(src.at[pl.ds(pl.multiple_of(ch * g.chunk, g.chunk), g.chunk)], buf.at[slot],
@@ -353,16 +413,18 @@ def _walk_chunks(g: Geometry, tile0, lo, hi, lead, copies_from, sem, pair, docs:
                  enumerate(zip(lead, copies_from))]     # a squeezed block cannot be a DMA source
 
   def tiles(ch, refs):
-    def loop(lo, hi, masked):
+    def loop(lo, hi, masked, width):
       def tile(j, carry):
-        pair(ch, j, refs, masked)
+        pair(ch, j, refs, masked, width)
         return carry
       jax.lax.fori_loop(lo, hi, tile, 0)
     first = jnp.clip(g.first_tile(ch) - tile0, 0, g.tiles_per_step)
     full = g.tiles_per_step if docs else jnp.clip(g.full_tile(ch) - tile0, first, g.tiles_per_step)
-    loop(first, full, True)
+    bounds = g.width_bounds(tile0, ch, first, full)
+    for i in range(g.subs):        # masked tiles over the sub-chunks they see: 1, 2, ... of them
+      loop(bounds[i], bounds[i + 1], True, (i + 1) * g.sub)
     if not docs:
-      loop(full, g.tiles_per_step, False)
+      loop(full, g.tiles_per_step, False, g.chunk)
 
   @pl.when(lo < hi)
   def _start():
@@ -442,10 +504,10 @@ def _forward_kernel(offset_ref, q_ref, k_lead, v_lead, k_hbm, v_hbm, *refs, g, d
   tile0 = offset_ref[0] + step * g.tiles_per_step
   softmax_init(m_scratch, l_scratch, acc_scratch)
 
-  def pair(ch, j, kv, masked):
+  def pair(ch, j, kv, masked, width):
     rows = _tile_rows(j)
-    s = _scores(g, q_ref[rows], kv[0][...], tile0 + j, ch, masked, column(first_ref.at[j]) if docs else None)
-    softmax_step(s, kv[1][...], m_scratch.at[rows], l_scratch.at[rows], acc_scratch.at[rows])
+    s = _scores(g, q_ref[rows], kv[0][:width], tile0 + j, ch, masked, column(first_ref.at[j]) if docs else None)
+    softmax_step(s, kv[1][:width], m_scratch.at[rows], l_scratch.at[rows], acc_scratch.at[rows])
   _walk_chunks(g, tile0, 0, g.chunks(tile0 + g.tiles_per_step - 1), (k_lead, v_lead),
                [(k_hbm.at[b, h], k_buf), (v_hbm.at[b, h], v_buf)], sem, pair, docs)
 
@@ -512,9 +574,9 @@ def _backward_kernel(offset_ref, q_ref, do_ref, lse_ref, delta_ref, k_lead, v_le
   dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
   lo = r * g.chunks_per_range
 
-  def pair(ch, j, kv, masked):
-    rows, keys = _tile_rows(j), pl.ds(pl.multiple_of((ch - lo) * g.chunk, g.chunk), g.chunk)
-    q, do, k, v = q_ref[rows], do_ref[rows], kv[0][...], kv[1][...]
+  def pair(ch, j, kv, masked, width):
+    rows, keys = _tile_rows(j), pl.ds(pl.multiple_of((ch - lo) * g.chunk, g.chunk), width)
+    q, do, k, v = q_ref[rows], do_ref[rows], kv[0][:width], kv[1][:width]
     s = _scores(g, q, k, tile0 + j, ch, masked, column(first_ref.at[j]) if docs else None)
     p, ds = probs_and_dscores(s, lse_ref.at[j], do, v, delta_ref.at[j])   # delta - dlse: the lse cotangent
     ds = ds * g.scale
@@ -646,17 +708,17 @@ def _scores_kernel(offset_ref, q_ref, lse_ref, k_lead, k_hbm, own_ref, *refs, g,
   heads = (row_query == jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 0)).astype(jnp.float32)
   blocks = lambda ch: pl.ds(pl.multiple_of(ch * nbt, nbt), nbt) if g.block_tiles > 1 else slice(None)
 
-  def pair(ch, j, kv, masked):
-    s = _scores(g, q_ref[_tile_rows(j)], kv[0][...], tile0 + j, ch, masked,
+  def pair(ch, j, kv, masked, width):
+    s = _scores(g, q_ref[_tile_rows(j)], kv[0][:width], tile0 + j, ch, masked,
                 column(first_ref.at[j]) if docs else None)
-    p = probs(s, lse_ref.at[j])                                         # [128, KS]
+    p = probs(s, lse_ref.at[j])                                         # [128, width]
     if g.group > 1:     # each query's G heads summed: [bq, 128] 0/1 times p
       p = _dot(heads, p)
-    out_ref[j, :, blocks(ch)] += _dot(p, own_ref[...])
-    if spill:
+    out_ref[j, :, blocks(ch)] += _dot(p, own_ref[:width])
+    if spill and width == g.chunk:      # only the chunk's last tokens reach into the next tile of blocks (l > d)
       @pl.when(ch + 1 < g.block_tiles)
-      def _spill():     # tokens reaching into the next tile of blocks (l > d)
-        out_ref[j, :, blocks(ch + 1)] += _dot(p, prev_ref[...])
+      def _spill():
+        out_ref[j, :, blocks(ch + 1)] += _dot(p[:, g.chunk - g.spill_keys:], prev_ref[g.chunk - g.spill_keys:])
   _walk_chunks(g, tile0, 0, g.chunks(tile0 + g.tiles_per_step - 1), (k_lead,), [(k_hbm.at[b, h], k_buf)], sem,
                pair, docs)
 
