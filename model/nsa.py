@@ -98,12 +98,11 @@ class NSAAttention(nn.Module):
     if doc_start is not None:
       kernel_args["doc_start"] = doc_start
 
-    o_cmp, lse_cmp = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len=c.cmp_block,
-                                                      stride=c.cmp_stride, **kernel_args)
-    block_indices = nsa_kernels.select_blocks(      # the Pallas path reuses the branch's lse
-        q, k_cmp, block_len=c.cmp_block, stride=c.cmp_stride, slc_block=c.slc_block,
-        num_selected=c.num_selected, num_initial=c.num_initial, num_local=c.num_local, lse=lse_cmp,
-        **kernel_args)
+    # Pallas: one forward kernel for the compressed branch and the block scores (its probabilities);
+    # XLA: compressed_attention, then select_blocks.
+    o_cmp, _, block_indices = nsa_kernels.compressed_attention_and_selection(
+        q, k_cmp, v_cmp, block_len=c.cmp_block, stride=c.cmp_stride, slc_block=c.slc_block,
+        num_selected=c.num_selected, num_initial=c.num_initial, num_local=c.num_local, **kernel_args)
     k_slc, v_slc = kv.get("slc", kv.get("all"))
     o_slc = nsa_kernels.selection_attention(q, rope(k_slc, positions_BT), v_slc, block_indices,
                                             slc_block=c.slc_block, impl=kernel_args["impl"],

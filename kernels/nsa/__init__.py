@@ -1,4 +1,6 @@
-"""Native Sparse Attention: the four functions of the kernel contract (docs/design.md §4, §6).
+"""Native Sparse Attention: the four functions of the kernel contract (docs/design.md §4, §6), and
+compressed_attention_and_selection, the first two in one (the model's path: on Pallas one forward
+kernel gives the compressed branch and its block scores).
 
 Shapes: q [B,T,HQ,Dk], k [B,T,HKV,Dk], v [B,T,HKV,Dv], k_cmp [B,C,HKV,Dk], v_cmp [B,C,HKV,Dv];
 query head h uses KV head h // (HQ // HKV). `impl="xla"` runs the pure-JAX reference
@@ -135,6 +137,68 @@ def select_local(q, k_cmp, lse, doc_start=None, *, q_offset, num_blocks, block_l
 
   return reference.select(q, k_cmp, doc_start, q_offset=q_offset, num_blocks=num_blocks, block_len=block_len,
                           stride=stride, slc_block=slc_block, rank=rank, scale=scale, options=options)
+
+
+# ---- compressed attention and block selection, fused ----
+
+def compressed_attention_and_selection(q, k_cmp, v_cmp, *, block_len, stride, slc_block, num_selected, num_initial=1,
+                                       num_local=2, scale=None, impl="auto", options=None, doc_start=None):
+  """(out, lse, block_indices): compressed_attention's (out, lse) and select_blocks' indices of the
+  same queries (select_blocks from this lse). impl="pallas": one forward kernel gives the
+  attention and the block scores (kernels/nsa/compressed_pallas.py, nsa_compressed_fwd_scores;
+  NSA reuses the compressed branch's probabilities), ranked per chunk of options.select_chunk
+  queries; where the fused kernel does not apply (compressed_pallas.fused_geometry: e.g. more
+  blocks than its VMEM holds) the separate score kernel, as select_blocks runs it. impl="xla":
+  compressed_attention then select_blocks. The indices get no gradient."""
+  options = options or DEFAULT_OPTIONS
+  b, t, hq, dk = q.shape
+  scale = dk ** -0.5 if scale is None else scale
+  select = dict(slc_block=slc_block, num_selected=num_selected, num_initial=num_initial, num_local=num_local)
+  if not (_pallas(impl, options) and k_cmp.shape[1]):
+    out, lse = compressed_attention(q, k_cmp, v_cmp, block_len=block_len, stride=stride, scale=scale, impl=impl,
+                                    options=options, doc_start=doc_start)
+    return out, lse, select_blocks(q, k_cmp, block_len=block_len, stride=stride, scale=scale, lse=lse, impl=impl,
+                                   options=options, doc_start=doc_start, **select)
+  local = functools.partial(compressed_selection_local, num_blocks=-(-t // slc_block), block_len=block_len,
+                            stride=stride, scale=scale, options=options, **select)
+  args, axes = placement.with_doc_start((q, k_cmp, v_cmp), (placement.Q, placement.CMP, placement.CMP), doc_start)
+  return placement.per_device(local, axes, [placement.Q, placement.STATS, placement.SELECTED], pallas=True)(*args)
+
+
+def compressed_selection_local(q, k_cmp, v_cmp, doc_start=None, *, q_offset, num_blocks, block_len, stride, slc_block,
+                               num_selected, num_initial, num_local, scale, options):
+  """One device's compressed_attention_and_selection on Pallas: queries at q_offset + [0, Tq)."""
+  from kernels.nsa import compressed_pallas
+  b, t, hq, dk = q.shape
+  fused = compressed_pallas.fused_geometry(b, t, hq, k_cmp.shape[2], dk, v_cmp.shape[-1], k_cmp.shape[1], block_len,
+                                           stride, slc_block, num_blocks, dtype=q.dtype, scale=scale, options=options,
+                                           docs=doc_start is not None)
+  select = dict(slc_block=slc_block, num_selected=num_selected, num_initial=num_initial, num_local=num_local)
+  if fused is None:
+    out, lse = compressed_pallas.compressed_attention(q, k_cmp, v_cmp, q_offset, block_len, stride, scale, options,
+                                                      doc_start=doc_start)
+    stop = jax.lax.stop_gradient
+    return out, lse, select_local(stop(q), stop(k_cmp), stop(lse), doc_start, q_offset=q_offset, num_blocks=num_blocks,
+                                  block_len=block_len, stride=stride, scale=scale, pallas=True, options=options,
+                                  **select)
+  out, lse, scores = compressed_pallas.compressed_attention_and_scores(
+      q, k_cmp, v_cmp, q_offset, block_len, stride, slc_block, num_blocks, scale, options, doc_start=doc_start,
+      geometry=fused)
+  return out, lse, rank_score_chunks(scores, q_offset, doc_start, chunk=options.select_chunk, **select)
+
+
+def rank_score_chunks(scores_BHTN, q_offset, doc_start=None, *, chunk: int, **select):
+  """int32 [B, T, HKV, n]: rank_blocks of block scores [B, HKV, T, NB] (queries at q_offset + [0, T)),
+  a chunk of queries at a time (the largest divisor of T up to `chunk`): top-n of [chunk, HKV, NB]."""
+  b, hkv, t, _ = scores_BHTN.shape
+  qc = max(d for d in range(1, min(chunk, t) + 1) if t % d == 0)
+
+  def ranked(i):
+    s = jax.lax.dynamic_slice_in_dim(scores_BHTN, i * qc, qc, axis=2).transpose(0, 2, 1, 3)
+    doc = () if doc_start is None else (jax.lax.dynamic_slice_in_dim(doc_start, i * qc, qc, axis=1),)
+    return rank_blocks(s, q_offset + i * qc, *doc, **select)
+  out = jax.lax.map(ranked, jnp.arange(t // qc, dtype=jnp.int32))              # [n, B, qc, HKV, sel]
+  return out.swapaxes(0, 1).reshape(b, t, hkv, -1)
 
 
 # ---- selected-block attention ----

@@ -2,9 +2,13 @@
 keys (forward with lse, and one backward kernel for dq, dK and dV, behind a custom_vjp) and the
 group-summed, overlap-mapped block scores that select_blocks ranks. Query t sees compressed token c
 iff c*d + l - 1 <= t, c < C and c >= first[t], the first compressed token of t's document (packed
-documents only: ceil(doc_start[t] / d)). `walk` counts what each pallas_call does from the loop
-bounds the kernels use (Geometry's methods): its numbers are the calls' CostEstimates; `walks`
-gives them for a layer's three kernels (what perf/ reports).
+documents only: ceil(doc_start[t] / d)). The fused forward gives the attention and the block
+scores in one kernel (NSA reuses the compressed branch's probabilities; kernels.nsa.
+compressed_attention_and_selection runs it); the separate score kernel stays for select_blocks and
+where the fused one does not apply. `walk` counts what each pallas_call does from the loop bounds
+the kernels use (Geometry's methods): its numbers are the calls' CostEstimates; `walks` gives them
+for the kernels a layer may run (what perf/ reports). pallas_call names: nsa_compressed_fwd,
+nsa_compressed_fwd_scores (fused), nsa_compressed_bwd, nsa_compressed_scores.
 
 rows     a tile is bq = 128 // G query positions x the G heads of one KV group: 128 matmul rows
          (kernels/nsa/rows.py). Per-row statistics (lse, delta, first) are tile rows [1, 128].
@@ -30,11 +34,28 @@ walk     chunks are the outer loop, so a step copies each once; per chunk the ti
          256: 1.06x). Chunks before a tile's document are walked (masked): packed rows cost what one
          document of T does.
 
-forward  grid (B, HKV, S), all parallel. Per (tile, chunk): s = q k^T [128, KC], the mask, the fp32
-         online softmax (pallas_common; m, l [128 * TPS, 128] and acc [128 * TPS, Dv] in VMEM for
-         the step's tiles); then per tile out and lse (one log per row). HBM: q, out, lse (+ first)
-         once, a chunk of K and V per step and chunk but the first, which is read once per (b, h).
-         DMAs per step: 3 (+ 1) pipelined blocks, 2 per HBM chunk, 2 local.
+forward  grid (B, HKV, S), all parallel. Per (tile, chunk): s = q k^T [128, width], the mask, the
+         fp32 online softmax (as pallas_common's; m, l [128 * TPS, 128] and acc [128 * TPS, Dv] in
+         VMEM for the step's tiles); then per tile out and lse (one log per row). HBM: q, out, lse
+         (+ first) once, a chunk of K and V per step and chunk but the first, which is read once per
+         (b, h). DMAs per step: 3 (+ 1) pipelined blocks, 2 per HBM chunk, 2 local.
+fused    the forward, and per (tile, chunk) p = exp(s - m) (the online softmax's, m its running max
+         after the chunk) mapped to the chunk's NBC = KC*d/l' blocks per ROW (each head has its own
+         lse): [128, width] x [width, NBC] overlap (the chunk's first width tokens of the [KC, NBC]
+         matrix every chunk shares, p in q's dtype as for p V), written to a VMEM buffer [128 * TPS,
+         NBP] fp32 at the chunk's lanes (each (tile, chunk) once: no accumulation), m to [128 * TPS,
+         chunks] and, for a whole chunk with l > d, its last tokens' share of the next chunk's first
+         block (a VPU column) beside it. At the end of the step, per tile and chunk k: the G heads
+         summed by a [bq, 128] x [128, NBC] product with the 0/1 head sum times exp(m_k - lse) per
+         row (bf16: three bf16 products of split operands, ~fp32; p's bf16 rounding leaves ~2e-4 of
+         a score: near-ties may swap against XLA, 99.9% of the choices agree), the spill added at the
+         next chunk's first block; [TPS, bq, NBP] written once. VMEM: the buffer is 16 MiB at
+         T = 64k, 32 MiB at 128k (NB = T/64): fewer tiles per step where the buffers pass
+         FUSED_VMEM_LIMIT (60 MiB, vmem_limit_bytes at most that), none (the scores run
+         separately) below FUSED_MIN_ROWS rows (1M tokens under context parallelism, NB = 16384).
+         Chunks must cover whole blocks (on a TPU NBC a multiple of 128: KC = 512, d = 16, l' = 64
+         gives 128). HBM and DMAs: the forward's, the scores' block per step, the overlap matrix
+         (and spill weights) once.
 backward grid (B, HKV, R, S), S sequential. A key range of chunks (R = 1 unless the fp32 dK/dV of
          all C pass DKV_RANGE_BYTES: C = 8191 at 128k fits) keeps its dK/dV in VMEM over the steps;
          the range's last step copies them to HBM, fp32 (two DMAs; XLA casts them, they are small).
@@ -60,8 +81,9 @@ estimate flops are the MXU products executed (masked elements of computed pairs 
          sequence the keys cover (a scan's last chunk, the last device under context parallelism).
          Paper shape, T = 65536, key_tile 512: forward 5.67 TFLOP executed for 5.49 useful (1.031x),
          12.3k DMAs, 3.6 GiB; backward 14.73 for 14.28 TFLOP, 14.4k DMAs, 5.1 GiB; block scores (64
-         calls) 3.71 TFLOP, 8.1k DMAs, 3.3 GiB. (Whole 512-token chunks: 1.125x; key_tile 128:
-         1.03x with 37k DMAs per kernel.)
+         calls) 3.71 TFLOP, 8.1k DMAs, 3.3 GiB; fused forward 8.05 TFLOP (the forward's 5.67, the
+         overlap 2.27, the head sums 0.12), 13.3k DMAs, 4.6 GiB, for the 9.38 of forward and scores.
+         (Whole 512-token chunks: 1.125x; key_tile 128: 1.03x with 37k DMAs per kernel.)
 """
 import functools
 from typing import NamedTuple
@@ -72,16 +94,19 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import DEFAULT_OPTIONS, KernelOptions
+from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported
 from kernels.nsa.rows import check_rows, from_rows, from_tile_rows, to_rows, to_tile_rows
-from kernels.pallas_common import LANES, ROWS, column, cost, probs, probs_and_dscores, softmax_init, softmax_step
+from kernels.pallas_common import LANES, ROWS, column, cost, probs, probs_and_dscores, softmax_init
 
-FORWARD, BACKWARD, SCORES = "forward", "backward", "scores"
-NAMES = {FORWARD: "nsa_compressed_fwd", BACKWARD: "nsa_compressed_bwd", SCORES: "nsa_compressed_scores"}   # pallas_call names
+FORWARD, BACKWARD, SCORES, FUSED = "forward", "backward", "scores", "fused"
+NAMES = {FORWARD: "nsa_compressed_fwd", BACKWARD: "nsa_compressed_bwd", SCORES: "nsa_compressed_scores",
+         FUSED: "nsa_compressed_fwd_scores"}                                   # pallas_call names
 DKV_RANGE_BYTES = 12 << 20      # backward: fp32 dK/dV one key range keeps in VMEM (8192 keys of 192 + 128)
 SCORES_OUT_BYTES = 4 << 20      # block scores: a step's [TPS, bq, NB] fp32 output block
 SUB_KEYS = 128                  # compressed tokens per sub-chunk: a tile computes the sub-chunks of a chunk it sees
 VMEM_LIMIT = 64 << 20           # the most any kernel asks for (v5e, v5p and v6e have more)
+FUSED_VMEM_LIMIT = 60 << 20     # the fused forward: its buffers + 4 MiB must fit (v5p: 64 MiB per core)
+FUSED_MIN_ROWS = 1024           # fused forward: fewer rows per step for VMEM than this, and the scores run separately
 _NEVER = np.iinfo(np.int32).max
 
 
@@ -133,6 +158,7 @@ class Geometry(NamedTuple):
   blocks_per_chunk: int = 0   # scores: nbt selection blocks per chunk
   num_blocks: int = 0         # scores: NB
   sub: int = 0                # compressed tokens per sub-chunk (what a tile computes of a chunk: whole sub-chunks)
+  slc_block: int = 0          # fused forward: l' (blocks_per_chunk = NBC blocks per chunk, num_blocks = NB)
 
   @property
   def bq(self) -> int:
@@ -177,6 +203,26 @@ class Geometry(NamedTuple):
   def spills(self) -> bool:
     """Scores: compressed tokens reach into the next chunk's blocks (l > d), and there is one."""
     return self.block_len > self.stride and self.block_tiles > 1
+
+  @property
+  def score_lanes(self) -> int:
+    """Fused forward: NBP >= NB, the blocks of the step's scores (whole chunks' windows of NBC)."""
+    nbc = self.blocks_per_chunk
+    return -(-max(self.num_blocks, self.num_chunks * nbc) // nbc) * nbc
+
+  @property
+  def score_windows(self) -> int:
+    return self.score_lanes // self.blocks_per_chunk
+
+  @property
+  def chunk_lanes(self) -> int:
+    """Fused forward: lanes of the per-(row, chunk) statistics (whole lanes of 128)."""
+    return -(-self.num_chunks // LANES) * LANES
+
+  @property
+  def fused_spills(self) -> bool:
+    """Fused forward: a chunk's last tokens reach into the next chunk's first block (l > d)."""
+    return self.block_len > self.stride
 
   @property
   def spill_keys(self) -> int:
@@ -270,6 +316,33 @@ def scores_geometry(b, qc, hq, hkv, dk, c, block_len, stride, slc_block, num_blo
                   _sub(chunk))
 
 
+def fused_geometry(b, t, hq, hkv, dk, dv, c, block_len, stride, slc_block, num_blocks, *, dtype=jnp.bfloat16,
+                   scale=None, options=None, docs: bool = True):
+  """The geometry of the fused forward (attention and block scores of NB = num_blocks selection
+  blocks), or None where it does not apply and the scores run separately (block_scores): chunks
+  must cover whole blocks (KC*d a multiple of l', on a TPU NBC = KC*d/l' a multiple of 128 lanes),
+  the spill of a chunk reach only the next chunk's first block from its last sub-chunk, and the
+  step's buffers fit FUSED_VMEM_LIMIT with at least FUSED_MIN_ROWS rows per step (fewer tiles per
+  step than the attention's where NB is large)."""
+  options = options or DEFAULT_OPTIONS
+  g = attention_geometry(b, t, hq, hkv, dk, dv, c, block_len, stride, dtype=dtype, scale=scale, options=options)
+  if slc_block % stride or (g.chunk * stride) % slc_block:
+    return None
+  nbc = g.chunk * stride // slc_block
+  reach = max(0, -(-(block_len - stride) // stride))
+  if reach > g.sub or block_len - stride > slc_block:
+    return None
+  if options.targets_tpu and (nbc % LANES or g.sub % LANES):
+    return None
+  g = g._replace(blocks_per_chunk=nbc, num_blocks=num_blocks, slc_block=slc_block)
+  for tps in sorted((d for d in range(1, g.tiles_per_step + 1) if g.num_tiles % d == 0), reverse=True):
+    fg = g._replace(tiles_per_step=tps)
+    blocks, scratch, f32 = _forward_buffers(fg, docs, True)
+    if _vmem_need(blocks, scratch + f32) + (4 << 20) <= FUSED_VMEM_LIMIT:
+      return fg if tps * ROWS >= FUSED_MIN_ROWS or tps == g.tiles_per_step else None
+  return None
+
+
 def _static_offset(q_offset):
   """q_offset as a Python int, or None when it is traced."""
   try:
@@ -318,11 +391,16 @@ def walk(g: Geometry, kernel: str, q_offset=None, docs: bool = False) -> dict:
   stats = tps * rows * 4                                  # a step's tile rows (lse, delta, first)
   kv = [kc * g.dk * isz] + ([kc * g.dv * isz] if kernel != SCORES else [])   # a chunk's K (and V)
   sub = g.sub
-  if kernel == FORWARD:
+  if kernel in (FORWARD, FUSED):
     flops = subs * 2 * rows * sub * (g.dk + g.dv)
     exps = subs * rows * sub + pairs * rows + g.num_steps * tps * rows      # exp(s - m) and alpha; log l per row
     step_bytes = [g.step_rows * g.dk * isz, g.step_rows * g.dv * isz, stats] + [stats] * docs
     range_bytes = kv
+    if kernel == FUSED:      # p x overlap per (tile, sub-chunk); per (tile, chunk) the head sum; exp(m - lse)
+      nbc, passes = g.blocks_per_chunk, 1 if g.dtype == np.float32 else 3       # _split_dot
+      flops += subs * 2 * rows * sub * nbc + pairs * passes * 2 * g.bq * rows * nbc
+      exps += g.num_steps * tps * rows * g.chunk_lanes
+      step_bytes += [tps * g.bq * g.score_lanes * 4]
   elif kernel == BACKWARD:
     flops = subs * 2 * rows * sub * (3 * g.dk + 2 * g.dv)
     exps = subs * rows * sub
@@ -338,8 +416,9 @@ def walk(g: Geometry, kernel: str, q_offset=None, docs: bool = False) -> dict:
     step_bytes = [g.step_rows * g.dk * isz, stats, tps * bq * g.block_tiles * nbt * 4] + [stats] * docs
     range_bytes = kv
   else:
-    raise ValueError(f"kernel={kernel!r}: one of {FORWARD}, {BACKWARD}, {SCORES}")
+    raise ValueError(f"kernel={kernel!r}: one of {FORWARD}, {BACKWARD}, {SCORES}, {FUSED}")
   call_bytes = [4] + ([kc * g.blocks_per_chunk * 4] * (1 + g.spills) if kernel == SCORES else [])
+  call_bytes += ([kc * g.blocks_per_chunk * isz] + [g.sub * 4] * g.fused_spills) if kernel == FUSED else []
   steps = heads * ranges * g.num_steps
   chunk_dmas, chunk_bytes = heads * copied * len(kv), heads * copied * sum(kv)
   total = steps * sum(step_bytes) + heads * ranges * sum(range_bytes) + chunk_bytes + sum(call_bytes)
@@ -362,18 +441,25 @@ def _tile_widths(g: Geometry, first: int, chunks: np.ndarray, docs: bool):
 
 def walks(b: int, t: int, hq: int, hkv: int, dk: int, dv: int, block_len: int, stride: int, slc_block: int, *,
           dtype=jnp.bfloat16, options=None, docs: bool = False) -> dict:
-  """{pallas_call name: walk} of one layer's compressed branch on one device, queries at 0: the
-  forward, the backward, and block scores summed over select_blocks' calls (one per chunk of
-  options.select_chunk queries, the last padded, as kernels.nsa.select_blocks makes them)."""
+  """{pallas_call name: walk} of every kernel one layer's compressed branch may run on one device,
+  queries at 0: the backward, and either the fused forward (nsa_compressed_fwd_scores, where
+  fused_geometry applies: kernels.nsa.compressed_attention_and_selection runs it) or the forward
+  and block scores (compressed_attention + select_blocks; the scores summed over select_blocks'
+  calls, one per chunk of options.select_chunk queries, the last padded). A layer runs one of the
+  two: look its traced pallas_calls up by name, do not sum the dict."""
   options = options or DEFAULT_OPTIONS
   c = (t - block_len) // stride + 1
+  num_blocks = -(-t // slc_block)
   g = attention_geometry(b, t, hq, hkv, dk, dv, c, block_len, stride, dtype=dtype, options=options)
   qc = min(options.select_chunk, t)
-  sg = scores_geometry(b, qc, hq, hkv, dk, c, block_len, stride, slc_block, -(-t // slc_block), dtype=dtype,
+  sg = scores_geometry(b, qc, hq, hkv, dk, c, block_len, stride, slc_block, num_blocks, dtype=dtype,
                        options=options)
   scores = [walk(sg, SCORES, start, docs) for start in range(0, t, qc)]
+  fg = fused_geometry(b, t, hq, hkv, dk, dv, c, block_len, stride, slc_block, num_blocks, dtype=dtype,
+                      options=options, docs=docs)
   return {NAMES[FORWARD]: walk(g, FORWARD, 0, docs), NAMES[BACKWARD]: walk(g, BACKWARD, 0, docs),
-          NAMES[SCORES]: {k: sum(w[k] for w in scores) for k in scores[0]}}
+          NAMES[SCORES]: {k: sum(w[k] for w in scores) for k in scores[0]},
+          **({NAMES[FUSED]: walk(fg, FUSED, 0, docs)} if fg else {})}
 
 
 def _estimate(g: Geometry, kernel: str, q_offset, docs: bool) -> pl.CostEstimate:
@@ -388,12 +474,16 @@ def _padded_bytes(shape, itemsize: int) -> int:
   return int(np.prod(lead, dtype=np.int64)) * -(-rows // sublanes) * sublanes * -(-lanes // LANES) * LANES * itemsize
 
 
-def _compiler_params(semantics, blocks, scratch) -> pltpu.CompilerParams:
-  """vmem_limit_bytes from the buffers: pipelined blocks twice, scratch once, and a quarter more
-  plus 4 MiB for the compiler's temporaries (a pair's [128, KC] fp32 scores and products)."""
-  need = 2 * sum(_padded_bytes(s, i) for s, i in blocks) + sum(_padded_bytes(s, i) for s, i in scratch)
-  return pltpu.CompilerParams(dimension_semantics=semantics,
-                              vmem_limit_bytes=min(VMEM_LIMIT, need + need // 4 + (4 << 20)))
+def _vmem_need(blocks, scratch) -> int:
+  """VMEM bytes of the buffers: pipelined blocks twice, scratch once."""
+  return 2 * sum(_padded_bytes(s, i) for s, i in blocks) + sum(_padded_bytes(s, i) for s, i in scratch)
+
+
+def _compiler_params(semantics, blocks, scratch, most: int = VMEM_LIMIT) -> pltpu.CompilerParams:
+  """vmem_limit_bytes from the buffers, and a quarter more plus 4 MiB for the compiler's
+  temporaries (a pair's [128, KC] fp32 scores and products), at most `most`."""
+  need = _vmem_need(blocks, scratch)
+  return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=min(most, need + need // 4 + (4 << 20)))
 
 
 # ---- the loop every kernel shares ----
@@ -495,21 +585,100 @@ def _keys_t(g: Geometry, x_BCHD):
   return jnp.pad(x, [(0, 0), (0, 0), (0, g.padded_keys - x.shape[2]), (0, 0)])
 
 
-# ---- attention: forward ----
+# ---- attention: forward (and, fused, the block scores) ----
 
-def _forward_kernel(offset_ref, q_ref, k_lead, v_lead, k_hbm, v_hbm, *refs, g, docs):
+def _online_step(s, v, m_ref, l_ref, acc_ref):
+  """pallas_common.softmax_step over masked scores s [R, keys] (fp32), also returning p = exp(s - m)
+  [R, keys] and the running max m [R, 1] it used (-inf where the row has seen nothing yet, p = 0)."""
+  m_prev = m_ref[...][:, :1]
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+  p = jnp.exp(s - m_safe)
+  alpha = jnp.exp(m_prev - m_safe)
+  l_ref[...] = jnp.broadcast_to(alpha * l_ref[...][:, :1] + jnp.sum(p, axis=1, keepdims=True), l_ref.shape)
+  acc_ref[...] = alpha * acc_ref[...] + _dot(p.astype(v.dtype), v)
+  m_ref[...] = jnp.broadcast_to(m_next, m_ref.shape)
+  return p, m_next
+
+
+def _split_dot(a, b, dtype):
+  """a b for fp32 a, b: one product in `dtype` where that is fp32, else (bf16) three: a_hi b_hi +
+  a_lo b_hi + a_hi b_lo, each operand split into its rounding to dtype and the rest (the products'
+  relative error ~2^-16 rather than 2^-8)."""
+  if dtype == jnp.float32:
+    return _dot(a, b)
+  hi = lambda x: x.astype(dtype)
+  a_hi, b_hi = hi(a), hi(b)
+  a_lo, b_lo = hi(a - a_hi.astype(jnp.float32)), hi(b - b_hi.astype(jnp.float32))
+  return _dot(a_hi, b_hi) + _dot(a_lo, b_hi) + _dot(a_hi, b_lo)
+
+
+def _head_sum(g: Geometry):
+  """[bq, 128] float32 0/1: row q sums tile rows q*G .. q*G + G - 1 (query q's heads; G = 1: identity)."""
+  row_query = jax.lax.shift_right_logical(jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 1),
+                                          g.group.bit_length() - 1)
+  return (row_query == jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 0)).astype(jnp.float32)
+
+
+def _forward_kernel(offset_ref, q_ref, k_lead, v_lead, k_hbm, v_hbm, *refs, g, docs, fused):
   first_ref, refs = (refs[0], refs[1:]) if docs else (None, refs)
-  o_ref, lse_ref, k_buf, v_buf, sem, m_scratch, l_scratch, acc_scratch = refs
+  spill = fused and g.fused_spills
+  if fused:
+    own_ref, refs = refs[0], refs[1:]
+    spill_ref, refs = (refs[0], refs[1:]) if spill else (None, refs)
+    o_ref, lse_ref, scores_ref, k_buf, v_buf, sem, m_scratch, l_scratch, acc_scratch, *fused_refs = refs
+    buf, m_chunks, spill_chunks, f_t, spill_t = fused_refs if spill else (*fused_refs[:2], None, fused_refs[2], None)
+  else:
+    o_ref, lse_ref, k_buf, v_buf, sem, m_scratch, l_scratch, acc_scratch = refs
   b, h, step = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tile0 = offset_ref[0] + step * g.tiles_per_step
   softmax_init(m_scratch, l_scratch, acc_scratch)
+  nbc = g.blocks_per_chunk
+  window = lambda k: pl.ds(pl.multiple_of(k * nbc, nbc), nbc)
+  chunk_lane = lambda ch: jax.lax.broadcasted_iota(jnp.int32, (1, g.chunk_lanes), 1) == ch
+  if fused:
+    scores_ref[...] = jnp.zeros(scores_ref.shape, jnp.float32)
+    m_chunks[...] = jnp.full(m_chunks.shape, -jnp.inf, jnp.float32)
+    if spill:
+      spill_chunks[...] = jnp.zeros(spill_chunks.shape, jnp.float32)
 
   def pair(ch, j, kv, masked, width):
     rows = _tile_rows(j)
     s = _scores(g, q_ref[rows], kv[0][:width], tile0 + j, ch, masked, column(first_ref.at[j]) if docs else None)
-    softmax_step(s, kv[1][:width], m_scratch.at[rows], l_scratch.at[rows], acc_scratch.at[rows])
+    p, m = _online_step(s, kv[1][:width], m_scratch.at[rows], l_scratch.at[rows], acc_scratch.at[rows])
+    if fused:         # per row: the chunk's blocks from p = exp(s - m), and the m used (rescaled at the end)
+      buf[rows, window(ch)] = _dot(p.astype(own_ref.dtype), own_ref[:width])
+      m_chunks[rows] = jnp.where(chunk_lane(ch), m, m_chunks[rows])
+      if spill and width == g.chunk:      # the last tokens' share of the next chunk's first block
+        reach = jnp.sum(p[:, g.chunk - g.sub:] * spill_ref[...], axis=1, keepdims=True)
+        spill_chunks[rows] = jnp.where(chunk_lane(ch), reach, spill_chunks[rows])
   _walk_chunks(g, tile0, 0, g.chunks(tile0 + g.tiles_per_step - 1), (k_lead, v_lead),
                [(k_hbm.at[b, h], k_buf), (v_hbm.at[b, h], v_buf)], sem, pair, docs)
+  heads = _head_sum(g) if fused else None
+
+  def finish_scores(j, rows, lse_row):
+    """Block scores of tile j's queries: chunk k's blocks times exp(m_k - lse) per row, the G heads
+    summed by one [bq, 128] x [128, NBC] product per chunk ((0/1 head sum) * the row factors)."""
+    m_t = m_chunks[rows].T                                                  # [chunks, 128]
+    live = (m_t > -jnp.inf) & (lse_row > -jnp.inf)
+    f_t[...] = jnp.where(live, jnp.exp(jnp.where(live, m_t - lse_row, 0.0)), 0.0)
+    if spill:
+      spill_t[...] = spill_chunks[rows].T * f_t[...]
+      first_lane = jax.lax.broadcasted_iota(jnp.int32, (g.bq, nbc), 1) == 0
+      spilled = lambda k: jnp.where(first_lane, jnp.sum(heads * spill_t[pl.ds(k, 1), :], axis=1, keepdims=True), 0.0)
+    chunks = g.chunks(tile0 + j)
+
+    def chunk(k, carry):
+      w = _split_dot(heads * f_t[pl.ds(k, 1), :], buf[rows, window(k)], g.dtype)
+      if spill:
+        w = w + jnp.where(k > 0, spilled(jnp.maximum(k - 1, 0)), 0.0)
+      scores_ref[j, :, window(k)] = w
+      return carry
+    jax.lax.fori_loop(0, chunks, chunk, 0)
+    if spill:
+      @pl.when((chunks > 0) & (chunks < g.score_windows))
+      def _last_spill():
+        scores_ref[j, :, window(chunks)] = spilled(chunks - 1)
 
   def finish(j, carry):       # out = acc / l, lse = m + log l (one log per row); 0 and -inf if unseen
     rows = _tile_rows(j)
@@ -517,7 +686,10 @@ def _forward_kernel(offset_ref, q_ref, k_lead, v_lead, k_hbm, v_hbm, *refs, g, d
     seen = l > 0
     o_ref[rows] = jnp.where(seen, acc_scratch[rows] / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-    lse_ref[j] = jnp.broadcast_to(lse, (ROWS, LANES)).T[:1]
+    lse_row = jnp.broadcast_to(lse, (ROWS, LANES)).T[:1]
+    lse_ref[j] = lse_row
+    if fused:
+      finish_scores(j, rows, lse_row)
     return carry
   jax.lax.fori_loop(0, g.tiles_per_step, finish, 0)
 
@@ -532,31 +704,55 @@ def _first_spec(g: Geometry, index):
   return pl.BlockSpec((None, None, g.tiles_per_step, 1, ROWS), lambda *a: (index(*a)[0], 0, index(*a)[2], 0, 0))
 
 
+def _forward_buffers(g: Geometry, docs: bool, fused: bool):
+  """(pipelined blocks, scratch in q's dtype, fp32 scratch) of the forward, as (shape, itemsize)."""
+  stats = ((g.tiles_per_step, 1, ROWS), 4)
+  blocks = [((g.step_rows, g.dk), g.itemsize), ((g.chunk, g.dk), g.itemsize), ((g.chunk, g.dv), g.itemsize),
+            ((g.step_rows, g.dv), g.itemsize), stats] + [stats] * docs
+  scratch = [((2, g.chunk, g.dk), g.itemsize), ((2, g.chunk, g.dv), g.itemsize)]
+  f32 = [((g.step_rows, LANES), 4), ((g.step_rows, LANES), 4), ((g.step_rows, g.dv), 4)]
+  if fused:
+    spill = g.fused_spills
+    blocks += [((g.chunk, g.blocks_per_chunk), g.itemsize)] + [((1, g.sub), 4)] * spill
+    blocks += [((g.tiles_per_step, g.bq, g.score_lanes), 4)]
+    f32 += [((g.step_rows, g.score_lanes), 4)] + [((g.step_rows, g.chunk_lanes), 4)] * (1 + spill)
+    f32 += [((g.chunk_lanes, ROWS), 4)] * (1 + spill)
+  return blocks, scratch, f32
+
+
 def _forward(g: Geometry, offset, static_offset, q_rows, first, k_t, v_t):
-  """(out rows [B, HKV, T*G, Dv], lse tile rows [B, HKV, NQ, 1, 128] fp32)."""
-  docs = first is not None
+  """(out rows [B, HKV, T*G, Dv], lse tile rows [B, HKV, NQ, 1, 128] fp32); fused (g.num_blocks):
+  also the block scores [B, HKV, NQ, bq, NBP] fp32."""
+  docs, fused = first is not None, g.num_blocks > 0
+  spill = fused and g.fused_spills
   index = lambda b, h, s, offset: (b, h, s)
   hbm = pl.BlockSpec(memory_space=pl.ANY)
   lead = lambda w: pl.BlockSpec((1, 1, g.chunk, w), lambda b, h, s, offset: (b, h, 0, 0))
-  blocks = [((g.step_rows, g.dk), g.itemsize), ((g.chunk, g.dk), g.itemsize), ((g.chunk, g.dv), g.itemsize),
-            ((g.step_rows, g.dv), g.itemsize)] + [((g.tiles_per_step, 1, ROWS), 4)] * (1 + docs)
-  scratch = [(2, g.chunk, g.dk), (2, g.chunk, g.dv)]
-  stats = [(g.step_rows, LANES), (g.step_rows, LANES), (g.step_rows, g.dv)]
+  blocks, scratch, f32 = _forward_buffers(g, docs, fused)
+  fixed = lambda shape: pl.BlockSpec(shape, lambda *a: (0, 0))
+  in_specs = _row_specs(g, [g.dk], index) + [lead(g.dk), lead(g.dv), hbm, hbm] + ([_first_spec(g, index)] if docs else [])
+  out_specs = _row_specs(g, [g.dv, "stats"], index)
+  out_shape = [jax.ShapeDtypeStruct((g.b, g.hkv, g.t * g.group, g.dv), q_rows.dtype),
+               jax.ShapeDtypeStruct((g.b, g.hkv, g.num_tiles, 1, ROWS), jnp.float32)]
+  extra = []
+  if fused:
+    own, reach = overlap_tiles(g.block_len, g.stride, g.slc_block, g.blocks_per_chunk)
+    extra = [jnp.asarray(own, g.dtype)] + [jnp.asarray(reach[g.chunk - g.sub:, :1].T)] * spill
+    in_specs += [fixed((g.chunk, g.blocks_per_chunk))] + [fixed((1, g.sub))] * spill
+    out_specs += [pl.BlockSpec((None, None, g.tiles_per_step, g.bq, g.score_lanes), lambda b, h, s, o: (b, h, s, 0, 0))]
+    out_shape += [jax.ShapeDtypeStruct((g.b, g.hkv, g.num_tiles, g.bq, g.score_lanes), jnp.float32)]
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_steps),
-      in_specs=_row_specs(g, [g.dk], index) + [lead(g.dk), lead(g.dv), hbm, hbm]
-               + ([_first_spec(g, index)] if docs else []),
-      out_specs=_row_specs(g, [g.dv, "stats"], index),
-      scratch_shapes=[pltpu.VMEM(s, g.dtype) for s in scratch] + [pltpu.SemaphoreType.DMA((2, 2))]
-                     + [pltpu.VMEM(s, jnp.float32) for s in stats])
+      num_scalar_prefetch=1, grid=(g.b, g.hkv, g.num_steps), in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM(s, g.dtype) for s, _ in scratch] + [pltpu.SemaphoreType.DMA((2, 2))]
+                     + [pltpu.VMEM(s, jnp.float32) for s, _ in f32])
+  kernel = FUSED if fused else FORWARD
   return pl.pallas_call(
-      functools.partial(_forward_kernel, g=g, docs=docs), grid_spec=grid_spec, name=NAMES[FORWARD],
-      out_shape=[jax.ShapeDtypeStruct((g.b, g.hkv, g.t * g.group, g.dv), q_rows.dtype),
-                 jax.ShapeDtypeStruct((g.b, g.hkv, g.num_tiles, 1, ROWS), jnp.float32)],
-      compiler_params=_compiler_params(("parallel",) * 3, blocks,
-                                       [(s, g.itemsize) for s in scratch] + [(s, 4) for s in stats]),
-      cost_estimate=_estimate(g, FORWARD, static_offset, docs), interpret=g.interpret,
-  )(offset, q_rows, k_t, v_t, k_t, v_t, *([first] if docs else []))
+      functools.partial(_forward_kernel, g=g, docs=docs, fused=fused), grid_spec=grid_spec, name=NAMES[kernel],
+      out_shape=out_shape,
+      compiler_params=_compiler_params(("parallel",) * 3, blocks, scratch + f32,
+                                       FUSED_VMEM_LIMIT if fused else VMEM_LIMIT),
+      cost_estimate=_estimate(g, kernel, static_offset, docs), interpret=g.interpret,
+  )(offset, q_rows, k_t, v_t, k_t, v_t, *([first] if docs else []), *extra)
 
 
 # ---- attention: backward (dq, dK, dV in one walk) ----
@@ -679,6 +875,45 @@ def _compressed_bwd(g, static_offset, residuals, cotangents):
 _compressed.defvjp(_compressed_fwd, _compressed_bwd)
 
 
+def compressed_attention_and_scores(q, k_cmp, v_cmp, q_offset, block_len: int, stride: int, slc_block: int,
+                                    num_blocks: int, scale=None, options=None, doc_start=None, geometry=None):
+  """compressed_attention's (out, lse) and float32 block scores [B, HKV, T, num_blocks] (as
+  block_scores gives them, per KV head: its G heads summed) from one forward kernel: the online
+  softmax's p = exp(s - m) mapped to blocks per row and rescaled by exp(m - lse) at the end of the
+  step. The scores get no gradient. geometry: fused_geometry's (None: it is computed; raises
+  kernels.Unsupported where it does not apply)."""
+  b, t, hq, dk = q.shape
+  args = (b, t, hq, k_cmp.shape[2], dk, v_cmp.shape[-1], k_cmp.shape[1], block_len, stride)
+  kw = dict(dtype=q.dtype, scale=scale, options=options)
+  g = attention_geometry(*args, **kw)
+  fg = geometry or fused_geometry(*args, slc_block, num_blocks, docs=doc_start is not None, **kw)
+  if fg is None:
+    raise Unsupported("slc_block", slc_block, "the fused block scores do not apply here (see fused_geometry)")
+  first = None if doc_start is None else _first_tile_rows(g, doc_start)
+  out, lse, scores = _compressed_scored(q, k_cmp, v_cmp, jnp.asarray(q_offset, jnp.int32), first, g, fg,
+                                        _static_offset(q_offset))
+  return out, lse, jax.lax.stop_gradient(scores.reshape(b, g.hkv, t, -1)[..., :num_blocks])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _compressed_scored(q, k_cmp, v_cmp, q_offset, first, g, fg, static_offset):
+  return _scored_fwd(q, k_cmp, v_cmp, q_offset, first, g, fg, static_offset)[0]
+
+
+def _scored_fwd(q, k_cmp, v_cmp, q_offset, first, g, fg, static_offset):
+  out_rows, lse_rows, scores = _forward(fg, _offset(fg, q_offset), static_offset, to_rows(q, g.hkv), first,
+                                        _keys_t(fg, k_cmp), _keys_t(fg, v_cmp))
+  return ((from_rows(out_rows, g.t), from_tile_rows(lse_rows, g.t), scores),
+          (q, k_cmp, v_cmp, q_offset, first, out_rows, lse_rows))
+
+
+def _scored_bwd(g, fg, static_offset, residuals, cotangents):
+  return _compressed_bwd(g, static_offset, residuals, cotangents[:2])        # the scores have no gradient
+
+
+_compressed_scored.defvjp(_scored_fwd, _scored_bwd)
+
+
 # ---- block scores for select_blocks ----
 
 @functools.cache
@@ -703,9 +938,7 @@ def _scores_kernel(offset_ref, q_ref, lse_ref, k_lead, k_hbm, own_ref, *refs, g,
   tile0 = offset_ref[0] + step * g.tiles_per_step
   nbt = g.blocks_per_chunk
   out_ref[...] = jnp.zeros(out_ref.shape, jnp.float32)
-  row_query = jax.lax.shift_right_logical(jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 1),
-                                          g.group.bit_length() - 1)
-  heads = (row_query == jax.lax.broadcasted_iota(jnp.int32, (g.bq, ROWS), 0)).astype(jnp.float32)
+  heads = _head_sum(g)
   blocks = lambda ch: pl.ds(pl.multiple_of(ch * nbt, nbt), nbt) if g.block_tiles > 1 else slice(None)
 
   def pair(ch, j, kv, masked, width):
