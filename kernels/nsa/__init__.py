@@ -224,6 +224,31 @@ def selection_local(q, k, v, block_indices, *, q_offset, slc_block, scale, palla
                              options=options)
 
 
+# ---- selection and window of one K/V ----
+
+def selection_and_window(q, k, v, block_indices, *, slc_block, window, scale=None, impl="auto", options=None,
+                         doc_start=None):
+  """(selection_attention(q, k, v, block_indices, ...), window_attention(q, k, v, ...)) when the two
+  branches share K and V (nsa.separate_kv False): one per-device call, so that under context
+  parallelism K and V are gathered once for both."""
+  options = options or DEFAULT_OPTIONS
+  pallas = _pallas(impl, options)
+  if pallas:
+    from kernels.nsa import selection_pallas
+    selection_pallas.check_window(q.shape[1], k.shape[1], q.shape[2], k.shape[2])
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+  def local(q, k, v, block_indices, q_doc=None, *, q_offset):
+    kw = dict(q_offset=q_offset, scale=scale, pallas=pallas, options=options)
+    return (selection_local(q, k, v, block_indices, slc_block=slc_block, **kw),
+            window_local(q, k, v, q_doc, window=window, **kw))
+  kv_axes = placement.KV if k.shape[2] > 1 else placement.MQA
+  args, axes = (q, k, v, block_indices), (placement.Q, kv_axes, kv_axes, placement.SELECTED)
+  if doc_start is not None:
+    args, axes = (*args, doc_start), (*axes, placement.PER_QUERY)
+  return placement.per_device(local, axes, [placement.Q, placement.Q], pallas=pallas)(*args)
+
+
 # ---- sliding window ----
 
 def window_attention(q, k, v, *, window, scale=None, impl="auto", options=None, doc_start=None):
