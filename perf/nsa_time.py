@@ -74,8 +74,9 @@ def _struct(shape, dtype=jnp.bfloat16):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def layer_calls(seq_len: int, s: Shape = PAPER, options: KernelOptions | None = None):
-  """The traced pallas_calls of one NSA layer's attention, forward and backward (B = 1)."""
+def layer_step(seq_len: int, s: Shape = PAPER, options: KernelOptions | None = None):
+  """(value_and_grad of one NSA layer's attention, its argument shapes): the four kernel-contract
+  functions on Pallas as model/nsa.py composes them (shared K/V), summed, B = 1."""
   options = options or KernelOptions(pallas_mode="compiled")
   c = nsa.num_compressed(seq_len, s.block_len, s.stride)
   kw = dict(impl="pallas", options=options)
@@ -84,12 +85,33 @@ def layer_calls(seq_len: int, s: Shape = PAPER, options: KernelOptions | None = 
     o_cmp, lse = nsa.compressed_attention(q, k_cmp, v_cmp, block_len=s.block_len, stride=s.stride, **kw)
     idx = nsa.select_blocks(q, k_cmp, block_len=s.block_len, stride=s.stride, slc_block=s.slc_block,
                             num_selected=s.num_selected, lse=lse, **kw)
-    o_slc = nsa.selection_attention(q, k, v, idx, slc_block=s.slc_block, **kw)
-    o_win = nsa.window_attention(q, k, v, window=s.window, **kw)
+    o_slc, o_win = nsa.selection_and_window(q, k, v, idx, slc_block=s.slc_block, window=s.window, **kw)
     return sum(jnp.sum(o.astype(jnp.float32)) for o in (o_cmp, o_slc, o_win))
   args = [_struct((1, seq_len, s.hq, s.dk)), _struct((1, seq_len, s.hkv, s.dk)), _struct((1, seq_len, s.hkv, s.dv)),
           _struct((1, c, s.hkv, s.dk)), _struct((1, c, s.hkv, s.dv))]
-  return pallas_calls(jax.value_and_grad(loss, argnums=range(5)), *args)
+  return jax.value_and_grad(loss, argnums=range(5)), args
+
+
+def layer_calls(seq_len: int, s: Shape = PAPER, options: KernelOptions | None = None):
+  """The traced pallas_calls of one NSA layer's attention, forward and backward (B = 1)."""
+  step, args = layer_step(seq_len, s, options)
+  return pallas_calls(step, *args)
+
+
+def measure_ms(seq_len: int, s: Shape = PAPER, repeats: int = 5) -> float:
+  """On a TPU: the median wall time of layer_step, compiled, on random inputs (milliseconds)."""
+  import time
+  step, structs = layer_step(seq_len, s, KernelOptions())
+  keys = jax.random.split(jax.random.key(0), len(structs))
+  args = [jax.random.normal(key, x.shape, jnp.float32).astype(x.dtype) for key, x in zip(keys, structs)]
+  compiled = jax.jit(step).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
 
 
 def selection_walk(seq_len: int, selection: np.ndarray, s: Shape = PAPER, options: KernelOptions | None = None):

@@ -224,9 +224,10 @@ def nsa_time_table(args):
             + " ".join(f"{m['chips'][chip]['dense_roofline_ms']:9.2f}" for chip in CHIP_NAMES))
       print(f"{'  NSA / dense time':<26} {'':>8} {'':>9} {'':>8} {'':>9} "
             + " ".join(f"{m['chips'][chip]['ms'] / m['chips'][chip]['dense_ms']:9.3f}" for chip in CHIP_NAMES))
-      if on_tpu and selection == "realistic":
-        print(f"  measured on {jax.devices()[0].device_kind}: see the timed table above (whole layer, projections "
-              "included); put it beside the model's column for this chip to calibrate perf/chips.py")
+      if on_tpu and selection == "random":      # the model's layer on random inputs: a random-like selection
+        from perf import nsa_time
+        print(f"{'  measured on ' + jax.devices()[0].device_kind:<56} {nsa_time.measure_ms(seq_len, shape):9.2f} ms "
+              "(the same layer, compiled and run: set perf/chips.py's step and DMA costs until the model agrees)")
 
 
 DSA_DK, DSA_DV = 576, 512        # DeepSeek-V3.2: kv_lora_rank 512 + qk_rope_dim 64; value 512
