@@ -75,16 +75,16 @@ def _struct(shape, dtype=jnp.bfloat16):
 
 
 def layer_step(seq_len: int, s: Shape = PAPER, options: KernelOptions | None = None):
-  """(value_and_grad of one NSA layer's attention, its argument shapes): the four kernel-contract
-  functions on Pallas as model/nsa.py composes them (shared K/V), summed, B = 1."""
+  """(value_and_grad of one NSA layer's attention, its argument shapes): the kernel-contract
+  functions on Pallas as model/nsa.py composes them (block scores fused into the compressed
+  forward; selection and window on shared K/V), summed, B = 1."""
   options = options or KernelOptions(pallas_mode="compiled")
   c = nsa.num_compressed(seq_len, s.block_len, s.stride)
   kw = dict(impl="pallas", options=options)
 
   def loss(q, k, v, k_cmp, v_cmp):
-    o_cmp, lse = nsa.compressed_attention(q, k_cmp, v_cmp, block_len=s.block_len, stride=s.stride, **kw)
-    idx = nsa.select_blocks(q, k_cmp, block_len=s.block_len, stride=s.stride, slc_block=s.slc_block,
-                            num_selected=s.num_selected, lse=lse, **kw)
+    o_cmp, _, idx = nsa.compressed_attention_and_selection(q, k_cmp, v_cmp, block_len=s.block_len, stride=s.stride,
+                                                           slc_block=s.slc_block, num_selected=s.num_selected, **kw)
     o_slc, o_win = nsa.selection_and_window(q, k, v, idx, slc_block=s.slc_block, window=s.window, **kw)
     return sum(jnp.sum(o.astype(jnp.float32)) for o in (o_cmp, o_slc, o_win))
   args = [_struct((1, seq_len, s.hq, s.dk)), _struct((1, seq_len, s.hkv, s.dk)), _struct((1, seq_len, s.hkv, s.dv)),
@@ -149,7 +149,7 @@ def layer_costs(seq_len: int, selection: np.ndarray, s: Shape = PAPER, options: 
       costs.append(_walk_cost(call.name, *walks[kind], direction == "bwd", call.steps))
     else:              # the compressed branch: its walk at the queries' real offsets (chunks of select_blocks)
       w = compressed[call.name]
-      costs.append(Cost(call.name, call.steps, w["flops"], w["bytes"], w["dmas"]))
+      costs.append(Cost(call.name, call.steps, w["flops"], w["bytes"], w["dmas"]))   # looked up by name
   return costs
 
 
