@@ -58,7 +58,7 @@ NSA_BAD = [
     ({"nsa.window": 0}, "nsa.window"),
     ({"seq_len": 16}, "seq_len"),                                   # shorter than one compression block
     ({"data.packing": "pack", "data.max_docs_per_row": -1}, "data.max_docs_per_row"),
-    ({"attention.impl": "pallas", "seq_len": 320}, "seq_len"),      # splash tiles: 128 | T
+    ({"attention.impl": "pallas", "seq_len": 100}, "seq_len"),      # 8 | T (window walk), l' | T
     ({"attention.impl": "pallas", "seq_len": 384, "nsa.slc_block": 256}, "seq_len"),   # l' | T
     ({"attention.impl": "pallas", "model.n_heads": 12}, "model.n_heads"),   # G=6 does not divide 128
 ]
