@@ -17,11 +17,6 @@ def cost(flops, transcendentals, bytes_accessed) -> pl.CostEstimate:
   return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(bytes_accessed))
 
 
-def window_share(estimate: pl.CostEstimate, windows: int) -> pl.CostEstimate:
-  """One of `windows` pallas_calls that split the work of `estimate` between them."""
-  return cost(estimate.flops / windows, estimate.transcendentals / windows, estimate.bytes_accessed / windows)
-
-
 # ---- online softmax (fp32; max and sum lane-replicated [R, 128] as in the splash kernels) ----
 
 def softmax_init(m_scratch, l_scratch, acc_scratch):
@@ -69,24 +64,6 @@ def probs_and_dscores(s, lse_ref, do, v, delta_ref):
   p = probs(s, lse_ref)
   dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   return p, p * (dp - column(delta_ref))
-
-
-# ---- backward steps: dq (query-stationary) and dK/dV (key-stationary) ----
-
-def accumulate_dq(s, do, k, v, lse_ref, delta_ref, dq_scratch, scale):
-  """dq += scale * dS K for one step's masked scores s [R, keys]."""
-  _, ds = probs_and_dscores(s, lse_ref, do, v, delta_ref)
-  dq_scratch[...] += scale * jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                                 preferred_element_type=jnp.float32)
-
-
-def accumulate_dkv(s, q, do, v, lse_ref, delta_ref, dk_scratch, dv_scratch, scale):
-  """dV += P^T dO and dK += scale * dS^T Q for one step's masked scores s [R, keys]."""
-  p, ds = probs_and_dscores(s, lse_ref, do, v, delta_ref)
-  dv_scratch[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-  dk_scratch[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                                 preferred_element_type=jnp.float32)
 
 
 # ---- the inverted selection: KV-stationary backward lists ----

@@ -208,22 +208,22 @@ def nsa_time_table(args):
         print(f"{c.name:<26} {c.steps:>8} {c.dmas:>9} {g(c.bytes):>8} {c.flops / 1e9:9.0f} "
               + " ".join(f"{m['chips'][chip]['kernel_ms'][i]:9.2f}" for chip in CHIP_NAMES))
       lay, mn, dn, dmin = m["layer"], m["minimum"], m["dense"], m["dense_minimum"]
-      print(f"{'NSA layer':<26} {lay.steps:>8} {lay.dmas:>9} {g(lay.bytes):>8} {lay.flops / 1e9:9.0f} "
-            + " ".join(f"{m['chips'][chip]['ms']:9.2f}" for chip in CHIP_NAMES))
-      print(f"{'  honest minimum':<26} {'':>8} {'':>9} {g(mn.bytes):>8} {mn.flops / 1e9:9.0f} "
-            + " ".join(f"{m['chips'][chip]['roofline_ms']:9.2f}" for chip in CHIP_NAMES))
-      print(f"{'  x minimum / x roofline':<26} {'':>8} {'':>9} {lay.bytes / mn.bytes:8.2f} {lay.flops / mn.flops:9.2f} "
-            + " ".join(f"{m['chips'][chip]['ms'] / m['chips'][chip]['roofline_ms']:9.2f}" for chip in CHIP_NAMES))
-      print(f"{'  step cost 3x':<26} {'':>8} {'':>9} {'':>8} {'':>9} "
-            + " ".join(f"{m['chips'][chip]['steps_3x_ms']:9.2f}" for chip in CHIP_NAMES))
-      print(f"{'  DMA issue cost 3x':<26} {'':>8} {'':>9} {'':>8} {'':>9} "
-            + " ".join(f"{m['chips'][chip]['dmas_3x_ms']:9.2f}" for chip in CHIP_NAMES))
-      print(f"{'dense (splash), causal':<26} {dn.steps:>8} {dn.dmas:>9} {g(dn.bytes):>8} {dn.flops / 1e9:9.0f} "
-            + " ".join(f"{m['chips'][chip]['dense_ms']:9.2f}" for chip in CHIP_NAMES))
-      print(f"{'  dense roofline':<26} {'':>8} {'':>9} {g(dmin.bytes):>8} {dmin.flops / 1e9:9.0f} "
-            + " ".join(f"{m['chips'][chip]['dense_roofline_ms']:9.2f}" for chip in CHIP_NAMES))
-      print(f"{'  NSA / dense time':<26} {'':>8} {'':>9} {'':>8} {'':>9} "
-            + " ".join(f"{m['chips'][chip]['ms'] / m['chips'][chip]['dense_ms']:9.3f}" for chip in CHIP_NAMES))
+      per_chip = lambda value, fmt=".2f": " ".join(f"{value(m['chips'][chip]):9{fmt}}" for chip in CHIP_NAMES)
+      cost = lambda c: f"{c.steps:>8} {c.dmas:>9} {g(c.bytes):>8} {c.flops / 1e9:9.0f}"
+      blank = f"{'':>8} {'':>9} {'':>8} {'':>9}"
+      rows = [("NSA layer", cost(lay), per_chip(lambda c: c["ms"])),
+              ("  honest minimum", f"{'':>8} {'':>9} {g(mn.bytes):>8} {mn.flops / 1e9:9.0f}",
+               per_chip(lambda c: c["roofline_ms"])),
+              ("  x minimum / x roofline", f"{'':>8} {'':>9} {lay.bytes / mn.bytes:8.2f} {lay.flops / mn.flops:9.2f}",
+               per_chip(lambda c: c["ms"] / c["roofline_ms"])),
+              ("  step cost 3x", blank, per_chip(lambda c: c["steps_3x_ms"])),
+              ("  DMA issue cost 3x", blank, per_chip(lambda c: c["dmas_3x_ms"])),
+              ("dense (splash), causal", cost(dn), per_chip(lambda c: c["dense_ms"])),
+              ("  dense roofline", f"{'':>8} {'':>9} {g(dmin.bytes):>8} {dmin.flops / 1e9:9.0f}",
+               per_chip(lambda c: c["dense_roofline_ms"])),
+              ("  NSA / dense time", blank, per_chip(lambda c: c["ms"] / c["dense_ms"], ".3f"))]
+      for label, columns, times in rows:
+        print(f"{label:<26} {columns} {times}")
       if on_tpu and selection == "random":      # the model's layer on random inputs: a random-like selection
         from perf import nsa_time
         print(f"{'  measured on ' + jax.devices()[0].device_kind:<56} {nsa_time.measure_ms(seq_len, shape):9.2f} ms "

@@ -95,7 +95,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported
-from kernels.nsa.rows import check_rows, from_rows, from_tile_rows, to_rows, to_tile_rows
+from kernels.nsa.rows import check_rows, from_rows, from_tile_rows, tiles_per_step, to_rows, to_tile_rows
 from kernels.pallas_common import LANES, ROWS, column, cost, probs, probs_and_dscores, softmax_init
 
 FORWARD, BACKWARD, SCORES, FUSED = "forward", "backward", "scores", "fused"
@@ -268,12 +268,6 @@ class Geometry(NamedTuple):
     return [first, *inner, full]
 
 
-def _tiles_per_step(num_tiles: int, most: int) -> int:
-  """The largest divisor of num_tiles that is at most `most` (at least 1)."""
-  most = max(1, min(most, num_tiles))
-  return max(d for d in range(1, most + 1) if num_tiles % d == 0)
-
-
 def _chunk(key_tile: int, c: int) -> int:
   """options.key_tile, or fewer when C is smaller (whole bf16 sublane tiles of 16)."""
   return max(1, min(key_tile, -(-c // 16) * 16))
@@ -295,7 +289,7 @@ def attention_geometry(b, t, hq, hkv, dk, dv, c, block_len, stride, *, dtype=jnp
   per_range = max(1, min(num_chunks, DKV_RANGE_BYTES // (_padded_bytes((chunk, dk), 4) + _padded_bytes((chunk, dv), 4))))
   per_range = -(-num_chunks // -(-num_chunks // per_range))          # balance the ranges
   return Geometry(b, t, hkv, group, dk, dv, c, block_len, stride, chunk,
-                  _tiles_per_step(t // (ROWS // group), options.step_rows // ROWS), per_range, np.dtype(dtype),
+                  tiles_per_step(t // (ROWS // group), options.step_rows), per_range, np.dtype(dtype),
                   dk ** -0.5 if scale is None else scale, options, sub=_sub(chunk))
 
 
@@ -311,7 +305,7 @@ def scores_geometry(b, qc, hq, hkv, dk, c, block_len, stride, slc_block, num_blo
   bq = ROWS // group
   most = min(options.step_rows // ROWS, max(1, SCORES_OUT_BYTES // (bq * block_tiles * nbt * 4)))
   c = min(c, block_tiles * chunk)
-  return Geometry(b, qc, hkv, group, dk, 0, c, block_len, stride, chunk, _tiles_per_step(qc // bq, most),
+  return Geometry(b, qc, hkv, group, dk, 0, c, block_len, stride, chunk, tiles_per_step(qc // bq, most * ROWS),
                   -(-c // chunk), np.dtype(dtype), dk ** -0.5 if scale is None else scale, options, nbt, num_blocks,
                   _sub(chunk))
 

@@ -54,3 +54,9 @@ def check_rows(t: int, hq: int, hkv: int) -> int:
   if t % (ROWS // group):
     raise Unsupported("seq_len", t, f"must be a multiple of {ROWS // group} (128 rows / G={group})")
   return group
+
+
+def tiles_per_step(num_tiles: int, step_rows: int) -> int:
+  """Query tiles per grid step: the largest divisor of num_tiles that is at most step_rows / 128."""
+  most = max(1, min(step_rows // ROWS, num_tiles))
+  return max(d for d in range(1, most + 1) if num_tiles % d == 0)

@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported
-from kernels.nsa.rows import check_rows, from_rows, from_tile_rows, to_rows
+from kernels.nsa.rows import check_rows, from_rows, from_tile_rows, tiles_per_step, to_rows
 from kernels.pallas_common import LANES, ROWS, cost, probs_and_dscores, softmax_finish, softmax_init, softmax_step
 
 SELECTION, WINDOW = "selection", "window"
@@ -79,9 +79,7 @@ class Walk(NamedTuple):
 
   @property
   def tiles_per_step(self) -> int:
-    """The largest number of tiles <= step_rows / 128 that divides the tiles."""
-    most = max(1, min(self.options.step_rows // ROWS, self.num_tiles))
-    return max(d for d in range(1, most + 1) if self.num_tiles % d == 0)
+    return tiles_per_step(self.num_tiles, self.options.step_rows)
 
   @property
   def num_steps(self) -> int:
