@@ -17,6 +17,8 @@ import jax
 IMPLS = ("xla", "pallas", "auto")
 PALLAS_MODES = ("auto", "compiled", "interpret")
 DSA_DKV = ("rows", "tiles")
+DSA_GATHERS = ("auto", "tensorcore", "sparsecore")
+DSA_INDEXER_DTYPES = ("bfloat16", "int8")
 
 
 class Unsupported(ValueError):
@@ -52,6 +54,12 @@ class KernelOptions:
                                   # tiles (KV-stationary over the inverted selection)
   topk_recall: float = 1.0        # DSA indexer_topk on Pallas: 1 exact; < 1 an approximate top-k with
                                   # this expected recall (kernels/chunking.top_k), a smaller sort
+  dsa_index_queries: int = 64     # DSA indexer on Pallas: query positions per score grid step
+  dsa_indexer_dtype: str = "bfloat16"   # DSA indexer's QK product: bfloat16, or int8 (per-row scales;
+                                        # v5e/v5p/v6e MXUs run int8 at twice the bf16 rate)
+  dsa_tiles_per_step: int = 8     # DSA sparse attention: query tiles per grid step (one gather stream)
+  dsa_gather: str = "auto"        # DSA's row gathers: tensorcore DMAs, or the SparseCores (v5p, v6e);
+                                  # auto: SparseCore where the chip has one
 
   def __post_init__(self):
     if self.pallas_mode not in PALLAS_MODES:
@@ -60,6 +68,11 @@ class KernelOptions:
       raise ValueError(f"dsa_tile_rows={self.dsa_tile_rows}: allowed values are 128, 256")
     if self.dsa_dkv not in DSA_DKV:
       raise ValueError(f"dsa_dkv={self.dsa_dkv!r}: allowed values are {', '.join(DSA_DKV)}")
+    if self.dsa_gather not in DSA_GATHERS:
+      raise ValueError(f"dsa_gather={self.dsa_gather!r}: allowed values are {', '.join(DSA_GATHERS)}")
+    if self.dsa_indexer_dtype not in DSA_INDEXER_DTYPES:
+      raise ValueError(f"dsa_indexer_dtype={self.dsa_indexer_dtype!r}: allowed values are "
+                       f"{', '.join(DSA_INDEXER_DTYPES)}")
     if self.matmul_keys < 0:
       raise ValueError(f"matmul_keys={self.matmul_keys}: must be 0 (the MXU width) or a positive number of keys")
     if self.step_rows < 128 or self.step_rows % 128:

@@ -77,6 +77,8 @@ def validate(config, num_devices: int | None = None, num_slices: int = 1) -> Non
   _choice(config, "kernels.pallas_mode", PALLAS_MODES)
   _choice(config, "kernels.dsa_dkv", kernels.DSA_DKV)
   _choice(config, "kernels.dsa_tile_rows", (128, 256))
+  _choice(config, "kernels.dsa_gather", kernels.DSA_GATHERS)
+  _choice(config, "kernels.dsa_indexer_dtype", kernels.DSA_INDEXER_DTYPES)
   _positive(config, *(f"kernels.{f.name}" for f in dataclasses.fields(kernels.KernelOptions)
                        if f.type is int and f.name != "matmul_keys"))
   _require(("kernels.matmul_keys", config.kernels.matmul_keys,

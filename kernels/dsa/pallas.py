@@ -73,6 +73,8 @@ from kernels.pallas_common import (
 )
 
 KEY_CHUNK = 128        # union rows gathered per chunk (forward, dq)
+MAX_PIECE = 32         # keys per coalesced copy: a run of consecutive keys costs at most 6 DMAs per 32
+RING = 3               # chunk buffers of the gather walk: two chunks in flight while one computes
 KEY_TILE = 128         # keys per dkv tile
 SCORE_KEYS = 512       # indexer: keys per score tile
 BIG = jnp.iinfo(jnp.int32).max
@@ -183,6 +185,7 @@ class _Geometry(NamedTuple):
   scale: float
   options: KernelOptions
   kv_dtype: jnp.dtype
+  tiles_per_step: int     # TPS: query tiles per grid step
 
   @property
   def rows(self):
@@ -191,6 +194,19 @@ class _Geometry(NamedTuple):
   @property
   def num_tiles(self):
     return self.t // self.queries_per_tile
+
+  @property
+  def num_steps(self):
+    return self.num_tiles // self.tiles_per_step
+
+  @property
+  def itemsize(self):
+    return jnp.dtype(self.kv_dtype).itemsize
+
+  @property
+  def list_len(self):
+    """int32s in a step's list row (step_lists)."""
+    return 3 + 2 * self.tiles_per_step + self.tiles_per_step * self.union // KEY_CHUNK + 2 * self.tiles_per_step * self.union
 
   @property
   def interpret(self):
@@ -211,14 +227,25 @@ def check_supported(n_heads: int) -> None:
     raise Unsupported("n_heads", n_heads, "must divide 128 or be a multiple of 8 (DSA's Pallas row tiles)")
 
 
-def _geometry(q, kv, topk: int, v_dim, scale, options) -> _Geometry:
+def tiles_per_step(union: int, options: KernelOptions) -> int:
+  """options.dsa_tiles_per_step, fewer where the step's list (2 ints per union slot of each tile)
+  would pass options.prefetch_bytes of SMEM."""
+  per_tile = 4 * (2 * union + union // KEY_CHUNK + 2)
+  return max(1, min(options.dsa_tiles_per_step, options.prefetch_bytes // per_tile))
+
+
+def _geometry(q, kv, topk: int, v_dim, scale, options, union: int | None = None) -> _Geometry:
+  """The walk's geometry; queries padded to whole pairs of steps (the backward splits the steps in
+  two halves)."""
   b, t, heads, dk = q.shape
   check_supported(heads)
   options = options or DEFAULT_OPTIONS
   qpt = queries_per_tile(heads, options.dsa_tile_rows)
-  union = _round_up(min(qpt * topk, kv.shape[1]), KEY_CHUNK)
-  return _Geometry(b, _round_up(t, qpt), heads, dk, v_dim, kv.shape[1], qpt, union,
-                   dk ** -0.5 if scale is None else scale, options, kv.dtype)
+  if union is None:
+    union = _round_up(min(qpt * topk, kv.shape[1]), KEY_CHUNK)
+  tps = tiles_per_step(union, options)
+  return _Geometry(b, _round_up(t, 2 * qpt * tps), heads, dk, v_dim, kv.shape[1], qpt, union,
+                   dk ** -0.5 if scale is None else scale, options, kv.dtype, tps)
 
 
 def tile_selection(indices, q_offset, *, num_keys: int, queries_per_tile: int, slots: int):
@@ -260,16 +287,16 @@ def tile_selection(indices, q_offset, *, num_keys: int, queries_per_tile: int, s
 
 
 def _selection(g: _Geometry, indices, q_offset):
-  """(sel [B, NT, 1 + U]: count then the union keys, for SMEM; bits [B, NT, 1, U + KC])."""
+  """(step lists [B, NS, list_len] (step_lists), bits [B, NT, 1, U + KC], keys [B, NT, 1, U + KC]
+  (-1 past the union), count [B, NT])."""
   pad = g.t - indices.shape[1]
   indices = jnp.pad(indices, [(0, 0), (0, pad), (0, 0)], constant_values=-1)
   keys, bits, count = tile_selection(indices, q_offset, num_keys=g.tk, queries_per_tile=g.queries_per_tile,
                                      slots=g.union)
-  sel = jnp.concatenate([count[..., None], keys], -1)
   # KC empty slots past the end: dkv reads 256-slot windows from any 128-aligned slot.
   bits = jnp.pad(bits, [(0, 0), (0, 0), (0, KEY_CHUNK)])[:, :, None, :]
   keys_row = jnp.pad(keys, [(0, 0), (0, 0), (0, KEY_CHUNK)], constant_values=-1)[:, :, None, :]
-  return sel, bits, keys_row, count
+  return step_lists(g, keys, count), bits, keys_row, count
 
 
 def _tile_rows(g: _Geometry, x):
@@ -282,92 +309,175 @@ def _untile_rows(g: _Geometry, x, t: int):
   return x.reshape(g.b, g.t, g.heads, x.shape[-1])[:, :t]
 
 
-# ---- forward and dq: the union walk with DMA row gathers ----
+# ---- the gather walk: a step's tiles, their unions streamed chunk by chunk ----
 
 def gather_rows(kv):
   """kv [B, T, Dk] as [B, T, 1, Dk]: each row its own (1, Dk) slab, so a DMA can start at any
-  row (Mosaic slices the tiled (sublane) dims only at whole tiles). XLA stores it with 2-row
-  tiles in bf16 (one padding row: 2x kv's bytes, a copy of kv per call; kv is [T, 576] per layer,
-  small next to the attention)."""
+  row (Mosaic slices the tiled (sublane) dims only at whole tiles: `Offsets along tiled dimensions
+  must be aligned to tiles`). XLA stores it with 2-row tiles in bf16 (one padding row: a gathered
+  row moves ROW_BYTES, 2.2x its 1,152 B at Dk=576; fp32 rows use 1-row tiles)."""
   return kv[:, :, None, :]
 
 
-def _gather_walk(sel_hbm, sel_smem, sources, sem, step, write=None):
-  """Walks the tile's union: copies its list to SMEM, then per chunk of KC keys DMA-gathers the
-  keys' rows of every source (hbm [B, T, 1, D], buf [2, KC, 1, D]) into buf[slot] (the next
-  chunk's copies start before this chunk computes; sem: DMA [sources, 2]) and calls
-  step(chunk, slot, [rows [KC, D] per source]).
-  write = (buf, hbm, sem [2]): after each step, buf[slot]'s rows of the chunk's real keys go back
-  to their hbm rows (async; a slot's writes are awaited before it is refilled, and all by the
-  end). The union's keys are distinct, so no two copies in flight touch one row; the padding
-  slots of the last chunk (repeats of the last key) are never written."""
-  b, i = pl.program_id(0), pl.program_id(1)
-  pltpu.sync_copy(sel_hbm.at[b, i], sel_smem)
-  count = sel_smem[0]
-  chunks = (count + KEY_CHUNK - 1) // KEY_CHUNK
-  key = lambda c, m: sel_smem[1 + c * KEY_CHUNK + m]
+def padded_row_bytes(dk: int, itemsize: int) -> int:
+  """HBM bytes of one [1, Dk] row of a [T, 1, Dk] array: lanes padded to 128, bf16 rows in 2-row tiles."""
+  return _round_up(dk, LANES) * itemsize * (2 if itemsize == 2 else 1)
 
-  def each_row(n, fn):
-    def one(m, carry):
-      fn(m)
+
+def step_lists(g: _Geometry, keys, count):
+  """int32 [B, NS, list_len]: per grid step of TPS tiles the stream of their union chunks, copied
+  to SMEM at the step's start (one DMA):
+    [C = the step's chunks, the first chunk of each tile (TPS + 1), each tile's union count (TPS),
+     the first piece of each chunk (TPS * U / KC + 1), per piece (slot in its chunk | length << 8)
+     (TPS * U), per piece its first key (TPS * U)].
+  A piece is a run of consecutive keys within one chunk, at most MAX_PIECE long: one DMA per
+  power of two of its length (a random selection: one per key; a run of 128 keys: 4)."""
+  b, tps, u, kc = g.b, g.tiles_per_step, g.union, KEY_CHUNK
+  ns, cpt = g.num_steps, g.union // KEY_CHUNK
+  keys, count = keys.reshape(b, ns, tps, u), count.reshape(b, ns, tps)
+  tile_start = jnp.concatenate([jnp.zeros((b, ns, 1), jnp.int32), jnp.cumsum((count + kc - 1) // kc, -1)], -1)
+  slot = jnp.arange(u, dtype=jnp.int32)
+  real = slot < count[..., None]
+  prev = jnp.concatenate([jnp.full((b, ns, tps, 1), -2, jnp.int32), keys[..., :-1]], -1)
+  run_start = real & ((keys != prev + 1) | (slot % kc == 0))
+  start_slot = jax.lax.cummax(jnp.where(run_start, slot, 0), axis=3)
+  begins = real & (run_start | ((slot - start_slot) % MAX_PIECE == 0))
+  position = (jnp.arange(tps, dtype=jnp.int32)[:, None] * u + slot).reshape(tps * u)      # in the step's stream
+  marked = jnp.where(begins.reshape(b, ns, tps * u), position, BIG)
+  after = jnp.concatenate([marked[..., 1:], jnp.full((b, ns, 1), BIG, jnp.int32)], -1)
+  next_begin = jax.lax.cummin(after, axis=2, reverse=True)
+  tile_end = jnp.repeat(jnp.arange(tps, dtype=jnp.int32) * u + count, u, axis=-1)         # [b, ns, tps * u]
+  length = jnp.minimum(next_begin, tile_end) - position
+  piece = jnp.sort(marked, axis=-1)                                                      # pieces in stream order
+  is_piece = piece < BIG
+  at = lambda x: jnp.take_along_axis(x, jnp.where(is_piece, piece, 0), -1)
+  piece_tile, piece_slot = piece // u, piece % u
+  chunk = jnp.where(is_piece, jnp.take_along_axis(tile_start, jnp.where(is_piece, piece_tile, 0), -1)
+                    + piece_slot // kc, BIG)
+  first_piece = jax.vmap(jnp.searchsorted, (0, None))(chunk.reshape(-1, tps * u),
+                                                    jnp.arange(tps * cpt + 1)).reshape(b, ns, -1)
+  word = jnp.where(is_piece, piece_slot % kc + at(length) * 256, 0)
+  first_key = jnp.where(is_piece, at(keys.reshape(b, ns, tps * u)), 0)
+  row = [tile_start[..., -1:], tile_start, count, first_piece, word, first_key]
+  return jnp.concatenate([x.astype(jnp.int32) for x in row], -1)
+
+
+class _StepList:
+  """A step's list row in SMEM (layout: step_lists)."""
+
+  def __init__(self, g: _Geometry, ref):
+    self.ref, tps = ref, g.tiles_per_step
+    self.counts_at = 2 + tps
+    self.pieces_at = self.counts_at + tps
+    self.words_at = self.pieces_at + tps * g.union // KEY_CHUNK + 1
+    self.keys_at = self.words_at + tps * g.union
+
+  def chunks(self):
+    return self.ref[0]
+
+  def tile_start(self, tile):
+    return self.ref[1 + tile]
+
+  def count(self, tile):
+    return self.ref[self.counts_at + tile]
+
+  def first_piece(self, chunk):
+    return self.ref[self.pieces_at + chunk]
+
+  def piece(self, p):
+    """(slot in its chunk, length, first key) of piece p."""
+    word = self.ref[self.words_at + p]
+    return word % 256, word // 256, self.ref[self.keys_at + p]
+
+
+def _powers(n: int):
+  return [1 << i for i in reversed(range(n.bit_length()))]
+
+
+def _walk(g: _Geometry, lst: _StepList, loads, sem, compute, *, cross_tiles: bool, writes=(), wsem=None,
+          tile_begin=lambda tile: None, tile_end=lambda tile: None):
+  """Streams the step's tiles' union chunks through a ring of RING chunk buffers.
+  loads: [(hbm [Tk, 1, D], ring [RING, KC, 1, D])] filled piece by piece; writes: [(ring, hbm)]
+  copied back the same way after the chunk computed. Per chunk one wait per source (for the
+  chunk's bytes: the semaphore counts bytes; a power of two of rows per wait descriptor, so at
+  most 8) and RING - 1 chunks in flight ahead: across tile boundaries when cross_tiles (the
+  forward and teacher read only); within a tile otherwise (the backward's written rows must
+  land before a later tile may read the same key). compute(tile, chunk of the tile, slot);
+  tile_begin/tile_end(tile) around each tile's chunks (also for a tile with none)."""
+  total = lst.chunks()
+
+  def pieces(chunk, slot, pairs, semaphores):
+    def one(p, carry):
+      first_slot, length, key = lst.piece(p)
+      for size in _powers(min(MAX_PIECE, g.tk)):
+        offset = length // (2 * size) * (2 * size)
+
+        @pl.when(length & size != 0)
+        def _copy():
+          for k, (src, dst, to_hbm) in enumerate(pairs):
+            ring_rows = pl.ds(first_slot + offset, size)
+            hbm_rows = pl.ds(key + offset, size)
+            copy = (pltpu.make_async_copy(src.at[slot, ring_rows], dst.at[hbm_rows], semaphores.at[k, slot]) if to_hbm
+                    else pltpu.make_async_copy(src.at[hbm_rows], dst.at[slot, ring_rows], semaphores.at[k, slot]))
+            copy.start()
       return carry
-    jax.lax.fori_loop(0, n, one, 0)
+    jax.lax.fori_loop(lst.first_piece(chunk), lst.first_piece(chunk + 1), one, 0)
 
-  def start(c, slot):
-    def one(m):
-      for s, (hbm, buf) in enumerate(sources):
-        pltpu.make_async_copy(hbm.at[b, key(c, m)], buf.at[slot, m], sem.at[s, slot]).start()
-    each_row(KEY_CHUNK, one)
+  def wait(rows, slot, pairs, semaphores):
+    """One wait per source for the chunk's rows' bytes (in power-of-two descriptors: a wait needs
+    only the semaphore and the size, so a ring slot stands for both ends)."""
+    for size in _powers(KEY_CHUNK):
+      @pl.when(rows & size != 0)
+      def _wait():
+        for k, (src, dst, to_hbm) in enumerate(pairs):
+          ring = (src if to_hbm else dst).at[slot, pl.ds(0, size)]
+          pltpu.make_async_copy(ring, ring, semaphores.at[k, slot]).wait()
 
-  def wait(slot):
-    def one(m):
-      for s, (hbm, buf) in enumerate(sources):
-        pltpu.make_async_copy(hbm.at[b, 0], buf.at[slot, 0], sem.at[s, slot]).wait()
-    each_row(KEY_CHUNK, one)
+  reads = [(hbm, ring, False) for hbm, ring in loads]
+  stores = [(ring, hbm, True) for ring, hbm in writes]
+  start = lambda chunk: pieces(chunk, chunk % RING, reads, sem)
 
-  real = lambda c: jnp.minimum(KEY_CHUNK, count - c * KEY_CHUNK)
+  def prefetch(first, limit):
+    for j in range(RING - 1):
+      pl.when(first + j < limit)(lambda j=j: start(first + j))
 
-  def write_start(c, slot):
-    buf, hbm, wsem = write
-    each_row(real(c), lambda m: pltpu.make_async_copy(buf.at[slot, m], hbm.at[b, key(c, m)], wsem.at[slot]).start())
+  for _, ring in loads:        # slots past a chunk's real rows are never copied: keep them finite
+    ring[...] = jnp.zeros(ring.shape, ring.dtype)
+  if cross_tiles:
+    prefetch(0, total)
 
-  def write_wait(c, slot):
-    buf, hbm, wsem = write
-    each_row(real(c), lambda m: pltpu.make_async_copy(buf.at[slot, 0], hbm.at[b, 0], wsem.at[slot]).wait())
+  def tile_body(tile, carry):
+    first, last = lst.tile_start(tile), lst.tile_start(tile + 1)
+    rows = lambda chunk: jnp.minimum(KEY_CHUNK, lst.count(tile) - (chunk - first) * KEY_CHUNK)
+    if not cross_tiles:
+      prefetch(first, last)
+    tile_begin(tile)
 
-  @pl.when(chunks > 0)
-  def _first():
-    start(0, 0)
-
-  def body(c, carry):
-    slot = c % 2
-
-    @pl.when(c + 1 < chunks)
-    def _next():
-      if write:
-        @pl.when(c >= 1)
-        def _drain():             # chunk c-1's writes leave slot 1 - slot before it is refilled
-          write_wait(c - 1, 1 - slot)
-      start(c + 1, 1 - slot)
-    wait(slot)
-    step(c, slot, [buf[slot].reshape(KEY_CHUNK, buf.shape[-1]) for _, buf in sources])
-    if write:
-      write_start(c, slot)
+    def chunk_body(chunk, carry):
+      slot = chunk % RING
+      if writes:                   # the slot refilled next held chunk - 1: its rows must have left
+        @pl.when(chunk > first)
+        def _drain():
+          wait(rows(chunk - 1), (chunk - 1) % RING, stores, wsem)
+      pl.when(chunk + RING - 1 < (total if cross_tiles else last))(lambda: start(chunk + RING - 1))
+      wait(rows(chunk), slot, reads, sem)
+      compute(tile, chunk - first, slot)
+      if writes:
+        pieces(chunk, slot, stores, wsem)
+      return carry
+    jax.lax.fori_loop(first, last, chunk_body, 0)
+    if writes:
+      @pl.when(last > first)
+      def _last():
+        wait(rows(last - 1), (last - 1) % RING, stores, wsem)
+    tile_end(tile)
     return carry
-  jax.lax.fori_loop(0, chunks, body, 0)
-  if write:                       # the last two chunks' writes (the loop awaited the others)
-    @pl.when(chunks >= 2)
-    def _second_last():
-      write_wait(chunks - 2, chunks % 2)
-
-    @pl.when(chunks >= 1)
-    def _last():
-      write_wait(chunks - 1, (chunks - 1) % 2)
+  jax.lax.fori_loop(0, g.tiles_per_step, tile_body, 0)
 
 
-def _chosen(bits_ref, c, rows: int, heads: int):
-  """[R, KC] bool: row r's query (r // H) chose chunk c's key."""
-  bits = bits_ref[:, pl.ds(pl.multiple_of(c * KEY_CHUNK, KEY_CHUNK), KEY_CHUNK)]            # [1, KC]
+def _chosen(bits_ref, tile, c, rows: int, heads: int):
+  """[R, KC] bool: row r's query (r // H) chose the key in chunk c's slot."""
+  bits = bits_ref[tile, :, pl.ds(pl.multiple_of(c * KEY_CHUNK, KEY_CHUNK), KEY_CHUNK)]        # [1, KC]
   who = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // heads
   return jnp.bitwise_and(jnp.right_shift(bits, who), 1) == 1
 
@@ -377,176 +487,203 @@ def _scores(q, rows, chosen, scale):
   return jnp.where(chosen, s, -jnp.inf)
 
 
-def _forward_kernel(sel_hbm, bits_ref, q_ref, kv_hbm, o_ref, lse_ref, sel_smem, buf, sem, m_scratch, l_scratch,
-                    acc_scratch, *, scale, heads):
-  softmax_init(m_scratch, l_scratch, acc_scratch)
-  q = q_ref[...]
-
-  def step(c, slot, sources):
-    rows, = sources
-    s = _scores(q, rows, _chosen(bits_ref, c, q.shape[0], heads), scale)
-    softmax_step(s, rows, m_scratch, l_scratch, acc_scratch)
-  _gather_walk(sel_hbm, sel_smem, [(kv_hbm, buf)], sem, step)
-  softmax_finish(o_ref, lse_ref, m_scratch, l_scratch, acc_scratch)
+def _chunk_rows(ring, slot):
+  return ring[slot].reshape(KEY_CHUNK, ring.shape[-1])
 
 
-def _dq_kernel(sel_hbm, bits_ref, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, dq_ref, sel_smem, buf, sem,
-               acc_scratch, *, scale, heads):
-  acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
-  q, do = q_ref[...], do_ref[...]
-
-  def step(c, slot, sources):
-    rows, = sources
-    s = _scores(q, rows, _chosen(bits_ref, c, q.shape[0], heads), scale)
-    p, ds = probs_and_dscores(s, lse_ref, do, rows, delta_ref)
-    acc_scratch[...] += scale * jnp.dot(ds.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
-  _gather_walk(sel_hbm, sel_smem, [(kv_hbm, buf)], sem, step)
-  dq_ref[...] = acc_scratch[...].astype(dq_ref.dtype)
+def _step_list(g: _Geometry, lists_hbm, smem, step):
+  pltpu.sync_copy(lists_hbm.at[pl.program_id(0), step], smem)
+  return _StepList(g, smem)
 
 
-def _dq_dkv_kernel(sel_hbm, bits_ref, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, dkv_in_hbm, dq_ref, dkv_hbm,
-                   sel_smem, buf, grad_buf, sem, write_sem, acc_scratch, *, scale, heads):
-  """dq as _dq_kernel, and per chunk the chosen rows' kv gradient, added into their fp32 rows in
-  HBM: read with the kv rows, written back after the chunk (dkv_in_hbm is dkv_hbm, aliased)."""
+def _forward_kernel(lists_hbm, bits_ref, q_ref, kv_hbm, o_ref, lse_ref, smem, ring, sem, m_scratch, l_scratch,
+                    acc_scratch, *, g):
+  lst = _step_list(g, lists_hbm, smem, pl.program_id(1))
+
+  def compute(tile, c, slot):
+    rows, q = _chunk_rows(ring, slot), q_ref[tile]
+    softmax_step(_scores(q, rows, _chosen(bits_ref, tile, c, g.rows, g.heads), g.scale), rows, m_scratch,
+                 l_scratch, acc_scratch)
+  _walk(g, lst, [(kv_hbm.at[pl.program_id(0)], ring)], sem, compute, cross_tiles=True,
+        tile_begin=lambda tile: softmax_init(m_scratch, l_scratch, acc_scratch),
+        tile_end=lambda tile: softmax_finish(o_ref.at[tile], lse_ref.at[tile], m_scratch, l_scratch, acc_scratch))
+
+
+def _teacher_kernel(lists_hbm, bits_ref, q_ref, lse_ref, kv_hbm, teacher_ref, smem, ring, sem, *, g):
+  lst = _step_list(g, lists_hbm, smem, pl.program_id(1))
+  queries = g.queries_per_tile
+  owner = jax.lax.broadcasted_iota(jnp.int32, (queries, g.rows), 1) // g.heads
+  mean = jnp.where(owner == jax.lax.broadcasted_iota(jnp.int32, (queries, g.rows), 0), 1.0 / g.heads, 0.0)
+
+  def compute(tile, c, slot):
+    s = _scores(q_ref[tile], _chunk_rows(ring, slot), _chosen(bits_ref, tile, c, g.rows, g.heads), g.scale)
+    p = probs(s, lse_ref.at[tile])                                                          # [R, KC]
+    teacher_ref[tile, :, pl.ds(pl.multiple_of(c * KEY_CHUNK, KEY_CHUNK), KEY_CHUNK)] = jnp.dot(
+        mean, p, preferred_element_type=jnp.float32)                                        # [qpt, KC]
+
+  def zero(tile):                  # union slots past the count
+    teacher_ref[tile] = jnp.zeros(teacher_ref.shape[1:], jnp.float32)
+  _walk(g, lst, [(kv_hbm.at[pl.program_id(0)], ring)], sem, compute, cross_tiles=True, tile_begin=zero)
+
+
+def _dq_step(g: _Geometry, tile, c, rows, q_ref, do_ref, lse_ref, delta_ref, bits_ref, acc_scratch):
+  """dq's share of one chunk; returns (p, dS) for the kv gradient."""
+  q = q_ref[tile]
+  s = _scores(q, rows, _chosen(bits_ref, tile, c, g.rows, g.heads), g.scale)
+  p, ds = probs_and_dscores(s, lse_ref.at[tile], do_ref[tile], rows, delta_ref.at[tile])
+  acc_scratch[...] += g.scale * jnp.dot(ds.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
+  return p, ds
+
+
+def _dq_hooks(acc_scratch, dq_ref):
+  """tile_begin / tile_end of the dq walks: a tile's dq accumulates in VMEM, written at its end."""
+  def begin(tile):
+    acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+
+  def end(tile):
+    dq_ref[tile] = acc_scratch[...].astype(dq_ref.dtype)
+  return dict(tile_begin=begin, tile_end=end)
+
+
+def _dq_kernel(lists_hbm, bits_ref, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, dq_ref, smem, ring, sem, acc_scratch,
+               *, g):
+  lst = _step_list(g, lists_hbm, smem, pl.program_id(1))
+
+  def compute(tile, c, slot):
+    _dq_step(g, tile, c, _chunk_rows(ring, slot), q_ref, do_ref, lse_ref, delta_ref, bits_ref, acc_scratch)
+  _walk(g, lst, [(kv_hbm.at[pl.program_id(0)], ring)], sem, compute, cross_tiles=True,
+        **_dq_hooks(acc_scratch, dq_ref))
+
+
+def _dq_dkv_kernel(lists_hbm, bits_ref, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, dkv_in_hbm, dq_ref, dkv_hbm,
+                   smem, ring, grad_ring, sem, write_sem, acc_scratch, *, g):
+  """dq as _dq_kernel, and per chunk the chosen rows' kv gradient, added into their fp32 rows of
+  this core's half in HBM: read with the kv rows, written back after the chunk (dkv_in_hbm is
+  dkv_hbm, aliased)."""
   del dkv_in_hbm
-  acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
-  q, do = q_ref[...], do_ref[...]
+  b, half = pl.program_id(0), pl.program_id(1)
+  lst = _step_list(g, lists_hbm, smem, half * pl.num_programs(2) + pl.program_id(2))
+  contraction = (((0,), (0,)), ((), ()))
 
-  def step(c, slot, sources):
-    rows, grad_rows = sources
-    s = _scores(q, rows, _chosen(bits_ref, c, q.shape[0], heads), scale)
-    p, ds = probs_and_dscores(s, lse_ref, do, rows, delta_ref)
-    acc_scratch[...] += scale * jnp.dot(ds.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
-    contraction = (((0,), (0,)), ((), ()))
-    grad = (grad_rows
-            + scale * jax.lax.dot_general(ds.astype(q.dtype), q, contraction, preferred_element_type=jnp.float32)
-            + jax.lax.dot_general(p.astype(do.dtype), do, contraction, preferred_element_type=jnp.float32))
-    grad_buf[slot] = grad.reshape(grad_buf.shape[1:])
-  _gather_walk(sel_hbm, sel_smem, [(kv_hbm, buf), (dkv_hbm, grad_buf)], sem, step, write=(grad_buf, dkv_hbm, write_sem))
-  dq_ref[...] = acc_scratch[...].astype(dq_ref.dtype)
+  def compute(tile, c, slot):
+    rows = _chunk_rows(ring, slot)
+    p, ds = _dq_step(g, tile, c, rows, q_ref, do_ref, lse_ref, delta_ref, bits_ref, acc_scratch)
+    grad = (_chunk_rows(grad_ring, slot)
+            + g.scale * jax.lax.dot_general(ds.astype(rows.dtype), q_ref[tile], contraction,
+                                            preferred_element_type=jnp.float32)
+            + jax.lax.dot_general(p.astype(rows.dtype), do_ref[tile], contraction, preferred_element_type=jnp.float32))
+    grad_ring[slot] = grad.reshape(grad_ring.shape[1:])
+  grads = dkv_hbm.at[b, half]
+  _walk(g, lst, [(kv_hbm.at[b], ring), (grads, grad_ring)], sem, compute, cross_tiles=False,
+        writes=[(grad_ring, grads)], wsem=write_sem, **_dq_hooks(acc_scratch, dq_ref))
 
 
-def _walk_call(g: _Geometry, kernel, row_inputs, outputs, scratch, estimate):
-  """pallas_call over grid (B, NT): sel (HBM, copied to SMEM per tile), bits and the row inputs
-  as tile blocks, kv in HBM (rows gathered by DMA; pass `gather_rows(kv)`); outputs are tile
-  blocks."""
-  tile = lambda width: pl.BlockSpec((None, None, 1 if width is None else g.rows, width or g.rows),
-                                    lambda b, i: (b, i, 0, 0))
+def _tile_spec(g: _Geometry, width, index=None):
+  """A step's TPS tiles of a [B, NT, R or 1, width or R] array."""
+  index = index or (lambda b, s: (b, s, 0, 0))
+  return pl.BlockSpec((None, g.tiles_per_step, 1 if width is None else g.rows, width or g.rows), index)
+
+
+def _walk_call(g: _Geometry, kernel, row_inputs, outputs, scratch, estimate, name):
+  """pallas_call over grid (B, NS): the step lists (HBM, copied to SMEM per step), bits and the row
+  inputs as blocks of TPS tiles, kv in HBM (rows gathered by DMA; pass `gather_rows(kv)`); outputs
+  are blocks of TPS tiles ([B, NT, R or qpt, width])."""
+  out_specs, out_shape = [], []
+  for width, dtype, rows in outputs:
+    out_specs.append(pl.BlockSpec((None, g.tiles_per_step, rows, width), lambda b, s: (b, s, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((g.b, g.num_tiles, rows, width), dtype))
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  bits_spec = pl.BlockSpec((None, None, 1, g.union + KEY_CHUNK), lambda b, i: (b, i, 0, 0))
   return pl.pallas_call(
-      functools.partial(kernel, scale=g.scale, heads=g.heads),
-      grid=(g.b, g.num_tiles),
-      in_specs=[any_spec, bits_spec, *[tile(w) for w in row_inputs], any_spec],
-      out_specs=[tile(w) for w, _ in outputs],
-      out_shape=[jax.ShapeDtypeStruct((g.b, g.num_tiles, 1 if w is None else g.rows, w or g.rows), dtype)
-                 for w, dtype in outputs],
-      scratch_shapes=[pltpu.SMEM((1 + g.union,), jnp.int32), pltpu.VMEM((2, KEY_CHUNK, 1, g.dk), g.kv_dtype),
-                      pltpu.SemaphoreType.DMA((1, 2)), *scratch],
+      functools.partial(kernel, g=g), grid=(g.b, g.num_steps),
+      in_specs=[any_spec, _bits_spec(g),
+                *[_tile_spec(g, w) for w in row_inputs], any_spec],
+      out_specs=out_specs, out_shape=out_shape,
+      scratch_shapes=[*_ring_scratch(g), pltpu.SemaphoreType.DMA((1, RING)), *scratch],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-      cost_estimate=estimate, interpret=g.interpret)
+      cost_estimate=estimate, interpret=g.interpret, name=name)
+
+
+def _bits_spec(g: _Geometry, index=None):
+  return pl.BlockSpec((None, g.tiles_per_step, 1, g.union + KEY_CHUNK), index or (lambda b, s: (b, s, 0, 0)))
+
+
+def _ring_scratch(g: _Geometry):
+  return [pltpu.SMEM((g.list_len,), jnp.int32), pltpu.VMEM((RING, KEY_CHUNK, 1, g.dk), g.kv_dtype)]
 
 
 def _walk_cost(g: _Geometry, matmuls: int, row_bytes: int):
-  """FLOPs: R rows x a union of up to qpt*k rows per tile x `matmuls` products of width Dk (the
-  union bound: the count is data); bytes: the tile rows plus each union row once."""
+  """The union bound (a kernel's CostEstimate is static; the walked chunks are data: `walk`
+  counts them for a selection): FLOPs R rows x every union slot of every tile x `matmuls`
+  products of width Dk; bytes the tile rows plus each union slot's padded row once."""
   selected = g.b * g.num_tiles * g.rows * g.union
-  itemsize = jnp.dtype(g.kv_dtype).itemsize
   return cost(2 * selected * g.dk * matmuls, selected,
-              g.b * g.num_tiles * (g.rows * row_bytes + g.union * g.dk * itemsize))
+              g.b * g.num_tiles * (g.rows * row_bytes + g.union * padded_row_bytes(g.dk, g.itemsize)))
 
 
-def _forward_rows(g: _Geometry, sel, bits, q_rows, kv):
+def _forward_rows(g: _Geometry, lists, bits, q_rows, kv):
   """(out rows [B, NT, R, Dk] (the first Dv columns are the output), lse [B, NT, 1, R])."""
-  return _walk_call(g, _forward_kernel, [g.dk], [(g.dk, q_rows.dtype), (None, jnp.float32)],
+  return _walk_call(g, _forward_kernel, [g.dk], [(g.dk, q_rows.dtype, g.rows), (g.rows, jnp.float32, 1)],
                     [pltpu.VMEM((g.rows, LANES), jnp.float32), pltpu.VMEM((g.rows, LANES), jnp.float32),
                      pltpu.VMEM((g.rows, g.dk), jnp.float32)],
-                    _walk_cost(g, 2, 4 * g.dk + 4))(sel, bits, q_rows, gather_rows(kv))
+                    _walk_cost(g, 2, 4 * g.dk + 4), "dsa_sparse_fwd")(lists, bits, q_rows, gather_rows(kv))
 
 
 def sparse_forward(q, kv, indices, q_offset=0, *, v_dim: int, scale=None, options=None):
   """(out [B, T, H, v_dim] in q's dtype, lse [B, T, H] float32): kernels.dsa.sparse_attention's
   numbers for queries at global positions q_offset + [0, T) against all rows kv [B, Tk, Dk]."""
   g = _geometry(q, kv, indices.shape[-1], v_dim, scale, options)
-  sel, bits, _, _ = _selection(g, indices, q_offset)
-  out, lse = _forward_rows(g, sel, bits, _tile_rows(g, q), kv)
+  lists, bits, _, _ = _selection(g, indices, q_offset)
+  out, lse = _forward_rows(g, lists, bits, _tile_rows(g, q), kv)
   t = q.shape[1]
   return _untile_rows(g, out, t)[..., :v_dim], lse.reshape(g.b, g.t, g.heads)[:, :t]
 
 
-# ---- the indexer's teacher: head-averaged probabilities over the selected keys ----
-
-def _teacher_kernel(sel_hbm, bits_ref, q_ref, lse_ref, kv_hbm, teacher_ref, sel_smem, buf, sem, *, scale, heads):
-  teacher_ref[...] = jnp.zeros(teacher_ref.shape, jnp.float32)       # union slots past the count
-  q = q_ref[...]
-  rows, queries = q.shape[0], teacher_ref.shape[0]
-  owner = jax.lax.broadcasted_iota(jnp.int32, (queries, rows), 1) // heads
-  mean = jnp.where(owner == jax.lax.broadcasted_iota(jnp.int32, (queries, rows), 0), 1.0 / heads, 0.0)
-
-  def step(c, slot, sources):
-    kv_rows, = sources
-    p = probs(_scores(q, kv_rows, _chosen(bits_ref, c, rows, heads), scale), lse_ref)        # [R, KC]
-    teacher_ref[:, pl.ds(pl.multiple_of(c * KEY_CHUNK, KEY_CHUNK), KEY_CHUNK)] = jnp.dot(
-        mean, p, preferred_element_type=jnp.float32)                                          # [qpt, KC]
-  _gather_walk(sel_hbm, sel_smem, [(kv_hbm, buf)], sem, step)
-
-
-def _teacher_rows(g: _Geometry, sel, bits, q_rows, lse_rows, kv):
+def _teacher_rows(g: _Geometry, lists, bits, q_rows, lse_rows, kv):
   """[B, NT, qpt, U] float32: per tile query and union slot, the attention probability of that
   key averaged over the query's H heads (0 where the query did not choose it). The forward's walk
   and gathers with the saved lse, the QK product only: half the forward's FLOPs, its bytes."""
-  tile = pl.BlockSpec((None, None, g.rows, g.dk), lambda b, i: (b, i, 0, 0))
-  lse_spec = pl.BlockSpec((None, None, 1, g.rows), lambda b, i: (b, i, 0, 0))
-  out_spec = pl.BlockSpec((None, None, g.queries_per_tile, g.union), lambda b, i: (b, i, 0, 0))
-  any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  bits_spec = pl.BlockSpec((None, None, 1, g.union + KEY_CHUNK), lambda b, i: (b, i, 0, 0))
   estimate = _walk_cost(g, 1, 2 * g.dk + 4 + 4 * g.union // g.heads)
-  return pl.pallas_call(
-      functools.partial(_teacher_kernel, scale=g.scale, heads=g.heads),
-      grid=(g.b, g.num_tiles), in_specs=[any_spec, bits_spec, tile, lse_spec, any_spec], out_specs=out_spec,
-      out_shape=jax.ShapeDtypeStruct((g.b, g.num_tiles, g.queries_per_tile, g.union), jnp.float32),
-      scratch_shapes=[pltpu.SMEM((1 + g.union,), jnp.int32), pltpu.VMEM((2, KEY_CHUNK, 1, g.dk), g.kv_dtype),
-                      pltpu.SemaphoreType.DMA((1, 2))],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-      cost_estimate=estimate, interpret=g.interpret,
-  )(sel, bits, q_rows, lse_rows, gather_rows(kv))
+  return _walk_call(g, _teacher_kernel, [g.dk, None], [(g.union, jnp.float32, g.queries_per_tile)], [], estimate,
+                    "dsa_teacher")(lists, bits, q_rows, lse_rows, gather_rows(kv))[0]
 
 
 # ---- dq and dkv in one walk: each chosen row's gradient added into its fp32 row in HBM ----
 
-def _dq_dkv(g: _Geometry, sel, bits, q_rows, do_rows, lse_rows, delta_rows, kv):
+def _dq_dkv(g: _Geometry, lists, bits, q_rows, do_rows, lse_rows, delta_rows, kv):
   """(dq rows [B, NT, R, Dk], d kv [B, Tk, Dk] float32) in one walk of the unions (options.dsa_dkv
-  = "rows"). Per chunk the 5 products of a row tile against KC gathered rows (MXU rows: R, as the
-  forward) and the chunk's fp32 gradient rows read, added to and written back by DMA. No two
-  writers race: a batch row's tiles run in order on one core (the tile axis is "arbitrary"),
-  each waits for its writes, and a union's keys are distinct.
-  Bytes per tile: q, dO R*Dk each, lse, delta; per union row kv Dk (bf16) plus the fp32 row read
-  and written (8*Dk): 4.6 KB a row at Dk=576, against the KV-stationary dkv's q and dO rows of
+  = "rows"). Per chunk the 5 products of a row tile against KC gathered rows and the chunk's fp32
+  gradient rows read, added to and written back by DMA (coalesced as the kv rows). Grid
+  (B, 2, NS / 2): the halves of the steps are parallel (both v5p TensorCores), each adding into
+  its own fp32 copy of the gradient (summed after); along a half the steps run in order. No two
+  writers race: a tile's rows are written back before the next tile reads (its walk does not
+  prefetch across tiles), and a union's keys are distinct.
+  Bytes per tile: q, dO R*Dk each, lse, delta; per union row kv plus the fp32 row read and
+  written: 7.5 KB a row at Dk=576 (padded rows), against the KV-stationary dkv's q and dO rows of
   every (key tile, query tile) pair (R*Dk*4 bytes = 295 KB at H=128, for the few keys a query
   picks in one 128-key tile of a long sequence: the inverse of a token-level selection spreads)."""
-  grad = jnp.zeros((g.b, g.tk, 1, g.dk), jnp.float32)
-  tile = lambda width: pl.BlockSpec((None, None, 1 if width is None else g.rows, width or g.rows),
-                                    lambda b, i: (b, i, 0, 0))
+  half = g.num_steps // 2
+  grad = jnp.zeros((g.b, 2, g.tk, 1, g.dk), jnp.float32)
+  index = lambda b, h, s: (b, h * half + s, 0, 0)
+  tile = lambda width: _tile_spec(g, width, index)
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  bits_spec = pl.BlockSpec((None, None, 1, g.union + KEY_CHUNK), lambda b, i: (b, i, 0, 0))
   estimate = _walk_cost(g, 5, 6 * g.dk + 8)
   estimate = cost(estimate.flops, estimate.transcendentals,
-                  estimate.bytes_accessed + g.b * g.num_tiles * g.union * g.dk * 8)
+                  estimate.bytes_accessed + 2 * g.b * g.num_tiles * g.union * padded_row_bytes(g.dk, 4))
   dq_rows, grad = pl.pallas_call(
-      functools.partial(_dq_dkv_kernel, scale=g.scale, heads=g.heads),
-      grid=(g.b, g.num_tiles),
-      in_specs=[any_spec, bits_spec, tile(g.dk), tile(g.dk), tile(None), tile(None), any_spec, any_spec],
+      functools.partial(_dq_dkv_kernel, g=g),
+      grid=(g.b, 2, half),
+      in_specs=[any_spec, _bits_spec(g, index), tile(g.dk), tile(g.dk), tile(None), tile(None), any_spec, any_spec],
       out_specs=[tile(g.dk), any_spec],
       out_shape=[jax.ShapeDtypeStruct((g.b, g.num_tiles, g.rows, g.dk), q_rows.dtype),
                  jax.ShapeDtypeStruct(grad.shape, jnp.float32)],
-      scratch_shapes=[pltpu.SMEM((1 + g.union,), jnp.int32), pltpu.VMEM((2, KEY_CHUNK, 1, g.dk), g.kv_dtype),
-                      pltpu.VMEM((2, KEY_CHUNK, 1, g.dk), jnp.float32), pltpu.SemaphoreType.DMA((2, 2)),
-                      pltpu.SemaphoreType.DMA((2,)), pltpu.VMEM((g.rows, g.dk), jnp.float32)],
+      scratch_shapes=[*_ring_scratch(g), pltpu.VMEM((RING, KEY_CHUNK, 1, g.dk), jnp.float32),
+                      pltpu.SemaphoreType.DMA((2, RING)), pltpu.SemaphoreType.DMA((1, RING)),
+                      pltpu.VMEM((g.rows, g.dk), jnp.float32)],
       input_output_aliases={7: 1},
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-      cost_estimate=estimate, interpret=g.interpret,
-  )(sel, bits, q_rows, do_rows, lse_rows, delta_rows, gather_rows(kv), grad)
-  return dq_rows, grad[:, :, 0]
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      cost_estimate=estimate, interpret=g.interpret, name="dsa_sparse_bwd",
+  )(lists, bits, q_rows, do_rows, lse_rows, delta_rows, gather_rows(kv), grad)
+  return dq_rows, grad.sum(1)[:, :, 0]
 
 
 # ---- dkv: KV-stationary over the inverted selection ----
@@ -672,35 +809,34 @@ def sparse_attention(q, kv, indices, q_offset, *, v_dim: int, scale=None, option
   teacher=True: (out, Teacher) with the teacher from the forward's own lse (a constant: no
   gradient flows through it)."""
   g = _geometry(q, kv, indices.shape[-1], v_dim, scale, options)
-  sel, bits, keys_row, count = _selection(g, indices, jnp.asarray(q_offset, jnp.int32))
-  out, probs_union = _sparse(q, kv, sel, bits, keys_row, count, v_dim, scale, options, teacher)
+  lists, bits, keys_row, count = _selection(g, indices, jnp.asarray(q_offset, jnp.int32))
+  out, probs_union = _sparse(q, kv, lists, bits, keys_row, count, v_dim, scale, options, teacher)
   if not teacher:
     return out
   return out, Teacher(keys_row[:, :, 0, :g.union], bits[:, :, 0, :g.union], probs_union)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _sparse(q, kv, sel, bits, keys_row, count, v_dim, scale, options, teacher):
-  return _sparse_fwd(q, kv, sel, bits, keys_row, count, v_dim, scale, options, teacher)[0]
+def _sparse(q, kv, lists, bits, keys_row, count, v_dim, scale, options, teacher):
+  return _sparse_fwd(q, kv, lists, bits, keys_row, count, v_dim, scale, options, teacher)[0]
 
 
 def _union_geometry(q, kv, bits, v_dim, scale, options) -> _Geometry:
-  g = _geometry(q, kv, 1, v_dim, scale, options)
-  return g._replace(union=bits.shape[-1] - KEY_CHUNK)
+  return _geometry(q, kv, 1, v_dim, scale, options, union=bits.shape[-1] - KEY_CHUNK)
 
 
-def _sparse_fwd(q, kv, sel, bits, keys_row, count, v_dim, scale, options, teacher):
+def _sparse_fwd(q, kv, lists, bits, keys_row, count, v_dim, scale, options, teacher):
   g = _union_geometry(q, kv, bits, v_dim, scale, options)
   q_rows = _tile_rows(g, q)
-  out_rows, lse_rows = _forward_rows(g, sel, bits, q_rows, kv)
+  out_rows, lse_rows = _forward_rows(g, lists, bits, q_rows, kv)
   out = _untile_rows(g, out_rows, q.shape[1])[..., :v_dim]
-  probs_union = _teacher_rows(g, sel, bits, q_rows, lse_rows, kv) if teacher else None
-  return (out, probs_union), (q, kv, sel, bits, keys_row, count, out_rows, lse_rows)
+  probs_union = _teacher_rows(g, lists, bits, q_rows, lse_rows, kv) if teacher else None
+  return (out, probs_union), (q, kv, lists, bits, keys_row, count, out_rows, lse_rows)
 
 
 def _sparse_bwd(v_dim, scale, options, teacher, residuals, cotangents):
   del teacher      # the teacher is a constant: its cotangent is dropped
-  q, kv, sel, bits, keys_row, count, out_rows, lse_rows = residuals
+  q, kv, lists, bits, keys_row, count, out_rows, lse_rows = residuals
   dout = cotangents[0]
   g = _union_geometry(q, kv, bits, v_dim, scale, options)
   q_rows = _tile_rows(g, q)
@@ -709,12 +845,11 @@ def _sparse_bwd(v_dim, scale, options, teacher, residuals, cotangents):
   delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), -1)                # [B, NT, R]
   delta_rows = delta[:, :, None, :]
   if g.options.dsa_dkv == "rows":
-    dq_rows, dkv = _dq_dkv(g, sel, bits, q_rows, do_rows, lse_rows, delta_rows, kv)
+    dq_rows, dkv = _dq_dkv(g, lists, bits, q_rows, do_rows, lse_rows, delta_rows, kv)
   else:
-    dq_rows, = _walk_call(g, _dq_kernel, [g.dk, g.dk, None, None], [(g.dk, q.dtype)],
-                          [pltpu.VMEM((g.rows, g.dk), jnp.float32)],
-                          _walk_cost(g, 3, 6 * g.dk + 8))(sel, bits, q_rows, do_rows, lse_rows, delta_rows,
-                                                          gather_rows(kv))
+    dq_rows, = _walk_call(g, _dq_kernel, [g.dk, g.dk, None, None], [(g.dk, q.dtype, g.rows)],
+                          [pltpu.VMEM((g.rows, g.dk), jnp.float32)], _walk_cost(g, 3, 6 * g.dk + 8),
+                          "dsa_sparse_dq")(lists, bits, q_rows, do_rows, lse_rows, delta_rows, gather_rows(kv))
     dkv = _dkv(g, keys_row, bits, count, q_rows, do_rows, lse_rows, delta_rows, kv)
   return _untile_rows(g, dq_rows, q.shape[1]), dkv.astype(kv.dtype), None, None, None, None
 
