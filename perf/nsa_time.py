@@ -23,6 +23,7 @@ import numpy as np
 
 from kernels import KernelOptions, dense, nsa
 from kernels.nsa import compressed_pallas, selection_pallas
+from perf import time_model
 from perf.time_model import Cost, pallas_calls
 
 
@@ -100,18 +101,7 @@ def layer_calls(seq_len: int, s: Shape = PAPER, options: KernelOptions | None = 
 
 def measure_ms(seq_len: int, s: Shape = PAPER, repeats: int = 5) -> float:
   """On a TPU: the median wall time of layer_step, compiled, on random inputs (milliseconds)."""
-  import time
-  step, structs = layer_step(seq_len, s, KernelOptions())
-  keys = jax.random.split(jax.random.key(0), len(structs))
-  args = [jax.random.normal(key, x.shape, jnp.float32).astype(x.dtype) for key, x in zip(keys, structs)]
-  compiled = jax.jit(step).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  return time_model.measure_ms(*layer_step(seq_len, s, KernelOptions()), repeats)
 
 
 def selection_walk(seq_len: int, selection: np.ndarray, s: Shape = PAPER, options: KernelOptions | None = None):

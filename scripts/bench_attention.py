@@ -147,6 +147,7 @@ def traffic(args):
   if "nsa" in args.kinds or "dsa" not in args.kinds:
     nsa_time_table(args)
   if "dsa" in args.kinds:
+    dsa_time_table(args)
     dsa_traffic_tables(args)
 
 
@@ -285,27 +286,99 @@ def trained_selection(run_dir: str):
   return np.asarray(jnp.stack(out)), config.seq_len, config.dsa.index_topk
 
 
+def dsa_cases(args):
+  """(name, T, k, indices [layers or 1, n, k], positions): random and clustered selections per
+  --seq-lens (sampled queries), and a trained run's with a random twin (--dsa-trained-run)."""
+  import numpy as np
+
+  from perf import dsa_traffic as dt
+  cases = []
+  for seq_len in args.seq_lens:
+    positions = dt.sample_positions(seq_len, args.dsa_samples)
+    for realistic in (False, True):
+      cases.append(("clustered" if realistic else "random", seq_len, args.dsa_topk,
+                    dt.synthetic_selection(seq_len, args.dsa_topk, positions, realistic=realistic), positions))
+  if args.dsa_trained_run:
+    idx, seq_len, k = trained_selection(args.dsa_trained_run)
+    positions = np.arange(seq_len)
+    cases.append(("trained", seq_len, k, idx, positions))
+    cases.append(("random", seq_len, k, dt.synthetic_selection(seq_len, k, positions, realistic=False), positions))
+  return cases
+
+
+def dsa_model(seq_len, k, indices, positions, heads):
+  """The time model's rows for one DSA layer (fwd + bwd), per kernel and in total; a selection of
+  several layers (a trained run) is averaged over them."""
+  from perf import dsa_time, time_model
+  from perf.chips import CHIPS
+  shape = dsa_time.Shape(heads=heads, topk=k)
+  per_layer = [dsa_time.layer_costs(seq_len, layer[None], positions, shape) for layer in indices]
+  mean = lambda x: x / len(per_layer)
+  costs = [c._replace(flops=mean(sum(l[i].flops for l in per_layer)), bytes=mean(sum(l[i].bytes for l in per_layer)),
+                      dmas=round(mean(sum(l[i].dmas for l in per_layer))))
+           for i, c in enumerate(per_layer[0])]
+  minimum = dsa_time.minimum(seq_len, indices[:1], positions, shape)
+  out = {"kernels": costs, "layer": sum(costs[1:], costs[0])._replace(name="DSA layer"), "minimum": minimum,
+         "chips": {}}
+  for chip in CHIP_NAMES:
+    facts = CHIPS[chip]
+    total = lambda **kw: 1e3 * sum(time_model.terms(c, facts, **kw).total for c in costs)
+    out["chips"][chip] = {
+        "kernel_ms": [1e3 * time_model.terms(c, facts).total for c in costs], "ms": total(),
+        "roofline_ms": 1e3 * time_model.roofline(minimum.flops, minimum.bytes, facts),
+        "steps_ms": 1e3 * sum(time_model.terms(c, facts).steps for c in costs),
+        "steps_3x_ms": total(step_factor=3), "dmas_3x_ms": total(dma_factor=3)}
+  return out
+
+
+def dsa_time_table(args):
+  """--impl pallas, dsa: the time model (perf/time_model.py, perf/dsa_time.py) per kernel and chip."""
+  from perf import dsa_time
+  on_tpu = jax.default_backend() == "tpu"
+  print(f"DSA layer fwd+bwd (top-k, sparse attention, teacher, loss) on the time model (estimates, not measurements; "
+        f"constants in perf/chips.py): B=1 H={args.dsa_heads} Dk={DSA_DK} dv={DSA_DV} H_I=64 d_I=128 bf16, "
+        f"TensorCore gathers (kernels.dsa_gather=tensorcore)")
+  print("  time >= max(FLOPs/peak, bytes/bandwidth) + steps x step cost + DMAs x issue cost (megacore halves the "
+        "last two on v5p); DMAs: descriptors and waits issued by the scalar core")
+  g = lambda x: f"{x / 1e9:.1f}"
+  for name, seq_len, k, idx, positions in dsa_cases(args):
+    m = dsa_model(seq_len, k, idx, positions, args.dsa_heads)
+    sample = f"{len(positions) / seq_len:.1%} of queries sampled" if len(positions) < seq_len else "every query"
+    print(f"\nT={seq_len} k={k}, {name} selection ({sample})")
+    print(f"{'kernel':<24} {'steps':>8} {'DMAs':>12} {'B/DMA':>7} {'GB':>8} {'TFLOP':>7} "
+          + " ".join(f"{c + ' ms':>9}" for c in CHIP_NAMES))
+    for i, c in enumerate(m["kernels"]):
+      per_dma = f"{c.bytes / c.dmas:7.0f}" if c.dmas else f"{'':>7}"
+      print(f"{c.name:<24} {c.steps:>8} {c.dmas:>12} {per_dma} {g(c.bytes):>8} {c.flops / 1e12:7.2f} "
+            + " ".join(f"{m['chips'][chip]['kernel_ms'][i]:9.1f}" for chip in CHIP_NAMES))
+    lay, mn = m["layer"], m["minimum"]
+    per_chip = lambda value, fmt=".1f": " ".join(f"{value(m['chips'][chip]):9{fmt}}" for chip in CHIP_NAMES)
+    blank = f"{'':>8} {'':>12} {'':>7} {'':>8} {'':>7}"
+    rows = [("DSA layer", f"{lay.steps:>8} {lay.dmas:>12} {lay.bytes / max(lay.dmas, 1):7.0f} {g(lay.bytes):>8} "
+             f"{lay.flops / 1e12:7.2f}", per_chip(lambda c: c["ms"])),
+            ("  honest minimum", f"{'':>8} {'':>12} {'':>7} {g(mn.bytes):>8} {mn.flops / 1e12:7.2f}",
+             per_chip(lambda c: c["roofline_ms"])),
+            ("  x roofline", blank, per_chip(lambda c: c["ms"] / c["roofline_ms"], ".2f")),
+            ("  steps / roofline", blank, per_chip(lambda c: c["steps_ms"] / c["roofline_ms"], ".3f")),
+            ("  step cost 3x", blank, per_chip(lambda c: c["steps_3x_ms"])),
+            ("  DMA issue cost 3x", blank, per_chip(lambda c: c["dmas_3x_ms"]))]
+    for label, columns, times in rows:
+      print(f"{label:<24} {columns} {times}")
+    if on_tpu and name == "random" and len(positions) < seq_len:    # random inputs: a random-like selection
+      print(f"{'  measured on ' + jax.devices()[0].device_kind:<70} "
+            f"{dsa_time.measure_ms(seq_len, dsa_time.Shape(heads=args.dsa_heads, topk=k)):9.1f} ms")
+
+
 def dsa_traffic_tables(args):
   from kernels.dsa.pallas import queries_per_tile
   from perf import dsa_traffic as dt
   from perf.chips import CHIPS
   chips = ("v5e", "v5p", "v6e")
-  heads, topk = args.dsa_heads, args.dsa_topk
+  heads = args.dsa_heads
   ridges = ", ".join(f"{c} {CHIPS[c].ridge:.0f}" for c in chips)
   print(f"DSA sparse MLA kernels (Pallas), HBM<->VMEM traffic model: H={heads} Dk={DSA_DK} dv={DSA_DV} bf16, "
         f"{queries_per_tile(heads)} query x {heads} heads per tile; ridge FLOP/B: {ridges}")
-  cases = []      # (name, T, indices, positions, seq_len or None)
-  for seq_len in args.seq_lens:
-    positions = dt.sample_positions(seq_len, args.dsa_samples)
-    for realistic in (False, True):
-      cases.append(("realistic" if realistic else "random", seq_len, topk,
-                    dt.synthetic_selection(seq_len, topk, positions, realistic=realistic), positions))
-  if args.dsa_trained_run:
-    idx, seq_len, k = trained_selection(args.dsa_trained_run)
-    import numpy as np
-    positions = np.arange(seq_len)
-    cases.append(("trained", seq_len, k, idx, positions))
-    cases.append(("random", seq_len, k, dt.synthetic_selection(seq_len, k, positions, realistic=False), positions))
+  cases = dsa_cases(args)
   print(f"{'selection':>10} {'T':>7} {'k':>5} {'sample':>7} | {'kernel':>7} {'in GB':>9} {'min GB':>9} {'ratio':>6} "
         f"{'out GB':>8} {'min GB':>8} {'ratio':>6} {'MXU fill':>8} {'TFLOP':>9} {'dense':>9} {'ratio':>6} "
         f"{'FLOP/B':>6} {'v5e/v5p/v6e':>11} {'grid steps':>10} {'work':>9}")

@@ -1,0 +1,168 @@
+"""One DSA layer, forward + backward (top-k, sparse attention, the indexer loss's teacher), on the
+time model (perf/time_model.py): grid steps from the traced layer, DMA descriptors and bytes from
+the lists the kernels would read for a selection, and the honest minimum beside them.
+
+Per kernel:
+  steps  `jax.make_jaxpr` of value_and_grad over indexer_topk and
+         sparse_attention_and_indexer_loss (impl="pallas", compiled for TPU: nothing runs);
+  walks  the sparse kernels' (forward, teacher, backward) FLOPs, bytes and DMAs from
+         kernels.dsa.pallas.step_lists itself, built for the selection (a sample of query runs
+         scaled to the sequence, as perf/dsa_traffic.py samples): per piece one DMA per power of
+         two of its length and source, per chunk one wait per power of two of its rows and source,
+         per step the list copy and one copy per blocked operand; the MXU runs whole KC-key chunks;
+         gathered rows cost their padded HBM size (kernels.dsa.pallas.padded_row_bytes);
+  others the indexer's kernels: their CostEstimates (exact: no data in them), no gathers.
+Minimum: FLOPs 3 x the sparse forward's useful FLOPs (every query's valid selected keys, Dk + dv
+wide, all H heads) + the indexer's scores (each query against its visible keys, H_I heads, d_I
+wide, and the head-weighted sum); bytes every operand read and every result written once per
+pass at its unpadded size: q, kv, the indexer's q_I, k_I and weights, out, dO, dq, dkv, the indices.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import KernelOptions, dsa
+from kernels.dsa import pallas as dsa_pallas
+from perf import time_model
+from perf.time_model import Cost, pallas_calls
+
+
+class Shape(NamedTuple):
+  """One DSA layer's attention shape; DeepSeek-V3.2's by default (arXiv 2512.02556; its config)."""
+  heads: int = 128
+  dk: int = 576            # kv_lora_rank 512 + qk_rope_dim 64
+  dv: int = 512
+  index_heads: int = 64
+  index_dim: int = 128
+  topk: int = 2048
+  itemsize: int = 2
+
+
+V32 = Shape()
+
+
+def _struct(shape, dtype=jnp.bfloat16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def layer_step(seq_len: int, s: Shape = V32, options: KernelOptions | None = None):
+  """(value_and_grad of one DSA layer's sparse stage, its argument shapes), B = 1: the top-k, the
+  sparse attention and the teacher's loss, as model/dsa.py calls them."""
+  options = options or KernelOptions(pallas_mode="compiled")
+  kw = dict(impl="pallas", options=options)
+
+  def loss(q, kv, q_idx, k_idx, w):
+    idx = dsa.indexer_topk(q_idx, k_idx, w, topk=s.topk, **kw)
+    out, indexer_loss = dsa.sparse_attention_and_indexer_loss(q, kv, q_idx, k_idx, w, idx, v_dim=s.dv, **kw)
+    return jnp.sum(out.astype(jnp.float32)) + indexer_loss
+  args = [_struct((1, seq_len, s.heads, s.dk)), _struct((1, seq_len, s.dk)),
+          _struct((1, seq_len, s.index_heads, s.index_dim)), _struct((1, seq_len, s.index_dim)),
+          _struct((1, seq_len, s.index_heads), jnp.float32)]
+  return jax.value_and_grad(loss, argnums=range(5)), args
+
+
+def layer_calls(seq_len: int, s: Shape = V32, options: KernelOptions | None = None):
+  step, args = layer_step(seq_len, s, options)
+  return pallas_calls(step, *args)
+
+
+def measure_ms(seq_len: int, s: Shape = V32, repeats: int = 5) -> float:
+  """On a TPU: the median wall time of layer_step, compiled, on random inputs (milliseconds)."""
+  return time_model.measure_ms(*layer_step(seq_len, s, KernelOptions()), repeats)
+
+
+def _popcount(x) -> np.ndarray:
+  x = np.asarray(x, np.int64)
+  return sum((x >> bit) & 1 for bit in range(16))
+
+
+def walk_counts(indices, positions, seq_len: int, s: Shape = V32, options: KernelOptions | None = None) -> dict:
+  """What the sparse kernels do for a selection, from their own step lists: indices [1, n, k] of
+  the queries at `positions` (runs of whole tiles of consecutive positions, e.g.
+  perf.dsa_traffic.sample_positions), scaled to all seq_len queries. Returns {kernel name: Cost
+  without steps} for dsa_sparse_fwd, dsa_teacher and dsa_sparse_bwd, and "pieces", "rows",
+  "selected" (per layer): DMA pieces, gathered rows, valid selected (query, key) pairs."""
+  options = options or KernelOptions(pallas_mode="compiled")
+  positions = np.asarray(positions, np.int64)
+  qpt = dsa_pallas.queries_per_tile(s.heads, options.dsa_tile_rows)
+  union = -(-min(qpt * s.topk, seq_len) // dsa_pallas.KEY_CHUNK) * dsa_pallas.KEY_CHUNK
+  tps = dsa_pallas.tiles_per_step(union, options)
+  runs = positions.reshape(-1, qpt)
+  if np.any(np.diff(runs, axis=-1) != 1):
+    raise ValueError("positions: whole tiles of consecutive queries")
+  idx = jnp.asarray(np.asarray(indices).reshape(runs.shape[0], qpt, -1))
+  select = jax.jit(jax.vmap(lambda i, t0: dsa_pallas.tile_selection(
+      i[None], t0, num_keys=seq_len, queries_per_tile=qpt, slots=union)))
+  keys, _, count = select(idx, jnp.asarray(runs[:, 0], jnp.int32))                  # [n, 1, 1, U], [n, 1, 1]
+  tiles = keys.shape[0]
+  pad = -tiles % tps
+  keys = jnp.pad(keys[:, 0, 0], [(0, pad), (0, 0)])[None]
+  count = jnp.pad(count[:, 0, 0], [(0, pad)])[None]
+  g = dsa_pallas._Geometry(1, (tiles + pad) * qpt, s.heads, s.dk, s.dv, seq_len, qpt, union, 1.0, options,
+                           jnp.bfloat16, tps)
+  lists = np.asarray(jax.jit(dsa_pallas.step_lists, static_argnums=0)(g, keys, count))[0]   # [NS, list_len]
+  words_at = 3 + 2 * tps + tps * union // dsa_pallas.KEY_CHUNK
+  lengths = lists[:, words_at:words_at + tps * union] // 256
+  count = np.asarray(count)[0]
+  chunk_rows = np.minimum(dsa_pallas.KEY_CHUNK, count[:, None] - dsa_pallas.KEY_CHUNK * np.arange(union // 128))
+  chunk_rows = np.maximum(chunk_rows, 0)
+  scale = -(-seq_len // qpt) / tiles                       # sampled tiles -> every tile of the sequence
+  pieces = float((lengths > 0).sum()) * scale
+  copies = float(_popcount(lengths).sum()) * scale         # DMAs per source for the pieces
+  waits = float(_popcount(chunk_rows).sum()) * scale
+  rows = float(count.sum()) * scale
+  chunks = float((chunk_rows > 0).sum()) * scale
+  num_tiles = -(-seq_len // qpt)
+  steps = -(-num_tiles // tps)
+  bf16_row = dsa_pallas.padded_row_bytes(s.dk, s.itemsize)
+  fp32_row = dsa_pallas.padded_row_bytes(s.dk, 4)
+  r, kc = qpt * s.heads, dsa_pallas.KEY_CHUNK
+  mxu = lambda matmuls: 2.0 * matmuls * chunks * kc * r * s.dk
+  tile_bytes = lambda widths: num_tiles * (sum(widths) + 4 * (union + kc))        # blocked rows + bits
+  list_bytes = steps * 4 * g.list_len
+  costs = {
+      "dsa_sparse_fwd": Cost("dsa_sparse_fwd", 0, mxu(2), rows * bf16_row + list_bytes
+                             + tile_bytes([2 * r * s.dk * s.itemsize, 4 * r]), int(copies + waits + 5 * steps)),
+      "dsa_teacher": Cost("dsa_teacher", 0, mxu(1), rows * bf16_row + list_bytes
+                          + tile_bytes([r * s.dk * s.itemsize, 4 * r, 4 * qpt * union]),
+                          int(copies + waits + 5 * steps)),
+      "dsa_sparse_bwd": Cost("dsa_sparse_bwd", 0, mxu(5), rows * (bf16_row + 2 * fp32_row) + list_bytes
+                             + tile_bytes([3 * r * s.dk * s.itemsize, 8 * r]),
+                             int(3 * (copies + waits) + 7 * steps)),
+  }
+  valid = np.asarray(indices) >= 0
+  selected = float(valid.sum()) * seq_len / positions.size
+  return {**costs, "pieces": pieces, "rows": rows, "selected": selected}
+
+
+def layer_costs(seq_len: int, indices, positions, s: Shape = V32, options: KernelOptions | None = None):
+  """[Cost] per kernel of one layer, forward + backward, for the selection indices [1, n, k] of
+  the queries at `positions` (a sample, scaled to seq_len)."""
+  options = options or KernelOptions(pallas_mode="compiled")
+  walks = walk_counts(indices, positions, seq_len, s, options)
+  costs = []
+  for call in layer_calls(seq_len, s, options):
+    if call.name in walks:
+      w = walks[call.name]
+      costs.append(Cost(call.name, call.steps, w.flops, w.bytes, w.dmas))
+    else:           # the indexer: static work, its CostEstimate; BlockSpec copies ~ 3 per step
+      costs.append(Cost(call.name, call.steps, call.flops * call.repeats, call.bytes * call.repeats, 3 * call.steps))
+  return costs
+
+
+def minimum(seq_len: int, indices, positions, s: Shape = V32) -> Cost:
+  """The honest minimum (module docstring) for this selection (sampled queries, scaled)."""
+  positions = np.asarray(positions, np.int64)
+  idx = np.asarray(indices)[0]
+  valid = (idx >= 0) & (idx <= positions[:, None])
+  keys = float(valid.sum()) * seq_len / positions.size
+  sparse_fwd = 2 * s.heads * (s.dk + s.dv) * keys
+  index_fwd = s.index_heads * (2 * s.index_dim + 2) * seq_len * (seq_len + 1) / 2
+  q, kv, out = seq_len * s.heads * s.dk, seq_len * s.dk, seq_len * s.heads * s.dv
+  index_inputs = seq_len * (s.index_heads * s.index_dim + s.index_dim) * s.itemsize + seq_len * s.index_heads * 4
+  # forward: q, kv, indexer inputs read, out and indices written; backward: q, kv, out, dO read,
+  # dq, dkv written.
+  read_write = s.itemsize * (2 * q + 2 * kv + 2 * out + out + q + kv) + index_inputs + 4 * seq_len * s.topk
+  return Cost("minimum", 0, 3 * sparse_fwd + index_fwd, read_write, 0)
