@@ -82,7 +82,8 @@ def walk_counts(indices, positions, seq_len: int, s: Shape = V32, options: Kerne
   """What the sparse kernels do for a selection, from their own step lists: indices [1, n, k] of
   the queries at `positions` (runs of whole tiles of consecutive positions, e.g.
   perf.dsa_traffic.sample_positions), scaled to all seq_len queries. Returns {kernel name: Cost
-  without steps} for dsa_sparse_fwd, dsa_teacher and dsa_sparse_bwd, and "pieces", "rows",
+  without steps} for dsa_sparse_fwd, dsa_teacher (its own walk), dsa_sparse_fwd_teacher (the
+  forward computing the teacher, kernels.dsa.pallas.fused_teacher) and dsa_sparse_bwd, and "pieces", "rows",
   "selected" (per layer): DMA pieces, gathered rows, valid selected (query, key) pairs."""
   options = options or KernelOptions(pallas_mode="compiled")
   positions = np.asarray(positions, np.int64)
@@ -132,6 +133,11 @@ def walk_counts(indices, positions, seq_len: int, s: Shape = V32, options: Kerne
                              + tile_bytes([3 * r * s.dk * s.itemsize, 8 * r]),
                              int(3 * (copies + waits) + 7 * steps)),
   }
+  # The teacher computed by the forward from its kept scores: the head mean per chunk, [qpt, U] out.
+  teacher_flops = 2.0 * chunks * kc * r * qpt
+  forward = costs["dsa_sparse_fwd"]
+  costs["dsa_sparse_fwd_teacher"] = forward._replace(name="dsa_sparse_fwd_teacher", flops=forward.flops + teacher_flops,
+                                                     bytes=forward.bytes + num_tiles * 4 * qpt * union)
   valid = np.asarray(indices) >= 0
   selected = float(valid.sum()) * seq_len / positions.size
   return {**costs, "pieces": pieces, "rows": rows, "selected": selected}

@@ -19,22 +19,39 @@ Sparse attention (MQA: every head of query t over the rows kv[s], s in S_t):
            R rows (32 queries at most: a key's choosers are the bits of one int32).
   union    per tile, the sorted distinct keys any of its queries may read (valid: >= 0, < Tk,
            <= the query's position; repeats dropped) with a bitmask per key of the queries that
-           chose it (`tile_selection`), padded to whole chunks of KC = 128 keys by repeating the
-           last key with an empty mask. H=128: a query's own sorted set.
-  forward  grid (B, NT); per tile the union list is copied to SMEM and its rows are DMA-gathered
-           from kv in HBM, KC rows a chunk, double-buffered (chunk c+1's row copies are in
-           flight while chunk c computes); per chunk s = q rows^T [R, KC] masked by the bits,
-           an fp32 online softmax, out and lse. Chunks past the union's count are not run.
-           Bytes: q R*Dk, each union row once (count * Dk), out R*Dk, lse R fp32.
+           chose it (`tile_selection`), walked in chunks of KC = 128 slots; a last chunk's slots
+           past the count are not copied (their bits are 0; the ring is zeroed per step, so they
+           hold finite rows). H=128: a query's own sorted set.
+  grid     (B, NS): a step is TPS = options.dsa_tiles_per_step tiles (8: 8 V3.2 queries; fewer
+           where the step's list would pass options.prefetch_bytes of SMEM), so a step carries
+           microseconds of MXU work: T / 8 steps per walk at H=128 (16,384 at 128k, not 131,072).
+  lists    per step one int32 row in HBM (`step_lists`), copied to SMEM at the step's start (one
+           DMA): its tiles' union chunks as one stream, each chunk's pieces. A piece is a run of
+           consecutive keys within a chunk, at most MAX_PIECE = 32 long, copied by one DMA per
+           power of two of its length (a random selection: one per key; a run of 128: four).
+  walk     the stream flows through a ring of RING = 3 chunk buffers: two chunks in flight while
+           one computes, across tile boundaries (forward, teacher), and one wait per chunk and
+           source (DMA semaphores count bytes: a power of two of rows per wait descriptor, so at
+           most 8 for a partial chunk, 1 for a full one). kv is gathered from [B, T, 1, Dk]
+           (`gather_rows`: Mosaic DMAs start only at whole tiles of the tiled dims; bf16 rows sit
+           in 2-row tiles, 2,560 B a 576-wide row).
+  forward  per chunk s = q rows^T [R, KC] masked by the bits, an fp32 online softmax per tile,
+           out and lse at the tile's end. Bytes: q R*Dk, each union row once (padded), out R*Dk,
+           lse R fp32, bits, the lists.
   dq+dkv   (options.dsa_dkv = "rows", the default) the same walk: p = exp(s - lse),
            dS = p (dO V^T - delta), dq += scale dS rows; and per chunk the chosen rows' kv gradient
            scale dS^T q + p^T dO, added to their fp32 rows in HBM: read by DMA with the kv rows,
-           written back after the chunk (a batch row's tiles run in order on one core, a union's
-           keys are distinct, a slot's writes finish before it is refilled: no races, no atomics).
-           Bytes: dq's plus 8*Dk per union row (fp32 in and out).
+           written back after the chunk by the same pieces. Grid (B, 2, NS / 2): two halves of the
+           steps in parallel (both v5p TensorCores), each into its own fp32 gradient copy (summed
+           after); the walk does not prefetch across tiles, so a tile's writes land before the next
+           tile may read the same key; a union's keys are distinct: no races, no atomics.
+           Bytes: dq's plus 2 padded fp32 rows (2,560 B each at Dk=576) per union row.
   teacher  (the indexer loss, sparse stage) the forward's walk with its lse: p = exp(s - lse),
            its mean over each query's H heads as one [qpt, R] x [R, KC] product, [qpt, U] fp32
            per tile. Half the forward's FLOPs, its bytes.
+  DMAs     per step 1 (list) + one per blocked operand; per piece one per power of two of its
+           length and source; per chunk one wait per power of two of its rows and source
+           (perf/dsa_time.py counts them from `step_lists`).
   dkv      (dsa_dkv = "tiles") KV-stationary over the inverted selection: every (key tile j of
            BK = 128 keys, query tile i) pair with a key of tile j in tile i's union, sorted by j,
            plus a work-free pair per key tile (so every tile is written): a key tile's gradient
@@ -75,6 +92,8 @@ from kernels.pallas_common import (
 KEY_CHUNK = 128        # union rows gathered per chunk (forward, dq)
 MAX_PIECE = 32         # keys per coalesced copy: a run of consecutive keys costs at most 6 DMAs per 32
 RING = 3               # chunk buffers of the gather walk: two chunks in flight while one computes
+TEACHER_SCORES_BYTES = 4 * 2**20   # VMEM for a tile's fp32 scores when the forward computes the teacher
+VMEM_LIMIT_BYTES = 32 * 2**20      # the walks' scoped VMEM (v5e's default is 16 MiB; every chip has >= 64 MiB)
 KEY_TILE = 128         # keys per dkv tile
 SCORE_KEYS = 512       # indexer: keys per score tile
 BIG = jnp.iinfo(jnp.int32).max
@@ -496,24 +515,51 @@ def _step_list(g: _Geometry, lists_hbm, smem, step):
   return _StepList(g, smem)
 
 
-def _forward_kernel(lists_hbm, bits_ref, q_ref, kv_hbm, o_ref, lse_ref, smem, ring, sem, m_scratch, l_scratch,
-                    acc_scratch, *, g):
+def _head_mean(g: _Geometry):
+  """[qpt, R] float32: 1/H where row r belongs to tile query q (the teacher's mean over heads)."""
+  owner = jax.lax.broadcasted_iota(jnp.int32, (g.queries_per_tile, g.rows), 1) // g.heads
+  return jnp.where(owner == jax.lax.broadcasted_iota(jnp.int32, (g.queries_per_tile, g.rows), 0), 1.0 / g.heads, 0.0)
+
+
+def _forward_kernel(lists_hbm, bits_ref, q_ref, kv_hbm, o_ref, lse_ref, *refs, g, teacher: bool):
+  """The forward walk; teacher: also the indexer loss's teacher, from the tile's masked scores
+  kept in VMEM (scores [R, U] fp32) until its lse is known: no second walk, no second gather."""
+  if teacher:
+    teacher_ref, smem, ring, sem, m_scratch, l_scratch, acc_scratch, scores = refs
+  else:
+    smem, ring, sem, m_scratch, l_scratch, acc_scratch = refs
   lst = _step_list(g, lists_hbm, smem, pl.program_id(1))
+  columns = lambda c: pl.ds(pl.multiple_of(c * KEY_CHUNK, KEY_CHUNK), KEY_CHUNK)
 
   def compute(tile, c, slot):
     rows, q = _chunk_rows(ring, slot), q_ref[tile]
-    softmax_step(_scores(q, rows, _chosen(bits_ref, tile, c, g.rows, g.heads), g.scale), rows, m_scratch,
-                 l_scratch, acc_scratch)
-  _walk(g, lst, [(kv_hbm.at[pl.program_id(0)], ring)], sem, compute, cross_tiles=True,
-        tile_begin=lambda tile: softmax_init(m_scratch, l_scratch, acc_scratch),
-        tile_end=lambda tile: softmax_finish(o_ref.at[tile], lse_ref.at[tile], m_scratch, l_scratch, acc_scratch))
+    s = _scores(q, rows, _chosen(bits_ref, tile, c, g.rows, g.heads), g.scale)
+    if teacher:
+      scores[:, columns(c)] = s
+    softmax_step(s, rows, m_scratch, l_scratch, acc_scratch)
+
+  def begin(tile):
+    softmax_init(m_scratch, l_scratch, acc_scratch)
+    if teacher:                    # union slots past the count stay 0
+      teacher_ref[tile] = jnp.zeros(teacher_ref.shape[1:], jnp.float32)
+
+  def end(tile):
+    softmax_finish(o_ref.at[tile], lse_ref.at[tile], m_scratch, l_scratch, acc_scratch)
+    if teacher:
+      mean = _head_mean(g)
+
+      def one(c, carry):
+        teacher_ref[tile, :, columns(c)] = jnp.dot(mean, probs(scores[:, columns(c)], lse_ref.at[tile]),
+                                                   preferred_element_type=jnp.float32)
+        return carry
+      jax.lax.fori_loop(0, lst.tile_start(tile + 1) - lst.tile_start(tile), one, 0)
+  _walk(g, lst, [(kv_hbm.at[pl.program_id(0)], ring)], sem, compute, cross_tiles=True, tile_begin=begin,
+        tile_end=end)
 
 
 def _teacher_kernel(lists_hbm, bits_ref, q_ref, lse_ref, kv_hbm, teacher_ref, smem, ring, sem, *, g):
   lst = _step_list(g, lists_hbm, smem, pl.program_id(1))
-  queries = g.queries_per_tile
-  owner = jax.lax.broadcasted_iota(jnp.int32, (queries, g.rows), 1) // g.heads
-  mean = jnp.where(owner == jax.lax.broadcasted_iota(jnp.int32, (queries, g.rows), 0), 1.0 / g.heads, 0.0)
+  mean = _head_mean(g)
 
   def compute(tile, c, slot):
     s = _scores(q_ref[tile], _chunk_rows(ring, slot), _chosen(bits_ref, tile, c, g.rows, g.heads), g.scale)
@@ -599,7 +645,8 @@ def _walk_call(g: _Geometry, kernel, row_inputs, outputs, scratch, estimate, nam
                 *[_tile_spec(g, w) for w in row_inputs], any_spec],
       out_specs=out_specs, out_shape=out_shape,
       scratch_shapes=[*_ring_scratch(g), pltpu.SemaphoreType.DMA((1, RING)), *scratch],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
+                                           vmem_limit_bytes=VMEM_LIMIT_BYTES),
       cost_estimate=estimate, interpret=g.interpret, name=name)
 
 
@@ -620,12 +667,28 @@ def _walk_cost(g: _Geometry, matmuls: int, row_bytes: int):
               g.b * g.num_tiles * (g.rows * row_bytes + g.union * padded_row_bytes(g.dk, g.itemsize)))
 
 
-def _forward_rows(g: _Geometry, lists, bits, q_rows, kv):
-  """(out rows [B, NT, R, Dk] (the first Dv columns are the output), lse [B, NT, 1, R])."""
-  return _walk_call(g, _forward_kernel, [g.dk], [(g.dk, q_rows.dtype, g.rows), (g.rows, jnp.float32, 1)],
-                    [pltpu.VMEM((g.rows, LANES), jnp.float32), pltpu.VMEM((g.rows, LANES), jnp.float32),
-                     pltpu.VMEM((g.rows, g.dk), jnp.float32)],
-                    _walk_cost(g, 2, 4 * g.dk + 4), "dsa_sparse_fwd")(lists, bits, q_rows, gather_rows(kv))
+def fused_teacher(g: _Geometry) -> bool:
+  """The forward computes the teacher too when a tile's scores [R, U] fp32 fit TEACHER_SCORES_BYTES
+  of VMEM (V3.2: 1 MiB; H=16 with top-2048, whose 8-query unions reach 16k keys: a second walk)."""
+  return g.rows * g.union * 4 <= TEACHER_SCORES_BYTES
+
+
+def _forward_rows(g: _Geometry, lists, bits, q_rows, kv, teacher: bool = False):
+  """(out rows [B, NT, R, Dk] (the first Dv columns are the output), lse [B, NT, 1, R]) and, with
+  teacher (fused_teacher(g) must hold), the teacher's [B, NT, qpt, U] (_teacher_rows)."""
+  outputs = [(g.dk, q_rows.dtype, g.rows), (g.rows, jnp.float32, 1)]
+  scratch = [pltpu.VMEM((g.rows, LANES), jnp.float32), pltpu.VMEM((g.rows, LANES), jnp.float32),
+             pltpu.VMEM((g.rows, g.dk), jnp.float32)]
+  estimate = _walk_cost(g, 2, 4 * g.dk + 4)
+  if teacher:
+    outputs.append((g.union, jnp.float32, g.queries_per_tile))
+    scratch.append(pltpu.VMEM((g.rows, g.union), jnp.float32))
+    tiles = g.b * g.num_tiles
+    estimate = cost(estimate.flops + 2 * tiles * g.queries_per_tile * g.rows * g.union, 2 * estimate.transcendentals,
+                    estimate.bytes_accessed + 4 * tiles * g.queries_per_tile * g.union)
+  kernel = functools.partial(_forward_kernel, teacher=teacher)
+  return _walk_call(g, kernel, [g.dk], outputs, scratch, estimate,
+                    "dsa_sparse_fwd_teacher" if teacher else "dsa_sparse_fwd")(lists, bits, q_rows, gather_rows(kv))
 
 
 def sparse_forward(q, kv, indices, q_offset=0, *, v_dim: int, scale=None, options=None):
@@ -680,7 +743,8 @@ def _dq_dkv(g: _Geometry, lists, bits, q_rows, do_rows, lse_rows, delta_rows, kv
                       pltpu.SemaphoreType.DMA((2, RING)), pltpu.SemaphoreType.DMA((1, RING)),
                       pltpu.VMEM((g.rows, g.dk), jnp.float32)],
       input_output_aliases={7: 1},
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                           vmem_limit_bytes=VMEM_LIMIT_BYTES),
       cost_estimate=estimate, interpret=g.interpret, name="dsa_sparse_bwd",
   )(lists, bits, q_rows, do_rows, lse_rows, delta_rows, gather_rows(kv), grad)
   return dq_rows, grad.sum(1)[:, :, 0]
@@ -828,9 +892,12 @@ def _union_geometry(q, kv, bits, v_dim, scale, options) -> _Geometry:
 def _sparse_fwd(q, kv, lists, bits, keys_row, count, v_dim, scale, options, teacher):
   g = _union_geometry(q, kv, bits, v_dim, scale, options)
   q_rows = _tile_rows(g, q)
-  out_rows, lse_rows = _forward_rows(g, lists, bits, q_rows, kv)
+  fused = teacher and fused_teacher(g)
+  out_rows, lse_rows, *probs_union = _forward_rows(g, lists, bits, q_rows, kv, teacher=fused)
+  if teacher and not fused:
+    probs_union = [_teacher_rows(g, lists, bits, q_rows, lse_rows, kv)]
+  probs_union = probs_union[0] if teacher else None
   out = _untile_rows(g, out_rows, q.shape[1])[..., :v_dim]
-  probs_union = _teacher_rows(g, lists, bits, q_rows, lse_rows, kv) if teacher else None
   return (out, probs_union), (q, kv, lists, bits, keys_row, count, out_rows, lse_rows)
 
 
