@@ -1,5 +1,5 @@
-"""DSA's Pallas TPU kernels (TPU interpret mode on CPU) against the XLA reference: the indexer's
-top-k (identical rows, ties included) and sparse MLA attention (outputs and all gradients)."""
+"""DSA's Pallas TPU kernels (TPU interpret mode on CPU) against the XLA reference: sparse MLA
+attention (outputs and all gradients) and the teacher; the indexer's top-k: test_dsa_indexer_pallas."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,76 +9,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_dsa_kernels import SCALE, _indexer_inputs, _indices, _rand
 
-from kernels import KernelOptions, chunking, dsa
+from kernels import KernelOptions, dsa
 from kernels.dsa import pallas as dsa_pallas
-from model import packing
-
-
-@pytest.mark.parametrize("t,hi,di,topk,offset", [(100, 2, 16, 32, 0), (300, 64, 32, 512, 0), (200, 3, 8, 16, 256)],
-                         ids=["T100-k32", "HI64-k-over-T", "HI3-offset"])
-def test_indexer_topk_rows_are_the_reference_rows(t, hi, di, topk, offset):
-  """Small-integer inputs (every score exact, many real ties) and repeated keys: the Pallas top-k
-  equals the reference row for row, order and -1 padding included; `offset` places the queries
-  at global positions offset + [0, T) against offset + T keys."""
-  q_idx, k_idx, w = _indexer_inputs(1, t + offset, hi, di, seed=t, integer=True)
-  k_idx = k_idx.at[:, 7].set(k_idx[:, 3])                          # two identical keys
-  want = dsa.indexer_topk(q_idx, k_idx, w, topk=topk, impl="xla")[:, offset:]
-  got = jax.jit(lambda q, k, w: dsa_pallas.indexer_topk(q, k, w, offset, topk=topk))(
-      q_idx[:, offset:], k_idx, w[:, offset:])
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  if offset == 0:
-    np.testing.assert_array_equal(np.asarray(dsa.indexer_topk(q_idx, k_idx, w, topk=topk, impl="pallas")),
-                                  np.asarray(want))
-
-
-def test_indexer_topk_stays_in_each_document():
-  """Packed documents (doc_start, ties and -1 padding included): the Pallas top-k equals the
-  reference row for row, and every chosen key lies in the query's own document."""
-  t, topk = 200, 16
-  q_idx, k_idx, w = _indexer_inputs(2, t, 2, 16, seed=4, integer=True)
-  seg = jnp.asarray([[1] * 70 + [2] * 5 + [3] * 100 + [0] * 25, [1] * 9 + [2] * 1 + [3] * 190])
-  doc_start = packing.doc_starts(seg)
-  want = dsa.indexer_topk(q_idx, k_idx, w, topk=topk, impl="xla", doc_start=doc_start)
-  got = dsa.indexer_topk(q_idx, k_idx, w, topk=topk, impl="pallas", doc_start=doc_start)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  chosen, start = np.asarray(got), np.asarray(doc_start)[..., None]
-  assert ((chosen == -1) | ((chosen >= start) & (chosen <= np.arange(t)[None, :, None]))).all()
-  assert (chosen[0, 70:75] >= 0).sum(-1).tolist() == [1, 2, 3, 4, 5]     # a 5-token document: its keys only
-  assert (chosen[0, 175:] >= 0).sum(-1).tolist() == [1] * 25             # padding: itself
-
-
-def test_approximate_top_k_meets_its_recall():
-  """topk_recall < 1: a smaller top-k over bin winners. Each returned value is its index's score,
-  best first; the recall against the exact top-k meets the target; 1.0 is lax.top_k itself."""
-  scores = jax.random.normal(jax.random.key(0), (64, 8192))
-  k = 64
-  exact = jax.lax.top_k(scores, k)[1]
-  np.testing.assert_array_equal(chunking.top_k(scores, k, 1.0)[1], exact)
-  values, index = chunking.top_k(scores, k, 0.9)
-  np.testing.assert_array_equal(values, jnp.take_along_axis(scores, index, -1))
-  assert (np.diff(np.asarray(values), axis=-1) <= 0).all()
-  recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(np.asarray(index), np.asarray(exact))])
-  assert 0.9 <= recall < 1.0, recall
-  q_idx, k_idx, w = _indexer_inputs(1, 600, 4, 16, seed=3)
-  got = dsa.indexer_topk(q_idx, k_idx, w, topk=16, impl="pallas",
-                         options=KernelOptions(pallas_mode="interpret", topk_recall=0.5))
-  want = dsa.indexer_topk(q_idx, k_idx, w, topk=16, impl="xla")
-  late = slice(300, None)       # past ~the 64 * 4 first queries every chunk's scores are reduced
-  overlap = np.mean([len(set(a) & set(b)) / 16 for a, b in zip(np.asarray(got)[0, late], np.asarray(want)[0, late])])
-  assert 0.5 <= overlap < 1.0, overlap
-  assert ((np.asarray(got) <= np.arange(600)[None, :, None]) & (np.asarray(got) >= -1)).all()
-
-
-def test_index_scores_skip_the_future():
-  """Scores equal the reference's I[t, s] below the diagonal and are -inf above it."""
-  q_idx, k_idx, w = _indexer_inputs(2, 70, 4, 16, seed=1)
-  got = dsa_pallas.index_scores(q_idx, w, k_idx, 0)
-  dots = jnp.einsum("bthd,bsd->bths", q_idx, k_idx)
-  want = jnp.einsum("bths,bth->bts", jax.nn.relu(dots), w)
-  causal = jnp.tril(jnp.ones((70, 70), bool))
-  np.testing.assert_allclose(np.where(causal, got, 0), np.where(causal, want, 0), rtol=1e-5, atol=1e-5)
-  assert (np.asarray(got)[:, ~np.asarray(causal)] == -np.inf).all()
-
+from perf.time_model import pallas_calls
 
 SPARSE_CASES = [
     # t, heads, dk, v_dim, k, dtype, tol, kernel options (TPU interpret mode unless "interpret")
@@ -121,13 +54,17 @@ def test_sparse_attention_matches_xla_forward_and_gradients(t, heads, dk, v_dim,
   assert not np.asarray(grads[0][:, 0]).any()
 
 
-@pytest.mark.parametrize("b,t,heads,k,options", [(1, 45, 16, 12, {"dsa_dkv": "tiles", "pallas_mode": "interpret"}),
-                                                 (2, 40, 4, 50, {"pallas_mode": "interpret"})],
-                         ids=["H16-8-queries-a-tile-dkv-tiles", "H4-k-over-T-batch2"])
-def test_indexer_loss_teacher_from_the_kernels(b, t, heads, k, options):
+@pytest.mark.parametrize("b,t,heads,k,options,fused",
+                         [(1, 45, 16, 12, {"dsa_dkv": "tiles", "pallas_mode": "interpret"}, True),
+                          (2, 40, 4, 50, {"pallas_mode": "interpret"}, False)],
+                         ids=["H16-8-queries-a-tile-dkv-tiles", "H4-k-over-T-batch2-teacher-walk"])
+def test_indexer_loss_teacher_from_the_kernels(b, t, heads, k, options, fused, monkeypatch):
   """The sparse stage's attention and indexer loss in one pass, the teacher from the Pallas
-  forward's lse: output, loss and the gradients of every input equal the reference's (the loss
-  reaches the indexer only)."""
+  forward's lse (computed by the forward itself, or by its own walk when a tile's scores would not
+  fit VMEM: forced here): output, loss and the gradients of every input equal the reference's
+  (the loss reaches the indexer only)."""
+  if not fused:
+    monkeypatch.setattr(dsa_pallas, "TEACHER_SCORES_BYTES", 0)
   options = KernelOptions(**options)
   dk, v_dim = 40, 24
   ks = jax.random.split(jax.random.key(t), 3)
@@ -143,6 +80,8 @@ def test_indexer_loss_teacher_from_the_kernels(b, t, heads, k, options):
       return jnp.sum(out * cot) + 10.0 * loss, (out, loss)
     return jax.value_and_grad(f, argnums=range(5), has_aux=True)
   args = (q, kv, q_idx, k_idx, w)
+  names = {call.name for call in pallas_calls(objective("pallas"), *args)}
+  assert ("dsa_sparse_fwd_teacher" in names, "dsa_teacher" in names) == (fused, not fused), names
   (_, (out, loss)), grads = objective("pallas")(*args)
   (_, (out_want, loss_want)), grads_want = objective("xla")(*args)
   np.testing.assert_allclose(out, out_want, atol=2e-5, rtol=2e-5)

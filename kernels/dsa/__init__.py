@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels import DEFAULT_OPTIONS, chunking, resolve_impl
+from kernels.dsa import indexer_pallas, reference
 from kernels.dsa import pallas as dsa_pallas
-from kernels.dsa import reference
 from parallel import placement
 
 
@@ -52,7 +52,7 @@ def indexer_topk(q_idx, k_idx, weights, *, topk: int, impl="auto", options=None,
   q_idx, k_idx, weights = (jax.lax.stop_gradient(x) for x in (q_idx, k_idx, weights))
   pallas = _pallas(impl, options)
   if pallas:
-    local = lambda q_idx, k_idx, weights, doc=None, *, q_offset: dsa_pallas.indexer_topk(
+    local = lambda q_idx, k_idx, weights, doc=None, *, q_offset: indexer_pallas.indexer_topk(
         q_idx, k_idx, weights, q_offset, topk=topk, options=options, doc_start=doc)
   else:
     local = functools.partial(reference.indexer_topk, topk=topk, options=options)
