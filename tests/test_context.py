@@ -12,6 +12,7 @@ from test_model import NSA_SMALL
 from configs import ConfigError
 from conftest import read_metrics, run_train, small_config
 from kernels import KernelOptions, dense, dsa, nsa
+from kernels.dsa import indexer_pallas
 from kernels.dsa import pallas as dsa_pallas
 from kernels.dsa import reference as dsa_reference
 from parallel import context
@@ -163,7 +164,7 @@ def _dsa_local(xla_local, pallas):
   """A DSA function's per-device body: the XLA reference's, or the Pallas kernel's."""
   if not pallas:
     return xla_local
-  kernel = {dsa_reference.indexer_topk: dsa_pallas.indexer_topk,
+  kernel = {dsa_reference.indexer_topk: indexer_pallas.indexer_topk,
             dsa_reference.sparse_attention: dsa_pallas.sparse_attention}[xla_local]
   return lambda *args, q_offset, **kw: kernel(*args, q_offset, **kw)
 

@@ -95,6 +95,41 @@ def test_indexer_loss_teacher_from_the_kernels(b, t, heads, k, options, fused, m
     np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(g_want) / scale, atol=5e-5, err_msg=name)
 
 
+def test_sparse_attention_on_gathered_rows(monkeypatch):
+  """kernels.dsa_gather=sparsecore: each query chunk's union rows gathered into one buffer (the
+  SparseCore kernel in Pallas's interpreter), the walks reading whole chunks of it and the kv
+  gradient added back per slot: with chunks of 4 tiles (3 chunks here), out, the teacher's loss
+  and every gradient equal the reference's."""
+  monkeypatch.setattr(dsa_pallas, "GATHER_ROWS", 256)
+  options = KernelOptions(dsa_gather="sparsecore", dsa_tiles_per_step=2)
+  b, t, heads, dk, v_dim, k = 1, 72, 16, 64, 32, 30
+  ks = jax.random.split(jax.random.key(5), 3)
+  q, kv = _rand(ks[0], (b, t, heads, dk), jnp.float32), _rand(ks[1], (b, t, dk), jnp.float32)
+  q_idx, k_idx, w = _indexer_inputs(b, t, 3, 8, seed=6)
+  indices = _indices(b, t, k, seed=7)
+  cot = _rand(ks[2], (b, t, heads, v_dim), jnp.float32)
+
+  def objective(impl):
+    def f(q, kv, q_idx, k_idx, w):
+      out, loss = dsa.sparse_attention_and_indexer_loss(q, kv, q_idx, k_idx, w, indices, v_dim=v_dim, scale=SCALE,
+                                                        impl=impl, options=options)
+      return jnp.sum(out * cot) + 10.0 * loss, (out, loss)
+    return jax.value_and_grad(f, argnums=range(5), has_aux=True)
+  args = (q, kv, q_idx, k_idx, w)
+  g = dsa_pallas._geometry(q, kv, k, v_dim, SCALE, options)
+  assert g.gathered and g.num_tiles // g.chunk_tiles == 3, g
+  names = {call.name for call in pallas_calls(objective("pallas"), *args)}
+  assert {"dsa_sparse_fwd_teacher", "dsa_sparse_bwd_gathered"} <= names, names
+  (_, (out, loss)), grads = objective("pallas")(*args)
+  (_, (out_want, loss_want)), grads_want = objective("xla")(*args)
+  np.testing.assert_allclose(out, out_want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(loss, loss_want, rtol=1e-5)
+  for name, grad, want in zip(["q", "kv", "q_idx", "k_idx", "w"], grads, grads_want):
+    scale = float(jnp.abs(want).max())
+    assert scale > 0, name
+    np.testing.assert_allclose(np.asarray(grad) / scale, np.asarray(want) / scale, atol=5e-5, err_msg=name)
+
+
 def test_tile_selection_unions_and_choosers():
   """Two queries a tile: the union is the sorted distinct valid keys of both, each key's bits
   say which query chose it; future, -1, out-of-range and repeated entries are dropped."""

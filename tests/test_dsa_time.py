@@ -15,8 +15,9 @@ def _popcount(n: int) -> int:
 
 def test_grid_steps_are_a_small_share_of_the_roofline_at_128k():
   """V3.2 at T=131072 (traced, nothing runs): the indexer takes a few thousand steps, each sparse
-  walk T / 8 (8 queries a step at H=128; the teacher comes from the forward's walk), and all steps x 0.35 us stay under 10% of the layer's
-  roofline on v6e (so also on v5p, whose roofline is longer)."""
+  walk T / 8 (8 queries a step at H=128; the teacher comes from the forward's walk), and all
+  steps x 0.35 us stay under 10% of the layer's roofline on v6e (so also on v5p, whose roofline
+  is longer)."""
   t = 131072
   positions = sample_positions(t, 4)
   idx = synthetic_selection(t, 2048, positions, realistic=False)

@@ -1,17 +1,7 @@
-"""Pallas TPU kernels for DSA (docs/design.md §5-§7): the lightning indexer's scores (for an exact
-top-k) and sparse MLA attention in MQA form, forward, dq and dkv, behind a custom_vjp.
-
-Indexer scores, I[t, s] = sum_j w[t, j] relu(q_I[t, j] . k_I[s]):
-  grid     (B, Tq / bq, Tk / bk), bq query positions x H_I heads = bq*H_I matmul rows (a
-           multiple of 128; H_I=64: bq=8, 512 rows), bk = 512 keys.
-  step     dots [bq*H_I, bk] = q_I k_I^T on the MXU in fp32, relu, then the head-weighted sum as a
-           second MXU product W [bq, bq*H_I] @ relu (W holds query i's weights in its own rows).
-  skip     a key tile wholly in the tile's future writes -inf and its index map repeats the last
-           visible tile, so no K DMA is issued for it.
-  bytes    per step q_I rows bq*H_I*d_I and the key tile bk*d_I (once per query tile), out bq*bk
-           fp32. The scores exist only for one chunk of queries at a time ([chunk, Tk] fp32 in
-           HBM, chunk = options.select_chunk <= k); XLA's exact top_k ranks them (best first,
-           ties to the lower s), so memory stays O(T*k).
+"""Pallas TPU kernels for DSA's sparse MLA attention in MQA form (docs/design.md §5-§7): forward
+(with the indexer loss's teacher), dq and dkv, behind a custom_vjp. The indexer's top-k is
+kernels/dsa/indexer_pallas.py; the SparseCore gathers kernels/dsa/sparsecore.py; perf/dsa_time.py
+counts what these kernels cost from `step_lists`.
 
 Sparse attention (MQA: every head of query t over the rows kv[s], s in S_t):
   rows     a tile is qpt = min(32, rows / H) queries x their H heads, rows = options.dsa_tile_rows
@@ -67,7 +57,6 @@ Sparse attention (MQA: every head of query t over the rows kv[s], s in S_t):
            with dO zero-padded (12% more MXU work at 576/512, no unaligned lane slices).
 """
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -75,7 +64,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported, chunking
+from kernels import DEFAULT_OPTIONS, KernelOptions, Unsupported
+from kernels.dsa import sparsecore
 from kernels.pallas_common import (
   LANES,
   ROWS,
@@ -91,103 +81,16 @@ from kernels.pallas_common import (
 
 KEY_CHUNK = 128        # union rows gathered per chunk (forward, dq)
 MAX_PIECE = 32         # keys per coalesced copy: a run of consecutive keys costs at most 6 DMAs per 32
+GATHER_ROWS = 64 * 2048   # SparseCore path: union rows gathered per query chunk (151 MB at V3.2)
 RING = 3               # chunk buffers of the gather walk: two chunks in flight while one computes
 TEACHER_SCORES_BYTES = 4 * 2**20   # VMEM for a tile's fp32 scores when the forward computes the teacher
 VMEM_LIMIT_BYTES = 32 * 2**20      # the walks' scoped VMEM (v5e's default is 16 MiB; every chip has >= 64 MiB)
 KEY_TILE = 128         # keys per dkv tile
-SCORE_KEYS = 512       # indexer: keys per score tile
 BIG = jnp.iinfo(jnp.int32).max
 
 
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
-
-
-# ---- indexer scores and top-k ----
-
-def _score_queries(index_heads: int) -> int:
-  """Query positions per score tile: their rows (x H_I) a multiple of 128, at least 8."""
-  return max(8, 128 // math.gcd(index_heads, 128))
-
-
-def _scores_kernel(offset_ref, q_ref, w_ref, doc_ref, k_ref, o_ref, *, bq, bk, heads, num_keys):
-  i, j = pl.program_id(1), pl.program_id(2)
-  first_query = offset_ref[0] + i * bq
-  visible = j * bk <= first_query + bq - 1
-
-  @pl.when(visible)
-  def _scores():
-    dots = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)                     # [bq*H_I, bk]
-    rows = bq * heads
-    owner = jax.lax.broadcasted_iota(jnp.int32, (bq, rows), 1) // heads
-    weights = jnp.where(owner == jax.lax.broadcasted_iota(jnp.int32, (bq, rows), 0),
-                        w_ref[...].astype(jnp.float32), 0.0)                          # [bq, bq*H_I]
-    scores = jnp.dot(weights, jnp.maximum(dots, 0.0), preferred_element_type=jnp.float32)
-    query = first_query + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    key = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    o_ref[...] = jnp.where((key <= query) & (key < num_keys) & (key >= doc_ref[...]), scores, -jnp.inf)
-
-  @pl.when(jnp.logical_not(visible))
-  def _future():
-    o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
-
-
-def index_scores(q_idx, weights, k_idx, q_offset, *, options=None, doc_start=None):
-  """I [B, Tq, Tk] float32 for queries at global positions q_offset + [0, Tq): -inf where s > t
-  or, with packed documents, s < doc_start [B, Tq] (a [bq, 1] int32 column per tile)."""
-  options = options or DEFAULT_OPTIONS
-  b, tq, heads, d = q_idx.shape
-  tk = k_idx.shape[1]
-  bq = _score_queries(heads)
-  bk = min(SCORE_KEYS, _round_up(tk, LANES))
-  tq_pad, tk_pad = _round_up(tq, bq), _round_up(tk, bk)
-  q_rows = jnp.pad(q_idx, [(0, 0), (0, tq_pad - tq), (0, 0), (0, 0)]).reshape(b, tq_pad * heads, d)
-  w_row = jnp.pad(weights, [(0, 0), (0, tq_pad - tq), (0, 0)]).reshape(b, 1, tq_pad * heads)
-  keys = jnp.pad(k_idx, [(0, 0), (0, tk_pad - tk), (0, 0)])
-  doc = jnp.zeros((b, tq), jnp.int32) if doc_start is None else doc_start.astype(jnp.int32)
-  doc = jnp.pad(doc, [(0, 0), (0, tq_pad - tq)])[:, :, None]
-  nk = tk_pad // bk
-  last_tile = lambda i, offset: jnp.minimum((offset[0] + (i + 1) * bq - 1) // bk, nk - 1)
-  rows = bq * heads
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(b, tq_pad // bq, nk),
-      in_specs=[pl.BlockSpec((None, rows, d), lambda bi, i, j, off: (bi, i, 0)),
-                pl.BlockSpec((None, 1, rows), lambda bi, i, j, off: (bi, 0, i)),
-                pl.BlockSpec((None, bq, 1), lambda bi, i, j, off: (bi, i, 0)),
-                pl.BlockSpec((None, bk, d), lambda bi, i, j, off: (bi, jnp.minimum(j, last_tile(i, off)), 0))],
-      out_specs=pl.BlockSpec((None, bq, bk), lambda bi, i, j, off: (bi, i, j)))
-  itemsize = q_idx.dtype.itemsize
-  out = pl.pallas_call(
-      functools.partial(_scores_kernel, bq=bq, bk=bk, heads=heads, num_keys=tk),
-      grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, tq_pad, tk_pad), jnp.float32),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      cost_estimate=cost(b * tq_pad * tk_pad * heads * (2 * d + 2) // 2, 0,   # ~half the tiles are future
-                         b * (tq_pad * heads * (d * itemsize + 4) + tq_pad // bq * tk_pad * d * itemsize // 2
-                              + tq_pad * tk_pad * 4)),
-      interpret=options.interpret_params(),
-  )(jnp.asarray(q_offset, jnp.int32).reshape(1), q_rows, w_row, doc, keys)
-  return out[:, :tq, :tk]
-
-
-def indexer_topk(q_idx, k_idx, weights, q_offset, *, topk: int, options=None, doc_start=None):
-  """The contract of kernels.dsa.indexer_topk for queries at q_offset + [0, Tq): int32
-  [B, Tq, topk], best first, ties to the lower s, -1 padding. Scores come from the Pallas
-  kernel one chunk of queries at a time; lax.top_k ranks them exactly (options.topk_recall < 1:
-  chunking.top_k's approximate top-k, still best first, -1 where it found fewer keys).
-  doc_start [B, Tq] (packed documents): the score kernel masks keys before it."""
-  options = options or DEFAULT_OPTIONS
-  num_keys = k_idx.shape[1]
-
-  def chunk_fn(q_chunk, t0, w_chunk, *doc):
-    scores = index_scores(q_chunk, w_chunk, k_idx, t0, options=options, doc_start=doc[0] if doc else None)
-    if num_keys < topk:
-      scores = jnp.pad(scores, [(0, 0), (0, 0), (0, topk - num_keys)], constant_values=-jnp.inf)
-    values, index = chunking.top_k(scores, topk, options.topk_recall)
-    return jnp.where(values == -jnp.inf, -1, index).astype(jnp.int32)
-  chunk = max(options.select_chunk, _score_queries(q_idx.shape[2]))
-  per_query = () if doc_start is None else (doc_start,)
-  return chunking.map_query_chunks(chunk_fn, q_idx, weights, *per_query, chunk=chunk, remat=False, offset=q_offset)
 
 
 # ---- the selection per query tile ----
@@ -205,6 +108,16 @@ class _Geometry(NamedTuple):
   options: KernelOptions
   kv_dtype: jnp.dtype
   tiles_per_step: int     # TPS: query tiles per grid step
+  chunk_tiles: int = 0    # SparseCore gathers (kernels.dsa_gather): tiles per gathered query chunk; 0: TensorCore
+
+  @property
+  def gathered(self) -> bool:
+    """Rows come from a contiguous buffer of the chunk's union rows, gathered by the SparseCores."""
+    return self.chunk_tiles > 0
+
+  @property
+  def max_piece(self) -> int:
+    return KEY_CHUNK if self.gathered else MAX_PIECE
 
   @property
   def rows(self):
@@ -255,7 +168,7 @@ def tiles_per_step(union: int, options: KernelOptions) -> int:
 
 def _geometry(q, kv, topk: int, v_dim, scale, options, union: int | None = None) -> _Geometry:
   """The walk's geometry; queries padded to whole pairs of steps (the backward splits the steps in
-  two halves)."""
+  two halves), or to whole gathered chunks on the SparseCore path."""
   b, t, heads, dk = q.shape
   check_supported(heads)
   options = options or DEFAULT_OPTIONS
@@ -263,8 +176,13 @@ def _geometry(q, kv, topk: int, v_dim, scale, options, union: int | None = None)
   if union is None:
     union = _round_up(min(qpt * topk, kv.shape[1]), KEY_CHUNK)
   tps = tiles_per_step(union, options)
-  return _Geometry(b, _round_up(t, 2 * qpt * tps), heads, dk, v_dim, kv.shape[1], qpt, union,
-                   dk ** -0.5 if scale is None else scale, options, kv.dtype, tps)
+  chunk_tiles = 0
+  if sparsecore.resolve_gather(options) == "sparsecore":
+    pair = 2 * tps
+    chunk_tiles = min(max(pair, GATHER_ROWS // union // pair * pair), _round_up(-(-t // qpt), pair))
+  tiles = _round_up(-(-t // qpt), chunk_tiles or 2 * tps)
+  return _Geometry(b, tiles * qpt, heads, dk, v_dim, kv.shape[1], qpt, union, dk ** -0.5 if scale is None else scale,
+                   options, kv.dtype, tps, chunk_tiles)
 
 
 def tile_selection(indices, q_offset, *, num_keys: int, queries_per_tile: int, slots: int):
@@ -350,9 +268,15 @@ def step_lists(g: _Geometry, keys, count):
      the first piece of each chunk (TPS * U / KC + 1), per piece (slot in its chunk | length << 8)
      (TPS * U), per piece its first key (TPS * U)].
   A piece is a run of consecutive keys within one chunk, at most MAX_PIECE long: one DMA per
-  power of two of its length (a random selection: one per key; a run of 128 keys: 4)."""
+  power of two of its length (a random selection: one per key; a run of 128 keys: 4).
+  Gathered (SparseCore) walks read the chunk's buffer of union rows instead: a tile's slot u is
+  buffer row (tile within the chunk) * U + u, and every walked chunk is one whole KC-row piece."""
   b, tps, u, kc = g.b, g.tiles_per_step, g.union, KEY_CHUNK
   ns, cpt = g.num_steps, g.union // KEY_CHUNK
+  if g.gathered:
+    local = jnp.arange(g.num_tiles, dtype=jnp.int32) % g.chunk_tiles
+    keys = jnp.broadcast_to(local[:, None] * u + jnp.arange(u, dtype=jnp.int32), (b, g.num_tiles, u))
+    count = _round_up(count, kc)
   keys, count = keys.reshape(b, ns, tps, u), count.reshape(b, ns, tps)
   tile_start = jnp.concatenate([jnp.zeros((b, ns, 1), jnp.int32), jnp.cumsum((count + kc - 1) // kc, -1)], -1)
   slot = jnp.arange(u, dtype=jnp.int32)
@@ -360,7 +284,7 @@ def step_lists(g: _Geometry, keys, count):
   prev = jnp.concatenate([jnp.full((b, ns, tps, 1), -2, jnp.int32), keys[..., :-1]], -1)
   run_start = real & ((keys != prev + 1) | (slot % kc == 0))
   start_slot = jax.lax.cummax(jnp.where(run_start, slot, 0), axis=3)
-  begins = real & (run_start | ((slot - start_slot) % MAX_PIECE == 0))
+  begins = real & (run_start | ((slot - start_slot) % g.max_piece == 0))
   position = (jnp.arange(tps, dtype=jnp.int32)[:, None] * u + slot).reshape(tps * u)      # in the step's stream
   marked = jnp.where(begins.reshape(b, ns, tps * u), position, BIG)
   after = jnp.concatenate([marked[..., 1:], jnp.full((b, ns, 1), BIG, jnp.int32)], -1)
@@ -428,7 +352,9 @@ def _walk(g: _Geometry, lst: _StepList, loads, sem, compute, *, cross_tiles: boo
   def pieces(chunk, slot, pairs, semaphores):
     def one(p, carry):
       first_slot, length, key = lst.piece(p)
-      for size in _powers(min(MAX_PIECE, g.tk)):
+      if g.gathered:                 # whole chunks of a contiguous buffer: aligned, one DMA each
+        key = pl.multiple_of(key, KEY_CHUNK)
+      for size in [KEY_CHUNK] if g.gathered else _powers(min(MAX_PIECE, g.tk)):
         offset = length // (2 * size) * (2 * size)
 
         @pl.when(length & size != 0)
@@ -581,6 +507,13 @@ def _dq_step(g: _Geometry, tile, c, rows, q_ref, do_ref, lse_ref, delta_ref, bit
   return p, ds
 
 
+def _kv_grad(g: _Geometry, p, ds, q, do):
+  """[KC, Dk] fp32: the chunk's rows' kv gradient from this tile, scale dS^T q + p^T dO."""
+  contraction = (((0,), (0,)), ((), ()))
+  return (g.scale * jax.lax.dot_general(ds.astype(q.dtype), q, contraction, preferred_element_type=jnp.float32)
+          + jax.lax.dot_general(p.astype(do.dtype), do, contraction, preferred_element_type=jnp.float32))
+
+
 def _dq_hooks(acc_scratch, dq_ref):
   """tile_begin / tile_end of the dq walks: a tile's dq accumulates in VMEM, written at its end."""
   def begin(tile):
@@ -609,15 +542,11 @@ def _dq_dkv_kernel(lists_hbm, bits_ref, q_ref, do_ref, lse_ref, delta_ref, kv_hb
   del dkv_in_hbm
   b, half = pl.program_id(0), pl.program_id(1)
   lst = _step_list(g, lists_hbm, smem, half * pl.num_programs(2) + pl.program_id(2))
-  contraction = (((0,), (0,)), ((), ()))
 
   def compute(tile, c, slot):
     rows = _chunk_rows(ring, slot)
     p, ds = _dq_step(g, tile, c, rows, q_ref, do_ref, lse_ref, delta_ref, bits_ref, acc_scratch)
-    grad = (_chunk_rows(grad_ring, slot)
-            + g.scale * jax.lax.dot_general(ds.astype(rows.dtype), q_ref[tile], contraction,
-                                            preferred_element_type=jnp.float32)
-            + jax.lax.dot_general(p.astype(rows.dtype), do_ref[tile], contraction, preferred_element_type=jnp.float32))
+    grad = _chunk_rows(grad_ring, slot) + _kv_grad(g, p, ds, q_ref[tile], do_ref[tile])
     grad_ring[slot] = grad.reshape(grad_ring.shape[1:])
   grads = dkv_hbm.at[b, half]
   _walk(g, lst, [(kv_hbm.at[b], ring), (grads, grad_ring)], sem, compute, cross_tiles=False,
@@ -654,8 +583,11 @@ def _bits_spec(g: _Geometry, index=None):
   return pl.BlockSpec((None, g.tiles_per_step, 1, g.union + KEY_CHUNK), index or (lambda b, s: (b, s, 0, 0)))
 
 
-def _ring_scratch(g: _Geometry):
-  return [pltpu.SMEM((g.list_len,), jnp.int32), pltpu.VMEM((RING, KEY_CHUNK, 1, g.dk), g.kv_dtype)]
+def _ring_scratch(g: _Geometry, dtype=None):
+  """The step list's SMEM and the ring: rows of [T, 1, Dk] (TensorCore gathers) or of the
+  gathered chunk's [M, Dk] buffer."""
+  rows = (KEY_CHUNK, g.dk) if g.gathered else (KEY_CHUNK, 1, g.dk)
+  return [pltpu.SMEM((g.list_len,), jnp.int32), pltpu.VMEM((RING, *rows), dtype or g.kv_dtype)]
 
 
 def _walk_cost(g: _Geometry, matmuls: int, row_bytes: int):
@@ -673,9 +605,10 @@ def fused_teacher(g: _Geometry) -> bool:
   return g.rows * g.union * 4 <= TEACHER_SCORES_BYTES
 
 
-def _forward_rows(g: _Geometry, lists, bits, q_rows, kv, teacher: bool = False):
+def _forward_rows(g: _Geometry, lists, bits, q_rows, source, teacher: bool = False):
   """(out rows [B, NT, R, Dk] (the first Dv columns are the output), lse [B, NT, 1, R]) and, with
-  teacher (fused_teacher(g) must hold), the teacher's [B, NT, qpt, U] (_teacher_rows)."""
+  teacher (fused_teacher(g) must hold), the teacher's [B, NT, qpt, U] (_teacher_rows). source:
+  `gather_rows(kv)`, or on the gathered path the chunk's buffer of union rows [B, M, Dk]."""
   outputs = [(g.dk, q_rows.dtype, g.rows), (g.rows, jnp.float32, 1)]
   scratch = [pltpu.VMEM((g.rows, LANES), jnp.float32), pltpu.VMEM((g.rows, LANES), jnp.float32),
              pltpu.VMEM((g.rows, g.dk), jnp.float32)]
@@ -688,26 +621,26 @@ def _forward_rows(g: _Geometry, lists, bits, q_rows, kv, teacher: bool = False):
                     estimate.bytes_accessed + 4 * tiles * g.queries_per_tile * g.union)
   kernel = functools.partial(_forward_kernel, teacher=teacher)
   return _walk_call(g, kernel, [g.dk], outputs, scratch, estimate,
-                    "dsa_sparse_fwd_teacher" if teacher else "dsa_sparse_fwd")(lists, bits, q_rows, gather_rows(kv))
+                    "dsa_sparse_fwd_teacher" if teacher else "dsa_sparse_fwd")(lists, bits, q_rows, source)
 
 
 def sparse_forward(q, kv, indices, q_offset=0, *, v_dim: int, scale=None, options=None):
   """(out [B, T, H, v_dim] in q's dtype, lse [B, T, H] float32): kernels.dsa.sparse_attention's
   numbers for queries at global positions q_offset + [0, T) against all rows kv [B, Tk, Dk]."""
   g = _geometry(q, kv, indices.shape[-1], v_dim, scale, options)
-  lists, bits, _, _ = _selection(g, indices, q_offset)
-  out, lse = _forward_rows(g, lists, bits, _tile_rows(g, q), kv)
+  lists, bits, keys_row, _ = _selection(g, indices, q_offset)
+  out, lse = _forward(g, lists, bits, keys_row, _tile_rows(g, q), kv, teacher=False)
   t = q.shape[1]
   return _untile_rows(g, out, t)[..., :v_dim], lse.reshape(g.b, g.t, g.heads)[:, :t]
 
 
-def _teacher_rows(g: _Geometry, lists, bits, q_rows, lse_rows, kv):
+def _teacher_rows(g: _Geometry, lists, bits, q_rows, lse_rows, source):
   """[B, NT, qpt, U] float32: per tile query and union slot, the attention probability of that
   key averaged over the query's H heads (0 where the query did not choose it). The forward's walk
   and gathers with the saved lse, the QK product only: half the forward's FLOPs, its bytes."""
   estimate = _walk_cost(g, 1, 2 * g.dk + 4 + 4 * g.union // g.heads)
   return _walk_call(g, _teacher_kernel, [g.dk, None], [(g.union, jnp.float32, g.queries_per_tile)], [], estimate,
-                    "dsa_teacher")(lists, bits, q_rows, lse_rows, gather_rows(kv))[0]
+                    "dsa_teacher")(lists, bits, q_rows, lse_rows, source)[0]
 
 
 # ---- dq and dkv in one walk: each chosen row's gradient added into its fp32 row in HBM ----
@@ -748,6 +681,127 @@ def _dq_dkv(g: _Geometry, lists, bits, q_rows, do_rows, lse_rows, delta_rows, kv
       cost_estimate=estimate, interpret=g.interpret, name="dsa_sparse_bwd",
   )(lists, bits, q_rows, do_rows, lse_rows, delta_rows, gather_rows(kv), grad)
   return dq_rows, grad.sum(1)[:, :, 0]
+
+
+# ---- the SparseCore path: a query chunk's union rows gathered into one buffer ----
+
+def _forward(g: _Geometry, lists, bits, keys_row, q_rows, kv, teacher: bool):
+  """(out rows, lse rows, teacher probs or None), walking gathered rows or gathering by DMA."""
+  fused = teacher and fused_teacher(g)
+  if g.gathered:
+    outs = _by_chunk(g, kv, keys_row, lambda gc, rows, lst, bits, q: _forward_rows(gc, lst, bits, q, rows, fused),
+                     lists, bits, q_rows)
+  else:
+    outs = _forward_rows(g, lists, bits, q_rows, gather_rows(kv), teacher=fused)
+  out_rows, lse_rows, *probs_union = outs
+  if teacher and not fused:
+    if g.gathered:
+      probs_union = [_by_chunk(g, kv, keys_row, lambda gc, rows, lst, bits, q, lse: _teacher_rows(
+          gc, lst, bits, q, lse, rows), lists, bits, q_rows, lse_rows)[0]]
+    else:
+      probs_union = [_teacher_rows(g, lists, bits, q_rows, lse_rows, gather_rows(kv))]
+  return out_rows, lse_rows, probs_union[0] if teacher else None
+
+
+def _chunk_keys(g: _Geometry, keys_row):
+  """[NC, B, chunk_tiles * U]: each query chunk's union slots as row indices (padding slots repeat
+  the tile's last key: real rows, masked by their bits)."""
+  keys = keys_row[:, :, 0, :g.union].reshape(g.b, -1, g.chunk_tiles * g.union)
+  return keys.swapaxes(0, 1)
+
+
+def _gather_chunk(g: _Geometry, kv, keys):
+  """[B, M, Dk]: kv[b, keys[b]] on the SparseCores (M padded to their row multiple)."""
+  m = keys.shape[-1]
+  pad = -m % sparsecore.row_multiple(g.dk * g.itemsize // 4, g.options)
+  rows = [sparsecore.gather_rows(kv[b], jnp.pad(keys[b], (0, pad)), options=g.options)[:m] for b in range(g.b)]
+  return jnp.stack(rows)
+
+
+def _split_chunks(g: _Geometry, x):
+  """[B, NT or NS, ...] -> [NC, B, per chunk, ...]."""
+  return x.reshape(g.b, g.num_tiles // g.chunk_tiles, -1, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _join_chunks(x):
+  return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+
+
+def _by_chunk(g: _Geometry, kv, keys_row, walk, lists, *per_tile, carry=None, update=None):
+  """Runs walk(chunk geometry, gathered rows, the chunk's lists, *per-tile blocks) per query chunk
+  (a scan), the SparseCores gathering chunk c + 1's rows while the TensorCores walk chunk c
+  (software-pipelined: the two calls are independent in one iteration). Returns the walks'
+  outputs joined over chunks; with `update`, also carry = update(carry, chunk keys, outputs, c)."""
+  keys = _chunk_keys(g, keys_row)
+  chunks = keys.shape[0]
+  gc = g._replace(t=g.chunk_tiles * g.queries_per_tile)
+
+  def body(state, xs):
+    rows, acc = state
+    c, lst, *blocks = xs
+    following = _gather_chunk(g, kv, keys[jnp.minimum(c + 1, chunks - 1)])
+    outs = walk(gc, rows, lst, *blocks)
+    if update is not None:
+      acc, outs = update(acc, keys[c], outs, c)
+    return (following, acc), outs
+  xs = (jnp.arange(chunks), _split_chunks(g, lists), *[_split_chunks(g, x) for x in per_tile])
+  (_, acc), outs = jax.lax.scan(body, (_gather_chunk(g, kv, keys[0]), carry), xs)
+  outs = [_join_chunks(o) for o in outs]
+  return outs if update is None else (outs, acc)
+
+
+def _dq_grads_kernel(lists_hbm, bits_ref, q_ref, do_ref, lse_ref, delta_ref, rows_hbm, dq_ref, grads_hbm, smem, ring,
+                     sem, grad_ring, write_sem, acc_scratch, *, g):
+  """dq, and each walked union slot's kv gradient written to its own fp32 row of the chunk's
+  buffer (no read-modify-write: the SparseCores add them into dkv after)."""
+  b = pl.program_id(0)
+  lst = _step_list(g, lists_hbm, smem, pl.program_id(1))
+
+  def compute(tile, c, slot):
+    rows = _chunk_rows(ring, slot)
+    p, ds = _dq_step(g, tile, c, rows, q_ref, do_ref, lse_ref, delta_ref, bits_ref, acc_scratch)
+    grad_ring[slot] = _kv_grad(g, p, ds, q_ref[tile], do_ref[tile]).reshape(grad_ring.shape[1:])
+  _walk(g, lst, [(rows_hbm.at[b], ring)], sem, compute, cross_tiles=True, writes=[(grad_ring, grads_hbm.at[b])],
+        wsem=write_sem, **_dq_hooks(acc_scratch, dq_ref))
+
+
+def _dq_grads(g: _Geometry, lists, bits, q_rows, do_rows, lse_rows, delta_rows, source):
+  """(dq rows [B, NT, R, Dk], grads [B, NT * U, Dk] float32: row tile * U + u is slot u's kv
+  gradient, for the walked chunks' slots only)."""
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  tile = lambda width: _tile_spec(g, width)
+  estimate = _walk_cost(g, 5, 6 * g.dk + 8)
+  estimate = cost(estimate.flops, estimate.transcendentals, estimate.bytes_accessed + 4 * g.b * g.num_tiles * g.union * g.dk)
+  return pl.pallas_call(
+      functools.partial(_dq_grads_kernel, g=g), grid=(g.b, g.num_steps),
+      in_specs=[any_spec, _bits_spec(g), tile(g.dk), tile(g.dk), tile(None), tile(None), any_spec],
+      out_specs=[tile(g.dk), any_spec],
+      out_shape=[jax.ShapeDtypeStruct((g.b, g.num_tiles, g.rows, g.dk), q_rows.dtype),
+                 jax.ShapeDtypeStruct((g.b, g.num_tiles * g.union, g.dk), jnp.float32)],
+      scratch_shapes=[*_ring_scratch(g), pltpu.SemaphoreType.DMA((1, RING)), _ring_scratch(g, jnp.float32)[1],
+                      pltpu.SemaphoreType.DMA((1, RING)), pltpu.VMEM((g.rows, g.dk), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
+                                           vmem_limit_bytes=VMEM_LIMIT_BYTES),
+      cost_estimate=estimate, interpret=g.interpret, name="dsa_sparse_bwd_gathered",
+  )(lists, bits, q_rows, do_rows, lse_rows, delta_rows, source)
+
+
+def _backward_gathered(g: _Geometry, lists, bits, keys_row, count, q_rows, do_rows, lse_rows, delta_rows, kv):
+  """(dq rows, dkv [B, Tk, Dk] float32) on the SparseCore path: per query chunk the walk of its
+  gathered rows writes dq and each slot's kv gradient; the SparseCores add the gradients into
+  dkv (slots past a tile's walked chunks go to a spare row Tk, dropped)."""
+  walked = jnp.arange(g.union)[None, None, :] < _round_up(count, KEY_CHUNK)[..., None]       # [B, NT, U]
+  walked = walked.reshape(g.b, -1, g.chunk_tiles * g.union).swapaxes(0, 1)
+
+  def update(dkv, keys, outs, c):
+    dq, grads = outs
+    index = jnp.where(walked[c], keys, g.tk)
+    dkv = jnp.stack([dkv[b].at[index[b]].add(grads[b]) for b in range(g.b)])
+    return dkv, (dq,)
+  walk = lambda gc, rows, lst, *blocks: _dq_grads(gc, lst, *blocks, rows)
+  (dq_rows,), dkv = _by_chunk(g, kv, keys_row, walk, lists, bits, q_rows, do_rows, lse_rows, delta_rows,
+                              carry=jnp.zeros((g.b, g.tk + 1, g.dk), jnp.float32), update=update)
+  return dq_rows, dkv[:, :g.tk]
 
 
 # ---- dkv: KV-stationary over the inverted selection ----
@@ -892,11 +946,7 @@ def _union_geometry(q, kv, bits, v_dim, scale, options) -> _Geometry:
 def _sparse_fwd(q, kv, lists, bits, keys_row, count, v_dim, scale, options, teacher):
   g = _union_geometry(q, kv, bits, v_dim, scale, options)
   q_rows = _tile_rows(g, q)
-  fused = teacher and fused_teacher(g)
-  out_rows, lse_rows, *probs_union = _forward_rows(g, lists, bits, q_rows, kv, teacher=fused)
-  if teacher and not fused:
-    probs_union = [_teacher_rows(g, lists, bits, q_rows, lse_rows, kv)]
-  probs_union = probs_union[0] if teacher else None
+  out_rows, lse_rows, probs_union = _forward(g, lists, bits, keys_row, q_rows, kv, teacher)
   out = _untile_rows(g, out_rows, q.shape[1])[..., :v_dim]
   return (out, probs_union), (q, kv, lists, bits, keys_row, count, out_rows, lse_rows)
 
@@ -911,7 +961,9 @@ def _sparse_bwd(v_dim, scale, options, teacher, residuals, cotangents):
   do_rows = _tile_rows(g, jnp.pad(dout.astype(q.dtype), [(0, 0), (0, 0), (0, 0), (0, g.dk - v_dim)]))
   delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), -1)                # [B, NT, R]
   delta_rows = delta[:, :, None, :]
-  if g.options.dsa_dkv == "rows":
+  if g.gathered:
+    dq_rows, dkv = _backward_gathered(g, lists, bits, keys_row, count, q_rows, do_rows, lse_rows, delta_rows, kv)
+  elif g.options.dsa_dkv == "rows":
     dq_rows, dkv = _dq_dkv(g, lists, bits, q_rows, do_rows, lse_rows, delta_rows, kv)
   else:
     dq_rows, = _walk_call(g, _dq_kernel, [g.dk, g.dk, None, None], [(g.dk, q.dtype, g.rows)],
