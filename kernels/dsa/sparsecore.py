@@ -1,5 +1,6 @@
-"""DSA's row gather on the SparseCores: rows = table[indices] by indirect DMA streams, so that no
-TensorCore scalar unit issues one descriptor per selected row (docs/design.md §7, §11).
+"""DSA's selected-row traffic on the SparseCores: rows = table[indices] (the forward's gather) and
+table[indices] += rows (the backward's dkv), by indirect DMA streams, so that no TensorCore scalar
+unit issues one descriptor per selected row (docs/design.md §7, §11).
 
 Chips (jax's `pltpu.get_tpu_info().sparse_core`, tpu_info.py, jax 0.10.2; the same table is in the
 Pallas guide "SparseCore Kernel Writing"): v5p 4 SparseCores x 16 vector subcores, 512 KiB VMEM per
@@ -52,6 +53,53 @@ the notebook's printed chip is a TPU 7x) vs 18.1 ms for jnp.take on the TensorCo
 the walk's 618 GB of SC traffic takes ~0.6 s, overlapped with TensorCore work. Descriptors: 3
 per 32-row window, 25M per walk spread over 64 (v5p) or 32 (v6e) subcores, against 268M
 row DMAs issued by TensorCore scalar cores (~20 ns each, docs/design.md §7: 5.4 s).
+
+Scatter-add (`scatter_add_rows`): fp32 gradient rows [M, D] added into the table [N, D] with
+`pltpu.make_async_copy(rows_vmem, table_hbm.at[idx_vmem]).start(add=True)`, an indirect stream whose
+DMA engine adds into the destination (tpu.enqueue_indirect_dma add=true). The table is a jax Ref,
+aliased in and out of the kernel: donated, no copy (memory analysis: temp 0 B at D=512).
+  accepted (ahead-of-time, jax 0.10.2 and its libtpu, probed by hand 2026-12-07; the tests pin 512
+           and 576): TensorCore tiling with D a multiple of 128 and at least 256 (compiled: 256, 512,
+           640 on v5p and v6e, 384 on v6e). D=576 and D=64 fail ("'tpu.
+           enqueue_indirect_dma' op Not implemented: expected slice size (576) to be aligned with
+           target (scatter operand) tiling (128)"), and so do D=128 and every SparseCore (linear)
+           layout: "IndirectStreamAddStartOp doesn't support transfer from source memory space
+           TileSpmem to destination memory space HBM with offset memory space TileSpmem" (the same
+           for 8-row offset vectors, IndirectVectorStreamAddStartOp). So `add_width` pads: 576 -> 640,
+           64 -> 256. Padding inside the call costs XLA a copy of the table in and out (at N=131072,
+           D=576: 0.8-1.0 GB of temporaries, 3 copies in the HLO); hold dkv as [N, 640] across calls
+           instead, and the calls chain in place.
+  interpreted the plain interpreter has no DMA with add ("DMA partial discharge add=True not yet
+           implemented.") and drops writes into an aliased ref, so there the kernel takes the table
+           as an input, copies it to its output and adds row after row (`_interpret_add`): it checks
+           the windows, the split and the pipeline, not the DMA engine's add.
+Windows: the same split as the gather (every vector subcore, `window` rows per stream, 16 rows of
+640 words, 32 of 512). Per window 3 descriptors: the indices HBM -> VMEM, the rows HBM -> VMEM (one
+contiguous copy), ONE indirect add stream VMEM -> HBM. Window s+1 loads while window s adds.
+Races, who adds to a row:
+  - one worker: its add streams run one at a time (window s's starts after s-1's wait).
+  - one stream: repeated indices inside one window rely on the DMA engine applying each offset's
+    add in turn. Not verified here (no TPU). The DSA layout has none: the rows are query-major, a
+    window (16 or 32) divides the 2048 rows of one query, and one query's top-k rows are distinct,
+    except the top-k's -1 padding mapped to a real row, whose gradient is zero but still a repeat.
+  - across workers (64 on v5p, 32 on v6e, all concurrent): repeats are the rule (a key chosen by
+    many queries). Correct only if the engine's add is an atomic read-modify-write per 32-bit
+    element. jax's own test `test_scatter_add` (tests/pallas/tpu_sparsecore_pallas_test.py) has 16
+    subcores add into the same 32 offsets of shared VMEM at once and asserts exact sums; an HBM
+    destination is the same op but unverified here. If a TPU shows lost adds, sort the indices and
+    give each worker whole runs, or segment-sum first.
+  The order of fp32 adds to one row is then unspecified: results match np.add.at to rounding
+  (bitwise in the interpreter, which adds in index order).
+Bytes per added row of D fp32 (2304 B at D=576, 2560 B padded to 640): the SC reads the row
+(2560 B) and the add stream reads and writes the table row (2 x 2560 B): 7680 B, 3x the row.
+Per V3.2 layer (an ESTIMATE, no TPU measured here): T=131072 queries x 2048 rows = 268M rows x
+2560 B = 687 GB of gradient rows, 2062 GB of HBM traffic (1855 GB if 576 lowered unpadded). HBM
+bound at 2.76 TB/s (v5p) = 0.75 s, at 1.64 TB/s (v6e) = 1.26 s (bandwidths: perf/chips.py, from the
+Cloud TPU pages). At the guide's measured SparseCore gather rate (~1.06 TB/s read+write, 4,194,304
+rows of 512 B in 4.05 ms on a TPU 7x; no scatter-add rate is published) it is ~1.9 s. Descriptors:
+3 per 16-row window, 50M per layer, 0.79M per subcore on v5p, 1.6M on v6e; the TensorCore walk's
+one DMA per row each way would be 537M. Per call of 2048 x 64 rows: 335 MB of rows,
+1.0 GB of traffic, 0.36 ms on v5p at the HBM bound.
 """
 import dataclasses
 import functools
@@ -253,3 +301,110 @@ def _walk(table_hbm, idx_hbm, out_hbm, idx_vmem, rows_vmem, sem, plan: _Plan, wo
   if steps > 1:
     write(steps - 2, steps % 2).wait()
   write(steps - 1, (steps - 1) % 2).wait()
+
+
+def scatter_add_rows(table, indices, rows, *, options=None):
+  """table float32 [N, D], indices int32 [M] in [0, N), rows float32 [M, D] -> table with
+  table[indices[m]] += rows[m] for every m, repeats included (the DSA backward's dkv: each query's
+  chosen rows' gradients added into the keys). On the tensorcore path `table.at[indices].add`; on the
+  SparseCores (`resolve_gather`) indirect DMA streams with add, M a multiple of
+  `row_multiple(add_width(D))`: the module docstring's scatter-add part says what Mosaic accepts,
+  the races and the costs.
+  Donate `table` to the enclosing jit, or XLA copies it first."""
+  options = options or DEFAULT_OPTIONS
+  if resolve_gather(options) == "tensorcore":
+    return table.at[indices].add(rows)
+  (n, d), (m,) = table.shape, indices.shape
+  if table.dtype != jnp.float32 or rows.dtype != jnp.float32:
+    raise ValueError(f"scatter_add_rows: {table.dtype} table, {rows.dtype} rows; the SparseCore path adds float32")
+  width = add_width(d)
+  plan = _Plan(*_workers(options), window=_window(width), rows=m, words=width, compiled=options.targets_tpu)
+  if m % (plan.workers * plan.window):
+    raise Unsupported("rows", m, f"a multiple of {plan.workers * plan.window} (SparseCore workers x rows per stream)")
+  if width != d:                          # the add stream's rows must be whole (8, 128) tiles wide
+    table, rows = (jnp.pad(a, ((0, 0), (0, width - d))) for a in (table, rows))
+  if not plan.compiled:                   # the plain interpreter drops writes to an aliased ref (jax 0.10.2)
+    out = _add_call(plan, n)(table, indices.astype(jnp.int32), rows)
+  else:
+    ref = jax.new_ref(table)              # aliased in and out of the kernel: no copy of the table
+    _add_call(plan, n)(ref, indices.astype(jnp.int32), rows)
+    out = jax.freeze(ref)
+  return out[:, :d] if width != d else out
+
+
+def add_width(d: int) -> int:
+  """Columns the SparseCore add stream moves per row: D rounded up to a multiple of 128, at least
+  256: the add stream lowers for no other width (the module docstring)."""
+  return max(256, -(-d // 128) * 128)
+
+
+def _add_call(plan: _Plan, n: int):
+  return pl.kernel(
+      functools.partial(_add_kernel, plan=plan),
+      out_type=() if plan.compiled else jax.ShapeDtypeStruct((n, plan.words), jnp.float32),
+      mesh=_mesh(plan),
+      scratch_types=[pltpu.VMEM((2, plan.window), jnp.int32), pltpu.VMEM((2, plan.window, plan.words), jnp.float32),
+                     pltpu.SemaphoreType.DMA((3, 2))],
+      compiler_params=pltpu.CompilerParams(use_tc_tiling_on_sc=True) if plan.compiled else None,
+      interpret=not plan.compiled,
+      cost_estimate=pl.CostEstimate(flops=plan.rows * plan.words, transcendentals=0,
+                                    bytes_accessed=plan.rows * (12 * plan.words + 4)),
+  )
+
+
+def _add_kernel(*refs, plan: _Plan):
+  if plan.compiled:                       # the table is aliased in and out
+    table_hbm, idx_hbm, rows_hbm, idx_vmem, rows_vmem, sem = refs
+    worker = jax.lax.axis_index("core") * plan.subcores + jax.lax.axis_index("subcore")
+    _add_walk(table_hbm, idx_hbm, rows_hbm, idx_vmem, rows_vmem, sem, plan, worker)
+  else:                                   # the interpreter binds no core axes: one worker at a time
+    table_in, idx_hbm, rows_hbm, table_hbm, idx_vmem, rows_vmem, sem = refs
+    pltpu.sync_copy(table_in, table_hbm)
+    for worker in range(plan.workers):
+      _add_walk(table_hbm, idx_hbm, rows_hbm, idx_vmem, rows_vmem, sem, plan, worker)
+
+
+def _add_walk(table_hbm, idx_hbm, rows_hbm, idx_vmem, rows_vmem, sem, plan: _Plan, worker):
+  """One worker's part: windows s = 0..steps-1 of `window` rows, slot s % 2. Window s+1's indices
+  and rows stream in while window s's add stream runs; window s's stream starts only after window
+  s-1's finished, so one worker never has two add streams in flight."""
+  first, steps, win = worker * plan.steps * plan.window, plan.steps, plan.window
+  span = lambda s: pl.ds(first + s * win, win)
+  loads = lambda s, slot: (pltpu.make_async_copy(idx_hbm.at[span(s)], idx_vmem.at[slot], sem.at[0, slot]),
+                           pltpu.make_async_copy(rows_hbm.at[span(s)], rows_vmem.at[slot], sem.at[1, slot]))
+  add = lambda slot: pltpu.make_async_copy(rows_vmem.at[slot], table_hbm.at[idx_vmem.at[slot]], sem.at[2, slot])
+
+  for copy in loads(0, 0):
+    copy.start()
+
+  @pl.loop(0, steps)
+  def _(s):
+    slot = s % 2
+
+    @pl.when(s >= 1)
+    def _drain():
+      if plan.compiled:
+        add(1 - slot).wait()
+
+    @pl.when(s + 1 < steps)
+    def _next():
+      for copy in loads(s + 1, 1 - slot):
+        copy.start()
+    for copy in loads(s, slot):
+      copy.wait()
+    if plan.compiled:
+      add(slot).start(add=True)
+    else:
+      _interpret_add(table_hbm, idx_vmem, rows_vmem, slot, win)
+
+  if plan.compiled:
+    add((steps - 1) % 2).wait()
+
+
+def _interpret_add(table_hbm, idx_vmem, rows_vmem, slot, win):
+  """What the add stream does, row after row: Pallas's plain interpreter has no DMA with add ("DMA
+  partial discharge add=True not yet implemented.", jax 0.10.2)."""
+  @pl.loop(0, win)
+  def _(j):
+    row = pl.ds(idx_vmem[slot, j], 1)
+    table_hbm[row, :] = table_hbm[row, :] + rows_vmem[slot, pl.ds(j, 1), :]
