@@ -360,7 +360,7 @@ def _walk(g: _Geometry, lst: _StepList, loads, sem, compute, *, cross_tiles: boo
         @pl.when(length & size != 0)
         def _copy():
           for k, (src, dst, to_hbm) in enumerate(pairs):
-            ring_rows = pl.ds(first_slot + offset, size)
+            ring_rows = pl.ds(0, KEY_CHUNK) if g.gathered else pl.ds(first_slot + offset, size)
             hbm_rows = pl.ds(key + offset, size)
             copy = (pltpu.make_async_copy(src.at[slot, ring_rows], dst.at[hbm_rows], semaphores.at[k, slot]) if to_hbm
                     else pltpu.make_async_copy(src.at[hbm_rows], dst.at[slot, ring_rows], semaphores.at[k, slot]))
@@ -371,7 +371,7 @@ def _walk(g: _Geometry, lst: _StepList, loads, sem, compute, *, cross_tiles: boo
   def wait(rows, slot, pairs, semaphores):
     """One wait per source for the chunk's rows' bytes (in power-of-two descriptors: a wait needs
     only the semaphore and the size, so a ring slot stands for both ends)."""
-    for size in _powers(KEY_CHUNK):
+    for size in [KEY_CHUNK] if g.gathered else _powers(KEY_CHUNK):
       @pl.when(rows & size != 0)
       def _wait():
         for k, (src, dst, to_hbm) in enumerate(pairs):
@@ -753,33 +753,36 @@ def _by_chunk(g: _Geometry, kv, keys_row, walk, lists, *per_tile, carry=None, up
 def _dq_grads_kernel(lists_hbm, bits_ref, q_ref, do_ref, lse_ref, delta_ref, rows_hbm, dq_ref, grads_hbm, smem, ring,
                      sem, grad_ring, write_sem, acc_scratch, *, g):
   """dq, and each walked union slot's kv gradient written to its own fp32 row of the chunk's
-  buffer (no read-modify-write: the SparseCores add them into dkv after)."""
+  buffer (no read-modify-write: the SparseCores add them into dkv after), the row padded to the
+  add stream's width with zeros."""
   b = pl.program_id(0)
   lst = _step_list(g, lists_hbm, smem, pl.program_id(1))
 
   def compute(tile, c, slot):
     rows = _chunk_rows(ring, slot)
     p, ds = _dq_step(g, tile, c, rows, q_ref, do_ref, lse_ref, delta_ref, bits_ref, acc_scratch)
-    grad_ring[slot] = _kv_grad(g, p, ds, q_ref[tile], do_ref[tile]).reshape(grad_ring.shape[1:])
+    grad_ring[slot, :, :g.dk] = _kv_grad(g, p, ds, q_ref[tile], do_ref[tile])
+  grad_ring[...] = jnp.zeros(grad_ring.shape, jnp.float32)        # the padding columns stay 0
   _walk(g, lst, [(rows_hbm.at[b], ring)], sem, compute, cross_tiles=True, writes=[(grad_ring, grads_hbm.at[b])],
         wsem=write_sem, **_dq_hooks(acc_scratch, dq_ref))
 
 
-def _dq_grads(g: _Geometry, lists, bits, q_rows, do_rows, lse_rows, delta_rows, source):
-  """(dq rows [B, NT, R, Dk], grads [B, NT * U, Dk] float32: row tile * U + u is slot u's kv
-  gradient, for the walked chunks' slots only)."""
+def _dq_grads(g: _Geometry, lists, bits, q_rows, do_rows, lse_rows, delta_rows, source, width: int):
+  """(dq rows [B, NT, R, Dk], grads [B, NT * U, width] float32: row tile * U + u is slot u's kv
+  gradient (zero-padded past Dk), for the walked chunks' slots only)."""
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  tile = lambda width: _tile_spec(g, width)
+  tile = lambda w: _tile_spec(g, w)
   estimate = _walk_cost(g, 5, 6 * g.dk + 8)
-  estimate = cost(estimate.flops, estimate.transcendentals, estimate.bytes_accessed + 4 * g.b * g.num_tiles * g.union * g.dk)
+  estimate = cost(estimate.flops, estimate.transcendentals, estimate.bytes_accessed + 4 * g.b * g.num_tiles * g.union * width)
   return pl.pallas_call(
       functools.partial(_dq_grads_kernel, g=g), grid=(g.b, g.num_steps),
       in_specs=[any_spec, _bits_spec(g), tile(g.dk), tile(g.dk), tile(None), tile(None), any_spec],
       out_specs=[tile(g.dk), any_spec],
       out_shape=[jax.ShapeDtypeStruct((g.b, g.num_tiles, g.rows, g.dk), q_rows.dtype),
-                 jax.ShapeDtypeStruct((g.b, g.num_tiles * g.union, g.dk), jnp.float32)],
-      scratch_shapes=[*_ring_scratch(g), pltpu.SemaphoreType.DMA((1, RING)), _ring_scratch(g, jnp.float32)[1],
-                      pltpu.SemaphoreType.DMA((1, RING)), pltpu.VMEM((g.rows, g.dk), jnp.float32)],
+                 jax.ShapeDtypeStruct((g.b, g.num_tiles * g.union, width), jnp.float32)],
+      scratch_shapes=[*_ring_scratch(g), pltpu.SemaphoreType.DMA((1, RING)),
+                      pltpu.VMEM((RING, KEY_CHUNK, width), jnp.float32), pltpu.SemaphoreType.DMA((1, RING)),
+                      pltpu.VMEM((g.rows, g.dk), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
                                            vmem_limit_bytes=VMEM_LIMIT_BYTES),
       cost_estimate=estimate, interpret=g.interpret, name="dsa_sparse_bwd_gathered",
@@ -789,19 +792,25 @@ def _dq_grads(g: _Geometry, lists, bits, q_rows, do_rows, lse_rows, delta_rows, 
 def _backward_gathered(g: _Geometry, lists, bits, keys_row, count, q_rows, do_rows, lse_rows, delta_rows, kv):
   """(dq rows, dkv [B, Tk, Dk] float32) on the SparseCore path: per query chunk the walk of its
   gathered rows writes dq and each slot's kv gradient; the SparseCores add the gradients into
-  dkv (slots past a tile's walked chunks go to a spare row Tk, dropped)."""
+  dkv (sparsecore.scatter_add_rows; slots past a tile's walked chunks go to a spare row Tk,
+  dropped). dkv stays at the add stream's width for the whole backward (no copy per chunk)."""
+  width = sparsecore.add_width(g.dk)
   walked = jnp.arange(g.union)[None, None, :] < _round_up(count, KEY_CHUNK)[..., None]       # [B, NT, U]
   walked = walked.reshape(g.b, -1, g.chunk_tiles * g.union).swapaxes(0, 1)
+  m = g.chunk_tiles * g.union
+  pad = -m % sparsecore.row_multiple(width, g.options)
 
   def update(dkv, keys, outs, c):
     dq, grads = outs
-    index = jnp.where(walked[c], keys, g.tk)
-    dkv = jnp.stack([dkv[b].at[index[b]].add(grads[b]) for b in range(g.b)])
+    index = jnp.pad(jnp.where(walked[c], keys, g.tk), [(0, 0), (0, pad)], constant_values=g.tk)
+    grads = jnp.pad(grads, [(0, 0), (0, pad), (0, 0)])
+    dkv = jnp.stack([sparsecore.scatter_add_rows(dkv[b], index[b], grads[b], options=g.options)
+                     for b in range(g.b)])
     return dkv, (dq,)
-  walk = lambda gc, rows, lst, *blocks: _dq_grads(gc, lst, *blocks, rows)
+  walk = lambda gc, rows, lst, *blocks: _dq_grads(gc, lst, *blocks, rows, width)
   (dq_rows,), dkv = _by_chunk(g, kv, keys_row, walk, lists, bits, q_rows, do_rows, lse_rows, delta_rows,
-                              carry=jnp.zeros((g.b, g.tk + 1, g.dk), jnp.float32), update=update)
-  return dq_rows, dkv[:, :g.tk]
+                              carry=jnp.zeros((g.b, g.tk + 1, width), jnp.float32), update=update)
+  return dq_rows, dkv[:, :g.tk, :g.dk]
 
 
 # ---- dkv: KV-stationary over the inverted selection ----
