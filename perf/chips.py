@@ -6,7 +6,8 @@ Sources, per field (fetched 2026-12-06):
            bidirectional ICI per chip, TensorCores per chip, MXU size.
   [jax]    jax/_src/pallas/mosaic/tpu_info.py (jax 0.10.2; rendered at
            docs.jax.dev/en/latest/pallas/tpu/hardware.html): VMEM per core (v5e 128 MiB, v5p 64 MiB,
-           v6e 128 MiB, v4 16 MiB), SMEM 1 MiB, int8 rates, v4 int8 "Not Available".
+           v6e 128 MiB, v4 16 MiB), SMEM 1 MiB, int8 rates, v4 int8 "Not Available"; SparseCores
+           (`sparse_core`: v5p 4 x 16 vector subcores, v6e 2 x 16, v5e and v4 none).
   [aot]    measured here with libtpu 0.0.42.1 ahead-of-time compiles: the default scoped VMEM limit
            ("exceeded scoped vmem limit ... limit 16.00M" on v5e and v5p, 32.00M on v6e) and the
            usable VMEM (63.94M on v5p).
@@ -46,6 +47,8 @@ class Chip(NamedTuple):
   step_us: float = 0.35   # per grid step (assumption, see above)
   dma_issue_ns: float = 20.0    # per DMA descriptor issued (assumption)
   dma_latency_us: float = 0.5   # one HBM -> VMEM copy waited on (assumption)
+  sparse_cores: int = 0   # SparseCores per chip [jax]
+  sc_subcores: int = 16   # vector subcores per SparseCore, each issuing its own DMAs [jax]
 
   @property
   def ridge(self) -> float:
@@ -59,9 +62,9 @@ CHIPS = {
     "v5e": Chip(hbm_gib=16, peak_tflops=197, hbm_tbs=0.82, ici_gbs=400, mxu=128, cores=1, int8_tops=394, vmem_mib=128,
                 scoped_vmem_mib=16),
     "v5p": Chip(hbm_gib=95, peak_tflops=459, hbm_tbs=2.76, ici_gbs=1200, mxu=128, cores=2, int8_tops=918, vmem_mib=64,
-                scoped_vmem_mib=16),
+                scoped_vmem_mib=16, sparse_cores=4),
     "v6e": Chip(hbm_gib=32, peak_tflops=918, hbm_tbs=1.64, ici_gbs=800, mxu=256, cores=1, int8_tops=1836,
-                vmem_mib=128, scoped_vmem_mib=32),
+                vmem_mib=128, scoped_vmem_mib=32, sparse_cores=2),
 }
 _GENERATION = {"v4": "v4", "v5p": "v5p", "v5e": "v5litepod", "v6e": "v6e"}   # chip -> gcloud's name
 _CHIP = {"v4": "v4", "v5p": "v5p", "v5": "v5p", "v5litepod": "v5e", "v5e": "v5e", "v6e": "v6e"}

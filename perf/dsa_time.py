@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import KernelOptions, dsa
+from kernels.dsa import indexer_pallas, sparsecore
 from kernels.dsa import pallas as dsa_pallas
 from perf import time_model
-from perf.time_model import Cost, pallas_calls
+from perf.time_model import Cost, SparseCoreCost, pallas_calls
 
 
 class Shape(NamedTuple):
@@ -63,9 +64,18 @@ def layer_step(seq_len: int, s: Shape = V32, options: KernelOptions | None = Non
   return jax.value_and_grad(loss, argnums=range(5)), args
 
 
-def layer_calls(seq_len: int, s: Shape = V32, options: KernelOptions | None = None):
+DEVICE_KINDS = {"v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+
+
+def layer_calls(seq_len: int, s: Shape = V32, options: KernelOptions | None = None, chip: str | None = None):
+  """The traced pallas_calls of one DSA layer, forward and backward (B = 1); chip (v5e, v5p,
+  v6e): traced for that chip, so kernels.dsa_gather=auto takes its SparseCores where it has them."""
   step, args = layer_step(seq_len, s, options)
-  return pallas_calls(step, *args)
+  if chip is None:
+    return pallas_calls(step, *args)
+  device = jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS[chip], num_cores=1, platform="tpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("chip",), abstract_device=device)):
+    return pallas_calls(step, *args)
 
 
 def measure_ms(seq_len: int, s: Shape = V32, repeats: int = 5) -> float:
@@ -78,18 +88,24 @@ def _popcount(x) -> np.ndarray:
   return sum((x >> bit) & 1 for bit in range(16))
 
 
-def walk_counts(indices, positions, seq_len: int, s: Shape = V32, options: KernelOptions | None = None) -> dict:
+def walk_counts(indices, positions, seq_len: int, s: Shape = V32, options: KernelOptions | None = None,
+                gathered: bool = False) -> dict:
   """What the sparse kernels do for a selection, from their own step lists: indices [1, n, k] of
   the queries at `positions` (runs of whole tiles of consecutive positions, e.g.
   perf.dsa_traffic.sample_positions), scaled to all seq_len queries. Returns {kernel name: Cost
   without steps} for dsa_sparse_fwd, dsa_teacher (its own walk), dsa_sparse_fwd_teacher (the
-  forward computing the teacher, kernels.dsa.pallas.fused_teacher) and dsa_sparse_bwd, and "pieces", "rows",
-  "selected" (per layer): DMA pieces, gathered rows, valid selected (query, key) pairs."""
+  forward computing the teacher, kernels.dsa.pallas.fused_teacher) and dsa_sparse_bwd (or, gathered:
+  the SparseCore path, dsa_sparse_bwd_gathered), "sparsecore" ([SparseCoreCost] per layer: the
+  row gathers of the forward and backward walks, the gradient adds; empty on TensorCores), and
+  "pieces", "rows", "selected" (per layer): DMA pieces, gathered rows, valid selected pairs."""
   options = options or KernelOptions(pallas_mode="compiled")
   positions = np.asarray(positions, np.int64)
+  kc = dsa_pallas.KEY_CHUNK
   qpt = dsa_pallas.queries_per_tile(s.heads, options.dsa_tile_rows)
-  union = -(-min(qpt * s.topk, seq_len) // dsa_pallas.KEY_CHUNK) * dsa_pallas.KEY_CHUNK
+  union = -(-min(qpt * s.topk, seq_len) // kc) * kc
   tps = dsa_pallas.tiles_per_step(union, options)
+  num_tiles = -(-seq_len // qpt)
+  chunk_tiles = dsa_pallas.gather_chunk_tiles(num_tiles, union, tps) if gathered else 0
   runs = positions.reshape(-1, qpt)
   if np.any(np.diff(runs, axis=-1) != 1):
     raise ValueError("positions: whole tiles of consecutive queries")
@@ -98,64 +114,103 @@ def walk_counts(indices, positions, seq_len: int, s: Shape = V32, options: Kerne
       i[None], t0, num_keys=seq_len, queries_per_tile=qpt, slots=union)))
   keys, _, count = select(idx, jnp.asarray(runs[:, 0], jnp.int32))                  # [n, 1, 1, U], [n, 1, 1]
   tiles = keys.shape[0]
-  pad = -tiles % tps
+  pad = -tiles % max(tps, chunk_tiles)
   keys = jnp.pad(keys[:, 0, 0], [(0, pad), (0, 0)])[None]
   count = jnp.pad(count[:, 0, 0], [(0, pad)])[None]
   g = dsa_pallas._Geometry(1, (tiles + pad) * qpt, s.heads, s.dk, s.dv, seq_len, qpt, union, 1.0, options,
-                           jnp.bfloat16, tps)
+                           jnp.bfloat16, tps, chunk_tiles)
   lists = np.asarray(jax.jit(dsa_pallas.step_lists, static_argnums=0)(g, keys, count))[0]   # [NS, list_len]
-  words_at = 3 + 2 * tps + tps * union // dsa_pallas.KEY_CHUNK
+  words_at = 3 + 2 * tps + tps * union // kc
   lengths = lists[:, words_at:words_at + tps * union] // 256
   count = np.asarray(count)[0]
-  chunk_rows = np.minimum(dsa_pallas.KEY_CHUNK, count[:, None] - dsa_pallas.KEY_CHUNK * np.arange(union // 128))
-  chunk_rows = np.maximum(chunk_rows, 0)
+  walked = -(-count // kc) * kc if gathered else count                  # rows a chunk's waits count
+  chunk_rows = np.maximum(np.minimum(kc, walked[:, None] - kc * np.arange(union // kc)), 0)
   scale = -(-seq_len // qpt) / tiles                       # sampled tiles -> every tile of the sequence
   pieces = float((lengths > 0).sum()) * scale
   copies = float(_popcount(lengths).sum()) * scale         # DMAs per source for the pieces
   waits = float(_popcount(chunk_rows).sum()) * scale
-  rows = float(count.sum()) * scale
+  rows = float(walked.sum()) * scale                       # rows copied into the ring
   chunks = float((chunk_rows > 0).sum()) * scale
-  num_tiles = -(-seq_len // qpt)
   steps = -(-num_tiles // tps)
-  bf16_row = dsa_pallas.padded_row_bytes(s.dk, s.itemsize)
+  # a gathered row sits in a [M, Dk] buffer (lanes padded); a DMA-gathered one in [T, 1, Dk]
+  bf16_row = dsa_pallas._round_up(s.dk, 128) * s.itemsize if gathered else dsa_pallas.padded_row_bytes(s.dk, s.itemsize)
   fp32_row = dsa_pallas.padded_row_bytes(s.dk, 4)
-  r, kc = qpt * s.heads, dsa_pallas.KEY_CHUNK
+  r = qpt * s.heads
   mxu = lambda matmuls: 2.0 * matmuls * chunks * kc * r * s.dk
   tile_bytes = lambda widths: num_tiles * (sum(widths) + 4 * (union + kc))        # blocked rows + bits
   list_bytes = steps * 4 * g.list_len
+  forward = Cost("dsa_sparse_fwd", 0, mxu(2), rows * bf16_row + list_bytes
+                 + tile_bytes([2 * r * s.dk * s.itemsize, 4 * r]), int(copies + waits + 5 * steps))
   costs = {
-      "dsa_sparse_fwd": Cost("dsa_sparse_fwd", 0, mxu(2), rows * bf16_row + list_bytes
-                             + tile_bytes([2 * r * s.dk * s.itemsize, 4 * r]), int(copies + waits + 5 * steps)),
+      "dsa_sparse_fwd": forward,
       "dsa_teacher": Cost("dsa_teacher", 0, mxu(1), rows * bf16_row + list_bytes
                           + tile_bytes([r * s.dk * s.itemsize, 4 * r, 4 * qpt * union]),
                           int(copies + waits + 5 * steps)),
+      # The teacher computed by the forward from its kept scores: the head mean per chunk, [qpt, U] out.
+      "dsa_sparse_fwd_teacher": forward._replace(name="dsa_sparse_fwd_teacher", flops=forward.flops
+                                                 + 2.0 * chunks * kc * r * qpt,
+                                                 bytes=forward.bytes + num_tiles * 4 * qpt * union),
       "dsa_sparse_bwd": Cost("dsa_sparse_bwd", 0, mxu(5), rows * (bf16_row + 2 * fp32_row) + list_bytes
                              + tile_bytes([3 * r * s.dk * s.itemsize, 8 * r]),
                              int(3 * (copies + waits) + 7 * steps)),
+      "sparsecore": [],
   }
-  # The teacher computed by the forward from its kept scores: the head mean per chunk, [qpt, U] out.
-  teacher_flops = 2.0 * chunks * kc * r * qpt
-  forward = costs["dsa_sparse_fwd"]
-  costs["dsa_sparse_fwd_teacher"] = forward._replace(name="dsa_sparse_fwd_teacher", flops=forward.flops + teacher_flops,
-                                                     bytes=forward.bytes + num_tiles * 4 * qpt * union)
+  if gathered:
+    width = sparsecore.add_width(s.dk)
+    costs["dsa_sparse_bwd_gathered"] = Cost(
+        "dsa_sparse_bwd_gathered", 0, mxu(5), rows * (bf16_row + 4 * width) + list_bytes
+        + tile_bytes([3 * r * s.dk * s.itemsize, 8 * r]), int(2 * (copies + waits) + 7 * steps))
+    costs["sparsecore"] = sparsecore_costs(seq_len, s, num_tiles, chunk_tiles, union, width)
   valid = np.asarray(indices) >= 0
   selected = float(valid.sum()) * seq_len / positions.size
   return {**costs, "pieces": pieces, "rows": rows, "selected": selected}
 
 
-def layer_costs(seq_len: int, indices, positions, s: Shape = V32, options: KernelOptions | None = None):
-  """[Cost] per kernel of one layer, forward + backward, for the selection indices [1, n, k] of
-  the queries at `positions` (a sample, scaled to seq_len)."""
+def sparsecore_costs(seq_len: int, s: Shape, num_tiles: int, chunk_tiles: int, union: int, width: int):
+  """[SparseCoreCost] of one layer on the SparseCore path (kernels/dsa/sparsecore.py's accounting):
+  per walk (forward, backward) the table packed to words once and, per query chunk (one more for
+  the pipeline's look-ahead), every union slot's row gathered (read and written as words) and
+  unpacked by XLA (read as words, written as rows); per chunk of the backward every slot's fp32
+  gradient row added into dkv (the row read, the dkv row read and written, `width` wide). Three
+  descriptors per window of rows."""
+  words = s.dk * s.itemsize // 4
+  chunks = -(-num_tiles // chunk_tiles)
+  m = chunk_tiles * union
+  window = sparsecore._window(words)
+  pack = 2 * seq_len * s.dk * s.itemsize
+  gather = (chunks + 1) * m
+  gather_bytes = gather * (2 * 4 * words + 4 * words + dsa_pallas._round_up(s.dk, 128) * s.itemsize) + pack
+  add = chunks * m
+  return [SparseCoreCost("sparsecore_gather (fwd)", gather_bytes, 3 * -(-gather // window)),
+          SparseCoreCost("sparsecore_gather (bwd)", gather_bytes, 3 * -(-gather // window)),
+          SparseCoreCost("sparsecore_add (bwd)", add * 3 * 4 * width, 3 * -(-add // sparsecore._window(width)))]
+
+
+def layer_costs(seq_len: int, indices, positions, s: Shape = V32, options: KernelOptions | None = None,
+                chip: str | None = None):
+  """[Cost or SparseCoreCost] of one layer, forward + backward, for the selection indices [1, n, k]
+  of the queries at `positions` (a sample, scaled to seq_len), as traced for `chip` (see
+  layer_calls; None: TensorCore gathers). The indexer's kernel: its own walk (exact, no data in
+  it) plus one copy per blocked operand and step; XLA's sort of its candidates: their bytes read
+  once and the rows written (a lower bound: the sort's vector work is not modelled)."""
   options = options or KernelOptions(pallas_mode="compiled")
-  walks = walk_counts(indices, positions, seq_len, s, options)
+  calls = layer_calls(seq_len, s, options, chip)
+  gathered = any(call.name == "dsa_sparse_bwd_gathered" for call in calls)
+  walks = walk_counts(indices, positions, seq_len, s, options, gathered=gathered)
   costs = []
-  for call in layer_calls(seq_len, s, options):
+  for call in calls:
     if call.name in walks:
       w = walks[call.name]
       costs.append(Cost(call.name, call.steps, w.flops, w.bytes, w.dmas))
-    else:           # the indexer: static work, its CostEstimate; BlockSpec copies ~ 3 per step
+    elif call.name == "dsa_index_topk":
+      q_idx = _struct((1, seq_len, s.index_heads, s.index_dim))
+      g = indexer_pallas.geometry(q_idx, _struct((1, seq_len, s.index_dim)), s.topk, options)
+      w = indexer_pallas.walk(g, 0)
+      costs.append(Cost(call.name, call.steps, w.flops, w.bytes, w.dmas + 6 * call.steps))
+      costs.append(Cost("xla_topk_sort", 0, 0, seq_len * (8 * g.width + 4 * s.topk), 0))
+    else:
       costs.append(Cost(call.name, call.steps, call.flops * call.repeats, call.bytes * call.repeats, 3 * call.steps))
-  return costs
+  return costs + walks["sparsecore"]
 
 
 def minimum(seq_len: int, indices, positions, s: Shape = V32) -> Cost:

@@ -81,6 +81,14 @@ class Cost(NamedTuple):
                 self.dmas + other.dmas)
 
 
+class SparseCoreCost(NamedTuple):
+  """Work the SparseCores do beside the kernels (DSA's row gathers and gradient adds): HBM bytes
+  (shared with the TensorCores) and DMA descriptors, issued by every vector subcore in parallel."""
+  name: str
+  bytes: float
+  dmas: int
+
+
 class Terms(NamedTuple):
   """Seconds per term of the model, on one chip."""
   compute: float
@@ -93,9 +101,16 @@ class Terms(NamedTuple):
     return max(self.compute, self.memory) + self.steps + self.dmas
 
 
-def terms(cost: Cost, chip: Chip, *, step_factor: float = 1.0, dma_factor: float = 1.0) -> Terms:
-  """The model's terms for `cost` on `chip`; step_factor / dma_factor scale the assumed step and
-  DMA issue costs (3.0: what if they are 3x worse)."""
+def terms(cost, chip: Chip, *, step_factor: float = 1.0, dma_factor: float = 1.0) -> Terms:
+  """The model's terms for `cost` (a Cost, or a SparseCoreCost: its bytes at the chip's bandwidth,
+  its descriptors shared by all the SparseCores' subcores) on `chip`; step_factor / dma_factor
+  scale the assumed step and DMA issue costs (3.0: what if they are 3x worse). Kernel and
+  SparseCore rows add up (no overlap assumed: an upper bound)."""
+  if isinstance(cost, SparseCoreCost):
+    workers = chip.sparse_cores * chip.sc_subcores
+    if not workers:
+      raise ValueError(f"{cost.name}: this chip has no SparseCores")
+    return Terms(0.0, cost.bytes / (chip.hbm_tbs * 1e12), 0.0, cost.dmas * chip.dma_issue_ns * 1e-9 * dma_factor / workers)
   return Terms(cost.flops / (chip.peak_tflops * 1e12), cost.bytes / (chip.hbm_tbs * 1e12),
                cost.steps * chip.step_us * 1e-6 * step_factor / chip.cores,
                cost.dmas * chip.dma_issue_ns * 1e-9 * dma_factor / chip.cores)

@@ -307,65 +307,78 @@ def dsa_cases(args):
 
 
 def dsa_model(seq_len, k, indices, positions, heads):
-  """The time model's rows for one DSA layer (fwd + bwd), per kernel and in total; a selection of
-  several layers (a trained run) is averaged over them."""
+  """The time model's rows for one DSA layer (fwd + bwd) per gather path: TensorCore DMAs (every
+  chip; v5e's only path) and SparseCores (v5p, v6e: kernels.dsa_gather=auto); a selection of
+  several layers (a trained run) is averaged over them. Per chip, its auto path in total."""
   from perf import dsa_time, time_model
   from perf.chips import CHIPS
   shape = dsa_time.Shape(heads=heads, topk=k)
-  per_layer = [dsa_time.layer_costs(seq_len, layer[None], positions, shape) for layer in indices]
-  mean = lambda x: x / len(per_layer)
-  costs = [c._replace(flops=mean(sum(l[i].flops for l in per_layer)), bytes=mean(sum(l[i].bytes for l in per_layer)),
-                      dmas=round(mean(sum(l[i].dmas for l in per_layer))))
-           for i, c in enumerate(per_layer[0])]
+
+  def costs(chip):
+    per_layer = [dsa_time.layer_costs(seq_len, layer[None], positions, shape, chip=chip) for layer in indices]
+    mean = lambda i, field: sum(getattr(layer[i], field) for layer in per_layer) / len(per_layer)
+    return [c._replace(bytes=mean(i, "bytes"), dmas=round(mean(i, "dmas")),
+                       **({"flops": mean(i, "flops")} if hasattr(c, "flops") else {}))
+            for i, c in enumerate(per_layer[0])]
+  paths = {"tensorcore": costs(None), "sparsecore": costs("v5p")}     # v6e traces the same SparseCore path
   minimum = dsa_time.minimum(seq_len, indices[:1], positions, shape)
-  out = {"kernels": costs, "layer": sum(costs[1:], costs[0])._replace(name="DSA layer"), "minimum": minimum,
-         "chips": {}}
+  out = {"paths": paths, "minimum": minimum, "chips": {}}
   for chip in CHIP_NAMES:
     facts = CHIPS[chip]
-    total = lambda **kw: 1e3 * sum(time_model.terms(c, facts, **kw).total for c in costs)
+    own = paths["sparsecore" if facts.sparse_cores else "tensorcore"]
+    total = lambda cs, **kw: 1e3 * sum(time_model.terms(c, facts, **kw).total for c in cs)
+    usable = {path: cs for path, cs in paths.items() if path == "tensorcore" or facts.sparse_cores}
     out["chips"][chip] = {
-        "kernel_ms": [1e3 * time_model.terms(c, facts).total for c in costs], "ms": total(),
-        "roofline_ms": 1e3 * time_model.roofline(minimum.flops, minimum.bytes, facts),
-        "steps_ms": 1e3 * sum(time_model.terms(c, facts).steps for c in costs),
-        "steps_3x_ms": total(step_factor=3), "dmas_3x_ms": total(dma_factor=3)}
+        "path": "sparsecore" if facts.sparse_cores else "tensorcore",
+        "ms": {path: total(cs) for path, cs in usable.items()},
+        "kernel_ms": {path: [1e3 * time_model.terms(c, facts).total for c in cs] for path, cs in usable.items()},
+        "auto_ms": total(own), "roofline_ms": 1e3 * time_model.roofline(minimum.flops, minimum.bytes, facts),
+        "steps_ms": 1e3 * sum(time_model.terms(c, facts).steps for c in own),
+        "steps_3x_ms": total(own, step_factor=3), "dmas_3x_ms": total(own, dma_factor=3)}
   return out
 
 
 def dsa_time_table(args):
-  """--impl pallas, dsa: the time model (perf/time_model.py, perf/dsa_time.py) per kernel and chip."""
+  """--impl pallas, dsa: the time model (perf/time_model.py, perf/dsa_time.py) per kernel, gather
+  path and chip."""
   from perf import dsa_time
   on_tpu = jax.default_backend() == "tpu"
   print(f"DSA layer fwd+bwd (top-k, sparse attention, teacher, loss) on the time model (estimates, not measurements; "
-        f"constants in perf/chips.py): B=1 H={args.dsa_heads} Dk={DSA_DK} dv={DSA_DV} H_I=64 d_I=128 bf16, "
-        f"TensorCore gathers (kernels.dsa_gather=tensorcore)")
+        f"constants in perf/chips.py): B=1 H={args.dsa_heads} Dk={DSA_DK} dv={DSA_DV} H_I=64 d_I=128 bf16")
   print("  time >= max(FLOPs/peak, bytes/bandwidth) + steps x step cost + DMAs x issue cost (megacore halves the "
-        "last two on v5p); DMAs: descriptors and waits issued by the scalar core")
+        "last two on v5p; SparseCore descriptors are shared by all their subcores); rows add up (no overlap)")
   g = lambda x: f"{x / 1e9:.1f}"
   for name, seq_len, k, idx, positions in dsa_cases(args):
     m = dsa_model(seq_len, k, idx, positions, args.dsa_heads)
     sample = f"{len(positions) / seq_len:.1%} of queries sampled" if len(positions) < seq_len else "every query"
     print(f"\nT={seq_len} k={k}, {name} selection ({sample})")
-    print(f"{'kernel':<24} {'steps':>8} {'DMAs':>12} {'B/DMA':>7} {'GB':>8} {'TFLOP':>7} "
-          + " ".join(f"{c + ' ms':>9}" for c in CHIP_NAMES))
-    for i, c in enumerate(m["kernels"]):
-      per_dma = f"{c.bytes / c.dmas:7.0f}" if c.dmas else f"{'':>7}"
-      print(f"{c.name:<24} {c.steps:>8} {c.dmas:>12} {per_dma} {g(c.bytes):>8} {c.flops / 1e12:7.2f} "
-            + " ".join(f"{m['chips'][chip]['kernel_ms'][i]:9.1f}" for chip in CHIP_NAMES))
-    lay, mn = m["layer"], m["minimum"]
+    for path, costs in m["paths"].items():
+      chips = [c for c in CHIP_NAMES if path == "tensorcore" or m["chips"][c]["path"] == path]
+      print(f"{'kernel, ' + path + ' gathers':<32} {'steps':>8} {'DMAs':>12} {'B/DMA':>7} {'GB':>8} {'TFLOP':>7} "
+            + " ".join(f"{c + ' ms':>9}" for c in chips))
+      for i, c in enumerate(costs):
+        per_dma = f"{c.bytes / c.dmas:7.0f}" if c.dmas else f"{'':>7}"
+        steps, flops = getattr(c, "steps", 0), getattr(c, "flops", 0.0)
+        print(f"{c.name:<32} {steps:>8} {c.dmas:>12} {per_dma} {g(c.bytes):>8} {flops / 1e12:7.2f} "
+              + " ".join(f"{m['chips'][chip]['kernel_ms'][path][i]:9.1f}" for chip in chips))
+      dmas, nbytes = sum(c.dmas for c in costs), sum(c.bytes for c in costs)
+      print(f"{'DSA layer':<32} {sum(getattr(c, 'steps', 0) for c in costs):>8} {dmas:>12} "
+            f"{nbytes / max(dmas, 1):7.0f} {g(nbytes):>8} {sum(getattr(c, 'flops', 0.0) for c in costs) / 1e12:7.2f} "
+            + " ".join(f"{m['chips'][chip]['ms'][path]:9.1f}" for chip in chips))
+    mn = m["minimum"]
     per_chip = lambda value, fmt=".1f": " ".join(f"{value(m['chips'][chip]):9{fmt}}" for chip in CHIP_NAMES)
-    blank = f"{'':>8} {'':>12} {'':>7} {'':>8} {'':>7}"
-    rows = [("DSA layer", f"{lay.steps:>8} {lay.dmas:>12} {lay.bytes / max(lay.dmas, 1):7.0f} {g(lay.bytes):>8} "
-             f"{lay.flops / 1e12:7.2f}", per_chip(lambda c: c["ms"])),
-            ("  honest minimum", f"{'':>8} {'':>12} {'':>7} {g(mn.bytes):>8} {mn.flops / 1e12:7.2f}",
-             per_chip(lambda c: c["roofline_ms"])),
-            ("  x roofline", blank, per_chip(lambda c: c["ms"] / c["roofline_ms"], ".2f")),
-            ("  steps / roofline", blank, per_chip(lambda c: c["steps_ms"] / c["roofline_ms"], ".3f")),
-            ("  step cost 3x", blank, per_chip(lambda c: c["steps_3x_ms"])),
-            ("  DMA issue cost 3x", blank, per_chip(lambda c: c["dmas_3x_ms"]))]
-    for label, columns, times in rows:
-      print(f"{label:<24} {columns} {times}")
+    print(f"{'each chip, its auto path':<32} " + " ".join(f"{c + ' ' + m['chips'][c]['path'][:6]:>16}"
+                                                         for c in CHIP_NAMES))
+    rows = [("DSA layer ms", per_chip(lambda c: c["auto_ms"])),
+            (f"honest minimum ({g(mn.bytes)} GB, {mn.flops / 1e12:.1f} TF)", per_chip(lambda c: c["roofline_ms"])),
+            ("x roofline", per_chip(lambda c: c["auto_ms"] / c["roofline_ms"], ".2f")),
+            ("grid steps / roofline", per_chip(lambda c: c["steps_ms"] / c["roofline_ms"], ".3f")),
+            ("step cost 3x, ms", per_chip(lambda c: c["steps_3x_ms"])),
+            ("DMA issue cost 3x, ms", per_chip(lambda c: c["dmas_3x_ms"]))]
+    for label, times in rows:
+      print(f"{label:<32} " + " ".join(f"{x:>16}" for x in times.split()))
     if on_tpu and name == "random" and len(positions) < seq_len:    # random inputs: a random-like selection
-      print(f"{'  measured on ' + jax.devices()[0].device_kind:<70} "
+      print(f"{'measured on ' + jax.devices()[0].device_kind:<32} "
             f"{dsa_time.measure_ms(seq_len, dsa_time.Shape(heads=args.dsa_heads, topk=k)):9.1f} ms")
 
 

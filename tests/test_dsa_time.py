@@ -22,7 +22,7 @@ def test_grid_steps_are_a_small_share_of_the_roofline_at_128k():
   positions = sample_positions(t, 4)
   idx = synthetic_selection(t, 2048, positions, realistic=False)
   costs = {c.name: c for c in dsa_time.layer_costs(t, idx, positions)}
-  assert set(costs) == {"dsa_index_topk", "dsa_sparse_fwd_teacher", "dsa_sparse_bwd"}, sorted(costs)  # one walk less
+  assert set(costs) == {"dsa_index_topk", "xla_topk_sort", "dsa_sparse_fwd_teacher", "dsa_sparse_bwd"}, sorted(costs)
   assert costs["dsa_index_topk"].steps <= 4096
   assert costs["dsa_sparse_fwd_teacher"].steps == costs["dsa_sparse_bwd"].steps == t // 8
   minimum = dsa_time.minimum(t, idx, positions)
@@ -57,3 +57,28 @@ def test_walk_counts_coalesce_runs_of_consecutive_keys():
     row = dsa_pallas.padded_row_bytes(576, 2)
     assert row == 2560                                   # 640 lanes x 2 B x 2-row bf16 tiles
     assert w["dsa_sparse_fwd"].bytes >= sum(rows) * row
+
+
+def test_sparsecore_path_walks_whole_chunks():
+  """The SparseCore path (traced as for a v5p, kernels.dsa_gather=auto): the walks copy each
+  query's chunk of gathered rows with one DMA and one wait (T=256, k=8: one chunk a query), the
+  backward writes each chunk's gradient rows back with one more of each, and the SparseCores
+  gather every union slot once per walk plus one look-ahead chunk, 3 descriptors per window."""
+  t, k = 256, 8
+  positions = np.arange(t)
+  shape = dsa_time.Shape(topk=k)
+  run = np.array([[max(0, q - 7) + j if max(0, q - 7) + j <= q else -1 for j in range(k)] for q in range(t)])
+  costs = {c.name: c for c in dsa_time.layer_costs(t, run[None], positions, shape, chip="v5p")}
+  assert {"dsa_sparse_fwd_teacher", "dsa_sparse_bwd_gathered", "sparsecore_add (bwd)"} <= set(costs), sorted(costs)
+  steps = t // 8
+  assert costs["dsa_sparse_fwd_teacher"].dmas == 2 * t + 5 * steps
+  assert costs["dsa_sparse_bwd_gathered"].dmas == 4 * t + 7 * steps
+  slots = t * 128                                        # one tile a query, one 128-slot chunk each
+  window = 32                                            # rows of 288 words per indirect stream (64 KiB)
+  assert costs["sparsecore_gather (fwd)"].dmas == 3 * 2 * slots // window      # one chunk + the look-ahead
+  # A key-by-key (strided) selection costs the TensorCore walk one DMA per key, the SparseCore path the same.
+  strided = np.array([[q - 2 * j if q - 2 * j >= 0 else -1 for j in range(k)] for q in range(t)])
+  tensorcore = {c.name: c for c in dsa_time.layer_costs(t, strided[None], positions, shape)}
+  assert tensorcore["dsa_sparse_fwd_teacher"].dmas > costs["dsa_sparse_fwd_teacher"].dmas + 2 * t
+  gathered = {c.name: c for c in dsa_time.layer_costs(t, strided[None], positions, shape, chip="v6e")}
+  assert gathered["dsa_sparse_fwd_teacher"].dmas == costs["dsa_sparse_fwd_teacher"].dmas

@@ -166,6 +166,12 @@ def tiles_per_step(union: int, options: KernelOptions) -> int:
   return max(1, min(options.dsa_tiles_per_step, options.prefetch_bytes // per_tile))
 
 
+def gather_chunk_tiles(num_tiles: int, union: int, tiles_per_step: int) -> int:
+  """Tiles per query chunk on the SparseCore path: about GATHER_ROWS union rows, whole pairs of steps."""
+  pair = 2 * tiles_per_step
+  return min(max(pair, GATHER_ROWS // union // pair * pair), _round_up(num_tiles, pair))
+
+
 def _geometry(q, kv, topk: int, v_dim, scale, options, union: int | None = None) -> _Geometry:
   """The walk's geometry; queries padded to whole pairs of steps (the backward splits the steps in
   two halves), or to whole gathered chunks on the SparseCore path."""
@@ -176,10 +182,7 @@ def _geometry(q, kv, topk: int, v_dim, scale, options, union: int | None = None)
   if union is None:
     union = _round_up(min(qpt * topk, kv.shape[1]), KEY_CHUNK)
   tps = tiles_per_step(union, options)
-  chunk_tiles = 0
-  if sparsecore.resolve_gather(options) == "sparsecore":
-    pair = 2 * tps
-    chunk_tiles = min(max(pair, GATHER_ROWS // union // pair * pair), _round_up(-(-t // qpt), pair))
+  chunk_tiles = gather_chunk_tiles(-(-t // qpt), union, tps) if sparsecore.resolve_gather(options) == "sparsecore" else 0
   tiles = _round_up(-(-t // qpt), chunk_tiles or 2 * tps)
   return _Geometry(b, tiles * qpt, heads, dk, v_dim, kv.shape[1], qpt, union, dk ** -0.5 if scale is None else scale,
                    options, kv.dtype, tps, chunk_tiles)
@@ -710,12 +713,19 @@ def _chunk_keys(g: _Geometry, keys_row):
   return keys.swapaxes(0, 1)
 
 
-def _gather_chunk(g: _Geometry, kv, keys):
-  """[B, M, Dk]: kv[b, keys[b]] on the SparseCores (M padded to their row multiple)."""
+def _table_words(kv):
+  """kv [B, Tk, Dk] as the SparseCores' 32-bit words, once per call (not per chunk)."""
+  return kv if kv.dtype.itemsize == 4 else jax.vmap(sparsecore.pack_words)(kv)
+
+
+def _gather_chunk(g: _Geometry, words, keys):
+  """[B, M, Dk] in kv's dtype: the rows keys[b] of the packed table, gathered on the SparseCores
+  (M padded to their row multiple)."""
   m = keys.shape[-1]
-  pad = -m % sparsecore.row_multiple(g.dk * g.itemsize // 4, g.options)
-  rows = [sparsecore.gather_rows(kv[b], jnp.pad(keys[b], (0, pad)), options=g.options)[:m] for b in range(g.b)]
-  return jnp.stack(rows)
+  pad = -m % sparsecore.row_multiple(words.shape[-1], g.options)
+  rows = [sparsecore.gather_words(words[b], jnp.pad(keys[b], (0, pad)), options=g.options)[:m] for b in range(g.b)]
+  rows = jnp.stack(rows)
+  return rows if g.itemsize == 4 else jax.vmap(functools.partial(sparsecore.unpack_words, dtype=g.kv_dtype))(rows)
 
 
 def _split_chunks(g: _Geometry, x):
@@ -732,20 +742,20 @@ def _by_chunk(g: _Geometry, kv, keys_row, walk, lists, *per_tile, carry=None, up
   (a scan), the SparseCores gathering chunk c + 1's rows while the TensorCores walk chunk c
   (software-pipelined: the two calls are independent in one iteration). Returns the walks'
   outputs joined over chunks; with `update`, also carry = update(carry, chunk keys, outputs, c)."""
-  keys = _chunk_keys(g, keys_row)
+  keys, words = _chunk_keys(g, keys_row), _table_words(kv)
   chunks = keys.shape[0]
   gc = g._replace(t=g.chunk_tiles * g.queries_per_tile)
 
   def body(state, xs):
     rows, acc = state
     c, lst, *blocks = xs
-    following = _gather_chunk(g, kv, keys[jnp.minimum(c + 1, chunks - 1)])
+    following = _gather_chunk(g, words, keys[jnp.minimum(c + 1, chunks - 1)])
     outs = walk(gc, rows, lst, *blocks)
     if update is not None:
       acc, outs = update(acc, keys[c], outs, c)
     return (following, acc), outs
   xs = (jnp.arange(chunks), _split_chunks(g, lists), *[_split_chunks(g, x) for x in per_tile])
-  (_, acc), outs = jax.lax.scan(body, (_gather_chunk(g, kv, keys[0]), carry), xs)
+  (_, acc), outs = jax.lax.scan(body, (_gather_chunk(g, words, keys[0]), carry), xs)
   outs = [_join_chunks(o) for o in outs]
   return outs if update is None else (outs, acc)
 
