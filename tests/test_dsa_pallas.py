@@ -9,8 +9,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_dsa_kernels import SCALE, _indexer_inputs, _indices, _rand
 
-from kernels import KernelOptions, dsa
+from kernels import KernelOptions, Unsupported, dsa
 from kernels.dsa import pallas as dsa_pallas
+from kernels.dsa import sparsecore
 from perf.time_model import pallas_calls
 
 SPARSE_CASES = [
@@ -99,7 +100,8 @@ def test_sparse_attention_on_gathered_rows(monkeypatch):
   """kernels.dsa_gather=sparsecore: each query chunk's union rows gathered into one buffer (the
   SparseCore kernel in Pallas's interpreter), the walks reading whole chunks of it and the kv
   gradient added back per slot: with chunks of 4 tiles (3 chunks here), out, the teacher's loss
-  and every gradient equal the reference's."""
+  and every gradient equal the reference's. On a TPU the SparseCore kernels run compiled (a v5e,
+  which has none, refuses with the error naming kernels.dsa_gather)."""
   monkeypatch.setattr(dsa_pallas, "GATHER_ROWS", 256)
   options = KernelOptions(dsa_gather="sparsecore", dsa_tiles_per_step=2)
   b, t, heads, dk, v_dim, k = 1, 72, 16, 64, 32, 30
@@ -116,6 +118,10 @@ def test_sparse_attention_on_gathered_rows(monkeypatch):
       return jnp.sum(out * cot) + 10.0 * loss, (out, loss)
     return jax.value_and_grad(f, argnums=range(5), has_aux=True)
   args = (q, kv, q_idx, k_idx, w)
+  if jax.default_backend() == "tpu" and sparsecore.sparse_cores() is None:      # a v5e: no SparseCores
+    with pytest.raises(Unsupported, match="kernels.dsa_gather"):
+      objective("pallas")(*args)
+    return
   g = dsa_pallas._geometry(q, kv, k, v_dim, SCALE, options)
   assert g.gathered and g.num_tiles // g.chunk_tiles == 3, g
   names = {call.name for call in pallas_calls(objective("pallas"), *args)}

@@ -46,8 +46,8 @@ same column order to q (and undo it on out) instead of interleaving back, as a d
 indifferent to the order of its terms.
 
 Time per V3.2 layer walk (an ESTIMATE, no TPU measured here): T=131072 queries x 2048 rows x
-1152 B = 309 GB gathered, 927 GB of HBM traffic with the copy. HBM bound: 927 GB / 2.46 TB/s =
-0.38 s on v5p, / 1.64 TB/s = 0.57 s on v6e (chip bandwidths: jax's tpu_info.py). SparseCore
+1152 B = 309 GB gathered, 927 GB of HBM traffic with the copy: HBM-bound at the chip's bandwidth
+(perf/chips.py; perf/dsa_time.py prices the whole layer, XLA's unpack pass included). SparseCore
 rate: the guide's benchmark gathers 4,194,304 rows of 512 B in 4.05 ms (~1.0 TB/s read+write,
 the notebook's printed chip is a TPU 7x) vs 18.1 ms for jnp.take on the TensorCore; at that rate
 the walk's 618 GB of SC traffic takes ~0.6 s, overlapped with TensorCore work. Descriptors: 3
@@ -93,9 +93,8 @@ Races, who adds to a row:
 Bytes per added row of D fp32 (2304 B at D=576, 2560 B padded to 640): the SC reads the row
 (2560 B) and the add stream reads and writes the table row (2 x 2560 B): 7680 B, 3x the row.
 Per V3.2 layer (an ESTIMATE, no TPU measured here): T=131072 queries x 2048 rows = 268M rows x
-2560 B = 687 GB of gradient rows, 2062 GB of HBM traffic (1855 GB if 576 lowered unpadded). HBM
-bound at 2.76 TB/s (v5p) = 0.75 s, at 1.64 TB/s (v6e) = 1.26 s (bandwidths: perf/chips.py, from the
-Cloud TPU pages). At the guide's measured SparseCore gather rate (~1.06 TB/s read+write, 4,194,304
+2560 B = 687 GB of gradient rows, 2062 GB of HBM traffic (1855 GB if 576 lowered unpadded),
+HBM-bound at the chip's bandwidth (perf/chips.py: 0.75 s on v5p, 1.26 s on v6e). At the guide's measured SparseCore gather rate (~1.06 TB/s read+write, 4,194,304
 rows of 512 B in 4.05 ms on a TPU 7x; no scatter-add rate is published) it is ~1.9 s. Descriptors:
 3 per 16-row window, 50M per layer, 0.79M per subcore on v5p, 1.6M on v6e; the TensorCore walk's
 one DMA per row each way would be 537M. Per call of 2048 x 64 rows: 335 MB of rows,
