@@ -11,7 +11,11 @@ Per kernel:
          two of its length and source, per chunk one wait per power of two of its rows and source,
          per step the list copy and one copy per blocked operand; the MXU runs whole KC-key chunks;
          gathered rows cost their padded HBM size (kernels.dsa.pallas.padded_row_bytes);
-  others the indexer's kernels: their CostEstimates (exact: no data in them), no gathers.
+  index  the indexer's kernel from its own walk (exact: no data in it) and XLA's sort of its
+         candidates as their bytes;
+  paths  traced for a chip (layer_calls' `chip`), kernels.dsa_gather=auto takes the SparseCores on
+         v5p and v6e: the walks then copy whole 128-row chunks of a gathered buffer, and the
+         SparseCores' gathers and gradient adds are SparseCoreCost rows (sparsecore_costs).
 Minimum: FLOPs 3 x the sparse forward's useful FLOPs (every query's valid selected keys, Dk + dv
 wide, all H heads) + the indexer's scores (each query against its visible keys, H_I heads, d_I
 wide, and the head-weighted sum); bytes every operand read and every result written once per

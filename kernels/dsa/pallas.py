@@ -42,6 +42,12 @@ Sparse attention (MQA: every head of query t over the rows kv[s], s in S_t):
   DMAs     per step 1 (list) + one per blocked operand; per piece one per power of two of its
            length and source; per chunk one wait per power of two of its rows and source
            (perf/dsa_time.py counts them from `step_lists`).
+  gathered (options.dsa_gather resolving to sparsecore: v5p, v6e) per query chunk of about
+           GATHER_ROWS union slots, the SparseCores gather every slot's row into one [M, Dk]
+           buffer (chunk c + 1 while the TensorCores walk chunk c, `_by_chunk`); the walks then copy
+           each 128-slot chunk with one aligned DMA and one wait. The backward writes each slot's
+           fp32 kv gradient to its own row (`_dq_grads`, no read-modify-write) and the SparseCores
+           add them into dkv (sparsecore.scatter_add_rows).
   dkv      (dsa_dkv = "tiles") KV-stationary over the inverted selection: every (key tile j of
            BK = 128 keys, query tile i) pair with a key of tile j in tile i's union, sorted by j,
            plus a work-free pair per key tile (so every tile is written): a key tile's gradient
@@ -625,16 +631,6 @@ def _forward_rows(g: _Geometry, lists, bits, q_rows, source, teacher: bool = Fal
   kernel = functools.partial(_forward_kernel, teacher=teacher)
   return _walk_call(g, kernel, [g.dk], outputs, scratch, estimate,
                     "dsa_sparse_fwd_teacher" if teacher else "dsa_sparse_fwd")(lists, bits, q_rows, source)
-
-
-def sparse_forward(q, kv, indices, q_offset=0, *, v_dim: int, scale=None, options=None):
-  """(out [B, T, H, v_dim] in q's dtype, lse [B, T, H] float32): kernels.dsa.sparse_attention's
-  numbers for queries at global positions q_offset + [0, T) against all rows kv [B, Tk, Dk]."""
-  g = _geometry(q, kv, indices.shape[-1], v_dim, scale, options)
-  lists, bits, keys_row, _ = _selection(g, indices, q_offset)
-  out, lse = _forward(g, lists, bits, keys_row, _tile_rows(g, q), kv, teacher=False)
-  t = q.shape[1]
-  return _untile_rows(g, out, t)[..., :v_dim], lse.reshape(g.b, g.t, g.heads)[:, :t]
 
 
 def _teacher_rows(g: _Geometry, lists, bits, q_rows, lse_rows, source):

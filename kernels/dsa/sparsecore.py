@@ -84,7 +84,7 @@ Races, who adds to a row:
     except the top-k's -1 padding mapped to a real row, whose gradient is zero but still a repeat.
   - across workers (64 on v5p, 32 on v6e, all concurrent): repeats are the rule (a key chosen by
     many queries). Correct only if the engine's add is an atomic read-modify-write per 32-bit
-    element. jax's own test `test_scatter_add` (tests/pallas/tpu_sparsecore_pallas_test.py) has 16
+    element. X
     subcores add into the same 32 offsets of shared VMEM at once and asserts exact sums; an HBM
     destination is the same op but unverified here. If a TPU shows lost adds, sort the indices and
     give each worker whole runs, or segment-sum first.
@@ -94,8 +94,9 @@ Bytes per added row of D fp32 (2304 B at D=576, 2560 B padded to 640): the SC re
 (2560 B) and the add stream reads and writes the table row (2 x 2560 B): 7680 B, 3x the row.
 Per V3.2 layer (an ESTIMATE, no TPU measured here): T=131072 queries x 2048 rows = 268M rows x
 2560 B = 687 GB of gradient rows, 2062 GB of HBM traffic (1855 GB if 576 lowered unpadded),
-HBM-bound at the chip's bandwidth (perf/chips.py: 0.75 s on v5p, 1.26 s on v6e). At the guide's measured SparseCore gather rate (~1.06 TB/s read+write, 4,194,304
-rows of 512 B in 4.05 ms on a TPU 7x; no scatter-add rate is published) it is ~1.9 s. Descriptors:
+HBM-bound at the chip's bandwidth (perf/chips.py: 0.75 s on v5p, 1.26 s on v6e). At the guide's
+measured SparseCore gather rate (~1.06 TB/s read+write, 4,194,304 rows of 512 B in 4.05 ms on a
+TPU 7x; no scatter-add rate is published) it is ~1.9 s. Descriptors:
 3 per 16-row window, 50M per layer, 0.79M per subcore on v5p, 1.6M on v6e; the TensorCore walk's
 one DMA per row each way would be 537M. Per call of 2048 x 64 rows: 335 MB of rows,
 1.0 GB of traffic, 0.36 ms on v5p at the HBM bound.
