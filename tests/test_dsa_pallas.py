@@ -99,9 +99,10 @@ def test_indexer_loss_teacher_from_the_kernels(b, t, heads, k, options, fused, m
 def test_sparse_attention_on_gathered_rows(monkeypatch):
   """kernels.dsa_gather=sparsecore: each query chunk's union rows gathered into one buffer (the
   SparseCore kernel in Pallas's interpreter), the walks reading whole chunks of it and the kv
-  gradient added back per slot: with chunks of 4 tiles (3 chunks here), out, the teacher's loss
-  and every gradient equal the reference's. On a TPU the SparseCore kernels run compiled (a v5e,
-  which has none, refuses with the error naming kernels.dsa_gather)."""
+  gradient added back per slot: with chunks of 4 tiles (3 chunks here), the teacher from the
+  forward or from its own walk, out, the teacher's loss and every gradient equal the reference's.
+  On a TPU the SparseCore kernels run compiled (a v5e, which has none, refuses with the error
+  naming kernels.dsa_gather)."""
   monkeypatch.setattr(dsa_pallas, "GATHER_ROWS", 256)
   options = KernelOptions(dsa_gather="sparsecore", dsa_tiles_per_step=2)
   b, t, heads, dk, v_dim, k = 1, 72, 16, 64, 32, 30
@@ -124,16 +125,19 @@ def test_sparse_attention_on_gathered_rows(monkeypatch):
     return
   g = dsa_pallas._geometry(q, kv, k, v_dim, SCALE, options)
   assert g.gathered and g.num_tiles // g.chunk_tiles == 3, g
-  names = {call.name for call in pallas_calls(objective("pallas"), *args)}
-  assert {"dsa_sparse_fwd_teacher", "dsa_sparse_bwd_gathered"} <= names, names
-  (_, (out, loss)), grads = objective("pallas")(*args)
   (_, (out_want, loss_want)), grads_want = objective("xla")(*args)
-  np.testing.assert_allclose(out, out_want, atol=2e-5, rtol=2e-5)
-  np.testing.assert_allclose(loss, loss_want, rtol=1e-5)
-  for name, grad, want in zip(["q", "kv", "q_idx", "k_idx", "w"], grads, grads_want):
-    scale = float(jnp.abs(want).max())
-    assert scale > 0, name
-    np.testing.assert_allclose(np.asarray(grad) / scale, np.asarray(want) / scale, atol=5e-5, err_msg=name)
+  for fused, kernel in ((True, "dsa_sparse_fwd_teacher"), (False, "dsa_teacher")):     # the teacher's two ways
+    if not fused:
+      monkeypatch.setattr(dsa_pallas, "TEACHER_SCORES_BYTES", 0)
+    names = {call.name for call in pallas_calls(objective("pallas"), *args)}
+    assert {kernel, "dsa_sparse_bwd_gathered"} <= names, names
+    (_, (out, loss)), grads = objective("pallas")(*args)
+    np.testing.assert_allclose(out, out_want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(loss, loss_want, rtol=1e-5)
+    for name, grad, want in zip(["q", "kv", "q_idx", "k_idx", "w"], grads, grads_want):
+      scale = float(jnp.abs(want).max())
+      assert scale > 0, name
+      np.testing.assert_allclose(np.asarray(grad) / scale, np.asarray(want) / scale, atol=5e-5, err_msg=name)
 
 
 def test_tile_selection_unions_and_choosers():

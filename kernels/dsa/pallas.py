@@ -695,8 +695,8 @@ def _forward(g: _Geometry, lists, bits, keys_row, q_rows, kv, teacher: bool):
   out_rows, lse_rows, *probs_union = outs
   if teacher and not fused:
     if g.gathered:
-      probs_union = [_by_chunk(g, kv, keys_row, lambda gc, rows, lst, bits, q, lse: _teacher_rows(
-          gc, lst, bits, q, lse, rows), lists, bits, q_rows, lse_rows)[0]]
+      probs_union = _by_chunk(g, kv, keys_row, lambda gc, rows, lst, bits, q, lse: (_teacher_rows(
+          gc, lst, bits, q, lse, rows),), lists, bits, q_rows, lse_rows)
     else:
       probs_union = [_teacher_rows(g, lists, bits, q_rows, lse_rows, gather_rows(kv))]
   return out_rows, lse_rows, probs_union[0] if teacher else None
