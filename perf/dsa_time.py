@@ -107,8 +107,8 @@ def walk_counts(indices, positions, seq_len: int, s: Shape = V32, options: Kerne
   kc = dsa_pallas.KEY_CHUNK
   qpt = dsa_pallas.queries_per_tile(s.heads, options.dsa_tile_rows)
   union = -(-min(qpt * s.topk, seq_len) // kc) * kc
-  tps = dsa_pallas.tiles_per_step(union, options)
   num_tiles = -(-seq_len // qpt)
+  tps = dsa_pallas.tiles_per_step(union, options, num_tiles)
   chunk_tiles = dsa_pallas.gather_chunk_tiles(num_tiles, union, tps) if gathered else 0
   runs = positions.reshape(-1, qpt)
   if np.any(np.diff(runs, axis=-1) != 1):

@@ -165,11 +165,12 @@ def check_supported(n_heads: int) -> None:
     raise Unsupported("n_heads", n_heads, "must divide 128 or be a multiple of 8 (DSA's Pallas row tiles)")
 
 
-def tiles_per_step(union: int, options: KernelOptions) -> int:
+def tiles_per_step(union: int, options: KernelOptions, num_tiles: int) -> int:
   """options.dsa_tiles_per_step, fewer where the step's list (2 ints per union slot of each tile)
-  would pass options.prefetch_bytes of SMEM."""
+  would pass options.prefetch_bytes of SMEM, or where the sequence has fewer than two steps' tiles
+  (no steps of padding tiles)."""
   per_tile = 4 * (2 * union + union // KEY_CHUNK + 2)
-  return max(1, min(options.dsa_tiles_per_step, options.prefetch_bytes // per_tile))
+  return max(1, min(options.dsa_tiles_per_step, options.prefetch_bytes // per_tile, -(-num_tiles // 2)))
 
 
 def gather_chunk_tiles(num_tiles: int, union: int, tiles_per_step: int) -> int:
@@ -187,9 +188,10 @@ def _geometry(q, kv, topk: int, v_dim, scale, options, union: int | None = None)
   qpt = queries_per_tile(heads, options.dsa_tile_rows)
   if union is None:
     union = _round_up(min(qpt * topk, kv.shape[1]), KEY_CHUNK)
-  tps = tiles_per_step(union, options)
-  chunk_tiles = gather_chunk_tiles(-(-t // qpt), union, tps) if sparsecore.resolve_gather(options) == "sparsecore" else 0
-  tiles = _round_up(-(-t // qpt), chunk_tiles or 2 * tps)
+  num_tiles = -(-t // qpt)
+  tps = tiles_per_step(union, options, num_tiles)
+  chunk_tiles = gather_chunk_tiles(num_tiles, union, tps) if sparsecore.resolve_gather(options) == "sparsecore" else 0
+  tiles = _round_up(num_tiles, chunk_tiles or 2 * tps)
   return _Geometry(b, tiles * qpt, heads, dk, v_dim, kv.shape[1], qpt, union, dk ** -0.5 if scale is None else scale,
                    options, kv.dtype, tps, chunk_tiles)
 
