@@ -67,7 +67,7 @@ def test_rows_must_fill_every_worker_window():
     sparsecore.gather_words(table, jnp.zeros((100,), jnp.int32), options=SPARSECORE)
 
 
-@pytest.mark.parametrize("chip,cores", [("v5p:2x2x1", 4), ("v6e:2x2", 2)])
+@pytest.mark.parametrize("chip,cores", [("v6e:2x2", 2)])    # v5p: the DSA layer compile test
 def test_gather_compiles_for_chips_with_sparsecores(chip, cores):
   """At V3.2's row count per call (2048 rows x 8 queries per device) over a 16k-row table: the
   512-wide latent as 256 words gathers in place on every SparseCore of the chip (an async
@@ -149,7 +149,7 @@ def _compile_add(mesh, options, n: int, d: int, m: int):
                                                  spec((m * mesh.size, d), jnp.float32)).compile()
 
 
-@pytest.mark.parametrize("chip,cores", [("v5p:2x2x1", 4), ("v6e:2x2", 2)])
+@pytest.mark.parametrize("chip,cores", [("v6e:2x2", 2)])    # v5p: the DSA layer compile test
 def test_scatter_add_compiles_for_chips_with_sparsecores(chip, cores):
   """2048 rows x 8 queries per device into a 16k-row table: the 512-wide fp32 latent adds in place
   on every SparseCore of the chip (an async SparseCore call, the table aliased, no copies, no
