@@ -55,6 +55,24 @@ def test_sparse_attention_matches_xla_forward_and_gradients(t, heads, dk, v_dim,
   assert not np.asarray(grads[0][:, 0]).any()
 
 
+def _sparse_stage(b, t, heads, dk, v_dim, k, options, seed):
+  """(objective(impl): value_and_grad of sum(out * cot) + 10 x the indexer loss over the sparse
+  stage's five inputs, those inputs)."""
+  ks = jax.random.split(jax.random.key(seed), 3)
+  q, kv = _rand(ks[0], (b, t, heads, dk), jnp.float32), _rand(ks[1], (b, t, dk), jnp.float32)
+  q_idx, k_idx, w = _indexer_inputs(b, t, 3, 8, seed=seed + 1)
+  indices = _indices(b, t, k, seed=seed + 2)
+  cot = _rand(ks[2], (b, t, heads, v_dim), jnp.float32)
+
+  def objective(impl):
+    def f(q, kv, q_idx, k_idx, w):
+      out, loss = dsa.sparse_attention_and_indexer_loss(q, kv, q_idx, k_idx, w, indices, v_dim=v_dim, scale=SCALE,
+                                                        impl=impl, options=options)
+      return jnp.sum(out * cot) + 10.0 * loss, (out, loss)
+    return jax.value_and_grad(f, argnums=range(5), has_aux=True)
+  return objective, (q, kv, q_idx, k_idx, w), indices
+
+
 @pytest.mark.parametrize("b,t,heads,k,options,fused",
                          [(1, 45, 16, 12, {"dsa_dkv": "tiles", "pallas_mode": "interpret"}, True),
                           (2, 40, 4, 50, {"pallas_mode": "interpret"}, False)],
@@ -67,20 +85,8 @@ def test_indexer_loss_teacher_from_the_kernels(b, t, heads, k, options, fused, m
   if not fused:
     monkeypatch.setattr(dsa_pallas, "TEACHER_SCORES_BYTES", 0)
   options = KernelOptions(**options)
-  dk, v_dim = 40, 24
-  ks = jax.random.split(jax.random.key(t), 3)
-  q, kv = _rand(ks[0], (b, t, heads, dk), jnp.float32), _rand(ks[1], (b, t, dk), jnp.float32)
-  q_idx, k_idx, w = _indexer_inputs(b, t, 3, 8, seed=t + 1)
-  indices = _indices(b, t, k, seed=t)
-  cot = _rand(ks[2], (b, t, heads, v_dim), jnp.float32)
-
-  def objective(impl):
-    def f(q, kv, q_idx, k_idx, w):
-      out, loss = dsa.sparse_attention_and_indexer_loss(q, kv, q_idx, k_idx, w, indices, v_dim=v_dim, scale=SCALE,
-                                                        impl=impl, options=options)
-      return jnp.sum(out * cot) + 10.0 * loss, (out, loss)
-    return jax.value_and_grad(f, argnums=range(5), has_aux=True)
-  args = (q, kv, q_idx, k_idx, w)
+  objective, args, indices = _sparse_stage(b, t, heads, 40, 24, k, options, seed=t)
+  q, kv, q_idx, k_idx, w = args
   names = {call.name for call in pallas_calls(objective("pallas"), *args)}
   assert ("dsa_sparse_fwd_teacher" in names, "dsa_teacher" in names) == (fused, not fused), names
   (_, (out, loss)), grads = objective("pallas")(*args)
@@ -106,19 +112,8 @@ def test_sparse_attention_on_gathered_rows(monkeypatch):
   monkeypatch.setattr(dsa_pallas, "GATHER_ROWS", 256)
   options = KernelOptions(dsa_gather="sparsecore", dsa_tiles_per_step=2)
   b, t, heads, dk, v_dim, k = 1, 72, 16, 64, 32, 30
-  ks = jax.random.split(jax.random.key(5), 3)
-  q, kv = _rand(ks[0], (b, t, heads, dk), jnp.float32), _rand(ks[1], (b, t, dk), jnp.float32)
-  q_idx, k_idx, w = _indexer_inputs(b, t, 3, 8, seed=6)
-  indices = _indices(b, t, k, seed=7)
-  cot = _rand(ks[2], (b, t, heads, v_dim), jnp.float32)
-
-  def objective(impl):
-    def f(q, kv, q_idx, k_idx, w):
-      out, loss = dsa.sparse_attention_and_indexer_loss(q, kv, q_idx, k_idx, w, indices, v_dim=v_dim, scale=SCALE,
-                                                        impl=impl, options=options)
-      return jnp.sum(out * cot) + 10.0 * loss, (out, loss)
-    return jax.value_and_grad(f, argnums=range(5), has_aux=True)
-  args = (q, kv, q_idx, k_idx, w)
+  objective, args, _ = _sparse_stage(b, t, heads, dk, v_dim, k, options, seed=5)
+  q, kv = args[:2]
   if jax.default_backend() == "tpu" and sparsecore.sparse_cores() is None:      # a v5e: no SparseCores
     with pytest.raises(Unsupported, match="kernels.dsa_gather"):
       objective("pallas")(*args)
