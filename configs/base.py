@@ -41,8 +41,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head_dim = 32
   c.model.mlp_dim = 768
   c.model.tie_embeddings = False
+  c.model.tied_unembed_scale = 0.0  # tied: logits = x @ embedding.T * this (0: d_model ** -0.5; imports: 1)
   c.model.rope_theta = 10_000.0
+  # RoPE rescaled for a longer context (model/layers.py Rope): type none | linear | llama3
+  c.model.rope_scaling = ml_collections.ConfigDict(dict(
+      type="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=8192))
   c.model.norm_eps = 1e-6
+  c.model.qkv_bias = False          # biases on the q, k, v projections (Qwen2); dense and nsa
+  c.model.qk_norm = False           # RMSNorm on each head's q and k before RoPE (Qwen3); dense and nsa
   c.model.dtype = "bfloat16"        # activations / matmul inputs; parameters stay float32
   c.model.param_dtype = "float32"
   c.model.scan_layers = True
@@ -68,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.nsa.num_local = 2               # forced local blocks (the query's own and the one before)
   c.nsa.window = 512                # w: sliding-window keys, the query included
   c.nsa.separate_kv = False         # independent K/V per branch (the paper's choice)
+  # Started from a dense model (init_from): the gates (cmp, slc, win) begin at these values
+  # (model/convert.py, docs/continue.md).
+  c.nsa.converted_gates = (0.1, 0.1, 0.9)
 
   # MLA (attention.kind = "mla" or "dsa"): DeepSeek-V2/V3 latent attention. docs/design.md §5.
   # model.n_heads heads; model.head_dim and model.n_kv_heads are not used by MLA.

@@ -15,7 +15,7 @@ from flax import linen as nn
 
 from kernels import dense, options_from_config
 from model.dsa import DSAAttention
-from model.layers import Projection, apply_rope
+from model.layers import Projection, Rope, apply_rope, head_rms_norm
 from model.mla import MLAAttention
 from model.nsa import NSAAttention
 
@@ -27,17 +27,19 @@ class DenseAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BTE, positions_BT, segment_ids_BT=None):
     m = self.config.model
-    dtype = jnp.dtype(m.dtype)
-    proj = lambda name, shape, axes, **kw: Projection(shape, axes, dtype, jnp.dtype(m.param_dtype),
-                                                      name=name, **kw)
-    q = proj("q", (m.n_heads, m.head_dim), ("embed", "heads", "head_dim"))(x_BTE)
-    k = proj("k", (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim"))(x_BTE)
-    v = nn.with_logical_constraint(proj("v", (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim"))(x_BTE),
+    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+    proj = lambda name, shape, axes, **kw: Projection(shape, axes, dtype, param_dtype, name=name, **kw)
+    head_norm = lambda name, x: head_rms_norm(m, name)(x) if m.qk_norm else x
+    rope = Rope.from_config(m)
+    q = head_norm("q_norm", proj("q", (m.n_heads, m.head_dim), ("embed", "heads", "head_dim"),
+                                 use_bias=m.qkv_bias)(x_BTE))
+    k = head_norm("k_norm", proj("k", (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim"),
+                                 use_bias=m.qkv_bias)(x_BTE))
+    v = nn.with_logical_constraint(proj("v", (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim"),
+                                        use_bias=m.qkv_bias)(x_BTE),
                                    ("act_batch", "act_seq", "act_kv_heads", None))
-    q = nn.with_logical_constraint(apply_rope(q, positions_BT, m.rope_theta),
-                                   ("act_batch", "act_seq", "act_heads", None))
-    k = nn.with_logical_constraint(apply_rope(k, positions_BT, m.rope_theta),
-                                   ("act_batch", "act_seq", "act_kv_heads", None))
+    q = nn.with_logical_constraint(apply_rope(q, positions_BT, rope), ("act_batch", "act_seq", "act_heads", None))
+    k = nn.with_logical_constraint(apply_rope(k, positions_BT, rope), ("act_batch", "act_seq", "act_kv_heads", None))
     out = dense.attention(q, k, v, segment_ids=segment_ids_BT, impl=self.config.attention.impl,
                           options=options_from_config(self.config))
     return proj("o", (m.d_model,), ("heads", "head_dim", "embed"), in_axes=2)(out)

@@ -18,7 +18,7 @@ from flax import linen as nn
 
 from kernels import dsa as dsa_kernels
 from model import packing
-from model.layers import LayerNorm, Projection, apply_rope
+from model.layers import LayerNorm, Projection, Rope, apply_rope
 from model.mla import MLAAttention
 
 
@@ -32,7 +32,7 @@ class LightningIndexer(nn.Module):
     m, c = self.config.model, self.config.dsa
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     proj = lambda name, shape, axes: Projection(shape, axes, dtype, param_dtype, name=name)
-    rope = lambda x: apply_rope(x, positions_BT, m.rope_theta, dims=self.config.mla.qk_rope_dim)
+    rope = lambda x: apply_rope(x, positions_BT, Rope.from_config(m), dims=self.config.mla.qk_rope_dim)
     x_BTE, c_q_BTR = jax.lax.stop_gradient(x_BTE), jax.lax.stop_gradient(c_q_BTR)
     q = rope(proj("q", (c.index_heads, c.index_head_dim), ("q_lora", "index_heads", "index_head_dim"))(c_q_BTR))
     k = LayerNorm(1e-6, dtype, param_dtype, axis_name="index_head_dim", name="k_norm")(

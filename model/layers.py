@@ -1,10 +1,14 @@
-"""Building blocks shared by every attention kind: RMSNorm, RoPE, SwiGLU MLP, projections.
+"""Building blocks shared by every attention kind: RMSNorm, RoPE (with its context scalings),
+SwiGLU MLP, projections.
 
 Parameters are float32 and carry logical axis names only (`embed`, `heads`, `mlp`, ...); the rules
 table in parallel/rules.py maps them to mesh axes. Compute runs in `dtype` (bf16 by default).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Dtype = jnp.dtype
@@ -33,6 +37,12 @@ class RMSNorm(nn.Module):
     return (y * self._param("scale", nn.initializers.ones, x)).astype(self.dtype)
 
 
+def head_rms_norm(model_config, name: str) -> RMSNorm:
+  """RMSNorm over each head's head_dim (Qwen3's q and k norms: model.qk_norm)."""
+  return RMSNorm(model_config.norm_eps, jnp.dtype(model_config.dtype), jnp.dtype(model_config.param_dtype),
+                 axis_name="head_dim", name=name)
+
+
 class LayerNorm(RMSNorm):
   """LayerNorm with a scale and a bias, statistics in float32."""
 
@@ -44,20 +54,56 @@ class LayerNorm(RMSNorm):
             + self._param("bias", nn.initializers.zeros, x)).astype(self.dtype)
 
 
-def rope_angles(positions, dim: int, theta: float):
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """Rotary embedding frequencies: theta, optionally rescaled for a longer context.
+
+  scaling "none"; "linear" (every frequency / factor, i.e. positions / factor); "llama3"
+  (Llama 3.1: wavelengths beyond original_max_len / low_freq_factor are stretched by factor,
+  those under original_max_len / high_freq_factor are kept, the band between is interpolated)."""
+  theta: float = 10_000.0
+  scaling: str = "none"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
+
+  @classmethod
+  def from_config(cls, model_config) -> "Rope":
+    s = model_config.rope_scaling
+    return cls(float(model_config.rope_theta), s.type, float(s.factor), float(s.low_freq_factor),
+               float(s.high_freq_factor), int(s.original_max_len))
+
+  def inv_freq(self, dim: int) -> np.ndarray:
+    """float32 [dim // 2]; computed in float64 on the host (static per shape)."""
+    inv_freq = self.theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if self.scaling == "linear":
+      inv_freq = inv_freq / self.factor
+    elif self.scaling == "llama3":
+      wavelen = 2 * np.pi / inv_freq
+      smooth = (self.original_max_len / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+      interpolated = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+      inv_freq = np.where(wavelen > self.original_max_len / self.low_freq_factor, inv_freq / self.factor,
+                          np.where(wavelen < self.original_max_len / self.high_freq_factor, inv_freq, interpolated))
+    return inv_freq.astype(np.float32)
+
+
+def rope_angles(positions, dim: int, rope: Rope):
   """cos, sin of shape positions.shape + [dim // 2], in float32."""
-  inv_freq = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = positions.astype(jnp.float32)[..., None] * rope.inv_freq(dim)
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_BTHD, positions_BT, theta: float, dims: int | None = None):
+def apply_rope(x_BTHD, positions_BT, rope: Rope, dims: int | None = None):
   """Rotary embedding in half-split (non-interleaved) form over the first `dims` (default: all)
   of the last dim of x; the rest passes through."""
   if dims is not None and dims < x_BTHD.shape[-1]:
-    rotated = apply_rope(x_BTHD[..., :dims], positions_BT, theta)
+    rotated = apply_rope(x_BTHD[..., :dims], positions_BT, rope)
     return jnp.concatenate([rotated, x_BTHD[..., dims:]], axis=-1)
-  cos, sin = rope_angles(positions_BT, x_BTHD.shape[-1], theta)
+  cos, sin = rope_angles(positions_BT, x_BTHD.shape[-1], rope)
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]          # broadcast over heads
   x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -65,12 +111,14 @@ def apply_rope(x_BTHD, positions_BT, theta: float, dims: int | None = None):
 
 
 class Projection(nn.Module):
-  """x[..., in] -> [..., *out_shape] with a float32 kernel named by logical axes."""
+  """x[..., in] -> [..., *out_shape] with a float32 kernel named by logical axes (and a bias of
+  out_shape when use_bias)."""
   out_shape: tuple[int, ...]
   axes: tuple[str, ...]                 # logical names of (in_dim, *out_shape)
   dtype: Dtype = jnp.bfloat16
   param_dtype: Dtype = jnp.float32
   in_axes: int = 1                      # how many trailing dims of x are contracted
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -82,8 +130,13 @@ class Projection(nn.Module):
     kernel = param_with_axes(self, "kernel", init, (*in_shape, *self.out_shape), self.axes,
                              self.param_dtype)
     contract = tuple(range(x.ndim - self.in_axes, x.ndim))
-    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                               ((contract, tuple(range(self.in_axes))), ((), ())))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((contract, tuple(range(self.in_axes))), ((), ())))
+    if self.use_bias:
+      bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape, self.axes[self.in_axes:],
+                             self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class SwiGLU(nn.Module):

@@ -18,7 +18,7 @@ import ml_collections
 from flax import linen as nn
 
 from kernels import dense, options_from_config
-from model.layers import Projection, RMSNorm, apply_rope, param_with_axes
+from model.layers import Projection, RMSNorm, Rope, apply_rope, param_with_axes
 
 
 class Projected(NamedTuple):
@@ -63,11 +63,11 @@ class MLAAttention(nn.Module):
     m, a = self.config.model, self.config.mla
     c_q = self.q_norm(self.q_down(x_BTE))
     q = self.q_up(c_q)
-    q = jnp.concatenate([q[..., :a.qk_nope_dim], apply_rope(q[..., a.qk_nope_dim:], positions_BT, m.rope_theta)], -1)
+    q = jnp.concatenate([q[..., :a.qk_nope_dim], apply_rope(q[..., a.qk_nope_dim:], positions_BT, Rope.from_config(m))], -1)
     q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
     kv = self.kv_down(x_BTE)
     c_kv = self.kv_norm(kv[..., :a.kv_lora_rank])
-    k_rope = apply_rope(kv[:, :, None, a.kv_lora_rank:], positions_BT, m.rope_theta)[:, :, 0]
+    k_rope = apply_rope(kv[:, :, None, a.kv_lora_rank:], positions_BT, Rope.from_config(m))[:, :, 0]
     return Projected(c_q, q, c_kv, k_rope)
 
   def mha(self, p: Projected, segment_ids_BT=None):

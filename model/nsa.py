@@ -15,7 +15,7 @@ import configs
 from kernels import nsa as nsa_kernels
 from kernels import options_from_config
 from model import packing
-from model.layers import Projection, apply_rope, param_with_axes
+from model.layers import Projection, Rope, apply_rope, head_rms_norm, param_with_axes
 from parallel import context
 
 
@@ -72,16 +72,20 @@ class NSAAttention(nn.Module):
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     kernel_args = dict(impl=self.config.attention.impl, options=options_from_config(self.config))
     proj = lambda name, shape, axes, **kw: Projection(shape, axes, dtype, param_dtype, name=name, **kw)
-    rope = lambda x, pos: apply_rope(x, pos, m.rope_theta)
+    rope = lambda x, pos: apply_rope(x, pos, Rope.from_config(m))
+    head_norm = lambda name, x: head_rms_norm(m, name)(x) if m.qk_norm else x
 
-    q = rope(proj("q", (m.n_heads, m.head_dim), ("embed", "heads", "head_dim"))(x_BTE), positions_BT)
+    q = head_norm("q_norm", proj("q", (m.n_heads, m.head_dim), ("embed", "heads", "head_dim"),
+                                 use_bias=m.qkv_bias)(x_BTE))
+    q = rope(q, positions_BT)
     q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
 
     def keys_values(branch):
       suffix = f"_{branch}" if c.separate_kv else ""
       shape, axes = (m.n_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim")
       local = lambda x: nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_kv_heads", None))
-      return local(proj("k" + suffix, shape, axes)(x_BTE)), local(proj("v" + suffix, shape, axes)(x_BTE))
+      k = head_norm("k_norm" + suffix, proj("k" + suffix, shape, axes, use_bias=m.qkv_bias)(x_BTE))
+      return local(k), local(proj("v" + suffix, shape, axes, use_bias=m.qkv_bias)(x_BTE))
 
     kv = {branch: keys_values(branch) for branch in (("cmp", "slc", "win") if c.separate_kv else ("all",))}
     k_raw, v_raw = kv.get("cmp", kv.get("all"))
@@ -115,7 +119,9 @@ class NSAAttention(nn.Module):
       o_slc, o_win = nsa_kernels.selection_and_window(q, rope(k_all, positions_BT), v_all, block_indices,
                                                       slc_block=c.slc_block, window=c.window, **kernel_args)
 
-    gates = jax.nn.sigmoid(proj("gate", (m.n_heads, 3), ("embed", "heads", None))(x_BTE).astype(jnp.float32))
+    # The bias lets a converted dense model start on chosen gates (model/convert.py).
+    gates = jax.nn.sigmoid(proj("gate", (m.n_heads, 3), ("embed", "heads", None), use_bias=True)(x_BTE)
+                           .astype(jnp.float32))
     out = (gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win).astype(dtype)
     out = proj("o", (m.d_model,), ("heads", "head_dim", "embed"), in_axes=2)(out)
     if layout is None:

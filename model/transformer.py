@@ -64,7 +64,7 @@ class Transformer(nn.Module):
 
     x = RMSNorm(m.norm_eps, dtype, param_dtype, name="final_norm")(x)
     if m.tie_embeddings:
-      unembed = embedding.T * m.d_model ** -0.5
+      unembed = embedding.T * (m.tied_unembed_scale or m.d_model ** -0.5)
     else:
       unembed = param_with_axes(self, "unembed", nn.initializers.normal(m.d_model ** -0.5),
                                 (m.d_model, m.vocab_size), ("embed", "vocab"), param_dtype)

@@ -9,7 +9,7 @@ from flax import linen as nn
 from conftest import small_config
 from kernels import dense
 from model import transformer
-from model.layers import apply_rope
+from model.layers import Rope, apply_rope
 
 
 def naive_causal_attention(q, k, v, scale):
@@ -62,8 +62,8 @@ def test_splash_pallas_matches_xla_forward_and_gradients(t, hq, hkv, dtype, tol)
 def test_rope_makes_scores_depend_on_relative_position_only():
   q, k, _ = _qkv(1, 1, 1, 1, 16, jnp.float32)
   def score(tq, tk):
-    rq = apply_rope(q, jnp.array([[tq]]), 10_000.0)
-    rk = apply_rope(k, jnp.array([[tk]]), 10_000.0)
+    rq = apply_rope(q, jnp.array([[tq]]), Rope(10_000.0))
+    rk = apply_rope(k, jnp.array([[tk]]), Rope(10_000.0))
     return float(jnp.sum(rq * rk))
   assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4)
   assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)

@@ -168,11 +168,13 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(path: str, abstract_params):
+def load_params(path: str, abstract_params, alias=lambda names: names):
   """(params, step, fresh) from the newest checkpoint under `path` (a workdir or checkpoints/
   dir), for init_from. Parameters the checkpoint lacks (e.g. DSA's indexer when the checkpoint
   is a dense MLA run) are None in `params` and named in `fresh`: the caller keeps their fresh
-  initialisation. A parameter present with another shape raises ConfigError."""
+  initialisation. A parameter the checkpoint lacks under its own name is read under alias(names)
+  when it has that (NSA's separate K/V from a dense run's k/v: model/convert.py). A parameter
+  present with another shape raises ConfigError."""
   directory = checkpoint_dir(path)
   with ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                                         "config": ocp.JsonCheckpointHandler()}) as manager:
@@ -180,23 +182,40 @@ def load_params(path: str, abstract_params):
     if step is None:
       raise ConfigError("init_from", path, "holds no finished checkpoint")
     saved = manager.item_metadata(step)["state"]["params"]
-    fresh = []
 
-    def keep(key_path, leaf):
-      name = "/".join(str(k.key) for k in key_path)
+    def lookup(names):
       node = saved
-      for k in key_path:
-        node = node.get(k.key) if hasattr(node, "get") else None
-      if node is None:
-        fresh.append(name)
-        return None
+      for k in names:
+        node = node.get(k) if hasattr(node, "get") else None
+      return node
+
+    sources, fresh, target = {}, [], {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+      names = tuple(str(k.key) for k in key_path)
+      source = next((n for n in (names, alias(names)) if lookup(n) is not None), None)
+      if source is None:
+        fresh.append("/".join(names))
+        continue
+      node = lookup(source)
       if tuple(node.shape) != tuple(leaf.shape):
-        raise ConfigError("init_from", path, f"parameter {name} has shape {tuple(node.shape)} there, "
+        raise ConfigError("init_from", path, f"parameter {'/'.join(names)} has shape {tuple(node.shape)} there, "
                           f"{tuple(leaf.shape)} here")
-      return leaf
-    target = {"params": jax.tree_util.tree_map_with_path(keep, abstract_params)}
+      sources[names] = source
+      branch = target
+      for k in source[:-1]:
+        branch = branch.setdefault(k, {})
+      branch[source[-1]] = leaf
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=target, restore_args=jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
-            partial_restore=True)))
-  return restored["state"]["params"], step, fresh
+        state=ocp.args.PyTreeRestore(item={"params": target}, restore_args=jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), {"params": target}),
+            partial_restore=True)))["state"]["params"]
+
+  def take(key_path, _):
+    names = tuple(str(k.key) for k in key_path)
+    if names not in sources:
+      return None
+    node = restored
+    for k in sources[names]:
+      node = node[k]
+    return node
+  return jax.tree_util.tree_map_with_path(take, abstract_params), step, fresh

@@ -1,5 +1,4 @@
 """The train state: what it holds, its sharded initialisation, and restore-or-init at start-up."""
-import logging
 from typing import Any
 
 import flax
@@ -8,6 +7,9 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from hf import config as hf_config
+from hf import weights as hf_weights
+from model import convert
 from parallel.rules import logical_to_sharding, use_mesh
 from trainer.checkpoint import Checkpointer, load_params
 
@@ -58,16 +60,23 @@ def init_state(config, model, tx, mesh, shardings) -> TrainState:
 
 
 def restore_or_init(config, program, mesh, ckpt: Checkpointer, data_iter):
-  """(state, start_step): the newest readable checkpoint of this run (data_iter restored with it),
-  else a fresh state, with init_from's parameters when set (start_step 0)."""
+  """(state, start_step, notes): the newest readable checkpoint of this run (data_iter restored
+  with it), else a fresh state, with init_from's parameters when set (start_step 0); notes say
+  which parameters init_from did not have and how they start (one line each)."""
   state, start_step = ckpt.restore_latest(program.abstract_state, data_iter)
   if state is not None:
-    return state, start_step
+    return state, start_step, []
   state = init_state(config, program.model, program.tx, mesh, program.shardings)
-  if config.init_from:
-    params, from_step, fresh = load_params(config.init_from, program.abstract_state.params)
-    state = state.replace(params=jax.tree.map(lambda new, old: old if new is None else new,
-                                              params, state.params, is_leaf=lambda x: x is None))
-    logging.info("parameters from %s (step %d)%s", config.init_from, from_step,
-                 f"; not in that checkpoint, freshly initialised: {', '.join(fresh)}" if fresh else "")
-  return state, 0
+  if not config.init_from:
+    return state, 0, []
+  abstract = program.abstract_state.params
+  if hf_dir := hf_config.init_dir(config.init_from):
+    params, fresh = hf_weights.read_params(hf_dir, config, abstract, alias=convert.alias)
+  else:
+    params, _, fresh = load_params(config.init_from, abstract, alias=convert.alias)
+  params = jax.tree.map(lambda new, old: old if new is None else new, params, state.params,
+                        is_leaf=lambda x: x is None)
+  params, notes = convert.start_nsa_from_dense(params, fresh, config)
+  started = {note.split(":")[0] for note in notes}
+  notes += [f"{name}: fresh initialisation (not in {config.init_from})" for name in fresh if name not in started]
+  return state.replace(params=params), 0, notes

@@ -16,6 +16,7 @@ from kernels import IMPLS, PALLAS_MODES, dense, options_from_config, resolve_imp
 from kernels import dsa as dsa_kernels
 from kernels import nsa as nsa_kernels
 from model.attention import ATTENTION_KINDS
+from model.layers import ROPE_SCALINGS
 from model.transformer import REMAT_POLICIES
 from parallel.mesh import MESH_AXES, mesh_shape
 from parallel.rules import SHARDED_DIMS
@@ -71,6 +72,17 @@ def validate(config, num_devices: int | None = None, num_slices: int = 1) -> Non
   _dtype(config, "model.dtype")
   _dtype(config, "model.param_dtype", ("float32", "bfloat16"))
   _choice(config, "model.remat", ("none", *REMAT_POLICIES))
+  _choice(config, "model.rope_scaling.type", ROPE_SCALINGS)
+  if m.rope_scaling.type != "none":
+    _positive(config, "model.rope_scaling.factor", "model.rope_scaling.original_max_len")
+    if m.rope_scaling.type == "llama3" and not 0 < m.rope_scaling.low_freq_factor < m.rope_scaling.high_freq_factor:
+      raise ConfigError("model.rope_scaling.low_freq_factor", m.rope_scaling.low_freq_factor,
+                        f"must be > 0 and < model.rope_scaling.high_freq_factor={m.rope_scaling.high_freq_factor}")
+  if m.tied_unembed_scale < 0:
+    raise ConfigError("model.tied_unembed_scale", m.tied_unembed_scale, "must be >= 0 (0: d_model ** -0.5)")
+  for field in ("qkv_bias", "qk_norm"):
+    if m[field] and config.attention.kind not in ("dense", "nsa"):
+      raise ConfigError(f"model.{field}", True, f"is for attention.kind dense or nsa, not {config.attention.kind!r}")
 
   _choice(config, "attention.kind", tuple(ATTENTION_KINDS))
   _choice(config, "attention.impl", IMPLS)
@@ -190,6 +202,9 @@ def _validate_nsa(config) -> None:
        f"must be >= nsa.num_initial + nsa.num_local = {c.num_initial + c.num_local} (forced blocks count)"),
       ("seq_len", config.seq_len, config.seq_len >= c.cmp_block,
        f"must be >= nsa.cmp_block={c.cmp_block}, or the compressed branch sees nothing"),
+      ("nsa.converted_gates", c.converted_gates,
+       len(c.converted_gates) == 3 and all(0 < g < 1 for g in c.converted_gates),
+       "must be three values in (0, 1): the (cmp, slc, win) gates a dense model's conversion starts at"),
   )
 
 
