@@ -56,8 +56,10 @@ def main(config, workdir: str) -> int:
   ckpt = checkpoint.Checkpointer(workdir, config)
   writer, profiler = None, Profiler(config, workdir, is_main=is_main)
   try:
-    state, start_step = restore_or_init(config, program, mesh, ckpt, data_iter)
+    state, start_step, init_notes = restore_or_init(config, program, mesh, ckpt, data_iter)
     writer = MetricsWriter(workdir, config, start_step=start_step, is_main=is_main)
+    for note in init_notes:      # parameters init_from lacked, and how they start
+      writer.print(f"new parameter {note}")
     writer.print(f"data: {sources.describe(data_sources)}, packing {config.data.packing}")
     num_params = transformer.count_params(state.params)
     writer.print(f"{num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "

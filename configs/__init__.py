@@ -19,6 +19,12 @@ def parse_flags(argv, config_flag=None) -> str | None:
     flags.FLAGS(argv)
     if config_flag is not None and config_flag.value is not None:
       config_flag.value.to_dict()   # config_flags defers a bad --config path until first use
+      from ml_collections import config_flags
+
+      from configs import hf  # init_from=hf:DIR: the architecture from DIR's config.json
+      hf.resolve(config_flag.value, config_flags.get_override_values(flags.FLAGS[config_flag.name]))
+  except ConfigError as e:
+    return str(e)
   except (AttributeError, KeyError) as e:
     return f"error: unknown config field {str(e).strip(chr(34))} on the command line"
   except OSError as e:   # the config file itself: say why it could not be loaded

@@ -23,7 +23,7 @@ import tqdm
 from etils import epath
 
 from data import corpus
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, tokenizer_file
 
 NAME = "tokenized_text"
 VERSION = "1.0.0"
@@ -50,7 +50,8 @@ class PrepareOptions:
 
 
 def file_sha256(path: str) -> str:
-  return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()     # local or gs://
+  """sha256 of a file, or of the tokenizer.json of an HF tokenizer directory; local or gs://."""
+  return hashlib.sha256(epath.Path(tokenizer_file(path)).read_bytes()).hexdigest()
 
 
 def split_of(path: str, doc_index: int, val_fraction: float) -> str:

@@ -45,10 +45,14 @@ def source_specs(config) -> list[tuple[str, float]]:
 
 
 def open_sources(config) -> list[tuple[Source, float]]:
-  tokenizer = Tokenizer(config.data.tokenizer) if config.data.tokenizer else None
-  if tokenizer is not None and tokenizer.vocab_size != config.model.vocab_size:
+  try:
+    tokenizer = Tokenizer(config.data.tokenizer) if config.data.tokenizer else None
+  except (OSError, ValueError) as e:
+    raise ConfigError("data.tokenizer", config.data.tokenizer, str(e)) from None
+  # Hub models often pad their vocabulary past the tokenizer's (Qwen: 151936 for 151665 tokens).
+  if tokenizer is not None and tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError("model.vocab_size", config.model.vocab_size,
-                      f"must equal the vocab size {tokenizer.vocab_size} of data.tokenizer={tokenizer.path}")
+                      f"must be at least the vocab size {tokenizer.vocab_size} of data.tokenizer={tokenizer.path}")
   return [(open_source(spec, config, tokenizer), weight) for spec, weight in source_specs(config)]
 
 

@@ -58,7 +58,7 @@ class Prompt:
 def prompt_parts(tokenizer, key: str) -> tuple[np.ndarray, np.ndarray]:
   """(needle, question) token ids; each text is encoded on its own, so it tokenizes the same
   wherever it lands in the filler."""
-  needle, question = tokenizer.encode([NEEDLE.format(key=key), QUESTION], num_threads=1)
+  needle, question = tokenizer.encode([NEEDLE.format(key=key), QUESTION], num_threads=1, special_tokens=False)
   return needle, question
 
 

@@ -7,7 +7,7 @@ One call loads a model directory; the model's ordinary apply then gives logits:
   config, params = load_hf("path/to/Qwen3-0.6B")
   logits = transformer.build(config).apply({"params": params}, tokens_BT)
 
-config.py maps config.json to the model fields, weights.py maps the tensors (lazily, onto
+configs/hf.py maps config.json to the model fields, weights.py maps the tensors (lazily, onto
 shardings), and train.py reaches both through --config.init_from=hf:DIR.
 """
 import jax
@@ -15,7 +15,7 @@ import ml_collections
 from flax import linen as nn
 
 from configs import ConfigError, base
-from hf import config as hf_config
+from configs import hf as hf_config
 from hf import weights
 from model import convert, transformer
 

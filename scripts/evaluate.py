@@ -33,41 +33,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed of the passkey keys and filler off
 _OUTPUT = flags.DEFINE_string("output", None, "output directory (default: WORKDIR/eval/step_N)")
 
 
-def read_config(directory, step: int | None):
-  """(config, step) saved with checkpoint `step` (default the newest) under `directory`."""
-  import ml_collections
-  import orbax.checkpoint as ocp
-
-  from configs import base
-  if not directory.is_dir():
-    raise ConfigError("workdir", str(directory.parent if directory.name == "checkpoints" else directory),
-                      "is not a run's directory (no checkpoints/ in it)")
-  with ocp.CheckpointManager(directory, item_handlers={"config": ocp.JsonCheckpointHandler()}) as manager:
-    available = sorted(manager.all_steps())
-    if not available:
-      raise ConfigError("workdir", str(directory), "holds no finished checkpoint")
-    step = available[-1] if step is None else step
-    if step not in available:
-      raise ConfigError("step", step, f"no finished checkpoint at this step; available: "
-                        f"{', '.join(map(str, available))}")
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  config = base.get_config()             # fields added since the run keep their defaults
-  config.update(ml_collections.ConfigDict(saved))
-  return config, step
-
-
-def read_params(directory, step: int, abstract_params):
-  """The parameters of checkpoint `step`, placed as `abstract_params` say (optimizer state unread)."""
-  import jax
-  import orbax.checkpoint as ocp
-  target = {"params": abstract_params}
-  with ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
-        partial_restore=True)))
-  return restored["state"]["params"]
-
-
 def main(workdir: str) -> int:
   import jax
   import numpy as np
@@ -81,7 +46,7 @@ def main(workdir: str) -> int:
   from trainer.state import state_shardings
 
   directory = checkpoint.checkpoint_dir(workdir)
-  config, step = read_config(directory, _STEP.value)
+  config, step = checkpoint.saved_config(directory, _STEP.value)
   trained_seq_len = config.seq_len
   for field, value in (("seq_len", _SEQ_LEN.value), ("batch_size", _BATCH.value), ("eval_batches", _EVAL_BATCHES.value)):
     if value is not None:                 # validate() below names a bad one
@@ -99,7 +64,7 @@ def main(workdir: str) -> int:
   mesh = make_mesh(config.mesh)
   model = transformer.build(config)
   abstract, _ = state_shardings(config, model, optim.make_optimizer(config), mesh)
-  params = read_params(directory, step, abstract.params)
+  params = checkpoint.saved_params(directory, step, abstract.params)
   data_sources = sources.open_sources(config)
   tokenizer = Tokenizer(config.data.tokenizer)
 

@@ -131,7 +131,7 @@ def test_unwritable_workdir_is_rejected(tmp_path):
     ({"model.n_kv_heads": 3}, "config error: model.n_heads=4: must be a multiple of model.n_kv_heads=3"),
     ({"steps": "many"}, "error: flag --config.steps=many"),
     ({"no_such_field": 1}, "error: unknown config field 'no_such_field'"),
-    ({"model.vocab_size": 5000}, "config error: model.vocab_size=5000: must equal the vocab size 4096"),
+    ({"model.vocab_size": 3000}, "config error: model.vocab_size=3000: must be at least the vocab size 4096"),
 ])
 def test_train_py_exits_2_with_one_line(tmp_path, overrides, expected):
   result = run_train(tmp_path, overrides)

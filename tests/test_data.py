@@ -273,5 +273,5 @@ def test_eval_batches_are_fixed_and_the_same_global_rows_on_any_hosts(embedded):
 
 
 def test_tokenizer_that_does_not_fit_the_model_is_rejected():
-  with pytest.raises(ConfigError, match="model.vocab_size=1000: must equal the vocab size 4096"):
+  with pytest.raises(ConfigError, match="model.vocab_size=1000: must be at least the vocab size 4096"):
     sources.open_sources(small_config(**{"model.vocab_size": 1000}))

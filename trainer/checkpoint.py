@@ -14,11 +14,12 @@ import time
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from configs import ConfigError
+from configs import ConfigError, base
 from trainer import divergence
 
 # Fields that change the parameters' shapes, structure or meaning: a checkpoint made with other
@@ -219,3 +220,32 @@ def load_params(path: str, abstract_params, alias=lambda names: names):
       node = node[k]
     return node
   return jax.tree_util.tree_map_with_path(take, abstract_params), step, fresh
+
+
+def saved_config(directory, step: int | None = None):
+  """(config, step) saved with checkpoint `step` (default the newest) under `directory`."""
+  if not directory.is_dir():
+    raise ConfigError("workdir", str(directory.parent if directory.name == "checkpoints" else directory),
+                      "is not a run's directory (no checkpoints/ in it)")
+  with ocp.CheckpointManager(directory, item_handlers={"config": ocp.JsonCheckpointHandler()}) as manager:
+    available = sorted(manager.all_steps())
+    if not available:
+      raise ConfigError("workdir", str(directory), "holds no finished checkpoint")
+    step = available[-1] if step is None else step
+    if step not in available:
+      raise ConfigError("step", step, f"no finished checkpoint at this step; available: "
+                        f"{', '.join(map(str, available))}")
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  config = base.get_config()             # fields added since the run keep their defaults
+  config.update(ml_collections.ConfigDict(saved))
+  return config, step
+
+
+def saved_params(directory, step: int, abstract_params):
+  """The parameters of checkpoint `step`, placed as `abstract_params` say (optimizer state unread)."""
+  target = {"params": abstract_params}
+  with ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+        partial_restore=True)))
+  return restored["state"]["params"]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from hf import config as hf_config
+from configs import hf as hf_config
 from hf import weights as hf_weights
 from model import convert
 from parallel.rules import logical_to_sharding, use_mesh

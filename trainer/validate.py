@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from etils import epath
 
 import kernels
-from configs import ConfigError
+from configs import ConfigError, hf
 from data import sources
 from evaluation import passkey
 from kernels import IMPLS, PALLAS_MODES, dense, options_from_config, resolve_impl
@@ -61,6 +61,11 @@ def validate(config, num_devices: int | None = None, num_slices: int = 1) -> Non
     raise ConfigError("eval_every", config.eval_every, "must be >= 0 (0 disables evaluation)")
   _validate_passkey(config)
 
+  if hf_dir := hf.init_dir(config.init_from):
+    hf.read(hf_dir)       # a directory with a readable config.json (resolve() read it already)
+    if config.attention.kind not in ("dense", "nsa"):
+      raise ConfigError("attention.kind", config.attention.kind,
+                        "must be dense or nsa to start from a Hugging Face model (init_from=hf:DIR)")
   m = config.model
   _positive(config, "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
             "model.n_kv_heads", "model.head_dim", "model.mlp_dim", "model.rope_theta", "model.norm_eps")
@@ -135,8 +140,9 @@ def validate(config, num_devices: int | None = None, num_slices: int = 1) -> Non
     raise ConfigError("data.max_docs_per_row", config.data.max_docs_per_row,
                       "must be an integer >= 1, or 0 (auto: a limit for NSA only)")
   _choice(config, "wandb.mode", ("offline", "online", "disabled"))
-  if config.init_from and not epath.Path(config.init_from).is_dir():
-    raise ConfigError("init_from", config.init_from, "must be a checkpoint directory or a run's workdir")
+  if config.init_from and not hf.init_dir(config.init_from) and not epath.Path(config.init_from).is_dir():
+    raise ConfigError("init_from", config.init_from,
+                      "must be a checkpoint directory, a run's workdir or hf:DIR (a Hugging Face model)")
 
   if num_devices is not None:
     _validate_mesh(config, num_devices, num_slices)

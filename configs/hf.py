@@ -1,4 +1,5 @@
-"""A Hugging Face config.json <-> this project's model fields, for Llama, Mistral, Qwen2 and Qwen3.
+"""A Hugging Face config.json <-> this project's model fields, for Llama, Mistral, Qwen2 and Qwen3
+(init_from=hf:DIR; the weights: hf/).
 
 Reads both layouts of RoPE settings: `rope_theta` + `rope_scaling` (most hub checkpoints) and
 transformers 5's `rope_parameters`. Anything these families may set that the model cannot run
@@ -33,11 +34,13 @@ def init_dir(init_from: str) -> str | None:
 
 
 def resolve(config, overrides=()) -> None:
-  """With init_from="hf:DIR", the model's architecture fields come from DIR's config.json,
-  except those set on the command line (`overrides`: dotted field names). Call it after the
-  flags are parsed, before anything reads config.model."""
+  """With init_from="hf:DIR", the model's architecture fields come from DIR's config.json, and
+  data.tokenizer is DIR when it holds a tokenizer.json, except fields set on the command line
+  (`overrides`: dotted field names). parse_flags calls it, before anything reads the config."""
   if directory := init_dir(config.init_from):
     apply(config, directory, keep=set(overrides))
+    if "data.tokenizer" not in overrides and os.path.isfile(os.path.join(directory, "tokenizer.json")):
+      config.data.tokenizer = directory      # the model's own tokenizer, unless one is named
 
 
 def read(directory: str, field: str = "init_from") -> dict:

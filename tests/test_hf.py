@@ -1,0 +1,191 @@
+"""Hugging Face import and export (hf/, configs/hf.py) and HF tokenizers (data/tokenizer.py).
+
+The fixtures under tests/fixtures/hf are tiny random models saved by transformers with the logits
+it computes (scripts/make_hf_fixtures.py made them; neither torch nor transformers is needed here).
+"""
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from configs import ConfigError, base
+from configs import hf as hf_config
+from conftest import REPO, run_train, small_config
+from data.tokenizer import Tokenizer
+from hf import export_hf, load_hf
+from model import transformer
+
+FIXTURES = REPO / "tests" / "fixtures" / "hf"
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def fp32_config(**overrides):
+  config = base.get_config()
+  config.model.dtype = "float32"
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def hf_tensors(directory) -> dict:
+  tensors = {}
+  for file in sorted(directory.glob("*.safetensors")):
+    tensors.update(load_file(str(file)))
+  return tensors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(family):
+  """Llama (llama3 RoPE scaling, sharded safetensors), Mistral, Qwen2 (q/k/v biases, tied) and
+  Qwen3 (q/k norms, head_dim != d_model / heads, tied): within 1e-4 relative in float32."""
+  golden = np.load(FIXTURES / family / "golden.npz")
+  config, params = load_hf(str(FIXTURES / family), fp32_config())
+  logits = np.asarray(transformer.build(config).apply({"params": params}, golden["input_ids"]))
+  expected = golden["logits"]
+  assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+  fields = {"llama": ("llama3", False, False, False), "mistral": ("none", False, False, False),
+            "qwen2": ("none", True, False, True), "qwen3": ("none", False, True, True)}[family]
+  m = config.model
+  assert (m.rope_scaling.type, m.qkv_bias, m.qk_norm, m.tie_embeddings) == fields
+
+
+def test_rope_scaling_changes_the_logits():
+  """The llama fixture's scaling matters (so the test above checks it): without it the logits differ."""
+  golden = np.load(FIXTURES / "llama" / "golden.npz")
+  config, params = load_hf(str(FIXTURES / "llama"), fp32_config(), keep={"model.rope_scaling"})
+  logits = np.asarray(transformer.build(config).apply({"params": params}, golden["input_ids"]))
+  assert np.abs(logits - golden["logits"]).max() > 0.1
+
+
+def test_transformers_5_rope_parameters_layout_reads_the_same(tmp_path):
+  hf = json.loads((FIXTURES / "llama" / "config.json").read_text())
+  hf["rope_parameters"] = {**hf.pop("rope_scaling"), "rope_theta": hf.pop("rope_theta")}
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  new = hf_config.model_fields(hf_config.read(str(tmp_path)), str(tmp_path))
+  old = hf_config.model_fields(hf_config.read(str(FIXTURES / "llama")), "llama")
+  assert new == old and new["rope_scaling"]["type"] == "llama3" and new["rope_theta"] == 10_000.0
+
+
+def test_command_line_fields_win_over_config_json():
+  """init_from=hf:DIR takes the architecture from config.json, but a field set on the command line
+  (a longer context's RoPE theta) stays, and the directory's tokenizer becomes data.tokenizer."""
+  config = base.get_config()
+  config.init_from = f"hf:{FIXTURES / 'llama'}"
+  config.model.rope_theta = 1e6
+  hf_config.resolve(config, {"init_from": config.init_from, "model.rope_theta": 1e6})
+  assert (config.model.d_model, config.model.vocab_size, config.model.rope_theta) == (64, 320, 1e6)
+  assert config.data.tokenizer == str(FIXTURES / "llama")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_import_then_export_gives_back_the_same_tensors(tmp_path, family):
+  config, params = load_hf(str(FIXTURES / family), fp32_config())
+  export_hf(str(tmp_path), params, config, "float32")
+  original, exported = hf_tensors(FIXTURES / family), hf_tensors(tmp_path)
+  assert sorted(original) == sorted(exported)
+  for name, array in original.items():
+    assert exported[name].dtype == array.dtype and np.array_equal(exported[name], array), name
+  fields = lambda d: hf_config.model_fields(hf_config.read(str(d)), str(d))
+  assert fields(tmp_path) == fields(FIXTURES / family)
+
+
+def test_export_unties_this_projects_scaled_tied_embeddings(tmp_path):
+  """Our own tied models scale logits by d_model ** -0.5, which HF's tying cannot: lm_head is written."""
+  config = small_config(**{"model.tie_embeddings": True, "model.dtype": "float32"})
+  model = transformer.build(config)
+  tokens = np.arange(16, dtype=np.int32)[None] % config.model.vocab_size
+  params = model.init(jax.random.key(0), tokens)["params"]
+  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params, is_leaf=lambda x: hasattr(x, "value"))
+  export_hf(str(tmp_path), params, config)
+  back, back_params = load_hf(str(tmp_path), fp32_config())
+  assert not back.model.tie_embeddings
+  np.testing.assert_allclose(transformer.build(back).apply({"params": back_params}, tokens),
+                             model.apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_to_nsa_starts_on_the_documented_values():
+  """NSA from a dense HF model: q/k/v/o copied, compression as mean pooling, gates at
+  nsa.converted_gates; with the window covering the sequence, the window branch is dense
+  attention, so the NSA logits stay close to the dense ones."""
+  golden = np.load(FIXTURES / "qwen3" / "golden.npz")
+  overrides = {"attention.kind": "nsa", "nsa.window": 64, "nsa.cmp_block": 16, "nsa.cmp_stride": 8,
+               "nsa.slc_block": 16, "nsa.num_selected": 3, "nsa.separate_kv": True, "seq_len": 48}
+  config, params = load_hf(str(FIXTURES / "qwen3"), fp32_config(**overrides))
+  attn = params["layers"]["attn"]
+  assert np.array_equal(attn["k_slc"]["kernel"], attn["k_win"]["kernel"])
+  gates = jax.nn.sigmoid(attn["gate"]["bias"][0, 0])
+  np.testing.assert_allclose(gates, config.nsa.converted_gates, rtol=1e-6)
+  logits = np.asarray(transformer.build(config).apply({"params": params}, golden["input_ids"]))
+  dense_loss = _next_token_loss(golden["logits"], golden["input_ids"])
+  assert abs(_next_token_loss(logits, golden["input_ids"]) - dense_loss) < 0.05 * dense_loss
+
+
+def _next_token_loss(logits, ids) -> float:
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  return float(-np.take_along_axis(np.asarray(logp), ids[:, 1:, None], axis=-1).mean())
+
+
+def _copy_fixture(tmp_path, family="mistral"):
+  target = tmp_path / family
+  shutil.copytree(FIXTURES / family, target)
+  return target
+
+
+def _edit_config(directory, **changes):
+  hf = json.loads((directory / "config.json").read_text())
+  hf.update(changes)
+  (directory / "config.json").write_text(json.dumps(hf))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "architectures=['GPT2LMHeadModel'] is not supported"),
+    ({"sliding_window": 4096}, "sliding_window=4096 is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type='yarn' is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=True is not supported"),
+    ({"hidden_size": 128}, "tensor model.embed_tokens.weight has shape (320, 64), the model's config.json implies (320, 128)"),
+])
+def test_bad_model_directories_name_the_problem(tmp_path, change, message):
+  directory = _copy_fixture(tmp_path)
+  _edit_config(directory, **change)
+  with pytest.raises(ConfigError, match="^config error: init_from=") as error:
+    load_hf(str(directory), fp32_config())
+  assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_missing_tensor_is_named(tmp_path):
+  directory = _copy_fixture(tmp_path)
+  tensors = load_file(str(directory / "model.safetensors"))
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  from safetensors.numpy import save_file
+  save_file(tensors, str(directory / "model.safetensors"))
+  with pytest.raises(ConfigError, match="lacks the tensor model.layers.1.mlp.up_proj.weight"):
+    load_hf(str(directory), fp32_config())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"init_from": "hf:/nonexistent/model"}, "init_from='/nonexistent/model': must be a Hugging Face model directory"),
+    ({"init_from": f"hf:{FIXTURES / 'qwen3'}", "attention.kind": "dsa"},
+     "attention.kind='dsa': must be dense or nsa to start from a Hugging Face model"),
+])
+def test_train_py_exits_2_with_one_line(tmp_path, overrides, message):
+  result = run_train(tmp_path / "run", overrides)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_hf_tokenizer_encodes_and_decodes_as_the_tokenizers_library():
+  from tokenizers import Tokenizer as Reference
+  reference = Reference.from_file(str(FIXTURES / "llama" / "tokenizer.json"))
+  ours = Tokenizer(str(FIXTURES / "llama"))
+  texts = ["def hello(world):\n    return world * 2\n", "Ünïcödé — text, 12345 and\ttabs."]
+  ids = ours.encode(texts)
+  for text, got in zip(texts, ids, strict=True):
+    assert got.dtype == np.int32 and got.tolist() == reference.encode(text).ids
+    assert got[0] == ours.bos_id == 0             # the model's own BOS, from its post-processor
+    assert ours.decode(got) == reference.decode(got.tolist())
+  assert ours.encode(texts[:1], special_tokens=False)[0].tolist() == reference.encode(texts[0], add_special_tokens=False).ids
+  assert (ours.eos_id, ours.vocab_size) == (1, 320)
+  assert Tokenizer(str(FIXTURES / "llama" / "tokenizer.json")).encode(texts)[0].tolist() == ids[0].tolist()
