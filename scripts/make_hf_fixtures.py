@@ -39,7 +39,6 @@ gives a different (but equally valid) tokenizer.json.
 """
 
 import glob
-import json
 import math
 import os
 import shutil
