@@ -68,6 +68,11 @@ def main(config, workdir: str) -> int:
                     f"parameters from {config.init_from}" if config.init_from else "starting from scratch"))
     to_global = lambda b: {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v)
                            for k, v in b.items()}
+    eval_loss = lambda: float(np.mean([program.eval_step(state.params, to_global(b)) for b in eval_data]))
+    if config.init_from and not start_step and config.eval_every:   # where the parameters start from
+      start_loss = eval_loss()
+      writer.write(0, {"eval_loss": start_loss})
+      writer.print(f"step 0: eval_loss {start_loss:.4f} with the parameters from {config.init_from}")
     stop_signal = []
     for sig in (signal.SIGTERM, signal.SIGINT):
       signal.signal(sig, lambda signum, _: stop_signal.append(signum))
@@ -94,7 +99,7 @@ def main(config, workdir: str) -> int:
         if (epoch := pipeline.epoch(data_iter, data_sources, host[1])) is not None:
           metrics["epoch"] = epoch
         if evaluate:
-          metrics["eval_loss"] = float(np.mean([program.eval_step(state.params, to_global(b)) for b in eval_data]))
+          metrics["eval_loss"] = eval_loss()
           if passkey_probe:
             metrics["passkey_acc"] = passkey_probe(state.params)
         writer.write(step, metrics)

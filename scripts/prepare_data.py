@@ -3,6 +3,9 @@
   python scripts/prepare_data.py --input 'corpus/**/*.jsonl.gz' --output data/prepared/mycorpus \
       --tokenizer tok/my32k.model [--text-field text] [--val-fraction 0.01]
 
+--tokenizer is a SentencePiece .model, or a Hugging Face tokenizer.json or a model directory
+holding one (its own BOS convention kept; an EOS ends each document).
+
 Reads .txt / .txt.gz (a document per file) and .jsonl / .jsonl.gz (a document per line, text in
 --text-field). Re-running with the same inputs is a no-op; an interrupted run leaves nothing that
 looks complete. Train with --config.data.source=OUTPUT --config.data.tokenizer=MODEL.
@@ -13,13 +16,15 @@ import sys
 import time
 
 from data import corpus, prepare  # noqa: E402
+from data.tokenizer import tokenizer_file
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--input", action="append", required=True, help="glob of input files (repeatable)")
   parser.add_argument("--output", required=True, help="dataset directory to write")
-  parser.add_argument("--tokenizer", required=True, help="sentencepiece .model")
+  parser.add_argument("--tokenizer", required=True,
+                      help="sentencepiece .model, or a Hugging Face tokenizer.json or model directory")
   parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
   parser.add_argument("--val-fraction", type=float, default=0.01)
   parser.add_argument("--record-tokens", type=int, default=131_072,
@@ -31,8 +36,9 @@ def main(argv=None) -> int:
       raise ValueError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
     if args.record_tokens < 1:
       raise ValueError(f"--record-tokens {args.record_tokens}: must be positive")
-    if not os.path.isfile(args.tokenizer):
-      raise FileNotFoundError(f"--tokenizer {args.tokenizer!r} does not exist")
+    if not os.path.isfile(tokenizer_file(args.tokenizer)):
+      raise FileNotFoundError(f"--tokenizer {args.tokenizer!r} does not exist (a SentencePiece .model, a "
+                              "tokenizer.json or a directory holding one)")
     options = prepare.PrepareOptions(
         inputs=tuple(corpus.expand_inputs(args.input)), tokenizer=args.tokenizer,
         text_field=args.text_field, val_fraction=args.val_fraction, record_tokens=args.record_tokens,

@@ -16,6 +16,7 @@ from sweeps.runner import Point, read_status
 MANIFEST = "sweep.json"
 # (csv column, markdown header, markdown format) after the swept fields.
 COLUMNS = (("status", "status", str), ("steps", "steps", str), ("train_loss", "train loss", "{:.4f}".format),
+           ("start_eval_loss", "start eval loss", "{:.4f}".format),
            ("best_eval_loss", "best eval loss", "{:.4f}".format),
            ("final_eval_loss", "final eval loss", "{:.4f}".format),
            ("tokens_per_sec", "tokens/s", "{:,.0f}".format), ("tflops_per_device", "TFLOP/s", "{:.3g}".format),
@@ -66,6 +67,7 @@ def row(point: Point, records: list[dict]) -> dict:
   return {**point.overrides, "name": point.name, "status": status.get("status", "unfinished"),
           "steps": records[-1]["step"] if records else 0,
           "train_loss": records[-1].get("loss") if records else None,
+          "start_eval_loss": next((r["eval_loss"] for r in records if r["step"] == 0 and "eval_loss" in r), None),
           "best_eval_loss": min(evals) if evals else None, "final_eval_loss": evals[-1] if evals else None,
           "tokens_per_sec": median("tokens_per_sec"), "tflops_per_device": median("tflops_per_device"),
           "params": records[-1].get("params") if records else None,

@@ -49,13 +49,15 @@ def small_config(preset=None, **overrides):
 
 
 def run_train(workdir, overrides=None, *, devices=1, env=None, timeout=600, wait=True, config="configs/tiny.py",
-              args=(), kill_after_step=None):
+              args=(), kill_after_step=None, small_model=True):
   """Runs `python train.py --config CONFIG` with SMALL_OVERRIDES + overrides (+ more flags `args`);
-  with kill_after_step, through tests/kill_after.py: SIGKILLed right after that step."""
+  with kill_after_step, through tests/kill_after.py: SIGKILLed right after that step. small_model
+  False: the model fields of SMALL_OVERRIDES are left out (init_from=hf:DIR sets them)."""
   killer = [str(REPO / "tests" / "kill_after.py"), str(kill_after_step)] if kill_after_step else []
   args = [sys.executable, *killer, str(REPO / "train.py"), "--config", str(REPO / config),
           "--workdir", str(workdir), *args]
-  args += [f"--config.{k}={v}" for k, v in {**SMALL_OVERRIDES, **(overrides or {})}.items()]
+  small = {k: v for k, v in SMALL_OVERRIDES.items() if small_model or not k.startswith("model.")}
+  args += [f"--config.{k}={v}" for k, v in {**small, **(overrides or {})}.items()]
   full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
               "JAX_PLATFORMS": "cpu", **(env or {})}
   if not wait:

@@ -189,3 +189,108 @@ def test_hf_tokenizer_encodes_and_decodes_as_the_tokenizers_library():
   assert ours.encode(texts[:1], special_tokens=False)[0].tolist() == reference.encode(texts[0], add_special_tokens=False).ids
   assert (ours.eos_id, ours.vocab_size) == (1, 320)
   assert Tokenizer(str(FIXTURES / "llama" / "tokenizer.json")).encode(texts)[0].tolist() == ids[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+  """A dense run started from the llama fixture, on a dataset prepared with its HF tokenizer (the
+  directory's tokenizer.json is data.tokenizer by itself): the README's commands."""
+  import subprocess
+  import sys
+
+  from data import corpus
+  root = tmp_path_factory.mktemp("hf_run")
+  (root / "corpus").mkdir()
+  for i, (_, text) in enumerate(corpus.embedded_documents("train")[:60]):
+    (root / "corpus" / f"doc{i:02d}.txt").write_text(text)
+  prepared = subprocess.run([sys.executable, str(REPO / "scripts/prepare_data.py"), "--input", str(root / "corpus" / "*"),
+                             "--output", str(root / "data"), "--tokenizer", str(FIXTURES / "llama"), "--val-fraction", "0.2"],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert prepared.returncode == 0, prepared.stderr[-2000:]
+  overrides = {"init_from": f"hf:{FIXTURES / 'llama'}", "data.source": str(root / "data"), "steps": 10,
+               "eval_every": 5, "eval_batches": 1, "optimizer.lr": 1e-2}
+  result = run_train(root / "dense", overrides, small_model=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return root, [json.loads(line) for line in (root / "dense" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_prepared_dataset_with_an_hf_tokenizer_trains_from_an_hf_model(dense_run):
+  root, records = dense_run
+  evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert records[0]["step"] == 0 and len(evals) == 3          # step 0: where the imported model starts
+  assert losses[-1] < losses[0] - 0.3 and evals[-1] < evals[0]
+
+
+def _script(name, *args):
+  import subprocess
+  import sys
+  return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
+                        timeout=600, cwd=REPO)
+
+
+def _params_of_run(workdir, config):
+  from trainer import checkpoint
+  model = transformer.build(config)
+  tokens = jax.ShapeDtypeStruct((1, 16), "int32")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          jax.eval_shape(lambda: _unboxed(model.init(jax.random.key(0), tokens))["params"]))
+  params, _, fresh = checkpoint.load_params(str(workdir), abstract)
+  assert not fresh
+  return params
+
+
+def _unboxed(tree):
+  from flax import linen as nn
+  return nn.unbox(tree)
+
+
+@pytest.mark.slow
+def test_export_script_writes_the_runs_model_and_tokenizer(dense_run, tmp_path):
+  root, _ = dense_run
+  result = _script("export_hf.py", "--workdir", str(root / "dense"), "--output", str(tmp_path / "out"))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+      p.name for p in (tmp_path / "out").iterdir()}
+  config, exported = load_hf(str(tmp_path / "out"), fp32_config())
+  trained = _params_of_run(root / "dense", config)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), exported, trained)
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == 1
+
+
+def test_convert_script_writes_what_load_hf_gives(tmp_path):
+  """scripts/convert_hf.py: the one-time conversion (here to NSA) that init_from then reads."""
+  nsa = ["--config.attention.kind=nsa", "--config.nsa.window=32", "--config.seq_len=128"]
+  result = _script("convert_hf.py", "--hf-dir", str(FIXTURES / "qwen2"), "--output", str(tmp_path / "conv"),
+                   "--config", str(REPO / "configs" / "tiny.py"), *nsa)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "attention nsa" in result.stdout
+  config, expected = load_hf(str(FIXTURES / "qwen2"), small_config(**{"attention.kind": "nsa", "nsa.window": 32}))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               _params_of_run(tmp_path / "conv", config), expected)
+  again = _script("convert_hf.py", "--hf-dir", str(FIXTURES / "qwen2"), "--output", str(tmp_path / "conv"))
+  assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_dense_run_continues_as_nsa(tmp_path):
+  """Dense -> NSA from a dense run of ours: the new parameters are reported with their starting
+  values, the first eval loss sits near the dense run's last one, and training goes on finite."""
+  dense = run_train(tmp_path / "dense", {"steps": 16, "eval_every": 16, "eval_batches": 1})
+  assert dense.returncode == 0, dense.stderr[-3000:]
+  nsa = run_train(tmp_path / "nsa", {"steps": 8, "eval_every": 8, "eval_batches": 1, "init_from": tmp_path / "dense",
+                                     "attention.kind": "nsa", "nsa.window": 32, "nsa.cmp_block": 16,
+                                     "nsa.cmp_stride": 8, "nsa.slc_block": 16, "nsa.num_selected": 4})
+  assert nsa.returncode == 0, nsa.stderr[-3000:]
+  assert "new parameter layers/attn/gate/bias: gates (cmp, slc, win) = (0.1, 0.1, 0.9)" in nsa.stderr
+  assert "compress_k/fc1/kernel: identity" in nsa.stderr
+  read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+  dense_end = [r["eval_loss"] for r in read("dense") if "eval_loss" in r][-1]
+  records = read("nsa")
+  start = records[0]
+  assert start["step"] == 0 and abs(start["eval_loss"] - dense_end) < 0.15 * dense_end
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert all(np.isfinite(losses)) and all(r.get("skipped_steps", 0) == 0 for r in records)
+  assert losses[-1] < losses[0]
