@@ -48,8 +48,8 @@ def _start_value(name: str, shape, config):
 def start_nsa_from_dense(params, fresh: list[str], config):
   """(params, notes): NSA's fresh parameters (their '/'-joined names in `fresh`) set to their
   dense-start values, on the sharding each already has; notes say what was set how, one line each.
-  A no-op unless attention.kind is nsa and the source was dense (compression weights are fresh)."""
-  if config.attention.kind != "nsa" or not any("compress_" in n for n in fresh):
+  A no-op unless attention.kind is nsa (and from an NSA checkpoint nothing is fresh)."""
+  if config.attention.kind != "nsa":
     return params, []
   notes, fresh_set = [], set(fresh)
 

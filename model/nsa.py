@@ -107,16 +107,21 @@ class NSAAttention(nn.Module):
     o_cmp, _, block_indices = nsa_kernels.compressed_attention_and_selection(
         q, k_cmp, v_cmp, block_len=c.cmp_block, stride=c.cmp_stride, slc_block=c.slc_block,
         num_selected=c.num_selected, num_initial=c.num_initial, num_local=c.num_local, **kernel_args)
+    # What the selection saw, for studies of it (scripts/nsa_start_study.py); kept only when the
+    # caller makes "intermediates" mutable.
+    k_slc = rope(kv.get("slc", kv.get("all"))[0], positions_BT)
+    for name, value in (("selection_q", q), ("selection_k", k_slc), ("block_indices", block_indices)):
+      self.sow("intermediates", name, value)
     if c.separate_kv:
-      k_slc, v_slc = kv["slc"]
-      o_slc = nsa_kernels.selection_attention(q, rope(k_slc, positions_BT), v_slc, block_indices,
+      _, v_slc = kv["slc"]
+      o_slc = nsa_kernels.selection_attention(q, k_slc, v_slc, block_indices,
                                               slc_block=c.slc_block, impl=kernel_args["impl"],
                                               options=kernel_args["options"])
       k_win, v_win = kv["win"]
       o_win = nsa_kernels.window_attention(q, rope(k_win, positions_BT), v_win, window=c.window, **kernel_args)
     else:     # one K/V for both: gathered once under context parallelism
-      k_all, v_all = kv["all"]
-      o_slc, o_win = nsa_kernels.selection_and_window(q, rope(k_all, positions_BT), v_all, block_indices,
+      _, v_all = kv["all"]
+      o_slc, o_win = nsa_kernels.selection_and_window(q, k_slc, v_all, block_indices,
                                                       slc_block=c.slc_block, window=c.window, **kernel_args)
 
     # The bias lets a converted dense model start on chosen gates (model/convert.py).

@@ -53,7 +53,7 @@ class Transformer(nn.Module):
     if m.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[m.remat], prevent_cse=not m.scan_layers)
     if m.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0, "aux_loss": 0, "metrics": 0, "diagnostics": 0},
+      stack = nn.scan(block, variable_axes={"params": 0, "aux_loss": 0, "metrics": 0, "diagnostics": 0, "intermediates": 0},
                       split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=m.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})

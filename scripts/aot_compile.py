@@ -214,6 +214,10 @@ def main(config, topology: str, num_slices: int, seq_lens, scale: bool) -> int:
         f"{acc.facts.hbm_gib} GiB HBM, {acc.facts.peak_tflops} TFLOP/s bf16, {acc.facts.hbm_tbs} TB/s each)")
   print(f"mesh: {', '.join(f'{a}={s}' for a, s in mesh.shape.items())}; {config.attention.kind} attention "
         f"(impl {config.attention.impl}), batch {config.batch_size}, remat {config.model.remat}")
+  m = config.model
+  print(f"model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads of {m.head_dim}, "
+        f"mlp {m.mlp_dim}, vocab {m.vocab_size}" + (f" (config.json of {config.init_from}; no weights read)"
+                                                    if config.init_from.startswith("hf:") else ""))
   rows = []
   for c in configs:
     print(f"seq_len {c.seq_len}: lowering train_step (compiling takes minutes for big configs) ...", flush=True)

@@ -53,6 +53,18 @@ def test_multislice_data_axis_spans_the_slices():
   assert "1 layer body" in result.stdout
 
 
+@pytest.mark.slow
+def test_an_hf_model_is_checked_against_a_slice_from_its_config_json():
+  """init_from=hf:DIR: the model is the one config.json describes (no weights are read)."""
+  argv = [sys.executable, str(REPO / "scripts" / "aot_compile.py"), "--config", str(REPO / "configs" / "tiny.py"),
+          "--topology", "v5e-4", "--noscale-layers", "--config.seq_len=256",
+          f"--config.init_from=hf:{REPO / 'tests' / 'fixtures' / 'hf' / 'qwen3'}"]
+  result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "model: d_model 64, 2 layers, 4/2 heads of 32, mlp 96, vocab 320 (config.json of hf:" in result.stdout
+  assert result.stdout.splitlines()[-1].startswith("v5e-4 ") and ": fits (" in result.stdout.splitlines()[-1]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--topology", "v9-8"], "--topology=v9-8: allowed are v4-N"),
     (["--topology", "v5e-4", "--num-slices", "2", "--config.mesh.data=3", "--config.mesh.fsdp=1"],

@@ -14,8 +14,9 @@ ALLOWED = {
     "configs": {"kernels"},
     "data": {"configs"},
     "model": {"kernels", "parallel", "configs"},
+    "hf": {"model", "configs"},
     "evaluation": {"model", "parallel", "data", "configs"},
-    "trainer": {"evaluation", "model", "data", "kernels", "parallel", "configs"},
+    "trainer": {"evaluation", "hf", "model", "data", "kernels", "parallel", "configs"},
     "sweeps": {"configs"},
 }
 PROJECT = set(ALLOWED) | {"scripts", "train"}
