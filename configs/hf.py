@@ -7,7 +7,8 @@ transformers 5's `rope_parameters`. Anything these families may set that the mod
 names the field, so a conversion never silently computes something else.
 """
 import json
-import os
+
+from etils import epath
 
 from configs import ConfigError
 
@@ -26,6 +27,9 @@ MODEL_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "h
 
 
 HF_PREFIX = "hf:"
+# scripts/convert_hf.py keeps the model's config.json beside the checkpoint under this name, so
+# init_from of the converted checkpoint gets the architecture as init_from=hf:DIR would.
+CONVERTED_CONFIG = "hf_config.json"
 
 
 def init_dir(init_from: str) -> str | None:
@@ -35,24 +39,26 @@ def init_dir(init_from: str) -> str | None:
 
 def resolve(config, overrides=()) -> None:
   """With init_from="hf:DIR", the model's architecture fields come from DIR's config.json, and
-  data.tokenizer is DIR when it holds a tokenizer.json, except fields set on the command line
-  (`overrides`: dotted field names). parse_flags calls it, before anything reads the config."""
+  data.tokenizer is DIR when it holds a tokenizer.json; with init_from a checkpoint that
+  scripts/convert_hf.py wrote, from the config.json kept with it. Fields set on the command line
+  (`overrides`: dotted field names) stay. parse_flags calls it, before anything reads the config."""
   if directory := init_dir(config.init_from):
     apply(config, directory, keep=set(overrides))
-    if "data.tokenizer" not in overrides and os.path.isfile(os.path.join(directory, "tokenizer.json")):
+    if "data.tokenizer" not in overrides and (epath.Path(directory) / "tokenizer.json").is_file():
       config.data.tokenizer = directory      # the model's own tokenizer, unless one is named
+  elif config.init_from and (epath.Path(config.init_from) / CONVERTED_CONFIG).is_file():
+    apply(config, config.init_from, keep=set(overrides), name=CONVERTED_CONFIG)
 
 
-def read(directory: str, field: str = "init_from") -> dict:
-  """The parsed config.json of an HF model directory; `field` names the setting in errors."""
-  path = os.path.join(directory, "config.json")
-  if not os.path.isfile(path):
-    raise ConfigError(field, directory, "must be a Hugging Face model directory with a config.json")
+def read(directory: str, field: str = "init_from", name: str = "config.json") -> dict:
+  """The parsed config.json (or `name`) of an HF model directory; `field` names the setting in errors."""
+  path = epath.Path(directory) / name
+  if not path.is_file():
+    raise ConfigError(field, directory, f"must be a Hugging Face model directory with a {name}")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except (OSError, ValueError) as e:
-    raise ConfigError(field, path, f"cannot be read as JSON ({e})") from None
+    raise ConfigError(field, str(path), f"cannot be read as JSON ({e})") from None
 
 
 def _rope(hf: dict, bad) -> tuple[float, dict]:
@@ -112,18 +118,18 @@ def model_fields(hf: dict, directory: str, field: str = "init_from") -> dict:
   return fields
 
 
-def apply(config, directory: str, keep=(), field: str = "init_from") -> dict:
+def apply(config, directory: str, keep=(), field: str = "init_from", name: str = "config.json") -> dict:
   """Sets config.model's architecture fields from directory's config.json, except those named
   in `keep` (fields the command line set, e.g. model.rope_theta for a longer context); returns
   the HF config."""
-  hf = read(directory, field)
-  for name, value in model_fields(hf, directory, field).items():
-    if name == "rope_scaling":
+  hf = read(directory, field, name)
+  for field_name, value in model_fields(hf, directory, field).items():
+    if field_name == "rope_scaling":
       for key, v in value.items():
         if f"model.rope_scaling.{key}" not in keep and "model.rope_scaling" not in keep:
           config.model.rope_scaling[key] = v
-    elif f"model.{name}" not in keep:
-      config.model[name] = value
+    elif f"model.{field_name}" not in keep:
+      config.model[field_name] = value
   return hf
 
 

@@ -3,10 +3,11 @@
   python scripts/convert_hf.py --hf-dir DIR --output runs/llama-base [--config configs/1b.py]
       [--config.attention.kind=nsa] [--config.FIELD=VALUE ...]
 
-The checkpoint (OUTPUT/checkpoints/0: the parameters and the config) is what
---config.init_from=OUTPUT reads, so a pod run need not read safetensors on every start. The
-architecture comes from DIR's config.json (hf.load_hf); the rest of the config from --config
-(default configs/base.py) and its overrides. With attention.kind=nsa the checkpoint is already
+The checkpoint (OUTPUT/checkpoints/0: the parameters and the config, and DIR's config.json as
+OUTPUT/hf_config.json) is what --config.init_from=OUTPUT reads, so a pod run need not read
+safetensors on every start; that run takes the architecture from hf_config.json, as
+init_from=hf:DIR would. The architecture comes from DIR's config.json (hf.load_hf); the rest of
+the config from --config (default configs/base.py) and its overrides. With attention.kind=nsa the checkpoint is already
 converted: NSA's new parameters hold their dense-start values (model/convert.py).
 
 Host memory: the parameters in float32 (4 bytes each: 32 GB for an 8B model) plus one layer's
@@ -29,8 +30,10 @@ _OUTPUT = flags.DEFINE_string("output", None, "the directory to write the checkp
 def main(hf_dir: str, output: str, config) -> int:
   import jax
   import orbax.checkpoint as ocp
+  from etils import epath
 
   from configs import base
+  from configs import hf as hf_config
   from hf import load_hf
   from model import transformer
   from trainer import checkpoint
@@ -45,6 +48,9 @@ def main(hf_dir: str, output: str, config) -> int:
     manager.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": params}),
                                             config=ocp.args.JsonSave(config.to_dict())))
     manager.wait_until_finished()
+  # The architecture travels with the checkpoint: init_from=OUTPUT reads it (configs/hf.py).
+  (checkpoint.workdir_path(output) / hf_config.CONVERTED_CONFIG).write_text(
+      (epath.Path(hf_dir) / "config.json").read_text())
   n = transformer.count_params(params)
   print(f"{hf_dir} -> {directory}/0: {n / 1e6:.2f}M parameters, attention {config.attention.kind} "
         f"(use --config.init_from={output})")

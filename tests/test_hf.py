@@ -270,6 +270,9 @@ def test_convert_script_writes_what_load_hf_gives(tmp_path):
   config, expected = load_hf(str(FIXTURES / "qwen2"), small_config(**{"attention.kind": "nsa", "nsa.window": 32}))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                _params_of_run(tmp_path / "conv", config), expected)
+  resumed = small_config(**{"init_from": str(tmp_path / "conv")})     # the architecture travels with it
+  hf_config.resolve(resumed, {"init_from": resumed.init_from, "model.n_layers": 2})
+  assert (resumed.model.mlp_dim, resumed.model.qkv_bias, resumed.model.tie_embeddings) == (96, True, True)
   again = _script("convert_hf.py", "--hf-dir", str(FIXTURES / "qwen2"), "--output", str(tmp_path / "conv"))
   assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
 
