@@ -74,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.nsa.num_local = 2               # forced local blocks (the query's own and the one before)
   c.nsa.window = 512                # w: sliding-window keys, the query included
   c.nsa.separate_kv = False         # independent K/V per branch (the paper's choice)
+  c.nsa.branches = "cmp+slc+win"    # the gated branches, any non-empty '+'-joined subset (ablations;
+                                    # "win" alone: sliding-window attention)
   # Started from a dense model (init_from): the gates (cmp, slc, win) begin at these values
   # (model/convert.py, docs/continue.md).
   c.nsa.converted_gates = (0.1, 0.1, 0.9)
@@ -124,6 +126,18 @@ def get_config() -> ml_collections.ConfigDict:
                                     # the aligned row it runs on (model/packing.py); others no limit)
   c.data.num_threads = 2            # threads reading a host's row streams
   c.data.prefetch = 4               # batches prefetched
+  # Synthetic retrieval tasks: data.source (or a data.mixture part) synthetic:mqar | synthetic:passkey
+  # (data/synthetic.py). Keys and values are reserved ids at the top of the vocabulary (V = model.vocab_size):
+  # keys [V - key_vocab - value_vocab, V - value_vocab), values [V - value_vocab, V).
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.num_pairs = 16        # mqar: key-value pairs opening each row
+  c.data.synthetic.num_queries = 16      # mqar: keys asked again later (<= num_pairs), each then its value (scored)
+  c.data.synthetic.key_vocab = 64        # reserved key ids (passkey: the first is the marker)
+  c.data.synthetic.value_vocab = 64      # reserved value ids (passkey: the first 10 are its digits)
+  c.data.synthetic.min_distance = 256    # mqar: tokens from a key to its query, at least
+  c.data.synthetic.passkey_digits = 5
+  c.data.synthetic.passkey_depth = -1.0  # passkey: the needle's depth in the filler, 0 (start) to 1 (end); -1: uniform
+  c.data.synthetic.filler = "random"     # random ids, or a text source (embedded, DIR, tfds:NAME) cut to length
 
   # A jax.profiler trace of steps [start_step, start_step + num_steps) in WORKDIR/profile (process 0;
   # TensorBoard or XProf). start_step 0: no trace.

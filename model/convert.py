@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import nsa
+
 COMPRESS_GAIN = 0.1
 _SEPARATE = re.compile(r"^(k|v|k_norm)_(cmp|slc|win)$")
 
@@ -40,8 +42,9 @@ def _start_value(name: str, shape, config):
     return np.broadcast_to(np.eye(shape[-1], dtype=np.float32) * 2 / COMPRESS_GAIN, shape)
   if name.endswith("gate/kernel"):
     return np.zeros(shape, np.float32)
-  if name.endswith("gate/bias"):                          # [..., H, 3]
-    return np.broadcast_to(np.array([_logit(g) for g in c.converted_gates], np.float32), shape)
+  if name.endswith("gate/bias"):                          # [..., H, branches]
+    gates = dict(zip(nsa.BRANCHES, c.converted_gates, strict=True))
+    return np.broadcast_to(np.array([_logit(gates[b]) for b in nsa.branches_of(c)], np.float32), shape)
   return None
 
 

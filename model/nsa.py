@@ -18,6 +18,23 @@ from model import packing
 from model.layers import Projection, Rope, apply_rope, head_rms_norm, param_with_axes
 from parallel import context
 
+BRANCHES = ("cmp", "slc", "win")
+
+
+def branches_of(nsa_config) -> tuple[str, ...]:
+  """nsa.branches "cmp+slc+win" (any non-empty subset, '+'-joined) -> the branches in BRANCHES order."""
+  chosen = set(nsa_config.branches.split("+"))
+  return tuple(b for b in BRANCHES if b in chosen)
+
+
+def _beyond_window(block_indices, slc_block: int, window: int):
+  """The share of the selected blocks (free slots -1 left out) that lie wholly outside the query's
+  sliding window: what the selection adds beyond the window branch."""
+  t = jnp.arange(block_indices.shape[1])[None, :, None, None]
+  valid = block_indices >= 0
+  beyond = valid & ((block_indices + 1) * slc_block - 1 < t - window + 1)
+  return beyond.sum() / jnp.maximum(valid.sum(), 1)
+
 
 class Compress(nn.Module):
   """phi(x[i*d : i*d + l] + pe): an MLP from l * D to D per compressed token, shared by heads.
@@ -87,47 +104,64 @@ class NSAAttention(nn.Module):
       k = head_norm("k_norm" + suffix, proj("k" + suffix, shape, axes, use_bias=m.qkv_bias)(x_BTE))
       return local(k), local(proj("v" + suffix, shape, axes, use_bias=m.qkv_bias)(x_BTE))
 
-    kv = {branch: keys_values(branch) for branch in (("cmp", "slc", "win") if c.separate_kv else ("all",))}
-    k_raw, v_raw = kv.get("cmp", kv.get("all"))
-    compress = lambda name: Compress(c.cmp_block, c.cmp_stride, dtype, param_dtype, name=name)
-    k_cmp, v_cmp = compress("compress_k")(k_raw), compress("compress_v")(v_raw)
-    # Rotated at the last token each covers: its index, or in a packed row the position given
-    # for that token (restarting per document or not: RoPE sees only the query-key offset).
-    last_token = jnp.arange(k_cmp.shape[1]) * c.cmp_stride + c.cmp_block - 1
-    if doc_start is None:
-      cmp_positions = jnp.broadcast_to(last_token, k_cmp.shape[:2])
-    else:
-      cmp_positions = jnp.take(positions_BT, last_token, axis=1)
-    k_cmp = rope(k_cmp, cmp_positions)
+    branches = branches_of(c)
+    compressing = "cmp" in branches or "slc" in branches    # the selection ranks blocks by compressed scores
+    needed = [b for b in BRANCHES if b in branches or (b == "cmp" and compressing)]
+    kv = {branch: keys_values(branch) for branch in (needed if c.separate_kv else ("all",))}
+    outputs = {}
+    if compressing:
+      k_raw, v_raw = kv.get("cmp", kv.get("all"))
+      compress = lambda name: Compress(c.cmp_block, c.cmp_stride, dtype, param_dtype, name=name)
+      k_cmp, v_cmp = compress("compress_k")(k_raw), compress("compress_v")(v_raw)
+      # Rotated at the last token each covers: its index, or in a packed row the position given
+      # for that token (restarting per document or not: RoPE sees only the query-key offset).
+      last_token = jnp.arange(k_cmp.shape[1]) * c.cmp_stride + c.cmp_block - 1
+      if doc_start is None:
+        cmp_positions = jnp.broadcast_to(last_token, k_cmp.shape[:2])
+      else:
+        cmp_positions = jnp.take(positions_BT, last_token, axis=1)
+      k_cmp = rope(k_cmp, cmp_positions)
     if doc_start is not None:
       kernel_args["doc_start"] = doc_start
 
-    # Pallas: one forward kernel for the compressed branch and the block scores (its probabilities);
-    # XLA: compressed_attention, then select_blocks.
-    o_cmp, _, block_indices = nsa_kernels.compressed_attention_and_selection(
-        q, k_cmp, v_cmp, block_len=c.cmp_block, stride=c.cmp_stride, slc_block=c.slc_block,
-        num_selected=c.num_selected, num_initial=c.num_initial, num_local=c.num_local, **kernel_args)
-    # What the selection saw, for studies of it (scripts/nsa_start_study.py); kept only when the
-    # caller makes "intermediates" mutable.
-    k_slc = rope(kv.get("slc", kv.get("all"))[0], positions_BT)
-    for name, value in (("selection_q", q), ("selection_k", k_slc), ("block_indices", block_indices)):
-      self.sow("intermediates", name, value)
-    if c.separate_kv:
-      _, v_slc = kv["slc"]
-      o_slc = nsa_kernels.selection_attention(q, k_slc, v_slc, block_indices,
-                                              slc_block=c.slc_block, impl=kernel_args["impl"],
-                                              options=kernel_args["options"])
-      k_win, v_win = kv["win"]
-      o_win = nsa_kernels.window_attention(q, rope(k_win, positions_BT), v_win, window=c.window, **kernel_args)
-    else:     # one K/V for both: gathered once under context parallelism
-      _, v_all = kv["all"]
-      o_slc, o_win = nsa_kernels.selection_and_window(q, k_slc, v_all, block_indices,
-                                                      slc_block=c.slc_block, window=c.window, **kernel_args)
+    if "slc" in branches:
+      # Pallas: one forward kernel for the compressed branch and the block scores (its probabilities);
+      # XLA: compressed_attention, then select_blocks. Without the cmp branch its output is unused
+      # (and the compression MLPs get no gradient: the selection alone does not train them).
+      o_cmp, _, block_indices = nsa_kernels.compressed_attention_and_selection(
+          q, k_cmp, v_cmp, block_len=c.cmp_block, stride=c.cmp_stride, slc_block=c.slc_block,
+          num_selected=c.num_selected, num_initial=c.num_initial, num_local=c.num_local, **kernel_args)
+      self.sow("metrics", "selected_beyond_window", _beyond_window(block_indices, c.slc_block, c.window))
+    elif "cmp" in branches:
+      o_cmp, _ = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len=c.cmp_block, stride=c.cmp_stride,
+                                                  **kernel_args)
+    if "cmp" in branches:
+      outputs["cmp"] = o_cmp
+    if "slc" in branches:
+      k_slc, v_slc = kv.get("slc", kv.get("all"))
+      k_slc = rope(k_slc, positions_BT)
+      # What the selection saw, for studies of it (scripts/nsa_start_study.py); kept only when the
+      # caller makes "intermediates" mutable.
+      for name, value in (("selection_q", q), ("selection_k", k_slc), ("block_indices", block_indices)):
+        self.sow("intermediates", name, value)
+    if "slc" in branches and "win" in branches and not c.separate_kv:   # one K/V: gathered once under context parallelism
+      outputs["slc"], outputs["win"] = nsa_kernels.selection_and_window(
+          q, k_slc, v_slc, block_indices, slc_block=c.slc_block, window=c.window, **kernel_args)
+    else:
+      if "slc" in branches:
+        outputs["slc"] = nsa_kernels.selection_attention(q, k_slc, v_slc, block_indices, slc_block=c.slc_block,
+                                                         impl=kernel_args["impl"], options=kernel_args["options"])
+      if "win" in branches:
+        k_win, v_win = kv.get("win", kv.get("all"))
+        outputs["win"] = nsa_kernels.window_attention(q, rope(k_win, positions_BT), v_win, window=c.window,
+                                                      **kernel_args)
 
-    # The bias lets a converted dense model start on chosen gates (model/convert.py).
-    gates = jax.nn.sigmoid(proj("gate", (m.n_heads, 3), ("embed", "heads", None), use_bias=True)(x_BTE)
+    # One gate per branch; the bias lets a converted dense model start on chosen gates (model/convert.py).
+    gates = jax.nn.sigmoid(proj("gate", (m.n_heads, len(branches)), ("embed", "heads", None), use_bias=True)(x_BTE)
                            .astype(jnp.float32))
-    out = (gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win).astype(dtype)
+    for i, branch in enumerate(branches):
+      self.sow("metrics", f"gate_{branch}", gates[..., i].mean())
+    out = sum(gates[..., i:i + 1] * outputs[b] for i, b in enumerate(branches)).astype(dtype)
     out = proj("o", (m.d_model,), ("heads", "head_dim", "embed"), in_axes=2)(out)
     if layout is None:
       return out
@@ -136,16 +170,19 @@ class NSAAttention(nn.Module):
   @staticmethod
   def flops_per_token(config) -> float:
     """Forward FLOPs per token of the layer: projections, compression MLPs (run once per stride
-    d, not per token) and the three branches over the keys each query sees on average; packed
-    documents: times T'/T of the aligned row."""
+    d, not per token; also without the cmp branch when the selection needs them) and the
+    branches of nsa.branches over the keys each query sees on average (the compressed scores
+    count once when only the selection uses them); packed documents: times T'/T of the aligned row."""
     m, c, t = config.model, config.nsa, config.seq_len
     hq, hkv, d = m.n_heads, m.n_kv_heads, m.head_dim
-    kv_sets = 3 if c.separate_kv else 1
-    projections = 2 * m.d_model * (hq * d * 2 + kv_sets * 2 * hkv * d + hq * 3)
-    compression = 2 * 2 * hkv * (c.cmp_block * d * d + d * d) / c.cmp_stride
-    seen_cmp = max(0, (t - c.cmp_block) / c.cmp_stride + 1) / 2
-    seen_slc = min(c.num_selected * c.slc_block, (t + 1) / 2)
-    seen_win = min(c.window, (t + 1) / 2)
+    branches = branches_of(c)
+    compressing = "cmp" in branches or "slc" in branches
+    kv_sets = (len(branches) + ("cmp" not in branches and compressing)) if c.separate_kv else 1
+    projections = 2 * m.d_model * (hq * d * 2 + kv_sets * 2 * hkv * d + hq * len(branches))
+    compression = 2 * 2 * hkv * (c.cmp_block * d * d + d * d) / c.cmp_stride if compressing else 0
+    seen_cmp = max(0, (t - c.cmp_block) / c.cmp_stride + 1) / 2 if compressing else 0
+    seen_slc = min(c.num_selected * c.slc_block, (t + 1) / 2) if "slc" in branches else 0
+    seen_win = min(c.window, (t + 1) / 2) if "win" in branches else 0
     flops = projections + compression + 2 * 2 * hq * d * (seen_cmp + seen_slc + seen_win)
     if config.data.packing == "pack":    # the layer runs on the aligned row, T' for T tokens
       flops *= packing.aligned_length(t, c.slc_block, configs.max_docs_per_row(config)) / t

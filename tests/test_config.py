@@ -56,6 +56,10 @@ NSA_BAD = [
     ({"nsa.cmp_block": 128}, "nsa.cmp_block"),                      # l > l'
     ({"nsa.num_selected": 2}, "nsa.num_selected"),                  # < 1 initial + 2 local
     ({"nsa.window": 0}, "nsa.window"),
+    ({"nsa.branches": "win+sel"}, "nsa.branches"),
+    ({"nsa.branches": "win+win"}, "nsa.branches"),
+    ({"nsa.converted_gates": (0.1, 1.0, 0.5)}, "nsa.converted_gates"),
+    ({"model.rope_scaling.type": "yarn"}, "model.rope_scaling.type"),
     ({"seq_len": 16}, "seq_len"),                                   # shorter than one compression block
     ({"data.packing": "pack", "data.max_docs_per_row": -1}, "data.max_docs_per_row"),
     ({"attention.impl": "pallas", "seq_len": 100}, "seq_len"),      # 8 | T (window walk), l' | T

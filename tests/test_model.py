@@ -146,3 +146,41 @@ def test_nsa_model_is_causal_and_differentiable(separate_kv):
   grads = jax.jit(jax.grad(loss))(params)
   norms = jax.tree.map(lambda g: float(jnp.linalg.norm(g)), grads["layers"]["attn"])
   assert all(np.isfinite(n) and n > 0 for n in jax.tree.leaves(norms)), norms
+
+
+@pytest.mark.parametrize("branches, params_expected", [
+    ("win", {"q", "k", "v", "o", "gate"}),
+    ("slc", {"q", "k", "v", "o", "gate", "compress_k", "compress_v"}),
+    ("cmp+win", {"q", "k", "v", "o", "gate", "compress_k", "compress_v"}),
+])
+def test_nsa_branch_ablations_keep_only_their_branches(branches, params_expected):
+  """nsa.branches: one gate per kept branch; without cmp and slc no compression at all. "win"
+  alone is sliding-window attention: with a window covering the row and its gate at 1, the
+  model is the dense one with the same q/k/v/o."""
+  config = small_config(**NSA_SMALL, **{"nsa.branches": branches, "model.dtype": "float32"})
+  tokens = jax.random.randint(jax.random.key(1), (2, config.seq_len), 0, 4096)
+  model, params = _init(config, tokens)
+  attn = params["layers"]["attn"]
+  assert set(attn) == params_expected
+  assert attn["gate"]["kernel"].shape[-1] == len(branches.split("+"))
+  _, sown = model.apply({"params": params}, tokens, mutable=["metrics"])
+  assert {k for k in sown["metrics"]["layers"]["attn"]} == (
+      {f"gate_{b}" for b in branches.split("+")} | ({"selected_beyond_window"} if "slc" in branches else set()))
+  if branches == "win":
+    config.nsa.window = config.seq_len
+    dense_config = small_config(**{"model.dtype": "float32"})
+    attn["gate"]["kernel"] = jnp.zeros_like(attn["gate"]["kernel"])
+    attn["gate"]["bias"] = jnp.full_like(attn["gate"]["bias"], 30.0)      # sigmoid = 1 in float32
+    dense_params = {**params, "layers": {**params["layers"], "attn": {k: attn[k] for k in ("q", "k", "v", "o")}}}
+    np.testing.assert_allclose(transformer.build(config).apply({"params": params}, tokens),
+                               transformer.build(dense_config).apply({"params": dense_params}, tokens), atol=2e-5)
+
+
+def test_selected_beyond_window_counts_blocks_wholly_outside_the_window():
+  from model.nsa import _beyond_window
+  # block 16 tokens, window 32; query t=63: blocks 0,1 (tokens <= 31 < 63-32+1=32) beyond, 2,3 not.
+  indices = jnp.full((1, 64, 1, 5), -1).at[0, 63, 0, :4].set(jnp.arange(4))
+  assert float(_beyond_window(indices, 16, 32)) == 0.5
+  # query t=47 (window keys 16..47): block 0 beyond, block 1 and 2 not; with t=63's: 3 of 7.
+  indices = indices.at[0, 47, 0, :3].set(jnp.arange(3))
+  assert float(_beyond_window(indices, 16, 32)) == pytest.approx(3 / 7)

@@ -130,10 +130,11 @@ def validate(config, num_devices: int | None = None, num_slices: int = 1) -> Non
        "must be an integer >= 1 (non-finite steps in a row, each skipped, before the run stops)"),
   )
 
+  sources.synthetic_tasks(config)                  # synthetic:TASK names, data.synthetic's fields, its filler
   for spec, _ in sources.source_specs(config):     # also checks data.mixture's syntax
     if not sources.exists(spec):
-      raise ConfigError(sources.source_field(config), spec,
-                        "must be 'embedded', 'tfds:NAME' or a directory written by scripts/prepare_data.py")
+      raise ConfigError(sources.source_field(config), spec, "must be 'embedded', 'tfds:NAME', 'synthetic:TASK' "
+                        "or a directory written by scripts/prepare_data.py")
   _choice(config, "data.packing", ("concat", "pack"))
   _positive(config, "data.num_threads", "data.prefetch", "data.pack_bins")
   if not isinstance(config.data.max_docs_per_row, int) or config.data.max_docs_per_row < 0:
@@ -208,6 +209,9 @@ def _validate_nsa(config) -> None:
        f"must be >= nsa.num_initial + nsa.num_local = {c.num_initial + c.num_local} (forced blocks count)"),
       ("seq_len", config.seq_len, config.seq_len >= c.cmp_block,
        f"must be >= nsa.cmp_block={c.cmp_block}, or the compressed branch sees nothing"),
+      ("nsa.branches", c.branches, isinstance(c.branches, str) and bool(c.branches)
+       and set(c.branches.split("+")) <= {"cmp", "slc", "win"} and len(c.branches.split("+")) == len(set(c.branches.split("+"))),
+       "must be a non-empty '+'-joined subset of cmp, slc, win (e.g. cmp+slc+win, win)"),
       ("nsa.converted_gates", c.converted_gates,
        len(c.converted_gates) == 3 and all(0 < g < 1 for g in c.converted_gates),
        "must be three values in (0, 1): the (cmp, slc, win) gates a dense model's conversion starts at"),
