@@ -92,6 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   # DSA (attention.kind = "dsa"): lightning indexer + top-k sparse MLA. docs/design.md §5.
   c.dsa = ml_collections.ConfigDict()
   c.dsa.stage = "sparse"            # dense_warmup (only the indexer trains) | sparse (all train)
+  c.dsa.selector = "indexer"        # indexer (the lightning indexer's top-k) | local (the last index_topk
+                                    # keys, no indexer: the baseline the indexer must beat; stage sparse)
   c.dsa.index_heads = 4
   c.dsa.index_head_dim = 32         # >= mla.qk_rope_dim (RoPE on the first qk_rope_dim dims)
   c.dsa.index_topk = 2048           # keys attended per query

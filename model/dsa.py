@@ -42,13 +42,23 @@ class LightningIndexer(nn.Module):
     return q, k, w * (c.index_heads * c.index_head_dim) ** -0.5
 
 
+def local_indices(batch: int, seq_len: int, k: int, doc_start=None):
+  """int32 [B, T, k]: query t's last k keys t, t-1, ..., t-k+1 (-1 before the row's or, with
+  packed documents, the document's start): dsa.selector = "local", the baseline the indexer must beat."""
+  keys = jnp.arange(seq_len)[:, None] - jnp.arange(k)[None, :]                     # [T, k]
+  first = 0 if doc_start is None else doc_start[:, :, None]
+  keys = jnp.broadcast_to(keys, (batch, seq_len, k))
+  return jnp.where(keys >= first, keys, -1).astype(jnp.int32)
+
+
 class DSAAttention(MLAAttention):
-  """attention.kind = "dsa": MLA's parameters plus an `indexer` subtree."""
+  """attention.kind = "dsa": MLA's parameters plus an `indexer` subtree (none with dsa.selector local)."""
   DIAGNOSTICS = ("indexer_recall",)      # sown only when "diagnostics" is mutable
 
   def setup(self):
     super().setup()
-    self.indexer = LightningIndexer(self.config)
+    if self.config.dsa.selector == "indexer":
+      self.indexer = LightningIndexer(self.config)
 
   def __call__(self, x_BTE, positions_BT, segment_ids_BT=None):
     """Packed documents (segment_ids): the indexer's scores, its top-k and the warm-up's loss and
@@ -57,8 +67,14 @@ class DSAAttention(MLAAttention):
     c, kernel_args = self.config.dsa, self.kernel_args
     doc_start = None if segment_ids_BT is None else packing.doc_starts(segment_ids_BT)
     p = self.project(x_BTE, positions_BT)
-    q_idx, k_idx, w_idx = self.indexer(x_BTE, p.c_q, positions_BT)
     q_mqa, kv = self.mqa_inputs(p)
+    if c.selector == "local":      # the baseline: the last index_topk keys, no indexer
+      indices = local_indices(x_BTE.shape[0], x_BTE.shape[1], c.index_topk, doc_start)
+      out = dsa_kernels.sparse_attention(q_mqa, kv, indices, v_dim=self.config.mla.kv_lora_rank, scale=self.scale,
+                                         **kernel_args)
+      out = self.o(self.mqa_output(out))
+      return out if segment_ids_BT is None else jnp.where((segment_ids_BT > 0)[..., None], out, 0).astype(out.dtype)
+    q_idx, k_idx, w_idx = self.indexer(x_BTE, p.c_q, positions_BT)
     topk = lambda: dsa_kernels.indexer_topk(q_idx, k_idx, w_idx, topk=c.index_topk, doc_start=doc_start,
                                             **kernel_args)
     with_loss = not self.is_initializing()
@@ -96,7 +112,8 @@ class DSAAttention(MLAAttention):
     t, h, r, rope = config.seq_len, m.n_heads, a.kv_lora_rank, a.qk_rope_dim
     hi, di = c.index_heads, c.index_head_dim
     all_keys = (t + 1) / 2
-    indexer = 2 * (a.q_lora_rank * hi * di + m.d_model * (di + hi)) + 2 * hi * di * all_keys
+    local = c.selector == "local"
+    indexer = 0 if local else 2 * (a.q_lora_rank * hi * di + m.d_model * (di + hi)) + 2 * hi * di * all_keys
     absorb_q = 2 * h * a.qk_nope_dim * r                       # W_uk into the queries
     if c.stage == "dense_warmup":
       support = all_keys
@@ -107,5 +124,5 @@ class DSAAttention(MLAAttention):
       absorb_out = 2 * h * r * a.v_head_dim                        # W_uv after attention
       attention = (MLAAttention.projection_flops(config) - kv_up + absorb_out
                    + 2 * h * (2 * r + rope) * support)
-    loss = 2 * h * (r + rope) * support + 2 * hi * di * support
+    loss = 0 if local else 2 * h * (r + rope) * support + 2 * hi * di * support
     return indexer + absorb_q + attention + loss

@@ -82,6 +82,8 @@ DSA_BAD = [
     ({"dsa.index_topk": 0}, "dsa.index_topk"),
     ({"dsa.index_head_dim": 8}, "dsa.index_head_dim"),              # < qk_rope_dim=16
     ({"dsa.indexer_loss_coef": -1.0}, "dsa.indexer_loss_coef"),
+    ({"dsa.selector": "random"}, "dsa.selector"),
+    ({"dsa.selector": "local", "dsa.stage": "dense_warmup"}, "dsa.selector"),
     ({"attention.impl": "pallas", "model.n_heads": 12}, "model.n_heads"),   # Pallas tiles: divides 128 or 8k
 ]
 

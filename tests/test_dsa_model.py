@@ -54,6 +54,23 @@ def test_dsa_with_every_key_selected_is_dense_mla():
                          mla_layer.apply(mla_params, x, pos), atol=1e-3)
 
 
+def test_local_selector_is_sliding_window_mla():
+  """dsa.selector=local: no indexer; each query attends to its last index_topk keys, i.e. MLA
+  with a sliding window of that many keys (here checked against MLA's dense form masked so)."""
+  t, k = 40, 6
+  layer, params, x, pos = _layer("dsa", t=t, **{"dsa.index_topk": k, "dsa.selector": "local"})
+  assert "indexer" not in params["params"]
+  out, sown = layer.apply(params, x, pos, mutable=["aux_loss", "metrics"])
+  assert not sown.get("aux_loss")
+  # Row by row: query t sees keys (t-k, t]; MLA on the slice x[t-k+1 : t+1] ends at that query,
+  # with positions kept, so its last output is the local selector's.
+  mla_layer = ATTENTION_KINDS["mla"](layer.config)
+  for q in (0, 3, 17, t - 1):
+    lo = max(0, q - k + 1)
+    window = mla_layer.apply(params, x[:, lo:q + 1], pos[:, lo:q + 1])
+    np.testing.assert_allclose(np.asarray(out[:, q]), np.asarray(window[:, -1]), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
 def test_dsa_layer_on_pallas_matches_xla(stage):
   """The whole layer, impl=pallas (Pallas's interpreter) against impl=xla, fp32: its output, the

@@ -105,7 +105,9 @@ def abstract_batch(config, mesh) -> dict:
 def make_diagnostics_step(model, mesh, shardings):
   """jit(params, batch) -> the layers' "diagnostics" (e.g. DSA's indexer recall), averaged over
   layers; None when the attention kind computes none."""
-  if not getattr(ATTENTION_KINDS[model.config.attention.kind], "DIAGNOSTICS", ()):
+  config = model.config
+  if not getattr(ATTENTION_KINDS[config.attention.kind], "DIAGNOSTICS", ()) or (
+      config.attention.kind == "dsa" and config.dsa.selector == "local"):      # no indexer to measure
     return None
 
   def diagnostics_step(params, batch):

@@ -253,6 +253,9 @@ def _validate_mla(config) -> None:
 def _validate_dsa(config) -> None:
   c = config.dsa
   _choice(config, "dsa.stage", ("dense_warmup", "sparse"))
+  _choice(config, "dsa.selector", ("indexer", "local"))
+  if c.selector == "local" and c.stage != "sparse":
+    raise ConfigError("dsa.selector", c.selector, "local has no indexer to warm up: use it with dsa.stage=sparse")
   _positive(config, "dsa.index_heads", "dsa.index_head_dim", "dsa.index_topk")
   _require(
       ("dsa.index_head_dim", c.index_head_dim, c.index_head_dim >= config.mla.qk_rope_dim,
