@@ -42,6 +42,17 @@ class LightningIndexer(nn.Module):
     return q, k, w * (c.index_heads * c.index_head_dim) ** -0.5
 
 
+def recall_buckets(seq_len: int, k: int) -> tuple[tuple[int, ...], list[str]]:
+  """Key distances t - s in units of index_topk (what the local baseline covers): edges
+  0, k, 4k, 16k, ... below seq_len, and their diagnostics names indexer_recall_0-1k, _1-4k, ..."""
+  edges = [0, k]
+  while edges[-1] * 4 < seq_len:
+    edges.append(edges[-1] * 4)
+  edges = [e for e in edges if e < seq_len]
+  units = [e // k for e in edges] + [None]
+  return tuple(edges), [f"indexer_recall_{lo}-{hi}k" if hi else f"indexer_recall_{lo}k+" for lo, hi in zip(units, units[1:])]
+
+
 def local_indices(batch: int, seq_len: int, k: int, doc_start=None):
   """int32 [B, T, k]: query t's last k keys t, t-1, ..., t-k+1 (-1 before the row's or, with
   packed documents, the document's start): dsa.selector = "local", the baseline the indexer must beat."""
@@ -53,7 +64,7 @@ def local_indices(batch: int, seq_len: int, k: int, doc_start=None):
 
 class DSAAttention(MLAAttention):
   """attention.kind = "dsa": MLA's parameters plus an `indexer` subtree (none with dsa.selector local)."""
-  DIAGNOSTICS = ("indexer_recall",)      # sown only when "diagnostics" is mutable
+  DIAGNOSTICS = ("indexer_recall",)      # sown only when "diagnostics" is mutable (and indexer_recall_*)
 
   def setup(self):
     super().setup()
@@ -96,10 +107,14 @@ class DSAAttention(MLAAttention):
       self.sow("aux_loss", "indexer_loss", c.indexer_loss_coef * loss)
       self.sow("metrics", "indexer_loss", loss)
       if self.is_mutable_collection("diagnostics"):
-        recall, _ = dsa_kernels.indexer_recall(q_mqa, kv, topk() if indices is None else indices,
-                                               topk=c.index_topk, scale=self.scale,
-                                               options=kernel_args["options"], doc_start=doc_start)
+        edges, names = recall_buckets(x_BTE.shape[1], c.index_topk)
+        recall, _, hits, relevant = dsa_kernels.indexer_recall(
+            q_mqa, kv, topk() if indices is None else indices, topk=c.index_topk, scale=self.scale,
+            options=kernel_args["options"], doc_start=doc_start, distance_edges=edges)
         self.sow("diagnostics", "indexer_recall", recall)
+        for i, name in enumerate(names):     # counts: their ratio over all layers is the recall (steps.py)
+          self.sow("diagnostics", f"{name}_hits", hits[i].astype(jnp.float32))
+          self.sow("diagnostics", f"{name}_keys", relevant[i].astype(jnp.float32))
     out = self.o(out)
     return out if segment_ids_BT is None else jnp.where((segment_ids_BT > 0)[..., None], out, 0).astype(out.dtype)
 

@@ -173,6 +173,18 @@ def test_indexer_recall_counts_true_top_k():
   half = truth.at[:, :, 0].set(worst)
   recall, _ = dsa.indexer_recall(q, kv, half, topk=k, scale=SCALE, options=options)
   assert float(recall) == pytest.approx((k - 1) / k)
+  # By distance: every true top-k key of the counted rows is counted in its bucket t - s, and the
+  # replaced best keys are the misses there.
+  edges = (0, 4, 16)
+  _, _, hits, relevant = dsa.indexer_recall(q, kv, half, topk=k, scale=SCALE, options=options, distance_edges=edges)
+  t_q = jnp.arange(t)[None, :, None]
+  counted = (jnp.arange(t) >= k)[None, :, None]
+  bucket = lambda d: jnp.searchsorted(jnp.array(edges), d, side="right") - 1
+  for i in range(len(edges)):
+    want_relevant = int(((bucket(t_q - truth) == i) & counted).sum())
+    want_misses = int(((bucket(t_q - truth[:, :, :1]) == i) & counted).sum())
+    assert (int(relevant[i]), int(relevant[i] - hits[i])) == (want_relevant, want_misses), i
+  assert int(relevant.sum()) == (t - k) * k
 
 
 def test_sparse_path_memory_is_not_quadratic():

@@ -110,13 +110,25 @@ def make_diagnostics_step(model, mesh, shardings):
       config.attention.kind == "dsa" and config.dsa.selector == "local"):      # no indexer to measure
     return None
 
+  names = ATTENTION_KINDS[config.attention.kind].DIAGNOSTICS
+
   def diagnostics_step(params, batch):
     _, metrics = batch_loss(model, params, batch, collections=("diagnostics",))
-    return {k: v for k, v in metrics.items() if k in ATTENTION_KINDS[model.config.attention.kind].DIAGNOSTICS}
+    return {k: v for k, v in metrics.items() if k.startswith(names)}
 
-  step = jax.jit(diagnostics_step, in_shardings=(shardings.params, batch_sharding(mesh)),
-                 out_shardings=replicated(mesh))
-  return _OnMesh(step, mesh)
+  step = _OnMesh(jax.jit(diagnostics_step, in_shardings=(shardings.params, batch_sharding(mesh)),
+                         out_shardings=replicated(mesh)), mesh)
+
+  def ratios(params, batch) -> dict:
+    """X_hits / X_keys (layer means of counts) -> X: a recall pooled over layers; buckets with no
+    keys are left out."""
+    metrics = jax.device_get(step(params, batch))
+    out = {k: v for k, v in metrics.items() if not k.endswith(("_hits", "_keys"))}
+    for key in (k[:-len("_hits")] for k in metrics if k.endswith("_hits")):
+      if metrics[f"{key}_keys"] > 0:
+        out[key] = float(metrics[f"{key}_hits"] / metrics[f"{key}_keys"])
+    return out
+  return ratios
 
 
 def make_eval_step(model, mesh, shardings):

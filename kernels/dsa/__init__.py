@@ -158,21 +158,29 @@ def union_kl(teacher, q_idx, k_idx, weights, *, options):
   return kl.reshape(b, nt * qpt)[:, :tq]
 
 
-def indexer_recall(q, kv, indices, *, topk: int, scale=None, options=None, doc_start=None):
+def indexer_recall(q, kv, indices, *, topk: int, scale=None, options=None, doc_start=None, distance_edges=()):
   """(recall, rows): the mean over queries with more than `topk` visible keys (s <= t, in t's
   document with doc_start) of |indices[t] ∩ true top-k of the head-summed attention at t| / topk,
-  and how many such queries there were (recall is 1 when there are none: every key is selected)."""
+  and how many such queries there were (recall is 1 when there are none: every key is selected).
+  With distance_edges (ascending t - s, the first 0): (recall, rows, hits, relevant), each
+  [buckets]: of the true top-k keys at those distances, how many the indices chose and how many
+  there were (hits / relevant: the recall by distance)."""
   options = options or DEFAULT_OPTIONS
   q, kv = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kv)
   t = kv.shape[1]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   if t <= topk:
-    return jnp.float32(1.0), jnp.int32(0)
-  local = functools.partial(reference.recall, topk=topk, scale=scale, options=options)
+    none = jnp.zeros(len(distance_edges), jnp.int32)
+    return (jnp.float32(1.0), jnp.int32(0)) + ((none, none) if distance_edges else ())
+  local = functools.partial(reference.recall, topk=topk, scale=scale, options=options,
+                            distance_edges=tuple(distance_edges))
   args, axes = placement.with_doc_start((q, kv, jnp.sort(indices, axis=-1)), (placement.Q, placement.KEY_ROW,
                                                                       placement.QUERY_ROWS), doc_start)
-  recall, counted = _per_device(local, axes, [placement.PER_QUERY, placement.PER_QUERY])(*args)
+  outs = _per_device(local, axes, [placement.PER_QUERY] * (4 if distance_edges else 2))(*args)
+  recall, counted = outs[:2]
   rows = counted.sum()
-  return recall.sum() / jnp.maximum(rows, 1), rows
+  if not distance_edges:
+    return recall.sum() / jnp.maximum(rows, 1), rows
+  return recall.sum() / jnp.maximum(rows, 1), rows, outs[2].sum((0, 1)), outs[3].sum((0, 1))
 
 

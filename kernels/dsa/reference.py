@@ -126,9 +126,12 @@ def indexer_loss(q, kv, q_idx, k_idx, weights, indices=None, doc_start=None, *, 
   return map_query_chunks(sparse_chunk, q, q_idx, weights, indices, options=options, offset=q_offset)
 
 
-def recall(q, kv, indices, doc_start=None, *, q_offset, topk, scale, options):
-  """Per query [B, Tq]: (recall, counted)."""
+def recall(q, kv, indices, doc_start=None, *, q_offset, topk, scale, options, distance_edges=()):
+  """Per query [B, Tq]: (recall, counted); with distance_edges (ascending key distances t - s,
+  the first 0) also (hits, relevant) [B, Tq, buckets]: of the true top-k keys in each distance
+  bucket, how many the indices chose, and how many there were."""
   t = kv.shape[1]
+  edges = jnp.asarray(distance_edges, jnp.int32)
 
   def chunk_fn(q_chunk, t0, idx, *doc):
     qc = q_chunk.shape[1]
@@ -138,6 +141,15 @@ def recall(q, kv, indices, doc_start=None, *, q_offset, topk, scale, options):
     kth = jax.lax.top_k(teacher, topk)[0][..., -1:]                  # the k-th largest per row
     hits = valid(idx, t0, t) & (jnp.take_along_axis(teacher, jnp.clip(idx, 0, t - 1), axis=-1) >= kth)
     counted = visible.sum(-1) > topk
-    return jnp.where(counted, hits.sum(-1) / topk, 0.0), counted
+    out = (jnp.where(counted, hits.sum(-1) / topk, 0.0), counted)
+    if not distance_edges:
+      return out
+    t_q = (t0 + jnp.arange(qc))[None, :, None]
+    bucket = lambda distance: jnp.searchsorted(edges, distance, side="right") - 1
+    relevant = visible & (teacher >= kth) & counted[..., None]
+    hit_bucket = jnp.where(hits & counted[..., None], bucket(t_q - idx), -1)
+    key_bucket = jnp.where(relevant, bucket(t_q - jnp.arange(t)[None, None, :]), -1)
+    count = lambda b: jnp.stack([(b == i).sum(-1) for i in range(len(distance_edges))], axis=-1)
+    return (*out, count(hit_bucket), count(key_bucket))
   per_query = () if doc_start is None else (doc_start,)
   return map_query_chunks(chunk_fn, q, indices, *per_query, options=options, offset=q_offset)
