@@ -21,6 +21,12 @@ host's streams share `data.num_threads` read threads (one row per task) and one 
 checkpoint; restoring it yields exactly the batches an uninterrupted run would have read. A state
 saved with another batch size resumes approximately: every row goes on after the furthest document
 read.
+
+Synthetic retrieval tasks (data/synthetic.py): when any source is synthetic, every document is a dict
+of `tokens` and the per-token `scored` and `distance` (text documents: every token scored, distance
+0), and these features travel with the tokens through joining, splitting and packing. The batches
+then also hold `weights` (the targets' scored flags) and `distance` (the targets'). Without one,
+documents, batches and iterator states are exactly those of plain token arrays.
 """
 import copy
 import logging
@@ -34,10 +40,27 @@ from grain.experimental import FirstFitPackIterDataset, FlatMapTransform, Thread
 
 from configs import ConfigError, max_docs_per_row
 
+FEATURES = ("scored", "distance")     # per-token features of synthetic documents (data/synthetic.py)
+
+
+def with_features(sources) -> bool:
+  """Whether documents carry `scored` and `distance`: when any source is synthetic, all do."""
+  return any(source.synthetic for source, _ in sources)
+
+
+def _text_document(to_tokens):
+  """to_tokens -> a document whose every token is scored, with no distance (a text source mixed
+  with synthetic ones)."""
+  def to_document(record):
+    tokens = to_tokens(record)
+    return {"tokens": tokens, "scored": np.ones(len(tokens), np.uint8), "distance": np.zeros(len(tokens), np.int32)}
+  return to_document
+
 
 def documents(sources, split: str, seed: int, shuffle: bool = True) -> grain.MapDataset:
-  """Infinite MapDataset of EOS-terminated token arrays, re-shuffled each epoch, mixed by weight."""
-  parts = []
+  """Infinite MapDataset of EOS-terminated token arrays (with synthetic sources: dicts of tokens
+  and features), re-shuffled each epoch, mixed by weight."""
+  parts, features = [], with_features(sources)
   for i, (source, _) in enumerate(sources):
     records = source.splits[split]
     if len(records) == 0:
@@ -45,14 +68,16 @@ def documents(sources, split: str, seed: int, shuffle: bool = True) -> grain.Map
     ds = grain.MapDataset.source(records)
     if shuffle:
       ds = ds.shuffle(seed=seed + 1000 * i)
-    parts.append(ds.repeat(None).map(source.to_tokens))
+    to_document = _text_document(source.to_tokens) if features and not source.synthetic else source.to_tokens
+    parts.append(ds.repeat(None).map(to_document))
   if len(parts) == 1:
     return parts[0]
   return grain.MapDataset.mix(parts, [w for _, w in sources])
 
 
 class ConcatSplitIterDataset(grain.IterDataset):
-  """Concatenates token arrays and cuts rows of exactly `length` tokens (no padding).
+  """Concatenates token arrays (or dicts of per-token features) and cuts rows of exactly `length`
+  tokens (no padding).
 
   grain's ConcatThenSplitIterDataset pads a row whenever a long document passes through, which
   wastes much of each batch at long context; this one never pads. Its state is the parent's state
@@ -71,29 +96,37 @@ class _ConcatSplitIterator(grain.DatasetIterator):
   def __init__(self, parent, length: int):
     super().__init__(parent)
     self._length = length
-    self._doc, self._offset = np.zeros(0, np.int32), 0
+    self._doc, self._offset = _EMPTY, 0
     self._doc_state = parent.get_state()        # parent state just before self._doc was read
 
   def __next__(self):
     pieces, needed = [], self._length
     while needed:
-      if self._offset == len(self._doc):
+      if self._offset == len(self._doc["tokens"]):
         self._doc_state = self._parent.get_state()
-        self._doc, self._offset = next(self._parent), 0
-      take = min(needed, len(self._doc) - self._offset)
-      pieces.append(self._doc[self._offset:self._offset + take])
+        self._doc, self._offset = _as_dict(next(self._parent)), 0
+      take = min(needed, len(self._doc["tokens"]) - self._offset)
+      pieces.append({k: v[self._offset:self._offset + take] for k, v in self._doc.items()})
       self._offset += take
       needed -= take
-    return {"tokens": np.concatenate(pieces)}
+    return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[-1]}
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._doc_state, "offset": self._offset, "doc_len": len(self._doc)}
+    return {"parent": self._doc_state, "offset": self._offset, "doc_len": len(self._doc["tokens"])}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self._doc_state = state["parent"]
-    self._doc = next(self._parent) if state["doc_len"] else np.zeros(0, np.int32)
+    self._doc = _as_dict(next(self._parent)) if state["doc_len"] else _EMPTY
     self._offset = state["offset"]
+
+
+_EMPTY = {"tokens": np.zeros(0, np.int32)}
+
+
+def _as_dict(document) -> dict:
+  """A document as {feature: per-token array}: a token array is {"tokens": it}."""
+  return document if isinstance(document, dict) else {"tokens": document}
 
 
 class _SplitLong(FlatMapTransform):
@@ -102,12 +135,14 @@ class _SplitLong(FlatMapTransform):
   def __init__(self, length: int):
     self.length = length
 
-  def flat_map(self, tokens):
-    return [{"tokens": tokens[i:i + self.length]} for i in range(0, len(tokens), self.length)]
+  def flat_map(self, document):
+    document = _as_dict(document)
+    return [{k: v[i:i + self.length] for k, v in document.items()} for i in range(0, len(document["tokens"]), self.length)]
 
 
 def _model_inputs(batch: dict) -> dict:
-  """Rows of seq_len + 1 tokens -> next-token inputs/targets (+ segment masks in pack mode)."""
+  """Rows of seq_len + 1 tokens -> next-token inputs/targets (+ segment masks in pack mode, + the
+  targets' weights and distances with synthetic sources)."""
   tokens = batch["tokens"]
   out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   if "tokens_segment_ids" in batch:
@@ -116,18 +151,28 @@ def _model_inputs(batch: dict) -> dict:
     out["positions"] = batch["tokens_positions"][:, :-1]
     # A target counts when it continues the same document; padding (segment 0) never counts.
     out["weights"] = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)).astype(np.float32)
+  if "scored" in batch:
+    # A scored target counts only when its evidence is in the row, and in pack mode in its own
+    # document: distance < its position there (concat rows cut a task's document anywhere).
+    distance = batch["distance"][:, 1:]
+    positions = batch.get("tokens_positions", np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape))[:, 1:]
+    scored = batch["scored"][:, 1:].astype(np.float32) * (distance < positions)
+    out["weights"] = out["weights"] * scored if "weights" in out else scored
+    out["distance"] = distance
   return out
 
 
-def _row_stream(docs: grain.MapDataset, config) -> grain.IterDataset:
-  """One row stream: its documents, read in the calling thread, joined or packed into rows."""
+def _row_stream(docs: grain.MapDataset, config, features: bool = False) -> grain.IterDataset:
+  """One row stream: its documents, read in the calling thread, joined or packed into rows
+  (`features`: with their per-token scored and distance)."""
   it = docs.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   row = config.seq_len + 1
   if config.data.packing == "concat":
     return ConcatSplitIterDataset(it, row)
   it = grain.experimental.FlatMapIterDataset(it, _SplitLong(row))
   # NSA runs packed rows re-laid with room for at most this many documents (model/packing.py).
-  return FirstFitPackIterDataset(it, length_struct={"tokens": row}, num_packing_bins=config.data.pack_bins,
+  length_struct = dict.fromkeys(("tokens", *FEATURES) if features else ("tokens",), row)
+  return FirstFitPackIterDataset(it, length_struct=length_struct, num_packing_bins=config.data.pack_bins,
                                  max_sequences_per_bin=max_docs_per_row(config),
                                  seed=config.seed, shuffle_bins=True)
 
@@ -200,8 +245,8 @@ class _RowBatchIterator(grain.DatasetIterator):
     super().close()
 
 
-def _model_batches(docs: list[grain.MapDataset], config, rows: list[int], num_threads: int):
-  streams = [_row_stream(d, config) for d in docs]
+def _model_batches(docs: list[grain.MapDataset], config, rows: list[int], num_threads: int, features: bool = False):
+  streams = [_row_stream(d, config, features) for d in docs]
   return RowBatchIterDataset(streams, rows, config.batch_size, num_threads).map(_model_inputs)
 
 
@@ -254,7 +299,7 @@ def train_iterator(config, sources, process_index: int = 0, process_count: int =
   checkpoints."""
   rows = host_rows(config, process_index, process_count, rows)
   docs = _row_documents(config, sources, "train", rows)
-  batches = _model_batches(docs, config, rows, config.data.num_threads)
+  batches = _model_batches(docs, config, rows, config.data.num_threads, with_features(sources))
   return iter(ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.data.prefetch))
 
 
@@ -263,7 +308,7 @@ def eval_batches(config, sources, process_index: int = 0, process_count: int = 1
   split into row streams like training (so the global eval batches do not depend on the hosts)."""
   rows = host_rows(config, process_index, process_count, rows)
   docs = _row_documents(config, sources, "validation", rows)
-  it = iter(_model_batches(docs, config, rows, config.data.num_threads))
+  it = iter(_model_batches(docs, config, rows, config.data.num_threads, with_features(sources)))
   try:
     return [next(it) for _ in range(config.eval_batches)]
   finally:

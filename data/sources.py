@@ -4,6 +4,8 @@
   DIR          a dataset written by scripts/prepare_data.py (TFDS ArrayRecord, read without TF)
   tfds:NAME    a TFDS dataset prepared in ArrayRecord format under data.data_dir, with a `tokens`
                feature, or a text feature (data.text_field) tokenized on the fly
+  synthetic:T  a synthetic retrieval task (data/synthetic.py: mqar, passkey), generated per row;
+               its documents are dicts of tokens and the per-token `scored` and `distance`
 A mixture (`data.mixture = "SRC=WEIGHT,SRC=WEIGHT"`) draws documents from several by weight.
 """
 import dataclasses
@@ -13,7 +15,7 @@ import numpy as np
 from etils import epath
 
 from configs import ConfigError
-from data import corpus, prepare
+from data import corpus, prepare, synthetic
 from data.tokenizer import Tokenizer
 
 
@@ -21,7 +23,8 @@ from data.tokenizer import Tokenizer
 class Source:
   name: str
   splits: dict[str, Sequence]                      # split -> random-access records
-  to_tokens: Callable[[object], np.ndarray]        # record -> EOS-terminated int32 tokens
+  to_tokens: Callable[[object], np.ndarray]        # record -> EOS-terminated int32 tokens (synthetic: a dict)
+  synthetic: bool = False                          # documents carry `scored` and `distance` (data/synthetic.py)
 
 
 def parse_mixture(spec: str) -> list[tuple[str, float]]:
@@ -53,10 +56,17 @@ def open_sources(config) -> list[tuple[Source, float]]:
   if tokenizer is not None and tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError("model.vocab_size", config.model.vocab_size,
                       f"must be at least the vocab size {tokenizer.vocab_size} of data.tokenizer={tokenizer.path}")
-  return [(open_source(spec, config, tokenizer), weight) for spec, weight in source_specs(config)]
+  opened = {}
+  def open_once(spec):      # synthetic filler text and a mixture may name the same source
+    if spec not in opened:
+      opened[spec] = open_source(spec, config, tokenizer, open_once)
+    return opened[spec]
+  return [(open_once(spec), weight) for spec, weight in source_specs(config)]
 
 
-def open_source(spec: str, config, tokenizer) -> Source:
+def open_source(spec: str, config, tokenizer, open_filler=None) -> Source:
+  if spec.startswith(synthetic.PREFIX):
+    return _synthetic(spec, config, open_filler or (lambda s: open_source(s, config, tokenizer)))
   if spec == corpus.EMBEDDED:
     return _embedded(tokenizer, config.data.tokenizer)
   if spec.startswith("tfds:"):
@@ -82,7 +92,8 @@ def _prepared(path: str, config) -> Source:
   import tensorflow_datasets as tfds
   if not prepare.is_prepared(path):
     raise ConfigError(source_field(config), path,
-                      "must be 'embedded', 'tfds:NAME' or a directory written by scripts/prepare_data.py")
+                      "must be 'embedded', 'tfds:NAME', 'synthetic:TASK' or a directory written by "
+                      "scripts/prepare_data.py")
   builder = tfds.builder_from_directory(prepare.dataset_dir(path))
   meta = builder.info.metadata
   if meta.get("vocab_size") != config.model.vocab_size:
@@ -125,9 +136,40 @@ def _tfds(spec: str, config, tokenizer) -> Source:
   return Source(spec, splits, to_tokens)
 
 
+def synthetic_tasks(config) -> list[synthetic.Task]:
+  """The synthetic tasks that data.source or data.mixture names, checked against the config (a
+  ConfigError names the field: an unknown task, a shape that does not fit seq_len, a bad filler)."""
+  tasks = [synthetic.task(config, spec, source_field(config))
+           for spec, _ in source_specs(config) if spec.startswith(synthetic.PREFIX)]
+  if tasks:
+    _check_filler(config)
+  return tasks
+
+
+def _check_filler(config) -> None:
+  filler = config.data.synthetic.filler
+  if filler != synthetic.RANDOM and not exists(filler):
+    raise ConfigError("data.synthetic.filler", filler, f"must be '{synthetic.RANDOM}' or a text source: 'embedded', "
+                      "'tfds:NAME' or a directory written by scripts/prepare_data.py")
+
+
+def _synthetic(spec: str, config, open_filler) -> Source:
+  task = synthetic.task(config, spec, source_field(config))
+  _check_filler(config)
+  if config.data.synthetic.filler == synthetic.RANDOM:
+    fillers = dict.fromkeys(prepare.SPLITS, synthetic.random_filler(task))
+  else:
+    text = open_filler(config.data.synthetic.filler)
+    fillers = {split: synthetic.TextFiller(text.splits[split], text.to_tokens, task) for split in prepare.SPLITS}
+  splits = {split: synthetic.Records(task, config.seed, split, fillers[split]) for split in prepare.SPLITS}
+  return Source(spec, splits, lambda r: r, synthetic=True)
+
+
 def describe(sources) -> str:
   return ", ".join(f"{s.name} ({len(s.splits['train']):,} train records, weight {w:g})" for s, w in sources)
 
 
 def exists(spec: str) -> bool:
+  if spec.startswith(synthetic.PREFIX):
+    return spec in synthetic.SPECS
   return spec == corpus.EMBEDDED or spec.startswith("tfds:") or epath.Path(spec).is_dir()

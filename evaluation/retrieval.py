@@ -1,0 +1,72 @@
+"""Retrieval accuracy by distance on the synthetic tasks (data/synthetic.py): how often the model's
+top prediction is a scored target, by how far back its evidence is, in lengths of an attention
+window (NSA's or any local attention's sliding window): evidence inside the window is reachable
+without any sparse selection, evidence many windows back only through it.
+
+Buckets are [0, 1), [1, 4), [4, 16), [16, 64), ... windows, each 4x the last. Pure numpy: the
+caller supplies per-target `correct` (argmax == target), and the batch's `distance` and `weights`.
+"""
+import numpy as np
+
+from data import sources, synthetic
+
+BUCKET_FACTOR = 4
+
+
+def distance_buckets(window: int, max_distance: int = 0) -> list[int]:
+  """Bucket edges in tokens, [0, w, 4w, 16w, ...] for window w, enough to hold distances up to
+  `max_distance`: bucket i holds distances [edges[i], edges[i+1])."""
+  if window < 1:
+    raise ValueError(f"window must be >= 1 token, got {window}")
+  edges = [0, window]
+  while edges[-1] <= max_distance:
+    edges.append(edges[-1] * BUCKET_FACTOR)
+  return edges
+
+
+def bucket_label(lo: int, hi: int, window: int) -> str:
+  """(0, w) -> '<1w', (w, 4w) -> '1-4w', (4w, 16w) -> '4-16w'."""
+  return f"<{hi // window}w" if lo == 0 else f"{lo // window}-{hi // window}w"
+
+
+def _scored(correct, distance, weights):
+  correct, distance, weights = (np.asarray(x).ravel() for x in (correct, distance, weights))
+  keep = weights > 0
+  return correct[keep].astype(bool), distance[keep].astype(np.int64)
+
+
+def accuracy_by_distance(correct, distance, weights, window: int) -> list[dict]:
+  """[{bucket, lo, hi, count, accuracy}] per distance bucket (lo, hi in tokens), over the scored
+  targets (weights > 0) only, up to the bucket of the longest distance; an empty bucket has
+  accuracy nan."""
+  correct, distance = _scored(correct, distance, weights)
+  edges = distance_buckets(window, int(distance.max()) if distance.size else 0)
+  n = len(edges) - 1
+  bucket = np.searchsorted(edges, distance, side="right") - 1
+  counts = np.bincount(bucket, minlength=n)
+  hits = np.bincount(bucket, weights=correct, minlength=n)
+  return [{"bucket": bucket_label(edges[i], edges[i + 1], window), "lo": edges[i], "hi": edges[i + 1],
+           "count": int(counts[i]), "accuracy": float(hits[i] / counts[i]) if counts[i] else float("nan")}
+          for i in range(n)]
+
+
+def beyond(correct, distance, weights, window: int, windows: int = 8) -> dict:
+  """{count, accuracy} over the scored targets whose evidence is at least `windows` windows back
+  (accuracy nan when there are none)."""
+  correct, distance = _scored(correct, distance, weights)
+  far = distance >= windows * window
+  count = int(far.sum())
+  return {"count": count, "accuracy": float(correct[far].mean()) if count else float("nan")}
+
+
+def chance(config, task: str | None = None) -> float:
+  """The accuracy of guessing: 1 / value_vocab for mqar (values are uniform), 1/10 for passkey's
+  digits. `task` ('mqar' or 'passkey') defaults to the one synthetic task the config uses."""
+  if task is None:
+    names = [t.name for t in sources.synthetic_tasks(config)]
+    if len(names) != 1:
+      raise ValueError(f"the config uses {len(names)} synthetic tasks ({', '.join(names) or 'none'}): name one")
+    task, = names
+  if task not in synthetic.TASKS:
+    raise ValueError(f"unknown synthetic task {task!r}; allowed: {', '.join(synthetic.TASKS)}")
+  return 1 / (config.data.synthetic.value_vocab if task == "mqar" else synthetic.PASSKEY_BASE)
