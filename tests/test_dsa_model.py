@@ -1,5 +1,7 @@
 """MLA and DSA layers, the indexer's gradient isolation, the warm-up optimizer, and the two-stage
 recipe end to end (dense MLA -> indexer warm-up -> sparse) through train.py."""
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -188,10 +190,13 @@ def test_two_stage_recipe_end_to_end(tmp_path):
   result = run_train(warm_dir, {**packed, "steps": 30, "init_from": mla_dir},
                      config="configs/dsa_tiny.py:dense_warmup")
   assert result.returncode == 0, result.stderr
-  assert "freshly initialised: layers/attn/indexer" in result.stderr
+  assert re.search(r"new parameter layers/attn/indexer/\S+: fresh initialisation \(not in ", result.stderr)
   warm = read_metrics(warm_dir)
   assert warm[30]["indexer_loss"] < 0.7 * warm[5]["indexer_loss"], warm
   assert 0 <= warm[30]["indexer_recall"] <= 1
+  # By distance, in index_topk lengths (0-1, 1-4, 4+): each a share.
+  assert {"indexer_recall_0-1k", "indexer_recall_1-4k"} <= set(warm[30]), warm[30]
+  assert all(0 <= warm[30][k] <= 1 for k in warm[30] if k.startswith("indexer_recall_"))
   # Warm-up kept every MLA parameter exactly as the dense run left it.
   base = small_config(dsa_tiny.get_config, **small)
   mla_params, _ = _params(mla_dir, small_config(dsa_tiny.get_config, **{**small, "attention.kind": "mla"}))
