@@ -100,6 +100,8 @@ def main(config, workdir: str) -> int:
           metrics["epoch"] = epoch
         if evaluate:
           metrics["eval_loss"] = eval_loss()
+          if program.retrieval_step:
+            metrics.update(retrieval_metrics(program, state.params, eval_data, to_global))
           if passkey_probe:
             metrics["passkey_acc"] = passkey_probe(state.params)
         writer.write(step, metrics)
@@ -123,6 +125,18 @@ def main(config, workdir: str) -> int:
     ckpt.close()
     if writer is not None:
       writer.close()
+
+
+def retrieval_metrics(program, params, eval_data, to_global) -> dict:
+  """eval.retrieval: accuracy by distance over the eval batches (evaluation/retrieval.py)."""
+  import jax
+  import numpy as np
+
+  from evaluation import retrieval
+  counts = [jax.device_get(program.retrieval_step(params, to_global(b))) for b in eval_data]
+  hits, totals = (np.sum([c[i] for c in counts], axis=0) for i in (0, 1))
+  config = program.model.config
+  return retrieval.metrics(hits, totals, retrieval.eval_edges(config), retrieval.window_of(config))
 
 
 def _agree(flag: bool) -> bool:

@@ -28,6 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.passkey = False
   c.eval.passkey_trials = 2
+  # Retrieval accuracy by distance on the synthetic tasks (data.source or mixture synthetic:mqar /
+  # synthetic:passkey; evaluation/retrieval.py) at every eval step: retrieval_acc_* in metrics.jsonl,
+  # distances in lengths of eval.retrieval_window (0: nsa.window, or dsa.index_topk for DSA).
+  c.eval.retrieval = False
+  c.eval.retrieval_window = 0
   c.checkpoint_every = 100
   c.keep_checkpoints = 3
   c.init_from = ""          # a checkpoint directory (or a run's workdir) to take parameters from

@@ -70,3 +70,40 @@ def chance(config, task: str | None = None) -> float:
   if task not in synthetic.TASKS:
     raise ValueError(f"unknown synthetic task {task!r}; allowed: {', '.join(synthetic.TASKS)}")
   return 1 / (config.data.synthetic.value_vocab if task == "mqar" else synthetic.PASSKEY_BASE)
+
+
+def window_of(config) -> int:
+  """The window distances are measured in: eval.retrieval_window, else NSA's sliding window, or
+  for DSA its index_topk (the keys its local baseline covers)."""
+  if config.eval.retrieval_window:
+    return config.eval.retrieval_window
+  return config.dsa.index_topk if config.attention.kind == "dsa" else config.nsa.window
+
+
+def bucket_counts(correct, distance, weights, edges):
+  """(hits, counts) per distance bucket of the synthetic targets (weights > 0 and distance > 0:
+  text tokens in a mixture are scored with distance 0), in jnp, for a jitted eval step."""
+  import jax.numpy as jnp
+  synthetic_target = (weights > 0) & (distance > 0)
+  bucket = jnp.searchsorted(jnp.asarray(edges), distance, side="right") - 1
+  one_hot = (bucket[..., None] == jnp.arange(len(edges) - 1)) & synthetic_target[..., None]
+  return (one_hot & correct[..., None]).sum((0, 1)), one_hot.sum((0, 1))
+
+
+def metrics(hits, counts, edges, window: int, windows: int = 8) -> dict:
+  """retrieval_acc_<bucket> per non-empty bucket, and retrieval_acc_beyond_<windows>w over the
+  buckets from `windows` windows on (edges must include windows * window)."""
+  hits, counts = np.asarray(hits, np.float64), np.asarray(counts, np.float64)
+  out = {f"retrieval_acc_{bucket_label(edges[i], edges[i + 1], window)}": hits[i] / counts[i]
+         for i in range(len(counts)) if counts[i]}
+  far = np.asarray(edges[:-1]) >= windows * window
+  if counts[far].sum():
+    out[f"retrieval_acc_beyond_{windows}w"] = hits[far].sum() / counts[far].sum()
+  return out
+
+
+def eval_edges(config) -> list[int]:
+  """The distance buckets of the train-time eval: [0, w, 4w, 8w, 16w, ...] up to seq_len, with
+  an edge at 8 windows so that 'beyond 8 windows' is a sum of buckets."""
+  w = window_of(config)
+  return sorted(set(distance_buckets(w, config.seq_len)) | {8 * w})

@@ -385,3 +385,36 @@ def test_chance_is_one_over_the_values_guessed():
   for config in (syn_config(MIXTURE), small_config()):
     with pytest.raises(ValueError, match="name one"):
       retrieval.chance(config)
+
+
+def test_retrieval_metrics_from_bucket_counts():
+  """The train-time eval's reduction: hits and counts per bucket of [0, w, 4w, 8w, 16w, ...]
+  (8 windows an edge), text targets (distance 0) left out."""
+  import jax.numpy as jnp
+  config = small_config(**{"seq_len": 128, "eval.retrieval_window": 8})
+  edges = retrieval.eval_edges(config)
+  assert edges == [0, 8, 32, 64, 128, 512]
+  correct = jnp.array([[1, 0, 1, 1, 1, 0]], bool)
+  distance = jnp.array([[0, 3, 40, 70, 100, 127]])
+  weights = jnp.array([[1, 1, 1, 1, 1, 0]], jnp.float32)
+  hits, counts = retrieval.bucket_counts(correct, distance, weights, edges)
+  assert hits.tolist() == [0, 0, 1, 2, 0] and counts.tolist() == [1, 0, 1, 2, 0]
+  got = retrieval.metrics(hits, counts, edges, 8)
+  assert got == {"retrieval_acc_<1w": 0.0, "retrieval_acc_4-8w": 1.0, "retrieval_acc_8-16w": 1.0,
+                 "retrieval_acc_beyond_8w": 1.0}
+
+
+@pytest.mark.slow
+def test_train_py_reports_retrieval_by_distance(tmp_path):
+  """eval.retrieval on synthetic:mqar: every eval step logs the accuracy per distance bucket; with
+  min_distance 8 windows every query is in the 8-16w bucket or beyond."""
+  from conftest import read_metrics, run_train
+  result = run_train(tmp_path, {"data.source": "synthetic:mqar", "steps": 4, "eval_every": 2, "eval_batches": 1,
+                                "eval.retrieval": True, "eval.retrieval_window": 8, "data.synthetic.num_pairs": 8,
+                                "data.synthetic.num_queries": 8, "data.synthetic.min_distance": 64})
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = read_metrics(tmp_path)
+  for step in (2, 4):
+    got = {k: v for k, v in metrics[step].items() if k.startswith("retrieval_acc_")}
+    assert set(got) == {"retrieval_acc_8-16w", "retrieval_acc_beyond_8w"}, got
+    assert all(0 <= v <= 1 for v in got.values())

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from evaluation import retrieval
 from model import transformer
 from model.attention import ATTENTION_KINDS
 from parallel import context
@@ -79,6 +80,7 @@ class Program(NamedTuple):
   train_step: Callable             # (state, batch) -> (state, metrics)
   eval_step: Callable              # (params, batch) -> loss
   diagnostics_step: Callable | None   # (params, batch) -> costly metrics (DSA's recall), or None
+  retrieval_step: Callable | None     # (params, batch) -> (hits, counts) per distance bucket (eval.retrieval)
 
 
 def build(config, mesh) -> Program:
@@ -88,7 +90,8 @@ def build(config, mesh) -> Program:
   train_step = make_train_step(model, tx, schedule, mesh, shardings,
                                trainable=optim.trainable(config, abstract_state.params))
   return Program(model, tx, abstract_state, shardings, train_step, make_eval_step(model, mesh, shardings),
-                 make_diagnostics_step(model, mesh, shardings))
+                 make_diagnostics_step(model, mesh, shardings),
+                 make_retrieval_step(model, mesh, shardings) if config.eval.retrieval else None)
 
 
 def abstract_batch(config, mesh) -> dict:
@@ -100,6 +103,22 @@ def abstract_batch(config, mesh) -> dict:
   if config.data.packing == "pack":
     fields.update(segment_ids=spec(jnp.int32), positions=spec(jnp.int32), weights=spec(jnp.float32))
   return fields
+
+
+def make_retrieval_step(model, mesh, shardings):
+  """jit(params, batch) -> (hits, counts) of the synthetic targets per distance bucket
+  (evaluation/retrieval.py eval_edges), reduced over the global batch."""
+  edges = retrieval.eval_edges(model.config)
+
+  def retrieval_step(params, batch):
+    batch = context.batch_to_layout(batch)
+    logits = model.apply({"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+    correct = jnp.argmax(logits, axis=-1) == batch["targets"]
+    return retrieval.bucket_counts(correct, batch["distance"], batch["weights"], edges)
+
+  step = jax.jit(retrieval_step, in_shardings=(shardings.params, batch_sharding(mesh)),
+                 out_shardings=replicated(mesh))
+  return _OnMesh(step, mesh)
 
 
 def make_diagnostics_step(model, mesh, shardings):

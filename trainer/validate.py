@@ -167,6 +167,15 @@ def _validate_passkey(config) -> None:
        _is_int(config.eval.passkey_trials) and config.eval.passkey_trials >= 1,
        "must be an integer >= 1 (keys per depth x length)"),
   )
+  if config.eval.retrieval:
+    _require(
+        ("eval.retrieval", True, config.eval_every > 0, "runs at eval steps: needs eval_every > 0"),
+        ("eval.retrieval", True, bool(sources.synthetic_tasks(config)),
+         "needs a synthetic task among the data (data.source or data.mixture synthetic:mqar / synthetic:passkey)"),
+        ("eval.retrieval_window", config.eval.retrieval_window,
+         _is_int(config.eval.retrieval_window) and config.eval.retrieval_window >= 0,
+         "must be an integer >= 0 (0: nsa.window, or dsa.index_topk for DSA)"),
+    )
   if config.eval.passkey:
     _require(
         ("eval.passkey", True, config.eval_every > 0, "runs at eval steps: needs eval_every > 0"),
