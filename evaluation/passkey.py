@@ -170,6 +170,7 @@ def filler_tokens(sources, num_tokens: int) -> np.ndarray:
   docs = pipeline.documents(sources, "validation", seed=0, shuffle=False)
   parts, total = [], 0
   while total < num_tokens:
-    parts.append(np.asarray(docs[len(parts)], np.int32))
+    doc = docs[len(parts)]
+    parts.append(np.asarray(doc["tokens"] if isinstance(doc, dict) else doc, np.int32))   # dict: synthetic features
     total += len(parts[-1])
   return np.concatenate(parts)

@@ -33,12 +33,27 @@ def passkey_table(cells, field="accuracy") -> str:
                   [(f"{d:.0%}", *(f"{value[d, n]:.3f}" for n in lengths)) for d in depths])
 
 
-def report(meta: dict, buckets, passkey) -> str:
+def retrieval_table(retrieval) -> str:
+  rows = [(b["bucket"], f"[{b['lo']}, {b['hi']})", b["count"], f"{b['accuracy']:.3f}") for b in retrieval["buckets"]]
+  return markdown(["distance", "tokens back", "targets", "accuracy"], rows)
+
+
+def retrieval_section(retrieval) -> list[str]:
+  if not retrieval:
+    return []
+  far = retrieval["beyond_8w"]
+  return ["", f"## Retrieval by distance (synthetic targets; window {retrieval['window']} tokens, "
+          f"chance {retrieval['chance']:.3f})", "", retrieval_table(retrieval), "",
+          f"beyond 8 windows: accuracy {far['accuracy']:.3f} over {far['count']} targets"]
+
+
+def report(meta: dict, buckets, passkey, retrieval=None) -> str:
   """The markdown stdout shows; its last line is `passkey accuracy X.XXX`."""
   trials = passkey["cells"][0]["trials"] if passkey["cells"] else 0
   return "\n".join([
       f"# {meta['workdir']} step {meta['step']}, seq_len {meta['seq_len']} (trained at {meta['trained_seq_len']})",
       "", f"## Eval loss by position ({meta['loss_tokens']:,} validation tokens)", "", loss_table(buckets),
+      *retrieval_section(retrieval),
       "", f"## Passkey retrieval: exact {KEY_DIGITS}-digit match, keys per cell {trials}, seed {meta['seed']}",
       "", passkey_table(passkey["cells"]), "",
       f"per-digit accuracy {passkey['digit_accuracy']:.3f}", f"passkey accuracy {passkey['accuracy']:.3f}"])
@@ -96,16 +111,36 @@ def plot_passkey(cells, path, title: str) -> None:
   _save(fig, path)
 
 
-def write(outdir, meta: dict, buckets, passkey) -> epath.Path:
-  """outdir/{report.md, loss_by_position.csv/.png, passkey.csv/.png, summary.json}."""
+def plot_retrieval(retrieval, path, title: str) -> None:
+  """Accuracy per distance bucket (in windows), with chance as a dashed line."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  shown = [b for b in retrieval["buckets"] if b["count"]]
+  ax.plot(range(len(shown)), [b["accuracy"] for b in shown], "o-", lw=2, label="accuracy")
+  ax.axhline(retrieval["chance"], ls="--", color="gray", label="chance")
+  ax.set_xticks(range(len(shown)), [b["bucket"] for b in shown])
+  ax.set(ylim=(0, 1.02), xlabel=f"evidence distance (windows of {retrieval['window']} tokens)", ylabel="accuracy",
+         title=title)
+  ax.legend()
+  ax.grid(alpha=0.3)
+  _save(fig, path)
+
+
+def write(outdir, meta: dict, buckets, passkey, retrieval=None) -> epath.Path:
+  """outdir/{report.md, loss_by_position.csv/.png, passkey.csv/.png, summary.json}, and
+  retrieval.csv/.png when the run has synthetic tasks."""
   outdir = epath.Path(outdir)
   outdir.mkdir(parents=True, exist_ok=True)
   title = f"step {meta['step']}, seq_len {meta['seq_len']}"
-  (outdir / "report.md").write_text(report(meta, buckets, passkey) + "\n")
+  (outdir / "report.md").write_text(report(meta, buckets, passkey, retrieval) + "\n")
+  if retrieval:
+    (outdir / "retrieval.csv").write_text(_csv(retrieval["buckets"]))
+    plot_retrieval(retrieval, outdir / "retrieval.png", f"retrieval by distance, {title}")
   (outdir / "loss_by_position.csv").write_text(_csv(buckets))
   (outdir / "passkey.csv").write_text(_csv(passkey["cells"]))
   plot_loss(buckets, outdir / "loss_by_position.png", f"eval loss by position, {title}")
   plot_passkey(passkey["cells"], outdir / "passkey.png", f"passkey retrieval, {title}")
   (outdir / "summary.json").write_text(json.dumps(
-      {**meta, "loss_by_position": buckets, "passkey": passkey}, indent=1, default=str) + "\n")
+      {**meta, "loss_by_position": buckets, "passkey": passkey, "retrieval": retrieval}, indent=1,
+      default=str) + "\n")
   return outdir

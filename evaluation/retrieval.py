@@ -107,3 +107,32 @@ def eval_edges(config) -> list[int]:
   an edge at 8 windows so that 'beyond 8 windows' is a sum of buckets."""
   w = window_of(config)
   return sorted(set(distance_buckets(w, config.seq_len)) | {8 * w})
+
+
+def jit_correct(model, mesh):
+  """jit(params, batch) -> bool [B, T]: the model's top prediction equals the target."""
+  import jax
+  import jax.numpy as jnp
+
+  from parallel.mesh import batch_sharding
+  from parallel.rules import use_mesh
+
+  def correct(params, batch):
+    logits = model.apply({"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+    return jnp.argmax(logits, axis=-1) == batch["targets"]
+  fn = jax.jit(correct, in_shardings=(None, batch_sharding(mesh)))
+
+  def apply(params, batch):
+    with use_mesh(mesh):
+      return fn(params, batch)
+  return apply
+
+
+def evaluate(batches, correct_fn, window: int, chance_level: float) -> dict:
+  """scripts/evaluate.py's retrieval section: {window, chance, buckets, beyond_8w} over the
+  synthetic targets of `batches` (host batches with distance and weights)."""
+  parts = [(np.asarray(correct_fn(b)), b["distance"], (b["weights"] > 0) & (b["distance"] > 0)) for b in batches]
+  correct, distance, weights = (np.concatenate([p[i] for p in parts]) for i in range(3))
+  return {"window": window, "chance": chance_level,
+          "buckets": accuracy_by_distance(correct, distance, weights, window),
+          "beyond_8w": beyond(correct, distance, weights, window)}

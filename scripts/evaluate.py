@@ -7,6 +7,10 @@ The run's config comes from the checkpoint (step N, default the newest); --seq-l
 evaluated (default the trained one; longer is allowed: how RoPE extrapolates is what it measures).
 - Loss by position: the mean loss of the validation rows (the run's packing, --eval-batches x
   --batch-size rows of T tokens) in position buckets [0, 256), [256, 1k), [1k, 4k), ... up to T.
+- Retrieval (runs with synthetic:mqar / synthetic:passkey data): the accuracy of the model's top
+  prediction on the synthetic targets of the validation rows, by how far back the evidence is,
+  in buckets of [0, 1), [1, 4), [4, 16), ... windows (eval.retrieval_window, else nsa.window, or
+  dsa.index_topk for DSA), and beyond 8 windows.
 - Passkey: a random 5-digit key hidden at depths 0, 25, 50, 75, 100% of validation-split filler,
   prompts of each --passkey-lengths (default 256, 1k, 4k, ... up to T); the model answers greedily
   after a fixed question; a cell is the exact-match accuracy over --passkey-trials keys.
@@ -39,7 +43,7 @@ def main(workdir: str) -> int:
 
   from data import pipeline, sources
   from data.tokenizer import Tokenizer
-  from evaluation import by_position, passkey, report
+  from evaluation import by_position, passkey, report, retrieval
   from model import transformer
   from parallel.mesh import batch_sharding, make_mesh
   from trainer import checkpoint, optim, validate
@@ -76,6 +80,13 @@ def main(workdir: str) -> int:
   losses, positions, weights = (np.concatenate(x) for x in zip(*parts))
   buckets = by_position.loss_by_position(losses, positions, weights, by_position.bucket_edges(config.seq_len))
 
+  retrieval_result = None
+  if tasks := sources.synthetic_tasks(config):     # retrieval by distance on the synthetic validation rows
+    eval_rows = pipeline.eval_batches(config, data_sources, rows=rows)
+    chance = retrieval.chance(config) if len(tasks) == 1 else float("nan")
+    retrieval_result = retrieval.evaluate(eval_rows, functools.partial(retrieval.jit_correct(model, mesh), params),
+                                          retrieval.window_of(config), chance)
+
   logits_fn = functools.partial(passkey.jit_apply(model, mesh), params)
   filler = passkey.filler_tokens(data_sources, 4 * max(lengths))
   passkey = passkey.passkey_eval(logits_fn, tokenizer, filler, lengths, trials=_TRIALS.value,
@@ -83,8 +94,9 @@ def main(workdir: str) -> int:
 
   meta = {"workdir": str(workdir), "step": step, "seq_len": config.seq_len, "trained_seq_len": trained_seq_len,
           "seed": _SEED.value, "loss_tokens": int(weights.sum()), "attention": config.attention.kind}
-  report.write(_OUTPUT.value or checkpoint.workdir_path(workdir) / "eval" / f"step_{step}", meta, buckets, passkey)
-  print(report.report(meta, buckets, passkey), flush=True)
+  report.write(_OUTPUT.value or checkpoint.workdir_path(workdir) / "eval" / f"step_{step}", meta, buckets, passkey,
+               retrieval_result)
+  print(report.report(meta, buckets, passkey, retrieval_result), flush=True)
   return 0
 
 

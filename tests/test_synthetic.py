@@ -418,3 +418,18 @@ def test_train_py_reports_retrieval_by_distance(tmp_path):
     got = {k: v for k, v in metrics[step].items() if k.startswith("retrieval_acc_")}
     assert set(got) == {"retrieval_acc_8-16w", "retrieval_acc_beyond_8w"}, got
     assert all(0 <= v <= 1 for v in got.values())
+  # scripts/evaluate.py on the run: the table, CSV and plot of retrieval by distance.
+  import subprocess
+  import sys
+
+  from conftest import REPO
+  evaluated = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "--workdir", str(tmp_path),
+                              "--passkey-lengths", "128", "--passkey-trials", "1", "--eval-batches", "1"],
+                             capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert "## Retrieval by distance (synthetic targets; window 8 tokens, chance 0.016)" in evaluated.stdout
+  out = tmp_path / "eval" / "step_4"
+  assert (out / "retrieval.png").is_file() and (out / "retrieval.csv").read_text().startswith("bucket,lo,hi,count,accuracy")
+  summary = json.loads((out / "summary.json").read_text())["retrieval"]
+  assert [b["bucket"] for b in summary["buckets"] if b["count"]] == ["4-16w"]     # distances 64..127
+  assert summary["beyond_8w"]["count"] == sum(b["count"] for b in summary["buckets"])
