@@ -19,10 +19,13 @@ COLUMNS = (("status", "status", str), ("steps", "steps", str), ("train_loss", "t
            ("start_eval_loss", "start eval loss", "{:.4f}".format),
            ("best_eval_loss", "best eval loss", "{:.4f}".format),
            ("final_eval_loss", "final eval loss", "{:.4f}".format),
+           ("retrieval_beyond_8w", "retrieval >= 8 windows", "{:.3f}".format),
            ("tokens_per_sec", "tokens/s", "{:,.0f}".format), ("tflops_per_device", "TFLOP/s", "{:.3g}".format),
            ("params", "params", lambda p: f"{p / 1e6:.2f}M"), ("run_dir", "run dir", "`{}`".format),
            ("error", "error", str))
 PLOTS = ("loss_curves.png", "eval_loss.png", "tokens_per_sec.png")
+RETRIEVAL = "retrieval_acc_beyond_8w"      # train.py's eval.retrieval: the last value a run logged
+RETRIEVAL_PLOT = "retrieval.png"           # written when some point logged it
 
 
 def save_manifest(workdir: str, name: str, config: str, fixed: list[str], points: list[Point]) -> None:
@@ -69,6 +72,7 @@ def row(point: Point, records: list[dict]) -> dict:
           "train_loss": records[-1].get("loss") if records else None,
           "start_eval_loss": next((r["eval_loss"] for r in records if r["step"] == 0 and "eval_loss" in r), None),
           "best_eval_loss": min(evals) if evals else None, "final_eval_loss": evals[-1] if evals else None,
+          "retrieval_beyond_8w": next((r[RETRIEVAL] for r in reversed(records) if RETRIEVAL in r), None),
           "tokens_per_sec": median("tokens_per_sec"), "tflops_per_device": median("tflops_per_device"),
           "params": records[-1].get("params") if records else None,
           "run_dir": point.directory, "error": status.get("error", "")}
@@ -93,6 +97,9 @@ def write_report(workdir: str, plots: bool = True) -> list[dict]:
   plot_curves(rows, [p.name for p in points], metrics, out / PLOTS[0], title=f"sweep {name}: loss")
   plot_metric(rows, fields, "final_eval_loss", "final eval loss", out / PLOTS[1], title=f"sweep {name}")
   plot_metric(rows, fields, "tokens_per_sec", "tokens/s", out / PLOTS[2], title=f"sweep {name}")
+  if any(r["retrieval_beyond_8w"] is not None for r in rows):
+    plot_metric(rows, fields, "retrieval_beyond_8w", "retrieval accuracy beyond 8 windows", out / RETRIEVAL_PLOT,
+                title=f"sweep {name}")
   return rows
 
 

@@ -294,3 +294,18 @@ def test_launch_tpu_runs_a_sweep_on_the_slice(monkeypatch, capsys):
   assert launch.main([*job, "--sweep"]) == 0                         # the config file's sweep()
   start = capsys.readouterr().out.splitlines()[-2]
   assert "scripts/sweep.py --config configs/nsa_sweep.py --workdir gs://b/sw >>" in start.replace("'", "")
+
+
+def test_rows_carry_the_start_eval_loss_and_the_last_retrieval_accuracy(tmp_path):
+  """A run from init_from logs eval_loss at step 0; eval.retrieval logs retrieval_acc_beyond_8w:
+  the row takes the first and the last, the table shows them, and the plot is drawn."""
+  records = [{"step": 0, "eval_loss": 3.0}, {"step": 10, "loss": 2.2, "eval_loss": 2.5, "retrieval_acc_beyond_8w": 0.4},
+             {"step": 20, "loss": 1.9, "eval_loss": 2.25, "retrieval_acc_beyond_8w": 0.875}]
+  rows = [sweep_report.row(Point("a", {"nsa.num_selected": 4}, str(tmp_path / "a")), records),
+          sweep_report.row(Point("b", {"nsa.num_selected": 8}, str(tmp_path / "b")), records[:1])]
+  assert (rows[0]["start_eval_loss"], rows[0]["final_eval_loss"], rows[0]["retrieval_beyond_8w"]) == (3.0, 2.25, 0.875)
+  assert rows[1]["retrieval_beyond_8w"] is None
+  table = sweep_report.markdown(rows, ["nsa.num_selected"])
+  assert "retrieval >= 8 windows" in table.splitlines()[0] and "| 3.0000 | 2.2500 | 2.2500 | 0.875 |" in table
+  sweep_report.plot_metric(rows, ["nsa.num_selected"], "retrieval_beyond_8w", "retrieval", tmp_path / "r.png", title="t")
+  assert (tmp_path / "r.png").read_bytes()[:8] == PNG
