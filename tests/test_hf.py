@@ -176,6 +176,18 @@ def test_train_py_exits_2_with_one_line(tmp_path, overrides, message):
   assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+def test_train_py_names_a_tensor_that_does_not_fit_in_one_line(tmp_path):
+  """A config.json that does not describe its weights: caught when the tensors are read, after the
+  program is built, still one line and exit 2."""
+  directory = _copy_fixture(tmp_path, "llama")       # its own tokenizer: the data fits the model
+  _edit_config(directory, intermediate_size=128)
+  result = run_train(tmp_path / "run", {"init_from": f"hf:{directory}", "seq_len": 64}, small_model=False)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].endswith(
+      "tensor model.layers.0.mlp.down_proj.weight has shape (64, 96), the model's config.json implies (64, 128)")
+  assert "Traceback" not in result.stderr
+
+
 def test_hf_tokenizer_encodes_and_decodes_as_the_tokenizers_library():
   from tokenizers import Tokenizer as Reference
   reference = Reference.from_file(str(FIXTURES / "llama" / "tokenizer.json"))

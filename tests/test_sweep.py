@@ -202,11 +202,11 @@ def test_report_numbers_from_metrics_and_status_files(tmp_path):
   assert (b["status"], b["steps"], b["error"], b["final_eval_loss"]) == ("failed", 0, "config error: x|y", None)
   assert (c["status"], c["steps"], c["run_dir"]) == ("unfinished", 0, str(workdir / "c"))
   assert read_csv(workdir / "results.csv")[0] == {
-      "nsa.slc_block": "32", "status": "finished", "steps": "4", "train_loss": "5.5", "best_eval_loss": "7.0",
-      "final_eval_loss": "7.25", "tokens_per_sec": "225.0", "tflops_per_device": "0.225", "params": "4000000",
-      "run_dir": str(workdir / "a"), "error": ""}
+      "nsa.slc_block": "32", "status": "finished", "steps": "4", "train_loss": "5.5", "start_eval_loss": "",
+      "best_eval_loss": "7.0", "final_eval_loss": "7.25", "retrieval_beyond_8w": "", "tokens_per_sec": "225.0",
+      "tflops_per_device": "0.225", "params": "4000000", "run_dir": str(workdir / "a"), "error": ""}
   table = (workdir / "results.md").read_text().splitlines()
-  assert table[2] == f"| 32 | finished | 4 | 5.5000 | 7.0000 | 7.2500 | 225 | 0.225 | 4.00M | `{workdir / 'a'}` |  |"
+  assert table[2] == f"| 32 | finished | 4 | 5.5000 |  | 7.0000 | 7.2500 |  | 225 | 0.225 | 4.00M | `{workdir / 'a'}` |  |"
   assert table[3].endswith("| config error: x\\|y |") and table[4].startswith("| 128 | unfinished | 0 |")
   for name in sweep_report.PLOTS:
     assert (workdir / name).read_bytes()[:8] == PNG
