@@ -80,3 +80,11 @@ def reference_run(tmp_path_factory):
   result = run_train(workdir, {"steps": 20})
   assert result.returncode == 0, result.stderr
   return workdir
+
+
+def pytest_collection_modifyitems(config, items):
+  """Long tests first (trainings in subprocesses, marked slow, and the TPU ahead-of-time
+  compiles): the two xdist workers then steal short tests at the end instead of one waiting on
+  the other's minute-long test."""
+  long = lambda item: item.get_closest_marker("slow") is not None or "compile" in item.name
+  items.sort(key=lambda item: not long(item))
