@@ -433,3 +433,29 @@ def test_train_py_reports_retrieval_by_distance(tmp_path):
   summary = json.loads((out / "summary.json").read_text())["retrieval"]
   assert [b["bucket"] for b in summary["buckets"] if b["count"]] == ["4-16w"]     # distances 64..127
   assert summary["beyond_8w"]["count"] == sum(b["count"] for b in summary["buckets"])
+
+
+def test_mqar_preset_kinds_validate_and_dsa_starts_from_mla():
+  """configs/mqar.py: every kind and sweep point validates with every query 8+ windows from its
+  key, and the MLA run's parameters are the DSA model's less its indexer (init_from)."""
+  import jax
+  from flax import linen as nn
+
+  from configs import mqar
+  from model import transformer
+  from trainer import validate
+
+  shapes = lambda c: jax.tree.map(lambda x: x.shape, nn.unbox(jax.eval_shape(
+      transformer.build(c).init, jax.random.key(0), jax.ShapeDtypeStruct((1, c.seq_len), "int32"))))
+  points = [mqar.get_config(kind) for kind in mqar.KINDS]
+  for point in mqar.sweep():
+    points.append(mqar.get_config("nsa"))
+    points[-1].update_from_flattened_dict(point)
+  for c in points:
+    validate.validate(c, num_devices=1)
+    assert c.seq_len >= 512 and synthetic.task(c, c.data.source).min_distance >= 8 * mqar.WINDOW
+  dsa = shapes(mqar.get_config("dsa"))
+  dsa["params"]["layers"]["attn"].pop("indexer")
+  assert shapes(mqar.get_config("mla")) == dsa
+  with pytest.raises(ValueError, match="allowed are dense, nsa"):
+    mqar.get_config("nsa,long")
