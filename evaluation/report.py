@@ -47,16 +47,22 @@ def retrieval_section(retrieval) -> list[str]:
           f"beyond 8 windows: accuracy {far['accuracy']:.3f} over {far['count']} targets"]
 
 
-def report(meta: dict, buckets, passkey, retrieval=None) -> str:
-  """The markdown stdout shows; its last line is `passkey accuracy X.XXX`."""
+def passkey_section(passkey, seed: int) -> list[str]:
+  if passkey is None:
+    return ["", "## Passkey retrieval: not run (the run has no tokenizer: data.tokenizer is empty)"]
   trials = passkey["cells"][0]["trials"] if passkey["cells"] else 0
+  return ["", f"## Passkey retrieval: exact {KEY_DIGITS}-digit match, keys per cell {trials}, seed {seed}",
+          "", passkey_table(passkey["cells"]), "",
+          f"per-digit accuracy {passkey['digit_accuracy']:.3f}", f"passkey accuracy {passkey['accuracy']:.3f}"]
+
+
+def report(meta: dict, buckets, passkey, retrieval=None) -> str:
+  """The markdown stdout shows; its last line is `passkey accuracy X.XXX` when passkey ran
+  (passkey None: a run without a tokenizer, e.g. synthetic tasks on random filler)."""
   return "\n".join([
       f"# {meta['workdir']} step {meta['step']}, seq_len {meta['seq_len']} (trained at {meta['trained_seq_len']})",
       "", f"## Eval loss by position ({meta['loss_tokens']:,} validation tokens)", "", loss_table(buckets),
-      *retrieval_section(retrieval),
-      "", f"## Passkey retrieval: exact {KEY_DIGITS}-digit match, keys per cell {trials}, seed {meta['seed']}",
-      "", passkey_table(passkey["cells"]), "",
-      f"per-digit accuracy {passkey['digit_accuracy']:.3f}", f"passkey accuracy {passkey['accuracy']:.3f}"])
+      *retrieval_section(retrieval), *passkey_section(passkey, meta["seed"])])
 
 
 def _csv(rows: list[dict]) -> str:
@@ -127,8 +133,8 @@ def plot_retrieval(retrieval, path, title: str) -> None:
 
 
 def write(outdir, meta: dict, buckets, passkey, retrieval=None) -> epath.Path:
-  """outdir/{report.md, loss_by_position.csv/.png, passkey.csv/.png, summary.json}, and
-  retrieval.csv/.png when the run has synthetic tasks."""
+  """outdir/{report.md, loss_by_position.csv/.png, summary.json}, passkey.csv/.png when passkey
+  ran, and retrieval.csv/.png when the run has synthetic tasks."""
   outdir = epath.Path(outdir)
   outdir.mkdir(parents=True, exist_ok=True)
   title = f"step {meta['step']}, seq_len {meta['seq_len']}"
@@ -137,9 +143,10 @@ def write(outdir, meta: dict, buckets, passkey, retrieval=None) -> epath.Path:
     (outdir / "retrieval.csv").write_text(_csv(retrieval["buckets"]))
     plot_retrieval(retrieval, outdir / "retrieval.png", f"retrieval by distance, {title}")
   (outdir / "loss_by_position.csv").write_text(_csv(buckets))
-  (outdir / "passkey.csv").write_text(_csv(passkey["cells"]))
   plot_loss(buckets, outdir / "loss_by_position.png", f"eval loss by position, {title}")
-  plot_passkey(passkey["cells"], outdir / "passkey.png", f"passkey retrieval, {title}")
+  if passkey is not None:
+    (outdir / "passkey.csv").write_text(_csv(passkey["cells"]))
+    plot_passkey(passkey["cells"], outdir / "passkey.png", f"passkey retrieval, {title}")
   (outdir / "summary.json").write_text(json.dumps(
       {**meta, "loss_by_position": buckets, "passkey": passkey, "retrieval": retrieval}, indent=1,
       default=str) + "\n")

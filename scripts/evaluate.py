@@ -13,8 +13,9 @@ evaluated (default the trained one; longer is allowed: how RoPE extrapolates is 
   dsa.index_topk for DSA), and beyond 8 windows.
 - Passkey: a random 5-digit key hidden at depths 0, 25, 50, 75, 100% of validation-split filler,
   prompts of each --passkey-lengths (default 256, 1k, 4k, ... up to T); the model answers greedily
-  after a fixed question; a cell is the exact-match accuracy over --passkey-trials keys.
-Markdown tables go to stdout (last line: `passkey accuracy X.XXX`), and with CSVs, PNGs and
+  after a fixed question; a cell is the exact-match accuracy over --passkey-trials keys. Skipped
+  for a run without a tokenizer (data.tokenizer "": synthetic tasks on random filler).
+Markdown tables go to stdout (last line, when passkey ran: `passkey accuracy X.XXX`), and with CSVs, PNGs and
 summary.json to WORKDIR/eval/step_N (or --output). Exit code 2 with one line for bad input.
 One process (the devices of this host); the run's mesh without context parallelism.
 """
@@ -70,7 +71,6 @@ def main(workdir: str) -> int:
   abstract, _ = state_shardings(config, model, optim.make_optimizer(config), mesh)
   params = checkpoint.saved_params(directory, step, abstract.params)
   data_sources = sources.open_sources(config)
-  tokenizer = Tokenizer(config.data.tokenizer)
 
   # Loss by position on the validation rows, at the evaluated length.
   losses_fn = functools.partial(by_position.jit_token_losses(model, mesh), params)
@@ -87,16 +87,18 @@ def main(workdir: str) -> int:
     retrieval_result = retrieval.evaluate(eval_rows, functools.partial(retrieval.jit_correct(model, mesh), params),
                                           retrieval.window_of(config), chance)
 
-  logits_fn = functools.partial(passkey.jit_apply(model, mesh), params)
-  filler = passkey.filler_tokens(data_sources, 4 * max(lengths))
-  passkey = passkey.passkey_eval(logits_fn, tokenizer, filler, lengths, trials=_TRIALS.value,
-                                    seed=_SEED.value, batch_size=config.batch_size)
+  passkey_result = None                # passkey needs text: a run without a tokenizer has none
+  if config.data.tokenizer:
+    logits_fn = functools.partial(passkey.jit_apply(model, mesh), params)
+    filler = passkey.filler_tokens(data_sources, 4 * max(lengths))
+    passkey_result = passkey.passkey_eval(logits_fn, Tokenizer(config.data.tokenizer), filler, lengths,
+                                          trials=_TRIALS.value, seed=_SEED.value, batch_size=config.batch_size)
 
   meta = {"workdir": str(workdir), "step": step, "seq_len": config.seq_len, "trained_seq_len": trained_seq_len,
           "seed": _SEED.value, "loss_tokens": int(weights.sum()), "attention": config.attention.kind}
-  report.write(_OUTPUT.value or checkpoint.workdir_path(workdir) / "eval" / f"step_{step}", meta, buckets, passkey,
-               retrieval_result)
-  print(report.report(meta, buckets, passkey, retrieval_result), flush=True)
+  report.write(_OUTPUT.value or checkpoint.workdir_path(workdir) / "eval" / f"step_{step}", meta, buckets,
+               passkey_result, retrieval_result)
+  print(report.report(meta, buckets, passkey_result, retrieval_result), flush=True)
   return 0
 
 
