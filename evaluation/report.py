@@ -132,6 +132,21 @@ def plot_retrieval(retrieval, path, title: str) -> None:
   _save(fig, path)
 
 
+def plot_by_step(curves: dict, chance, path, *, ylabel: str, title: str) -> None:
+  """{run: [(step, accuracy)]} as one line per run, with chance (if given) as a dashed line."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for name, points in curves.items():
+    if points:
+      ax.plot(*zip(*points), "o-", label=name)
+  if chance is not None:
+    ax.axhline(chance, ls="--", color="gray", label="chance")
+  ax.set(ylim=(0, 1.02), xlabel="step", ylabel=ylabel, title=title)
+  ax.legend()
+  ax.grid(alpha=0.3)
+  _save(fig, epath.Path(path))
+
+
 def write(outdir, meta: dict, buckets, passkey, retrieval=None) -> epath.Path:
   """outdir/{report.md, loss_by_position.csv/.png, summary.json}, passkey.csv/.png when passkey
   ran, and retrieval.csv/.png when the run has synthetic tasks."""

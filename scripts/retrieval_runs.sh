@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The retrieval runs of docs/evaluation.md#retrieval-runs, one after another: each kind of
 # configs/mqar.py trained (DSA and its local baseline from the dense MLA run), then evaluated by
-# distance.
+# distance; scripts/retrieval_report.py then tabulates and plots them side by side.
 #   bash scripts/retrieval_runs.sh [RUNS_DIR] [KIND ...]     (default: runs/mqar, every kind)
 # A finished stage (its metrics.jsonl has the last step) is not run again.
 set -euo pipefail
@@ -30,3 +30,4 @@ for kind in $kinds; do
   esac
   python scripts/evaluate.py --workdir "$out/$kind" --eval-batches 16
 done
+python scripts/retrieval_report.py --runs-dir "$out"

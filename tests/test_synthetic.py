@@ -464,3 +464,27 @@ def test_mqar_preset_kinds_validate_and_dsa_starts_from_mla():
   assert shapes(mqar.get_config("mla")) == dsa
   with pytest.raises(ValueError, match="allowed are dense, nsa"):
     mqar.get_config("nsa,long")
+
+
+def test_retrieval_report_tabulates_and_plots_the_runs(tmp_path):
+  """scripts/retrieval_report.py: per run, the last accuracy beyond 8 windows, the first step at
+  0.9 or more, the evaluated accuracy and the last diagnostics; a missing run says so."""
+  import subprocess
+  import sys
+
+  from conftest import REPO
+  (tmp_path / "dense").mkdir()
+  (tmp_path / "dense" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+      {"step": 100, "loss": 2.0, "retrieval_acc_beyond_8w": 0.5},
+      {"step": 200, "retrieval_acc_beyond_8w": 0.95, "gate_slc": 0.25},
+      {"step": 300, "loss": 0.1, "retrieval_acc_beyond_8w": 0.99}]) + "\n")
+  (tmp_path / "dense" / "eval" / "step_300").mkdir(parents=True)
+  (tmp_path / "dense" / "eval" / "step_300" / "summary.json").write_text(json.dumps(
+      {"step": 300, "retrieval": {"chance": 0.0625, "beyond_8w": {"accuracy": 0.985, "count": 2048}}}))
+  result = subprocess.run([sys.executable, str(REPO / "scripts" / "retrieval_report.py"), "--runs-dir", str(tmp_path),
+                           "--runs", "dense,nsa"], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = (tmp_path / "retrieval.md").read_text().splitlines()
+  assert lines[2] == "| dense | 0.990 | 300 | 200 | 0.985 (2048 targets, step 300) | 0.062 | gate_slc 0.25 |"
+  assert lines[3].startswith("| nsa | not found or no eval yet |")
+  assert (tmp_path / "retrieval_by_step.png").stat().st_size > 1000
