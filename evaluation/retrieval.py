@@ -136,3 +136,15 @@ def evaluate(batches, correct_fn, window: int, chance_level: float) -> dict:
   return {"window": window, "chance": chance_level,
           "buckets": accuracy_by_distance(correct, distance, weights, window),
           "beyond_8w": beyond(correct, distance, weights, window)}
+
+
+def evidence_selected(block_indices, distance, weights, slc_block: int) -> np.ndarray:
+  """NSA's selection against the synthetic targets: [layers, KV heads], the share of scored
+  targets (weights > 0, distance > 0) whose evidence block is among the blocks selected at the
+  target's input position. block_indices [L, B, T, HKV, n] as NSA sows them; the target at input
+  position t has its evidence at t - distance."""
+  blocks = np.asarray(block_indices)
+  rows, positions = np.nonzero((np.asarray(weights) > 0) & (np.asarray(distance) > 0))
+  evidence = (positions - np.asarray(distance)[rows, positions]) // slc_block           # [N]
+  chosen = blocks[:, rows, positions]                                                    # [L, N, HKV, n]
+  return (chosen == evidence[None, :, None, None]).any(-1).mean(1)

@@ -488,3 +488,18 @@ def test_retrieval_report_tabulates_and_plots_the_runs(tmp_path):
   assert lines[2] == "| dense | 0.990 | 300 | 200 | 0.985 (2048 targets, step 300) | 0.062 | gate_slc 0.25 |"
   assert lines[3].startswith("| nsa | not found or no eval yet |")
   assert (tmp_path / "retrieval_by_step.png").stat().st_size > 1000
+
+
+def test_evidence_selected_counts_the_targets_whose_evidence_block_was_chosen():
+  """evaluation/retrieval.py evidence_selected: per layer and KV head, over scored targets only."""
+  block_indices = np.full((2, 1, 40, 2, 2), -1)        # [L, B, T, HKV, n], blocks of 8 tokens
+  weights, distance = np.zeros((1, 40)), np.zeros((1, 40), np.int32)
+  weights[0, [20, 30]] = 1
+  distance[0, 20], distance[0, 30] = 18, 25            # evidence at 2 (block 0) and 5 (block 0)
+  block_indices[0, 0, 20, 0] = [0, 2]                  # layer 0, head 0: both targets hit
+  block_indices[0, 0, 30, 0] = [3, 0]
+  block_indices[0, 0, 20, 1] = [1, 2]                  # head 1: one miss, one hit
+  block_indices[0, 0, 30, 1] = [0, -1]
+  block_indices[1, 0, 5, :] = 0                        # layer 1: a selection at an unscored position
+  got = retrieval.evidence_selected(block_indices, distance, weights, slc_block=8)
+  np.testing.assert_allclose(got, [[1.0, 0.5], [0.0, 0.0]])
