@@ -131,11 +131,16 @@ def jit_correct(model, mesh):
 def evaluate(batches, correct_fn, window: int, chance_level: float) -> dict:
   """scripts/evaluate.py's retrieval section: {window, chance, buckets, beyond_8w} over the
   synthetic targets of `batches` (host batches with distance and weights)."""
-  parts = [(np.asarray(correct_fn(b)), b["distance"], (b["weights"] > 0) & (b["distance"] > 0)) for b in batches]
+  parts = [(np.asarray(correct_fn(b)), b["distance"], scored_targets(b["distance"], b["weights"])) for b in batches]
   correct, distance, weights = (np.concatenate([p[i] for p in parts]) for i in range(3))
   return {"window": window, "chance": chance_level,
           "buckets": accuracy_by_distance(correct, distance, weights, window),
           "beyond_8w": beyond(correct, distance, weights, window)}
+
+
+def scored_targets(distance, weights) -> np.ndarray:
+  """bool: the synthetic targets, scored (weights > 0) with evidence earlier in the row (distance > 0)."""
+  return (np.asarray(weights) > 0) & (np.asarray(distance) > 0)
 
 
 def evidence_selected(block_indices, distance, weights, slc_block: int) -> np.ndarray:
@@ -144,7 +149,7 @@ def evidence_selected(block_indices, distance, weights, slc_block: int) -> np.nd
   target's input position. block_indices [L, B, T, HKV, n] as NSA sows them; the target at input
   position t has its evidence at t - distance."""
   blocks = np.asarray(block_indices)
-  rows, positions = np.nonzero((np.asarray(weights) > 0) & (np.asarray(distance) > 0))
+  rows, positions = np.nonzero(scored_targets(distance, weights))
   evidence = (positions - np.asarray(distance)[rows, positions]) // slc_block           # [N]
   chosen = blocks[:, rows, positions]                                                    # [L, N, HKV, n]
   return (chosen == evidence[None, :, None, None]).any(-1).mean(1)

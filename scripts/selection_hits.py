@@ -38,15 +38,17 @@ def main(workdir: str, step, eval_batches) -> int:
   params = checkpoint.saved_params(directory, step, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract["params"]))
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))
-  shares, hits, counts = [], 0, 0
+  blocks, correct, distance, weights = [], [], [], []
   for batch in pipeline.eval_batches(config, sources.open_sources(config)):
     logits, sown = apply(params, batch["inputs"])
-    scored = (batch["weights"] > 0) & (batch["distance"] > 0)
-    shares.append(retrieval.evidence_selected(sown["intermediates"]["layers"]["attn"]["block_indices"][0],
-                                              batch["distance"], batch["weights"], config.nsa.slc_block))
-    hits += int((np.asarray(logits).argmax(-1) == batch["targets"])[scored].sum())
-    counts += int(scored.sum())
-  share = np.mean(shares, axis=0)                                                # [L, HKV]
+    blocks.append(np.asarray(sown["intermediates"]["layers"]["attn"]["block_indices"][0]))   # [L, B, T, HKV, n]
+    correct.append(np.asarray(logits).argmax(-1) == batch["targets"])
+    distance.append(batch["distance"])
+    weights.append(batch["weights"])
+  distance, weights = np.concatenate(distance), np.concatenate(weights)
+  scored = retrieval.scored_targets(distance, weights)
+  counts, hits = int(scored.sum()), int(np.concatenate(correct)[scored].sum())
+  share = retrieval.evidence_selected(np.concatenate(blocks, axis=1), distance, weights, config.nsa.slc_block)
   print(f"{workdir} step {step}: {counts} targets, accuracy {hits / counts:.3f}; share of targets whose "
         f"evidence block is selected:\n")
   print(markdown(["layer", *(f"KV head {h}" for h in range(share.shape[1]))],
