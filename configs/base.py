@@ -81,6 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.nsa.separate_kv = False         # independent K/V per branch (the paper's choice)
   c.nsa.branches = "cmp+slc+win"    # the gated branches, any non-empty '+'-joined subset (ablations;
                                     # "win" alone: sliding-window attention)
+  # Trained from scratch: the gates (cmp, slc, win) start near these values (the bias; the kernel
+  # adds a token's noise). The compressed branch starts nearly shut: open, its blurred summary of
+  # the whole row is an easy partial answer that keeps a small model from learning recall
+  # (docs/evaluation.md#retrieval-runs).
+  c.nsa.initial_gates = (0.01, 0.5, 0.5)
   # Started from a dense model (init_from): the gates (cmp, slc, win) begin at these values
   # (model/convert.py, docs/continue.md).
   c.nsa.converted_gates = (0.1, 0.1, 0.9)

@@ -27,10 +27,6 @@ def alias(names: tuple[str, ...]) -> tuple[str, ...]:
   return tuple(_SEPARATE.sub(r"\1", n) for n in names)
 
 
-def _logit(p: float) -> float:
-  return float(np.log(p) - np.log1p(-p))
-
-
 def _start_value(name: str, shape, config):
   """The value of one new NSA parameter, or None when this module does not set it."""
   c = config.nsa
@@ -44,7 +40,7 @@ def _start_value(name: str, shape, config):
     return np.zeros(shape, np.float32)
   if name.endswith("gate/bias"):                          # [..., H, branches]
     gates = dict(zip(nsa.BRANCHES, c.converted_gates, strict=True))
-    return np.broadcast_to(np.array([_logit(gates[b]) for b in nsa.branches_of(c)], np.float32), shape)
+    return np.broadcast_to(np.array([nsa.logit(gates[b]) for b in nsa.branches_of(c)], np.float32), shape)
   return None
 
 

@@ -5,6 +5,7 @@ Parameters are float32 and carry logical axis names only (`embed`, `heads`, `mlp
 table in parallel/rules.py maps them to mesh axes. Compute runs in `dtype` (bf16 by default).
 """
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,7 @@ class Projection(nn.Module):
   param_dtype: Dtype = jnp.float32
   in_axes: int = 1                      # how many trailing dims of x are contracted
   use_bias: bool = False
+  bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x):
@@ -133,7 +135,7 @@ class Projection(nn.Module):
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                             ((contract, tuple(range(self.in_axes))), ((), ())))
     if self.use_bias:
-      bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape, self.axes[self.in_axes:],
+      bias = param_with_axes(self, "bias", self.bias_init, self.out_shape, self.axes[self.in_axes:],
                              self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y

@@ -27,6 +27,11 @@ def branches_of(nsa_config) -> tuple[str, ...]:
   return tuple(b for b in BRANCHES if b in chosen)
 
 
+def logit(p: float) -> float:
+  """The gate bias that makes sigmoid give p."""
+  return float(np.log(p) - np.log1p(-p))
+
+
 def _beyond_window(block_indices, slc_block: int, window: int):
   """The share of the selected blocks (free slots -1 left out) that lie wholly outside the query's
   sliding window: what the selection adds beyond the window branch."""
@@ -156,9 +161,13 @@ class NSAAttention(nn.Module):
         outputs["win"] = nsa_kernels.window_attention(q, rope(k_win, positions_BT), v_win, window=c.window,
                                                       **kernel_args)
 
-    # One gate per branch; the bias lets a converted dense model start on chosen gates (model/convert.py).
-    gates = jax.nn.sigmoid(proj("gate", (m.n_heads, len(branches)), ("embed", "heads", None), use_bias=True)(x_BTE)
-                           .astype(jnp.float32))
+    # One gate per branch, starting near nsa.initial_gates (a converted dense model: model/convert.py
+    # sets the bias to nsa.converted_gates instead).
+    start = dict(zip(BRANCHES, c.initial_gates, strict=True))
+    gate_bias = lambda key, shape, dtype: jnp.broadcast_to(
+        jnp.asarray([logit(start[b]) for b in branches], dtype), shape)
+    gates = jax.nn.sigmoid(proj("gate", (m.n_heads, len(branches)), ("embed", "heads", None), use_bias=True,
+                                bias_init=gate_bias)(x_BTE).astype(jnp.float32))
     for i, branch in enumerate(branches):
       self.sow("metrics", f"gate_{branch}", gates[..., i].mean())
     out = sum(gates[..., i:i + 1] * outputs[b] for i, b in enumerate(branches)).astype(dtype)

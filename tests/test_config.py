@@ -59,6 +59,7 @@ NSA_BAD = [
     ({"nsa.branches": "win+sel"}, "nsa.branches"),
     ({"nsa.branches": "win+win"}, "nsa.branches"),
     ({"nsa.converted_gates": (0.1, 1.0, 0.5)}, "nsa.converted_gates"),
+    ({"nsa.initial_gates": (0.0, 0.5, 0.5)}, "nsa.initial_gates"),
     ({"model.rope_scaling.type": "yarn"}, "model.rope_scaling.type"),
     ({"seq_len": 16}, "seq_len"),                                   # shorter than one compression block
     ({"data.packing": "pack", "data.max_docs_per_row": -1}, "data.max_docs_per_row"),

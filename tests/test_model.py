@@ -163,6 +163,9 @@ def test_nsa_branch_ablations_keep_only_their_branches(branches, params_expected
   attn = params["layers"]["attn"]
   assert set(attn) == params_expected
   assert attn["gate"]["kernel"].shape[-1] == len(branches.split("+"))
+  start = dict(zip(("cmp", "slc", "win"), config.nsa.initial_gates))          # (0.01, 0.5, 0.5)
+  np.testing.assert_allclose(jax.nn.sigmoid(attn["gate"]["bias"][0, 0]), [start[b] for b in branches.split("+")],
+                             rtol=1e-5)
   _, sown = model.apply({"params": params}, tokens, mutable=["metrics"])
   assert {k for k in sown["metrics"]["layers"]["attn"]} == (
       {f"gate_{b}" for b in branches.split("+")} | ({"selected_beyond_window"} if "slc" in branches else set()))

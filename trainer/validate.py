@@ -221,6 +221,9 @@ def _validate_nsa(config) -> None:
       ("nsa.branches", c.branches, isinstance(c.branches, str) and bool(c.branches)
        and set(c.branches.split("+")) <= {"cmp", "slc", "win"} and len(c.branches.split("+")) == len(set(c.branches.split("+"))),
        "must be a non-empty '+'-joined subset of cmp, slc, win (e.g. cmp+slc+win, win)"),
+      ("nsa.initial_gates", c.initial_gates,
+       len(c.initial_gates) == 3 and all(0 < g < 1 for g in c.initial_gates),
+       "must be three values in (0, 1): the (cmp, slc, win) gates a model trained from scratch starts near"),
       ("nsa.converted_gates", c.converted_gates,
        len(c.converted_gates) == 3 and all(0 < g < 1 for g in c.converted_gates),
        "must be three values in (0, 1): the (cmp, slc, win) gates a dense model's conversion starts at"),
