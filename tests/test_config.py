@@ -1,6 +1,7 @@
 """Config validation: bad values stop the run with one line naming field, value and what is allowed;
 the presets build and validate."""
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import jax
 import pytest
 from flax import linen as nn
 
-from configs import ConfigError
+from configs import ConfigError, base
 from conftest import REPO, run_train, small_config
 from model import transformer
 from trainer import validate
@@ -203,3 +204,17 @@ def test_presets_validate_and_have_their_size(name, low, high):
   abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 128), "int32"))
   n = transformer.count_params(nn.unbox(abstract))
   assert low <= n <= high, n
+
+
+def test_resume_check_ignores_init_only_fields_and_names_the_rest():
+  """nsa.initial_gates only shapes a new model: a checkpoint made before the field existed, or
+  with other starting gates, resumes; a changed window does not."""
+  from trainer.checkpoint import check_compatible
+  saved = json.loads(base.get_config().to_json())
+  del saved["nsa"]["initial_gates"]
+  config = base.get_config()
+  config.nsa.initial_gates = (0.2, 0.5, 0.5)
+  check_compatible(saved, json.loads(config.to_json()), "ckpt/800")
+  config.nsa.window = 64
+  with pytest.raises(ConfigError, match=r"nsa.window.*made with nsa.window=512"):
+    check_compatible(saved, json.loads(config.to_json()), "ckpt/800")

@@ -23,9 +23,12 @@ from configs import ConfigError, base
 from trainer import divergence
 
 # Fields that change the parameters' shapes, structure or meaning: a checkpoint made with other
-# values cannot be resumed. (Compute dtype and remat may change between runs.)
+# values cannot be resumed. (Compute dtype and remat may change between runs, and the NSA gates'
+# starting values only shape a new model: a checkpoint that lacks them, made before they existed,
+# resumes.)
 ARCHITECTURE_FIELDS = ("model", "attention.kind", "nsa", "mla", "dsa")
-RESUMABLE_CHANGES = ("model.dtype", "model.remat", "dsa.indexer_loss_coef")
+RESUMABLE_CHANGES = ("model.dtype", "model.remat", "dsa.indexer_loss_coef", "nsa.initial_gates",
+                     "nsa.converted_gates")
 # TrainState fields added after checkpoints were being written, with the value a checkpoint made
 # before them restores with.
 ADDED_STATE_FIELDS = {"skips": 0}
